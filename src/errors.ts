@@ -1,0 +1,101 @@
+/**
+ * The one error type of agentvm. Every public function and route fails with an
+ * AgentVmError whose `code` is stable and part of the API (docs/errors.md lists
+ * them; a test keeps the two in agreement). Kernel failures use POSIX names so
+ * guest code sees what Node would give it; everything else uses a prefixed name.
+ *
+ * Compare `code`, never `instanceof`: errors cross process boundaries (guest IPC,
+ * client/server) and arrive as plain objects rebuilt with `AgentVmError.from`.
+ */
+
+export const POSIX_CODES = [
+  "EACCES",
+  "EADDRINUSE",
+  "EADDRNOTAVAIL",
+  "EAGAIN",
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "EEXIST",
+  "EINVAL",
+  "EISDIR",
+  "ELOOP",
+  "EMFILE",
+  "ENOENT",
+  "ENOTDIR",
+  "ENOTEMPTY",
+  "ENOSPC",
+  "ENOTSUP",
+  "EPERM",
+  "EPIPE",
+  "EROFS",
+  "ESRCH",
+  "ETIMEDOUT",
+] as const;
+
+export const AGENTVM_CODES = [
+  /** An argument has the wrong type or is out of range. */
+  "INVALID_ARGUMENT",
+  /** A path names something outside the VM's root. */
+  "PATH_OUTSIDE_VM",
+  /** The VM was disposed; create a new one. */
+  "VM_DISPOSED",
+  /** bubblewrap (or another sandbox prerequisite) is missing. */
+  "SANDBOX_UNAVAILABLE",
+  /** The pinned guest Node.js binary could not be found. */
+  "GUEST_RUNTIME_MISSING",
+  /** A per-VM resource cap (processes, sockets, buffered bytes) was reached. */
+  "LIMIT_EXCEEDED",
+  /** A guest broke the kernel protocol; its stream or process was ended. */
+  "PROTOCOL_VIOLATION",
+  /** A guest process could not be started. */
+  "SPAWN_FAILED",
+  /** An HTTP exchange with a guest failed after the connection was made. */
+  "FETCH_FAILED",
+  /** Something that should not happen; the message says what. */
+  "INTERNAL",
+] as const;
+
+export type PosixCode = (typeof POSIX_CODES)[number];
+export type AgentVmCode = (typeof AGENTVM_CODES)[number];
+export type ErrorCode = PosixCode | AgentVmCode;
+
+const ALL_CODES: ReadonlySet<string> = new Set<string>([...POSIX_CODES, ...AGENTVM_CODES]);
+
+export function isErrorCode(value: unknown): value is ErrorCode {
+  return typeof value === "string" && ALL_CODES.has(value);
+}
+
+export interface ErrorShape {
+  code: ErrorCode;
+  message: string;
+}
+
+export class AgentVmError extends Error {
+  readonly code: ErrorCode;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "AgentVmError";
+    this.code = code;
+  }
+
+  toJSON(): ErrorShape {
+    return { code: this.code, message: this.message };
+  }
+
+  /** Rebuilds an error from its wire shape, or wraps anything else as INTERNAL. */
+  static from(value: unknown): AgentVmError {
+    if (value instanceof AgentVmError) return value;
+    if (value && typeof value === "object") {
+      const { code, message } = value as { code?: unknown; message?: unknown };
+      if (isErrorCode(code)) return new AgentVmError(code, String(message ?? code));
+      if (typeof message === "string") return new AgentVmError("INTERNAL", message, { cause: value });
+    }
+    return new AgentVmError("INTERNAL", String(value));
+  }
+}
+
+/** Shorthand for argument validation failures. */
+export function invalidArgument(message: string): AgentVmError {
+  return new AgentVmError("INVALID_ARGUMENT", message);
+}

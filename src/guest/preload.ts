@@ -1,0 +1,26 @@
+/**
+ * Installed in every guest before user code runs: connects to the VM kernel on
+ * fd 3 and routes the socket layer (net, dns, dgram) and child processes to it.
+ * Node's permission model refuses the real thing, so this channel is the only
+ * way out of the process.
+ */
+import { installChildProcessPatch } from "./child-process-patch.ts";
+import { installDgramPatch } from "./dgram-patch.ts";
+import { installDnsPatch } from "./dns-patch.ts";
+import { KernelClient } from "./kernel-client.ts";
+import { installNetPatch } from "./net-patch.ts";
+
+export const KERNEL_FD = 3;
+
+export const kernel = new KernelClient(KERNEL_FD);
+installNetPatch(kernel);
+installDnsPatch(kernel);
+installDgramPatch(kernel);
+installChildProcessPatch(kernel);
+
+// A directly started guest learns its VM pid from the environment (pooled guests get it with their program).
+for (const [key, name] of [["AGENTVM_PID", "pid"], ["AGENTVM_PPID", "ppid"]] as const) {
+  const value = Number(process.env[key]);
+  delete process.env[key];
+  if (Number.isInteger(value) && value > 0) Object.defineProperty(process, name, { value, enumerable: true, configurable: true });
+}

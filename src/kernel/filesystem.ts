@@ -1,0 +1,574 @@
+/**
+ * Host-side access to one VM's files. The VM's `/` is a real directory on the
+ * host, and the guest can put anything in it, symlinks and hard links included,
+ * so every path is resolved here the way a chroot would resolve it and never the
+ * way the host would.
+ *
+ * Limits worth knowing: Node has no openat/RESOLVE_IN_ROOT, so a guest that
+ * swaps a *directory* for a symlink between our checks and the syscall can still
+ * race us. The realpath re-check and O_NOFOLLOW narrow that window and make a
+ * swap of the final component fail; they do not close it completely.
+ */
+import * as fs from "node:fs/promises";
+import { constants } from "node:fs";
+import type { Stats } from "node:fs";
+import * as path from "node:path";
+import { AgentVmError, invalidArgument, type ErrorCode, POSIX_CODES } from "../errors.ts";
+import { describe, expectKnownKeys, expectObject, expectString, expectStringArray, toBytes } from "../validate.ts";
+
+export interface VmStat {
+  type: "file" | "directory" | "symlink" | "other";
+  size: number;
+  /** The full st_mode, file-type bits included, as Node's fs.Stats gives it. */
+  mode: number;
+  mtimeMs: number;
+  ctimeMs: number;
+  isFile: boolean;
+  isDirectory: boolean;
+  isSymbolicLink: boolean;
+}
+
+const DEFAULT_READ_ONLY: readonly string[] = [
+  "/usr",
+  "/lib",
+  "/lib64",
+  "/bin",
+  "/sbin",
+  "/opt/node",
+  "/opt/agentvm",
+  "/proc",
+  "/dev",
+  "/sys",
+];
+
+/** Linux's PATH_MAX; longer paths cannot name anything anyway. */
+const MAX_PATH = 4096;
+/** Linux's MAXSYMLINKS, so guests see the same ELOOP behaviour as in the kernel. */
+const MAX_SYMLINK_HOPS = 40;
+
+type Op = "readFile" | "writeFile" | "mkdir" | "readdir" | "stat" | "lstat" | "exists" | "deleteFile" | "move" | "hostPath";
+
+interface Resolved {
+  /** The guest path after symlink resolution (a final symlink kept when not following). */
+  guest: string;
+  host: string;
+  /** Components of `guest`; the first `existing` of them were found on disk. */
+  parts: string[];
+  existing: number;
+  /** lstat of the final component, or null when it does not exist. */
+  stats: Stats | null;
+}
+
+const POSIX: ReadonlySet<string> = new Set<string>(POSIX_CODES);
+
+let tempCounter = 0;
+
+export class VmFilesystem {
+  static readonly HOME = "/home/agentos";
+
+  readonly #root: string;
+  readonly #readOnly: readonly string[];
+  /** realpath of the root, so containment checks compare like with like. */
+  #realRoot: string | undefined;
+
+  constructor(root: string, options?: { readOnly?: readonly string[] }) {
+    expectString("root", root, { nonEmpty: true, max: MAX_PATH });
+    if (!path.isAbsolute(root)) throw invalidArgument(`root must be an absolute host directory, got ${describe(root)}`);
+    this.#root = path.resolve(root);
+    let readOnly = DEFAULT_READ_ONLY;
+    if (options !== undefined) {
+      const opts = expectObject("options", options);
+      expectKnownKeys("options", opts, ["readOnly"]);
+      if (opts.readOnly !== undefined) {
+        readOnly = expectStringArray("options.readOnly", opts.readOnly).map((p, i) => {
+          if (!p.startsWith("/")) {
+            throw invalidArgument(`options.readOnly[${i}] must be an absolute guest path, got ${describe(p)}`);
+          }
+          return normalise(`options.readOnly[${i}]`, p);
+        });
+      }
+    }
+    this.#readOnly = readOnly;
+  }
+
+  async writeFile(file: string, data: string | Uint8Array): Promise<void> {
+    const op = "writeFile";
+    const guest = normalise("path", file);
+    const bytes = toBytes("data", data);
+    this.#checkWritable(op, guest);
+    const r = await this.#resolve(op, guest, true);
+    this.#checkWritable(op, guest, r.guest);
+    if (r.stats?.isDirectory()) {
+      throw fail("EISDIR", op, guest, r, "is a directory", "write to a file path inside it, or delete the directory first");
+    }
+    if (r.stats?.isFile() && r.stats.nlink > 1) throw hardLink(op, guest, r);
+    const dirParts = r.parts.slice(0, -1);
+    await this.#createDirs(op, guest, dirParts, Math.min(r.existing, dirParts.length));
+    const dir = path.dirname(r.host);
+    await this.#confirmInside(op, guest, dir);
+
+    // Same directory as the target so the rename is atomic: readers see the old
+    // content or the new, never a partial write.
+    const temp = path.join(dir, `.agentvm-${process.pid}-${++tempCounter}-${Math.random().toString(36).slice(2, 10)}.tmp`);
+    let created = false;
+    try {
+      const handle = await fs.open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o644);
+      created = true;
+      try {
+        await handle.writeFile(bytes);
+        // The open mode is filtered by the host's umask; the guest expects 0644.
+        await handle.chmod(0o644);
+      } finally {
+        await handle.close();
+      }
+      await fs.rename(temp, r.host);
+      created = false;
+    } catch (err) {
+      throw fsError(err, op, guest, r);
+    } finally {
+      if (created) await fs.unlink(temp).catch(() => {});
+    }
+  }
+
+  async readFile(file: string): Promise<Uint8Array> {
+    const op = "readFile";
+    const guest = normalise("path", file);
+    const r = await this.#resolve(op, guest, true);
+    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file", "create it with writeFile first");
+    if (r.stats.isDirectory()) throw fail("EISDIR", op, guest, r, "is a directory", "use readdir to list it");
+    await this.#confirmInside(op, guest, r.host);
+    let handle: fs.FileHandle;
+    try {
+      // O_NOFOLLOW: a symlink swapped in after resolution fails instead of
+      // escaping. O_NONBLOCK: opening a guest-made FIFO must not hang the host.
+      handle = await fs.open(r.host, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+    } catch (err) {
+      throw fsError(err, op, guest, r);
+    }
+    try {
+      // Checked on the open descriptor, so what we read is what we checked.
+      const st = await handle.stat();
+      if (st.isDirectory()) throw fail("EISDIR", op, guest, r, "is a directory", "use readdir to list it");
+      if (!st.isFile()) {
+        throw fail("EINVAL", op, guest, r, "is not a regular file (a FIFO, socket or device)", "only regular files can be read from the host");
+      }
+      if (st.nlink > 1) throw hardLink(op, guest, r);
+      return await handle.readFile();
+    } catch (err) {
+      throw fsError(err, op, guest, r);
+    } finally {
+      await handle.close();
+    }
+  }
+
+  async mkdir(dir: string, options: { recursive?: boolean } = {}): Promise<void> {
+    const op = "mkdir";
+    const guest = normalise("path", dir);
+    const recursive = readRecursive(options);
+    this.#checkWritable(op, guest);
+    if (recursive) {
+      const r = await this.#resolve(op, guest, true);
+      this.#checkWritable(op, guest, r.guest);
+      if (r.stats) {
+        if (r.stats.isDirectory()) return;
+        throw fail("EEXIST", op, guest, r, "already exists and is not a directory", "choose another name or delete the file first");
+      }
+      await this.#createDirs(op, guest, r.parts, r.existing);
+      return;
+    }
+    const r = await this.#resolve(op, guest, false);
+    this.#checkWritable(op, guest, r.guest);
+    if (r.stats) {
+      throw fail("EEXIST", op, guest, r, "already exists", "pass { recursive: true } to accept an existing directory");
+    }
+    if (r.existing < r.parts.length - 1) {
+      throw fail("ENOENT", op, guest, r, "the parent directory does not exist", "pass { recursive: true } to create parents too");
+    }
+    await this.#confirmInside(op, guest, path.dirname(r.host));
+    try {
+      await fs.mkdir(r.host);
+    } catch (err) {
+      throw fsError(err, op, guest, r);
+    }
+  }
+
+  async readdir(dir: string): Promise<string[]> {
+    const op = "readdir";
+    const guest = normalise("path", dir);
+    const r = await this.#resolve(op, guest, true);
+    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such directory", "create it with mkdir first");
+    if (!r.stats.isDirectory()) throw fail("ENOTDIR", op, guest, r, "is not a directory", "use readFile or stat on it instead");
+    await this.#confirmInside(op, guest, r.host);
+    try {
+      return (await fs.readdir(r.host)).sort();
+    } catch (err) {
+      throw fsError(err, op, guest, r);
+    }
+  }
+
+  stat(file: string): Promise<VmStat> {
+    return this.#stat("stat", file, true);
+  }
+
+  /** Like stat, but describes a symlink itself rather than its target. */
+  lstat(file: string): Promise<VmStat> {
+    return this.#stat("lstat", file, false);
+  }
+
+  async exists(file: string): Promise<boolean> {
+    const op = "exists";
+    const guest = normalise("path", file);
+    try {
+      const r = await this.#resolve(op, guest, true);
+      if (!r.stats) return false;
+      await this.#confirmInside(op, guest, r.host);
+      return true;
+    } catch (err) {
+      if (err instanceof AgentVmError && (err.code === "ENOENT" || err.code === "ENOTDIR" || err.code === "PATH_OUTSIDE_VM")) {
+        return false;
+      }
+      throw err;
+    }
+  }
+
+  async deleteFile(file: string, options: { recursive?: boolean } = {}): Promise<void> {
+    const op = "deleteFile";
+    const guest = normalise("path", file);
+    const recursive = readRecursive(options);
+    this.#checkRemovable(op, guest);
+    const r = await this.#resolve(op, guest, false);
+    this.#checkRemovable(op, guest, r.guest);
+    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
+    await this.#confirmInside(op, guest, parentOf(r.host, this.#realRoot));
+    try {
+      if (r.stats.isDirectory()) {
+        if (!recursive) {
+          throw fail("EISDIR", op, guest, r, "is a directory", "pass { recursive: true } to delete it and everything in it");
+        }
+        // fs.rm works on lstat, so symlinks inside are unlinked, never followed.
+        await fs.rm(r.host, { recursive: true });
+      } else {
+        await fs.unlink(r.host);
+      }
+    } catch (err) {
+      throw fsError(err, op, guest, r);
+    }
+  }
+
+  async move(from: string, to: string): Promise<void> {
+    const op = "move";
+    const src = normalise("from", from);
+    const dst = normalise("to", to);
+    const label = `${src} -> ${dst}`;
+    this.#checkRemovable(op, src);
+    this.#checkRemovable(op, dst);
+    // Both ends keep a final symlink as is: moving a link moves the link.
+    const rs = await this.#resolve(op, src, false);
+    const rd = await this.#resolve(op, dst, false);
+    this.#checkRemovable(op, src, rs.guest);
+    this.#checkRemovable(op, dst, rd.guest);
+    if (!rs.stats) throw fail("ENOENT", op, src, rs, "no such file or directory", "check the source path with exists() or readdir() of its parent");
+    if (rs.guest === rd.guest) return;
+    const dirParts = rd.parts.slice(0, -1);
+    await this.#createDirs(op, dst, dirParts, Math.min(rd.existing, dirParts.length));
+    await this.#confirmInside(op, src, path.dirname(rs.host));
+    await this.#confirmInside(op, dst, path.dirname(rd.host));
+    try {
+      await fs.rename(rs.host, rd.host);
+    } catch (err) {
+      if (errno(err) === "EINVAL") {
+        throw new AgentVmError("EINVAL", `move ${label}: cannot move a directory into itself; choose a destination outside it`, { cause: err });
+      }
+      throw fsError(err, op, label);
+    }
+  }
+
+  /** The confined host path; the target need not exist. */
+  async hostPath(file: string): Promise<string> {
+    const op = "hostPath";
+    const guest = normalise("path", file);
+    const r = await this.#resolve(op, guest, true);
+    await this.#confirmInside(op, guest, r.host);
+    return r.host;
+  }
+
+  async #stat(op: Op, file: string, follow: boolean): Promise<VmStat> {
+    const guest = normalise("path", file);
+    const r = await this.#resolve(op, guest, follow);
+    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
+    await this.#confirmInside(op, guest, follow ? r.host : parentOf(r.host, this.#realRoot));
+    return toVmStat(r.stats);
+  }
+
+  async #rootPath(op: Op, guest: string): Promise<string> {
+    if (this.#realRoot === undefined) {
+      try {
+        this.#realRoot = await fs.realpath(this.#root);
+      } catch (err) {
+        const code = errno(err);
+        throw new AgentVmError(
+          code === "ENOENT" ? "ENOENT" : "INTERNAL",
+          `${op} ${guest}: the VM's root directory is missing or unreadable (${code ?? "unknown error"}); was the VM disposed?`,
+          { cause: err },
+        );
+      }
+    }
+    return this.#realRoot;
+  }
+
+  /**
+   * Walks the path one component at a time with lstat/readlink, interpreting
+   * symlinks against the VM root (absolute targets restart at the VM's `/`, `..`
+   * stops at it), so no host path outside the root is ever touched. Missing
+   * components are kept lexically so writers can create them.
+   */
+  async #resolve(op: Op, guest: string, followFinal: boolean): Promise<Resolved> {
+    const root = await this.#rootPath(op, guest);
+    const pending = splitGuest(guest).reverse();
+    const parts: string[] = [];
+    let rootStats: Stats;
+    try {
+      rootStats = await fs.lstat(root);
+    } catch (err) {
+      throw fsError(err, op, guest);
+    }
+    const found: Stats[] = [rootStats];
+    let missing = false;
+    let hops = 0;
+    while (pending.length > 0) {
+      const name = pending.pop() as string;
+      if (name === "" || name === ".") continue;
+      if (name === "..") {
+        // The kernel would need the missing directory to exist to climb out of it.
+        if (missing) throw fail("ENOENT", op, guest, undefined, "a symlink on the path climbs out of a directory that does not exist", "fix the symlink");
+        if (parts.length > 0) {
+          parts.pop();
+          found.pop();
+        }
+        continue;
+      }
+      if (missing) {
+        parts.push(name);
+        continue;
+      }
+      const host = path.join(root, ...parts, name);
+      let st: Stats;
+      try {
+        st = await fs.lstat(host);
+      } catch (err) {
+        if (errno(err) === "ENOENT") {
+          missing = true;
+          parts.push(name);
+          continue;
+        }
+        throw fsError(err, op, guest);
+      }
+      if (st.isSymbolicLink() && (followFinal || pending.length > 0)) {
+        if (++hops > MAX_SYMLINK_HOPS) {
+          throw fail("ELOOP", op, guest, undefined, `more than ${MAX_SYMLINK_HOPS} symbolic links on the path`, "fix the symlink loop");
+        }
+        let target: string;
+        try {
+          target = await fs.readlink(host);
+        } catch (err) {
+          throw fsError(err, op, guest);
+        }
+        if (target === "") throw fail("ENOENT", op, guest, undefined, "a symlink on the path has an empty target", "fix or delete the symlink");
+        if (target.startsWith("/")) {
+          parts.length = 0;
+          found.length = 1;
+        }
+        pending.push(...target.split("/").reverse());
+        continue;
+      }
+      parts.push(name);
+      found.push(st);
+      if (!st.isDirectory() && pending.length > 0) {
+        const where = `/${parts.join("/")}`;
+        throw fail("ENOTDIR", op, guest, undefined, `${where} is not a directory`, "fix the path, or move that file out of the way");
+      }
+    }
+    return {
+      guest: `/${parts.join("/")}`,
+      host: path.join(root, ...parts),
+      parts,
+      existing: found.length - 1,
+      stats: missing ? null : (found[found.length - 1] as Stats),
+    };
+  }
+
+  /** Defence in depth: whatever the resolver concluded, the host must agree. */
+  async #confirmInside(op: Op, guest: string, host: string): Promise<void> {
+    const root = await this.#rootPath(op, guest);
+    const tail: string[] = [];
+    let probe = host;
+    let real: string;
+    for (;;) {
+      try {
+        real = await fs.realpath(probe);
+        break;
+      } catch (err) {
+        const code = errno(err);
+        if ((code === "ENOENT" || code === "ENOTDIR") && probe.length > root.length) {
+          tail.unshift(path.basename(probe));
+          probe = path.dirname(probe);
+          continue;
+        }
+        throw fsError(err, op, guest);
+      }
+    }
+    const full = path.join(real, ...tail);
+    if (!(full === root || root === "/" || full.startsWith(root + path.sep))) {
+      throw new AgentVmError(
+        "PATH_OUTSIDE_VM",
+        `${op} ${guest}: resolves to a location outside the VM (its files changed while being resolved, or a mount leads out); access refused, retry once the path is stable`,
+      );
+    }
+  }
+
+  /** mkdir -p over resolved components, one level at a time so each level is checked. */
+  async #createDirs(op: Op, guest: string, parts: readonly string[], existing: number): Promise<void> {
+    if (existing >= parts.length) return;
+    const root = await this.#rootPath(op, guest);
+    this.#checkWritable(op, guest, `/${parts.join("/")}`);
+    for (let i = existing; i < parts.length; i++) {
+      const host = path.join(root, ...parts.slice(0, i + 1));
+      await this.#confirmInside(op, guest, path.dirname(host));
+      try {
+        await fs.mkdir(host);
+      } catch (err) {
+        if (errno(err) !== "EEXIST") throw fsError(err, op, guest);
+        // Someone (likely the guest) created it meanwhile; fine if it is a directory.
+        const st = await fs.lstat(host).catch(() => null);
+        if (!st?.isDirectory()) {
+          throw fail("ENOTDIR", op, guest, undefined, `/${parts.slice(0, i + 1).join("/")} is not a directory`, "fix the path, or move that file out of the way");
+        }
+      }
+    }
+  }
+
+  #isReadOnly(guest: string): string | undefined {
+    return this.#readOnly.find((ro) => ro === "/" || guest === ro || guest.startsWith(`${ro}/`));
+  }
+
+  #checkWritable(op: Op, guest: string, resolved: string = guest): void {
+    const ro = this.#isReadOnly(resolved);
+    if (ro !== undefined) throw readOnlyError(op, guest, resolved, ro);
+  }
+
+  /** Deleting or moving also must not take a read-only mount point or the home with it. */
+  #checkRemovable(op: Op, guest: string, resolved: string = guest): void {
+    const home = VmFilesystem.HOME;
+    if (resolved === "/" || resolved === home || home.startsWith(`${resolved}/`)) {
+      const via = resolved === guest ? "" : ` (it resolves to ${resolved})`;
+      throw new AgentVmError(
+        "EPERM",
+        `${op} ${guest}: refusing to ${op === "move" ? "move" : "delete"} the VM's root or home directory${via}; operate on the entries inside it instead`,
+      );
+    }
+    this.#checkWritable(op, guest, resolved);
+    const inside = this.#readOnly.find((ro) => ro.startsWith(`${resolved}/`));
+    if (inside !== undefined) throw readOnlyError(op, guest, resolved, inside);
+  }
+}
+
+function normalise(name: string, value: unknown): string {
+  const raw = expectString(name, value, { nonEmpty: true, max: MAX_PATH });
+  // posix.normalize clamps `..` at `/` for absolute paths, as a chroot does.
+  const norm = path.posix.normalize(raw.startsWith("/") ? raw : `${VmFilesystem.HOME}/${raw}`);
+  return norm.length > 1 && norm.endsWith("/") ? norm.slice(0, -1) : norm;
+}
+
+function splitGuest(guest: string): string[] {
+  return guest.split("/").filter((part) => part !== "");
+}
+
+function parentOf(host: string, root: string | undefined): string {
+  return host === root ? host : path.dirname(host);
+}
+
+function readRecursive(options: unknown): boolean {
+  if (options === undefined) return false;
+  const opts = expectObject("options", options);
+  expectKnownKeys("options", opts, ["recursive"]);
+  const value = opts.recursive;
+  if (value === undefined) return false;
+  if (typeof value !== "boolean") throw invalidArgument(`options.recursive must be a boolean, got ${describe(value)}`);
+  return value;
+}
+
+function toVmStat(st: Stats): VmStat {
+  const type = st.isFile() ? "file" : st.isDirectory() ? "directory" : st.isSymbolicLink() ? "symlink" : "other";
+  return {
+    type,
+    size: st.size,
+    mode: st.mode,
+    mtimeMs: st.mtimeMs,
+    ctimeMs: st.ctimeMs,
+    isFile: type === "file",
+    isDirectory: type === "directory",
+    isSymbolicLink: type === "symlink",
+  };
+}
+
+function errno(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" ? code : undefined;
+}
+
+function subject(guest: string, r?: Resolved): string {
+  return r && r.guest !== guest ? `${guest} (resolved through symlinks to ${r.guest})` : guest;
+}
+
+function fail(code: ErrorCode, op: Op, guest: string, r: Resolved | undefined, what: string, hint: string): AgentVmError {
+  return new AgentVmError(code, `${op} ${subject(guest, r)}: ${what}; ${hint}`);
+}
+
+function hardLink(op: Op, guest: string, r: Resolved): AgentVmError {
+  return fail(
+    "EPERM",
+    op,
+    guest,
+    r,
+    "is a hard link (link count > 1), and hard links are refused by host-side file access because they may alias a file outside the VM",
+    "copy the file's content to a new file inside the VM instead",
+  );
+}
+
+function readOnlyError(op: Op, guest: string, resolved: string, ro: string): AgentVmError {
+  const via = resolved === guest ? "" : ` (it resolves to ${resolved})`;
+  return new AgentVmError(
+    "EROFS",
+    `${op} ${guest}${via}: ${ro} is one of the VM's read-only system directories, mounted read-only in the sandbox; write under ${VmFilesystem.HOME} or /tmp instead`,
+  );
+}
+
+const HINTS: Partial<Record<string, [what: string, hint: string]>> = {
+  ENOENT: ["no such file or directory", "check the path with exists() or readdir() of its parent"],
+  EEXIST: ["already exists", "choose another name or delete it first"],
+  ENOTDIR: ["a component of the path is not a directory", "fix the path"],
+  EISDIR: ["is a directory", "use a file path, or deleteFile with { recursive: true } to remove the directory"],
+  ENOTEMPTY: ["directory is not empty", "delete its contents first, or use deleteFile with { recursive: true }"],
+  EACCES: ["permission denied on the host", "check the mode of the file and its parent directories inside the VM"],
+  EPERM: ["operation not permitted on the host", "check the mode and flags of the file inside the VM"],
+  ELOOP: ["is a symbolic link where a file was expected (it changed while being opened)", "retry, or fix the symlink"],
+  EINVAL: ["invalid operation for this file", "check the path and the kind of file it names"],
+  EMFILE: ["too many open files on the host", "retry later"],
+  EROFS: ["the host filesystem is read-only", "the VM's disk cannot be written at the moment"],
+  EAGAIN: ["resource temporarily unavailable", "retry"],
+};
+
+/** Maps a Node fs error to the same POSIX code, never letting its host path through. */
+function fsError(err: unknown, op: Op, guest: string, r?: Resolved): AgentVmError {
+  if (err instanceof AgentVmError) return err;
+  const code = errno(err);
+  if (code === "ENAMETOOLONG") {
+    return new AgentVmError("INVALID_ARGUMENT", `${op} ${subject(guest, r)}: a path component is longer than the host allows (255 bytes); use a shorter name`, { cause: err });
+  }
+  if (code === "ENXIO" || code === "ENODEV") {
+    return new AgentVmError("EINVAL", `${op} ${subject(guest, r)}: is not a regular file (a socket or device); only regular files can be read from the host`, { cause: err });
+  }
+  const known = code !== undefined && POSIX.has(code) ? (code as ErrorCode) : undefined;
+  const [what, hint] = (code && HINTS[code]) ?? [`host filesystem error ${code ?? "(unknown)"}`, "check the VM's disk on the host"];
+  return new AgentVmError(known ?? "INTERNAL", `${op} ${subject(guest, r)}: ${what}; ${hint}`, { cause: err });
+}

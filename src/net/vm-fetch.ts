@@ -1,0 +1,189 @@
+/**
+ * vmFetch: HTTP/1.1 from the host into a VM port, through the VM's socket table
+ * only. Node's http client does the HTTP (keep-alive, chunked bodies); a
+ * per-VM keep-alive Agent hands it HostSockets instead of TCP connections.
+ */
+import { Agent, request as httpRequest, type IncomingMessage, type OutgoingHttpHeaders } from "node:http";
+import { Readable } from "node:stream";
+import { AgentVmError } from "../errors.ts";
+import type { SocketTable } from "../kernel/socket-table.ts";
+import { describe, expectObject, expectPort, expectString, expectKnownKeys } from "../validate.ts";
+import { HostSocket } from "./host-socket.ts";
+
+export type VmFetchBody = string | Uint8Array | ArrayBuffer | ReadableStream<Uint8Array> | AsyncIterable<Uint8Array> | null;
+
+export interface VmFetchInit {
+  method?: string;
+  headers?: Record<string, string> | [string, string][] | Headers;
+  body?: VmFetchBody;
+  /** Milliseconds without any response activity before the request fails with ETIMEDOUT; none by default. */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface VmFetchResponse {
+  status: number;
+  statusText: string;
+  headers: Record<string, string>;
+  body: Uint8Array;
+}
+
+export interface VmFetchStreamResponse {
+  status: number;
+  statusText: string;
+  headers: Record<string, string>;
+  body: ReadableStream<Uint8Array>;
+}
+
+const METHOD = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
+export class VmFetcher {
+  readonly #sockets: SocketTable;
+  readonly #vmName: string;
+  readonly #agent: Agent;
+
+  constructor(sockets: SocketTable, vmName: string) {
+    this.#sockets = sockets;
+    this.#vmName = vmName;
+    this.#agent = new Agent({ keepAlive: true, keepAliveMsecs: 1000, maxFreeSockets: 64 });
+    // http.Agent calls this for each new connection; a kernel stream stands in for TCP.
+    (this.#agent as unknown as { createConnection: unknown }).createConnection = (
+      options: { port: number },
+      callback: (error: Error | null, socket?: HostSocket) => void,
+    ) => {
+      try {
+        return new HostSocket(this.#sockets, Number(options.port));
+      } catch (error) {
+        callback(this.#refused(Number(options.port), error));
+        return undefined;
+      }
+    };
+  }
+
+  async fetch(port: unknown, path: unknown, init?: unknown): Promise<VmFetchResponse> {
+    const response = await this.#exchange(port, path, init);
+    const chunks: Buffer[] = [];
+    try {
+      for await (const chunk of response) chunks.push(chunk as Buffer);
+    } catch (error) {
+      throw this.#failed(String(path), error, Number(port));
+    }
+    return { ...this.#head(response), body: Buffer.concat(chunks) };
+  }
+
+  async fetchStream(port: unknown, path: unknown, init?: unknown): Promise<VmFetchStreamResponse> {
+    const response = await this.#exchange(port, path, init);
+    return { ...this.#head(response), body: Readable.toWeb(response) as ReadableStream<Uint8Array> };
+  }
+
+  close(): void {
+    this.#agent.destroy();
+  }
+
+  #head(response: IncomingMessage): Omit<VmFetchResponse, "body"> {
+    const headers: Record<string, string> = {};
+    for (const [name, value] of Object.entries(response.headers)) {
+      if (value !== undefined) headers[name] = Array.isArray(value) ? value.join(name === "set-cookie" ? "\n" : ", ") : value;
+    }
+    return { status: response.statusCode ?? 0, statusText: response.statusMessage ?? "", headers };
+  }
+
+  #exchange(portArg: unknown, pathArg: unknown, initArg: unknown): Promise<IncomingMessage> {
+    const port = expectPort("port", portArg);
+    const path = normalizePath(expectString("path", pathArg, { max: 64 * 1024 }));
+    const init = initArg === undefined ? {} : (expectObject("init", initArg) as VmFetchInit);
+    expectKnownKeys("init", init as Record<string, unknown>, ["method", "headers", "body", "timeoutMs", "signal"]);
+    const method = (init.method ?? "GET").toUpperCase();
+    if (!METHOD.test(method)) throw new AgentVmError("INVALID_ARGUMENT", `init.method ${JSON.stringify(init.method)} is not an HTTP method`);
+    const headers = normalizeHeaders(init.headers);
+    const body = init.body ?? null;
+    if (body !== null && !isBody(body)) {
+      throw new AgentVmError("INVALID_ARGUMENT", `init.body must be a string, Uint8Array, ArrayBuffer, ReadableStream or async iterable, got ${describe(body)}`);
+    }
+    if (init.timeoutMs !== undefined && !(typeof init.timeoutMs === "number" && init.timeoutMs > 0)) {
+      throw new AgentVmError("INVALID_ARGUMENT", `init.timeoutMs must be a positive number of milliseconds, got ${describe(init.timeoutMs)}`);
+    }
+    if (!this.#sockets.hasListener(port)) return Promise.reject(this.#refused(port));
+    const hasLength = Object.keys(headers).some((name) => name.toLowerCase() === "content-length");
+    if (!hasLength && (typeof body === "string" || body instanceof Uint8Array || body instanceof ArrayBuffer)) {
+      headers["content-length"] = String(typeof body === "string" ? Buffer.byteLength(body) : body.byteLength);
+    }
+    if (!Object.keys(headers).some((name) => name.toLowerCase() === "host")) headers.host = `localhost:${port}`;
+
+    return new Promise<IncomingMessage>((resolve, reject) => {
+      const request = httpRequest({ agent: this.#agent, host: "localhost", port, path, method, headers, signal: init.signal });
+      if (init.timeoutMs) {
+        request.setTimeout(init.timeoutMs, () =>
+          request.destroy(new AgentVmError("ETIMEDOUT", `vmFetch ${method} ${path} on port ${port} in VM ${this.#vmName}: no response within ${init.timeoutMs} ms`)),
+        );
+      }
+      request.once("response", resolve);
+      request.once("error", (error) => reject(this.#failed(path, error, port)));
+      if (body === null) request.end();
+      else if (typeof body === "string" || body instanceof Uint8Array) request.end(body);
+      else if (body instanceof ArrayBuffer) request.end(new Uint8Array(body));
+      else {
+        const source = body instanceof ReadableStream ? Readable.fromWeb(body as import("node:stream/web").ReadableStream) : Readable.from(body);
+        source.once("error", (error) => request.destroy(error));
+        source.pipe(request);
+      }
+    });
+  }
+
+  #refused(port: number, cause?: unknown): AgentVmError {
+    return new AgentVmError(
+      "ECONNREFUSED",
+      `vmFetch: nothing is listening on port ${port} in VM ${this.#vmName}; start a server on that port inside the VM first`,
+      { cause },
+    );
+  }
+
+  #failed(path: string, error: unknown, port?: number): AgentVmError {
+    if (error instanceof AgentVmError) return error;
+    const code = (error as { code?: string }).code;
+    if (code === "ABORT_ERR") return new AgentVmError("FETCH_FAILED", `vmFetch ${path}: aborted`, { cause: error });
+    const where = port === undefined ? "" : ` on port ${port} in VM ${this.#vmName}`;
+    return new AgentVmError(
+      code === "ECONNRESET" ? "ECONNRESET" : "FETCH_FAILED",
+      `vmFetch ${path}${where} failed: ${(error as Error).message ?? String(error)}`,
+      { cause: error },
+    );
+  }
+}
+
+/** Accepts "/x", "x" and full URLs ("http://localhost:3000/x"), keeping only path and query. */
+function normalizePath(path: string): string {
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(path)) {
+    const url = new URL(path);
+    return `${url.pathname}${url.search}`;
+  }
+  if (/[\s]/.test(path)) throw new AgentVmError("INVALID_ARGUMENT", `path must not contain whitespace; encode it (got ${JSON.stringify(path)})`);
+  return path.startsWith("/") ? path : `/${path}`;
+}
+
+function normalizeHeaders(headers: VmFetchInit["headers"]): OutgoingHttpHeaders & Record<string, string> {
+  const out: Record<string, string> = {};
+  if (headers === undefined) return out;
+  const entries: Iterable<[unknown, unknown]> =
+    headers instanceof Headers ? headers.entries() : Array.isArray(headers) ? headers : Object.entries(expectObject("init.headers", headers));
+  for (const [name, value] of entries) {
+    if (typeof name !== "string" || !METHOD.test(name)) throw new AgentVmError("INVALID_ARGUMENT", `init.headers: ${JSON.stringify(name)} is not a valid header name`);
+    if (typeof value !== "string" && typeof value !== "number") {
+      throw new AgentVmError("INVALID_ARGUMENT", `init.headers.${name} must be a string, got ${describe(value)}`);
+    }
+    const text = String(value);
+    if (/[\r\n\0]/.test(text)) throw new AgentVmError("INVALID_ARGUMENT", `init.headers.${name} must not contain CR, LF or NUL`);
+    out[name] = text;
+  }
+  return out;
+}
+
+function isBody(value: unknown): boolean {
+  return (
+    typeof value === "string" ||
+    value instanceof Uint8Array ||
+    value instanceof ArrayBuffer ||
+    value instanceof ReadableStream ||
+    (typeof value === "object" && value !== null && Symbol.asyncIterator in value)
+  );
+}

@@ -1,0 +1,118 @@
+/**
+ * Starts one confined guest Node.js process: OS limits (prlimit), then
+ * bubblewrap, then node with the permission model and the agentvm preload.
+ *
+ * Two modes: `pooled` starts the guest entry, which boots, reports ready and
+ * waits for the program to run (see guest-pool.ts); `direct` runs a command line
+ * that carries its own node flags, with the preload required first.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import type { Duplex, Readable, Writable } from "node:stream";
+import { fileURLToPath } from "node:url";
+import { bubblewrapArgs, GUEST_HOME, GUEST_NODE, GUEST_PRELOAD_DIR } from "./bubblewrap.ts";
+
+/** The guest preload directory next to this file's folder (src/guest, or dist/guest once built). */
+const PRELOAD_DIR = fileURLToPath(new URL("../guest/", import.meta.url));
+const PRELOAD_EXT = existsSync(`${PRELOAD_DIR}boot.js`) ? ".js" : ".ts";
+export const GUEST_BOOT = `${GUEST_PRELOAD_DIR}/boot${PRELOAD_EXT}`;
+export const GUEST_PRELOAD = `${GUEST_PRELOAD_DIR}/preload${PRELOAD_EXT}`;
+
+/** V8 and OS memory limits for one guest. */
+export interface GuestLimits {
+  /** V8 old-space cap (MiB). */
+  heapMb: number;
+  /** RLIMIT_DATA (MiB): V8 reserves address space beyond its heap, so this sits above heapMb. */
+  dataMb: number;
+  /** Open files per guest. */
+  maxFiles: number;
+}
+
+export interface LaunchRequest {
+  bwrap: string;
+  nodeBinary: string;
+  root: string;
+  cwd: string;
+  env: Record<string, string>;
+  limits: GuestLimits;
+  /** Arguments after the permission flags: the entry script (pooled) or the user's node args (direct). */
+  mode: { kind: "pooled" } | { kind: "direct"; nodeArgs: string[] };
+}
+
+export interface LaunchedGuest {
+  child: ChildProcess;
+  stdin: Writable;
+  stdout: Readable;
+  stderr: Readable;
+  /** The kernel channel (fd 3 in the guest). */
+  channel: Duplex;
+  /** Host pid of the sandbox's init process, once bubblewrap reports it. */
+  sandboxPid: Promise<number | undefined>;
+}
+
+let prlimitPath: string | null | undefined;
+function findPrlimit(): string | null {
+  if (prlimitPath === undefined) {
+    prlimitPath = ["/usr/bin/prlimit", "/bin/prlimit"].find((path) => existsSync(path)) ?? null;
+    if (!prlimitPath) console.warn("agentvm: prlimit not found; guests run without an OS-level memory limit (V8 heap cap only)");
+  }
+  return prlimitPath;
+}
+
+export function permissionFlags(limits: GuestLimits): string[] {
+  return [
+    "--permission",
+    "--allow-fs-read=/",
+    "--allow-fs-write=/",
+    `--max-old-space-size=${limits.heapMb}`,
+    "--max-semi-space-size=2",
+    "--disable-warning=ExperimentalWarning",
+  ];
+}
+
+export function launchGuest(request: LaunchRequest): LaunchedGuest {
+  const env = { HOME: GUEST_HOME, PATH: "/opt/node/bin:/usr/local/bin:/usr/bin:/bin", ...request.env };
+  const setenv = Object.entries(env).flatMap(([key, value]) => ["--setenv", key, value]);
+  const entry =
+    request.mode.kind === "pooled" ? [GUEST_BOOT] : ["--require", GUEST_PRELOAD, ...request.mode.nodeArgs];
+  const bwrap = [
+    request.bwrap,
+    "--info-fd",
+    "4",
+    ...bubblewrapArgs({ root: request.root, nodeBinary: request.nodeBinary, preloadDir: PRELOAD_DIR, cwd: request.cwd }),
+    ...setenv,
+    "--",
+    GUEST_NODE,
+    ...permissionFlags(request.limits),
+    ...entry,
+  ];
+  const prlimit = findPrlimit();
+  const command = prlimit
+    ? [prlimit, `--data=${request.limits.dataMb * 1024 * 1024}`, `--nofile=${request.limits.maxFiles}`, "--core=0", ...bwrap]
+    : bwrap;
+  const child = spawn(command[0]!, command.slice(1), {
+    stdio: ["pipe", "pipe", "pipe", "pipe", "pipe"],
+    env: {},
+  });
+  const info = child.stdio[4] as Readable;
+  const sandboxPid = new Promise<number | undefined>((resolve) => {
+    let text = "";
+    info.setEncoding("utf8");
+    info.on("data", (chunk: string) => {
+      text += chunk;
+      const match = /"child-pid"\s*:\s*(\d+)/.exec(text);
+      // Keep reading to the end: closing early would SIGPIPE bubblewrap.
+      if (match) resolve(Number(match[1]));
+    });
+    info.on("close", () => resolve(undefined));
+    info.on("error", () => resolve(undefined));
+  });
+  return {
+    child,
+    stdin: child.stdin!,
+    stdout: child.stdout!,
+    stderr: child.stderr!,
+    channel: child.stdio[3] as Duplex,
+    sandboxPid,
+  };
+}

@@ -1,0 +1,279 @@
+/**
+ * The embedded API: `createVm()` returns one VM — a filesystem, a process table
+ * and a socket table in this process, with guests confined in sandboxes. Method
+ * names match the seed actions so the server can expose them one to one.
+ */
+import { EventEmitter } from "node:events";
+import { mkdir, symlink, writeFile, readlink, lstat } from "node:fs/promises";
+import { dirname, join, resolve } from "node:path";
+import { AgentVmError, invalidArgument } from "./errors.ts";
+import { VmFilesystem, type VmStat } from "./kernel/filesystem.ts";
+import { parseListenPolicy, type ListenConfig, type ListenPolicy } from "./kernel/listen-policy.ts";
+import { ProcessTable, type OutputStream, type ProcessInfo } from "./kernel/process-table.ts";
+import { SocketTable } from "./kernel/socket-table.ts";
+import { VmFetcher, type VmFetchInit, type VmFetchResponse, type VmFetchStreamResponse } from "./net/vm-fetch.ts";
+import { findBubblewrap, GUEST_UID, sandboxMountPoints } from "./sandbox/bubblewrap.ts";
+import { resolveGuestRuntime } from "./sandbox/guest-runtime.ts";
+import { launchGuest } from "./sandbox/launcher.ts";
+import { STREAM_WINDOW } from "./guest/protocol.ts";
+import { describe, expectKnownKeys, expectObject, expectString, toBytes } from "./validate.ts";
+
+export interface VmLimits {
+  /** Processes running at once in the VM (default 32). */
+  maxProcesses?: number;
+  /** Listeners, connections and UDP sockets together (default 1024). */
+  maxSockets?: number;
+  /** Memory per guest process in MiB: the V8 heap cap; the OS limit sits above it (default 256). */
+  memoryMb?: number;
+  /** Pre-started guests kept ready (default 1; 0 turns the pool off). */
+  poolSize?: number;
+  /** The pool empties after this long without a spawn (default 60 s). */
+  poolIdleMs?: number;
+}
+
+export interface PermissionsConfig {
+  network?: unknown;
+}
+
+export interface CreateVmOptions {
+  /** Where VM directories live; this VM's files are under `<dataDir>/vms/<name>/root`. */
+  dataDir: string;
+  /** Names the VM in messages and on disk (default "default"). */
+  name?: string;
+  permissions?: PermissionsConfig;
+  listen?: ListenConfig;
+  limits?: VmLimits;
+  /** Guest runtime override: path to a Node ≥ 26 binary (also AGENTVM_GUEST_NODE). */
+  runtime?: { node?: string };
+}
+
+export interface ProcessOutputEvent {
+  pid: number;
+  stream: OutputStream;
+  data: Uint8Array;
+}
+
+export interface ProcessExitEvent {
+  pid: number;
+  exitCode: number;
+}
+
+export interface VmEvents {
+  processOutput: [ProcessOutputEvent];
+  processExit: [ProcessExitEvent];
+}
+
+const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, maxSockets: 1024, memoryMb: 256, poolSize: 1, poolIdleMs: 60_000 };
+/** RLIMIT_DATA above the heap cap: V8 reserves code space and more beyond the heap (measured: < 512 MiB fails to boot). */
+const DATA_HEADROOM_MB = 512;
+
+export class Vm extends EventEmitter<VmEvents> {
+  readonly name: string;
+  readonly root: string;
+  readonly listenPolicy: ListenPolicy;
+  readonly #fs: VmFilesystem;
+  readonly #sockets: SocketTable;
+  readonly #processes: ProcessTable;
+  readonly #fetcher: VmFetcher;
+  #disposed = false;
+
+  /** Use createVm(); the constructor expects validated options and a prepared root. */
+  constructor(init: { name: string; root: string; listen: ListenPolicy; limits: Required<VmLimits>; bwrap: string; nodeBinary: string }) {
+    super();
+    this.name = init.name;
+    this.root = init.root;
+    this.listenPolicy = init.listen;
+    this.#fs = new VmFilesystem(init.root);
+    this.#sockets = new SocketTable({
+      vmName: init.name,
+      listen: init.listen,
+      limits: { maxSockets: init.limits.maxSockets, streamWindow: STREAM_WINDOW },
+    });
+    const guestLimits = { heapMb: init.limits.memoryMb, dataMb: init.limits.memoryMb + DATA_HEADROOM_MB, maxFiles: 4096 };
+    this.#processes = new ProcessTable({
+      vmName: init.name,
+      fs: this.#fs,
+      sockets: this.#sockets,
+      maxProcesses: init.limits.maxProcesses,
+      poolSize: init.limits.poolSize,
+      poolIdleMs: init.limits.poolIdleMs,
+      launch: (mode, cwd, env) =>
+        launchGuest({ bwrap: init.bwrap, nodeBinary: init.nodeBinary, root: init.root, cwd, env, limits: guestLimits, mode }),
+      resolve: (hostname) => this.#resolve(hostname),
+      onOutput: (pid, stream, data) => this.emit("processOutput", { pid, stream, data }),
+      onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),
+    });
+    this.#fetcher = new VmFetcher(this.#sockets, init.name);
+    this.#processes.warm();
+  }
+
+  // Files.
+  writeFile(path: string, content: string | Uint8Array): Promise<void> {
+    this.#alive();
+    return this.#fs.writeFile(path, toBytes("content", content));
+  }
+  readFile(path: string): Promise<Uint8Array> {
+    this.#alive();
+    return this.#fs.readFile(path);
+  }
+  mkdir(path: string, options?: { recursive?: boolean }): Promise<void> {
+    this.#alive();
+    return this.#fs.mkdir(path, options);
+  }
+  readdir(path: string): Promise<string[]> {
+    this.#alive();
+    return this.#fs.readdir(path);
+  }
+  stat(path: string): Promise<VmStat> {
+    this.#alive();
+    return this.#fs.stat(path);
+  }
+  exists(path: string): Promise<boolean> {
+    this.#alive();
+    return this.#fs.exists(path);
+  }
+  deleteFile(path: string, options?: { recursive?: boolean }): Promise<void> {
+    this.#alive();
+    return this.#fs.deleteFile(path, options);
+  }
+  /** Alias of deleteFile. */
+  remove(path: string, options?: { recursive?: boolean }): Promise<void> {
+    return this.deleteFile(path, options);
+  }
+  move(from: string, to: string): Promise<void> {
+    this.#alive();
+    return this.#fs.move(from, to);
+  }
+
+  // Processes.
+  spawn(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<{ pid: number }> {
+    this.#alive();
+    return this.#processes.spawn(command, args, options);
+  }
+  waitProcess(pid: number): Promise<number> {
+    this.#alive();
+    return this.#processes.wait(pid);
+  }
+  killProcess(pid: number, signal?: string | number): Promise<void> {
+    this.#alive();
+    return this.#processes.kill(pid, signal);
+  }
+  listProcesses(): ProcessInfo[] {
+    this.#alive();
+    return this.#processes.list();
+  }
+  writeProcessStdin(pid: number, data: string | Uint8Array): Promise<void> {
+    this.#alive();
+    return this.#processes.writeStdin(pid, toBytes("data", data));
+  }
+  closeProcessStdin(pid: number): void {
+    this.#alive();
+    this.#processes.closeStdin(pid);
+  }
+
+  // Network.
+  vmFetch(port: number, path: string, init?: VmFetchInit): Promise<VmFetchResponse> {
+    this.#alive();
+    return this.#fetcher.fetch(port, path, init);
+  }
+  vmFetchStream(port: number, path: string, init?: VmFetchInit): Promise<VmFetchStreamResponse> {
+    this.#alive();
+    return this.#fetcher.fetchStream(port, path, init);
+  }
+  /** Ports guests listen on right now. */
+  listeningPorts(): number[] {
+    this.#alive();
+    return this.#sockets.listeningPorts();
+  }
+  networkStats(): SocketTable["stats"] {
+    return this.#sockets.stats;
+  }
+
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  /** Ends every guest process and frees the VM; its files stay on disk. */
+  async dispose(): Promise<void> {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    this.#fetcher.close();
+    await this.#processes.dispose();
+    this.removeAllListeners();
+  }
+
+  async #resolve(hostname: string): Promise<{ address: string; family: 4 | 6 }[]> {
+    const name = hostname.toLowerCase();
+    if (name === "localhost" || name.endsWith(".localhost") || name === "") {
+      return [
+        { address: "127.0.0.1", family: 4 },
+        { address: "::1", family: 6 },
+      ];
+    }
+    throw new AgentVmError("EACCES", `dns lookup ${hostname} denied: VM ${this.name} may only reach its own loopback (network policy default is deny)`);
+  }
+
+  #alive(): void {
+    if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `VM ${this.name} was disposed; create a new one with createVm()`);
+  }
+}
+
+export async function createVm(options: CreateVmOptions): Promise<Vm> {
+  const config = expectObject("options", options);
+  expectKnownKeys("options", config, ["dataDir", "name", "permissions", "listen", "limits", "runtime"]);
+  const dataDir = resolve(expectString("options.dataDir", config.dataDir, { nonEmpty: true }));
+  const name = config.name === undefined ? "default" : expectString("options.name", config.name, { nonEmpty: true });
+  if (!NAME.test(name)) throw invalidArgument(`options.name ${JSON.stringify(name)} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`);
+  const listen = parseListenPolicy(config.listen, "listen");
+  const limits = parseLimits(config.limits);
+  if (config.permissions !== undefined) expectKnownKeys("permissions", expectObject("permissions", config.permissions), ["network"]);
+  const runtimeOption = config.runtime === undefined ? {} : expectObject("options.runtime", config.runtime);
+  expectKnownKeys("options.runtime", runtimeOption, ["node"]);
+  const nodeOverride = runtimeOption.node === undefined ? undefined : expectString("options.runtime.node", runtimeOption.node, { nonEmpty: true });
+
+  const [bwrap, runtime] = await Promise.all([findBubblewrap(), resolveGuestRuntime(nodeOverride)]);
+  const root = join(dataDir, "vms", name, "root");
+  await prepareRoot(root);
+  return new Vm({ name, root, listen, limits, bwrap, nodeBinary: runtime.binary });
+}
+
+function parseLimits(value: unknown): Required<VmLimits> {
+  if (value === undefined) return { ...DEFAULT_LIMITS };
+  const limits = expectObject("limits", value);
+  expectKnownKeys("limits", limits, Object.keys(DEFAULT_LIMITS));
+  const out = { ...DEFAULT_LIMITS };
+  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, maxSockets: 1, memoryMb: 32, poolSize: 0, poolIdleMs: 0 };
+  for (const key of Object.keys(DEFAULT_LIMITS) as (keyof VmLimits)[]) {
+    const raw = limits[key];
+    if (raw === undefined) continue;
+    if (typeof raw !== "number" || !Number.isInteger(raw) || raw < minimum[key]) {
+      throw invalidArgument(`limits.${key} must be an integer ≥ ${minimum[key]}, got ${describe(raw)}`);
+    }
+    out[key] = raw;
+  }
+  return out;
+}
+
+/** Lays out the VM's `/` with the mount points the sandbox binds over, once. */
+async function prepareRoot(root: string): Promise<void> {
+  const layout = sandboxMountPoints();
+  for (const dir of layout.dirs) await mkdir(join(root, dir), { recursive: true });
+  for (const file of layout.files) {
+    await mkdir(dirname(join(root, file)), { recursive: true });
+    await writeFile(join(root, file), "", { flag: "a" });
+  }
+  for (const [path, target] of layout.symlinks) {
+    const at = join(root, path);
+    const existing = await lstat(at).catch(() => undefined);
+    if (existing?.isSymbolicLink() && (await readlink(at)) === target) continue;
+    if (!existing) await symlink(target, at);
+  }
+  await writeFile(join(root, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n", { flag: "wx" }).catch(ignoreExists);
+  await writeFile(join(root, "etc/passwd"), `root:x:0:0:root:/root:/bin/sh\nagentos:x:${GUEST_UID}:${GUEST_UID}:agentos:/home/agentos:/bin/sh\n`, { flag: "wx" }).catch(ignoreExists);
+  await writeFile(join(root, "etc/group"), `root:x:0:\nagentos:x:${GUEST_UID}:\n`, { flag: "wx" }).catch(ignoreExists);
+}
+
+function ignoreExists(error: NodeJS.ErrnoException): void {
+  if (error.code !== "EEXIST") throw error;
+}
