@@ -116,7 +116,7 @@ export function installNetPatch(kernel: KernelClient): void {
   socketProto.connect = function connect(this: AnySocket, ...args: unknown[]) {
     if (this._handle) return original.connect.apply(this, args);
     const [options, callback] = Array.isArray(args[0]) && args.length === 1 ? (args[0] as [Record<string, any>, any]) : normalizeArgs(args);
-    if (options.path !== undefined) {
+    if (options.path) {
       process.nextTick(() =>
         this.destroy(
           systemError({ code: "EACCES", message: "unix domain sockets are not available inside the VM; use a TCP port on localhost" }, "connect", {
@@ -280,7 +280,7 @@ export function installNetPatch(kernel: KernelClient): void {
 
   serverProto.listen = function listen(this: AnyServer, ...args: unknown[]) {
     const [options, callback] = normalizeArgs(args);
-    if (options.handle !== undefined || options.fd !== undefined || options.path !== undefined || (args[0] && typeof args[0] === "object" && ("_handle" in (args[0] as object) || "fd" in (args[0] as object)))) {
+    if (options.handle !== undefined || options.fd !== undefined || options.path || (args[0] && typeof args[0] === "object" && ("_handle" in (args[0] as object) || "fd" in (args[0] as object)))) {
       if (options.port === undefined) {
         const error = systemError({ code: "EACCES", message: "only TCP ports on localhost can be listened on inside the VM" }, "listen", {
           address: String(options.path ?? "handle"),

@@ -4,6 +4,7 @@
  * Node's permission model refuses the real thing, so this channel is the only
  * way out of the process.
  */
+import { syncBuiltinESMExports } from "node:module";
 import { installChildProcessPatch } from "./child-process-patch.ts";
 import { installDgramPatch } from "./dgram-patch.ts";
 import { installDnsPatch } from "./dns-patch.ts";
@@ -17,6 +18,8 @@ installNetPatch(kernel);
 installDnsPatch(kernel);
 installDgramPatch(kernel);
 installChildProcessPatch(kernel);
+// ESM `import { spawn } from "node:child_process"` reads a snapshot of the exports: refresh it.
+syncBuiltinESMExports();
 
 // A directly started guest learns its VM pid from the environment (pooled guests get it with their program).
 for (const [key, name] of [["AGENTVM_PID", "pid"], ["AGENTVM_PPID", "ppid"]] as const) {

@@ -11,7 +11,8 @@
  * - DATA / END / CLOSE / CREDIT: byte streams (TCP connections, child stdio),
  *   id = stream id. Stream ids are allocated by the kernel only, so the two
  *   sides never collide.
- * - DGRAM  both ways, id = UDP socket id, payload = u16 header length | JSON | bytes.
+ * - DGRAM  kernel → guest, id = UDP socket id, payload = u16 header length | JSON | bytes.
+ *   (Sends are CALLs, so each send learns its own outcome.)
  *
  * Flow control is credit based, end to end: a writer may have at most
  * STREAM_WINDOW bytes sent and not yet credited back by the final reader. The

@@ -10,7 +10,6 @@
 import { AgentVmError } from "../errors.ts";
 import { FrameChannel } from "../guest/channel.ts";
 import {
-  decodeDgram,
   encodeCredit,
   encodeDgram,
   encodeHeader,
@@ -134,9 +133,6 @@ export class GuestLink {
         end?.close();
         return;
       }
-      case FrameType.DGRAM:
-        this.#sendDatagram(frame.id, frame.payload);
-        return;
       default:
         this.channel.close(new AgentVmError("PROTOCOL_VIOLATION", `unknown frame type ${frame.type}`));
     }
@@ -176,6 +172,13 @@ export class GuestLink {
         return { addresses: await this.#services.resolve(String(request.hostname ?? "")) };
       case "udpBind":
         return this.#bindUdp(request);
+      case "udpSend": {
+        const socket = this.#udp.get(Number(request.id));
+        if (!socket) throw new AgentVmError("EINVAL", "send on a UDP socket that is not bound");
+        const data = Buffer.from(String(request.data ?? ""), "base64");
+        this.#sockets.sendUdp(socket.port, String(request.host ?? "127.0.0.1"), Number(request.port), data);
+        return {};
+      }
       case "udpClose": {
         const id = Number(request.id);
         const socket = this.#udp.get(id);
@@ -223,18 +226,5 @@ export class GuestLink {
     const port = this.#sockets.bindUdp(Number(request.port ?? 0), host, owner);
     this.#udp.set(id, { port, owner });
     return { id, port };
-  }
-
-  #sendDatagram(id: number, payload: Buffer): void {
-    const socket = this.#udp.get(id);
-    if (!socket) return;
-    const { header, data } = decodeDgram(payload);
-    const { host, port } = header as { host?: unknown; port?: unknown };
-    try {
-      this.#sockets.sendUdp(socket.port, String(host ?? "127.0.0.1"), Number(port), data);
-    } catch (error) {
-      const shaped = AgentVmError.from(error);
-      this.channel.send(encodeDgram(id, { error: { code: shaped.code, message: shaped.message } }, Buffer.alloc(0)));
-    }
   }
 }
