@@ -51,6 +51,16 @@ export const AGENTVM_CODES = [
   "SPAWN_FAILED",
   /** An HTTP exchange with a guest failed after the connection was made. */
   "FETCH_FAILED",
+  /** The server has no such action or route. */
+  "UNKNOWN_ACTION",
+  /** A request body could not be read as the route expects. */
+  "MALFORMED_REQUEST",
+  /** A request body is larger than the server accepts. */
+  "PAYLOAD_TOO_LARGE",
+  /** The server is shutting down; retry against a running server. */
+  "SERVER_CLOSING",
+  /** The client could not reach the server. */
+  "SERVER_UNREACHABLE",
   /** Something that should not happen; the message says what. */
   "INTERNAL",
 ] as const;

@@ -3,6 +3,7 @@
  * and a socket table in this process, with guests confined in sandboxes. Method
  * names match the seed actions so the server can expose them one to one.
  */
+import { createHash } from "node:crypto";
 import { EventEmitter } from "node:events";
 import { mkdir, symlink, writeFile, readlink, lstat } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
@@ -36,9 +37,9 @@ export interface PermissionsConfig {
 }
 
 export interface CreateVmOptions {
-  /** Where VM directories live; this VM's files are under `<dataDir>/vms/<name>/root`. */
+  /** Where VM directories live; this VM's files are under `<dataDir>/vms/<name or its hash>/root`. */
   dataDir: string;
-  /** Names the VM in messages and on disk (default "default"). */
+  /** Names the VM in messages and on disk (default "default"; up to 256 printable characters). */
   name?: string;
   permissions?: PermissionsConfig;
   listen?: ListenConfig;
@@ -58,12 +59,21 @@ export interface ProcessExitEvent {
   exitCode: number;
 }
 
+export interface ExecResult {
+  pid: number;
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+}
+
 export interface VmEvents {
   processOutput: [ProcessOutputEvent];
   processExit: [ProcessExitEvent];
 }
 
-const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** Names that can be used as a directory name as they are; others are hashed. */
+const SAFE_DIRECTORY = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const MAX_NAME = 256;
 const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, maxSockets: 1024, memoryMb: 256, poolSize: 1, poolIdleMs: 60_000 };
 /** RLIMIT_DATA above the heap cap: V8 reserves code space and more beyond the heap (measured: < 512 MiB fails to boot). */
 const DATA_HEADROOM_MB = 512;
@@ -151,6 +161,28 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#alive();
     return this.#processes.spawn(command, args, options);
   }
+  /** Runs a program to completion and returns its exit code and output. */
+  async exec(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<ExecResult> {
+    this.#alive();
+    const stdout: Uint8Array[] = [];
+    const stderr: Uint8Array[] = [];
+    let pid = -1;
+    const early: ProcessOutputEvent[] = [];
+    const collect = (event: ProcessOutputEvent) => {
+      if (pid === -1) early.push(event);
+      else if (event.pid === pid) (event.stream === "stdout" ? stdout : stderr).push(event.data);
+    };
+    this.on("processOutput", collect);
+    try {
+      pid = (await this.#processes.spawn(command, args, options)).pid;
+      for (const event of early) collect(event);
+      const exitCode = await this.#processes.wait(pid);
+      const text = (parts: Uint8Array[]) => Buffer.concat(parts).toString("utf8");
+      return { pid, exitCode, stdout: text(stdout), stderr: text(stderr) };
+    } finally {
+      this.off("processOutput", collect);
+    }
+  }
   waitProcess(pid: number): Promise<number> {
     this.#alive();
     return this.#processes.wait(pid);
@@ -224,7 +256,9 @@ export async function createVm(options: CreateVmOptions): Promise<Vm> {
   expectKnownKeys("options", config, ["dataDir", "name", "permissions", "listen", "limits", "runtime"]);
   const dataDir = resolve(expectString("options.dataDir", config.dataDir, { nonEmpty: true }));
   const name = config.name === undefined ? "default" : expectString("options.name", config.name, { nonEmpty: true });
-  if (!NAME.test(name)) throw invalidArgument(`options.name ${JSON.stringify(name)} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`);
+  if (name.length > MAX_NAME || /[\u0000-\u001f\u007f]/.test(name)) {
+    throw invalidArgument(`options.name must be at most ${MAX_NAME} printable characters, got ${describe(name)}`);
+  }
   const listen = parseListenPolicy(config.listen, "listen");
   const limits = parseLimits(config.limits);
   if (config.permissions !== undefined) expectKnownKeys("permissions", expectObject("permissions", config.permissions), ["network"]);
@@ -233,9 +267,14 @@ export async function createVm(options: CreateVmOptions): Promise<Vm> {
   const nodeOverride = runtimeOption.node === undefined ? undefined : expectString("options.runtime.node", runtimeOption.node, { nonEmpty: true });
 
   const [bwrap, runtime] = await Promise.all([findBubblewrap(), resolveGuestRuntime(nodeOverride)]);
-  const root = join(dataDir, "vms", name, "root");
+  const root = join(dataDir, "vms", vmDirectoryName(name), "root");
   await prepareRoot(root);
   return new Vm({ name, root, listen, limits, bwrap, nodeBinary: runtime.binary });
+}
+
+/** The VM's directory under `<dataDir>/vms`: the name itself when it is a safe file name, else a hash of it. */
+export function vmDirectoryName(name: string): string {
+  return SAFE_DIRECTORY.test(name) ? name : `vm-${createHash("sha256").update(name).digest("hex").slice(0, 32)}`;
 }
 
 function parseLimits(value: unknown): Required<VmLimits> {

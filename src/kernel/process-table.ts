@@ -64,6 +64,8 @@ const EXITED_KEPT = 200;
 
 interface Guest extends PooledGuest {
   launched: LaunchedGuest;
+  /** Exit code and signal, once the sandbox exited and its stdio closed. */
+  closed: Promise<[number | null, NodeJS.Signals | null]>;
   link: GuestLink;
   /** stderr printed before the program ran (a sandbox or boot failure). */
   bootLog: () => string;
@@ -280,15 +282,14 @@ export class ProcessTable implements ProcessServices {
       guest.link.event({ type: "run", argv: request.args, env, cwd, pid, ppid });
     }
     this.#wireOutput(process, stdio);
-    const { child } = guest.launched;
-    child.once("exit", (code, signal) => {
+    // 'close' (not 'exit'): every output chunk has been emitted before the exit is reported.
+    void guest.closed.then(([code, signal]) => {
       const exitCode = code ?? 128 + (signal ? (SIGNALS[signal] ?? 0) : 0);
       this.#byLink.delete(guest.link);
       guest.link.releaseAll();
       process.finish(exitCode, signal ?? (code !== null && code > 128 ? (Object.keys(SIGNALS).find((key) => SIGNALS[key] === code - 128) ?? null) : null));
       this.#options.onExit(pid, exitCode, process.info.signal);
     });
-    if (child.exitCode !== null) child.emit("exit", child.exitCode, child.signalCode);
     return process;
   }
 
@@ -337,9 +338,11 @@ export class ProcessTable implements ProcessServices {
       launched.stderr.off("data", collect);
       markReady();
     }
+    const closed = new Promise<[number | null, NodeJS.Signals | null]>((resolve) => launched.child.once("close", (code, signal) => resolve([code, signal])));
     return {
       launched,
       link,
+      closed,
       ready,
       bootLog: () => bootLog,
       discard: () => {

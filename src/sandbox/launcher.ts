@@ -62,8 +62,11 @@ function findPrlimit(): string | null {
 export function permissionFlags(limits: GuestLimits): string[] {
   return [
     "--permission",
-    "--allow-fs-read=/",
-    "--allow-fs-write=/",
+    // bubblewrap confines the filesystem (the VM dir is `/`, system dirs read-only),
+    // so Node grants all of it. It must be `*`, not `/`: fs.symlink and fs.link
+    // need "full" fs permissions, and npm packages, pnpm and bin links use them.
+    "--allow-fs-read=*",
+    "--allow-fs-write=*",
     `--max-old-space-size=${limits.heapMb}`,
     "--max-semi-space-size=2",
     "--disable-warning=ExperimentalWarning",
