@@ -75,8 +75,13 @@ export interface VmEvents {
 const SAFE_DIRECTORY = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const MAX_NAME = 256;
 const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, maxSockets: 1024, memoryMb: 256, poolSize: 1, poolIdleMs: 60_000 };
-/** RLIMIT_DATA above the heap cap: V8 reserves code space and more beyond the heap (measured: < 512 MiB fails to boot). */
-const DATA_HEADROOM_MB = 512;
+/**
+ * RLIMIT_DATA above the heap cap. Node 26 needs a fixed ~565 MiB of it to boot
+ * whatever the heap cap (~590 MiB once WebAssembly loads: TypeScript stripping,
+ * fetch's llhttp), so 512 broke every guest below memoryMb ≈ 70. The rest is
+ * room for Buffers and other memory outside the V8 heap.
+ */
+const DATA_HEADROOM_MB = 768;
 
 export class Vm extends EventEmitter<VmEvents> {
   readonly name: string;
@@ -118,46 +123,47 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#processes.warm();
   }
 
-  // Files.
-  writeFile(path: string, content: string | Uint8Array): Promise<void> {
+  // Files. Methods that return a promise are async so that every failure, VM_DISPOSED
+  // and bad arguments included, is a rejection rather than a synchronous throw.
+  async writeFile(path: string, content: string | Uint8Array): Promise<void> {
     this.#alive();
     return this.#fs.writeFile(path, toBytes("content", content));
   }
-  readFile(path: string): Promise<Uint8Array> {
+  async readFile(path: string): Promise<Uint8Array> {
     this.#alive();
     return this.#fs.readFile(path);
   }
-  mkdir(path: string, options?: { recursive?: boolean }): Promise<void> {
+  async mkdir(path: string, options?: { recursive?: boolean }): Promise<void> {
     this.#alive();
     return this.#fs.mkdir(path, options);
   }
-  readdir(path: string): Promise<string[]> {
+  async readdir(path: string): Promise<string[]> {
     this.#alive();
     return this.#fs.readdir(path);
   }
-  stat(path: string): Promise<VmStat> {
+  async stat(path: string): Promise<VmStat> {
     this.#alive();
     return this.#fs.stat(path);
   }
-  exists(path: string): Promise<boolean> {
+  async exists(path: string): Promise<boolean> {
     this.#alive();
     return this.#fs.exists(path);
   }
-  deleteFile(path: string, options?: { recursive?: boolean }): Promise<void> {
+  async deleteFile(path: string, options?: { recursive?: boolean }): Promise<void> {
     this.#alive();
     return this.#fs.deleteFile(path, options);
   }
   /** Alias of deleteFile. */
-  remove(path: string, options?: { recursive?: boolean }): Promise<void> {
+  async remove(path: string, options?: { recursive?: boolean }): Promise<void> {
     return this.deleteFile(path, options);
   }
-  move(from: string, to: string): Promise<void> {
+  async move(from: string, to: string): Promise<void> {
     this.#alive();
     return this.#fs.move(from, to);
   }
 
   // Processes.
-  spawn(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<{ pid: number }> {
+  async spawn(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<{ pid: number }> {
     this.#alive();
     return this.#processes.spawn(command, args, options);
   }
@@ -183,11 +189,11 @@ export class Vm extends EventEmitter<VmEvents> {
       this.off("processOutput", collect);
     }
   }
-  waitProcess(pid: number): Promise<number> {
+  async waitProcess(pid: number): Promise<number> {
     this.#alive();
     return this.#processes.wait(pid);
   }
-  killProcess(pid: number, signal?: string | number): Promise<void> {
+  async killProcess(pid: number, signal?: string | number): Promise<void> {
     this.#alive();
     return this.#processes.kill(pid, signal);
   }
@@ -195,7 +201,7 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#alive();
     return this.#processes.list();
   }
-  writeProcessStdin(pid: number, data: string | Uint8Array): Promise<void> {
+  async writeProcessStdin(pid: number, data: string | Uint8Array): Promise<void> {
     this.#alive();
     return this.#processes.writeStdin(pid, toBytes("data", data));
   }
@@ -205,11 +211,11 @@ export class Vm extends EventEmitter<VmEvents> {
   }
 
   // Network.
-  vmFetch(port: number, path: string, init?: VmFetchInit): Promise<VmFetchResponse> {
+  async vmFetch(port: number, path: string, init?: VmFetchInit): Promise<VmFetchResponse> {
     this.#alive();
     return this.#fetcher.fetch(port, path, init);
   }
-  vmFetchStream(port: number, path: string, init?: VmFetchInit): Promise<VmFetchStreamResponse> {
+  async vmFetchStream(port: number, path: string, init?: VmFetchInit): Promise<VmFetchStreamResponse> {
     this.#alive();
     return this.#fetcher.fetchStream(port, path, init);
   }

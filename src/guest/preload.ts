@@ -25,5 +25,6 @@ syncBuiltinESMExports();
 for (const [key, name] of [["AGENTVM_PID", "pid"], ["AGENTVM_PPID", "ppid"]] as const) {
   const value = Number(process.env[key]);
   delete process.env[key];
-  if (Number.isInteger(value) && value > 0) Object.defineProperty(process, name, { value, enumerable: true, configurable: true });
+  // ppid 0: started by the host, as pooled guests report it too.
+  if (Number.isInteger(value) && value >= 0) Object.defineProperty(process, name, { value, enumerable: true, configurable: true });
 }

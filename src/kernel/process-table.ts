@@ -52,7 +52,30 @@ export interface ProcessTableOptions {
 }
 
 /** Flags that would widen a guest's permissions or open a debugger: never passed to a guest node. */
-const FORBIDDEN_NODE_FLAGS = /^--(allow-|permission|experimental-permission|inspect|debug|security-revert|openssl|experimental-addon|snapshot-blob|build-snapshot)/;
+const FORBIDDEN_NODE_FLAGS = /^--(allow-|permission|experimental-permission|inspect|debug|security-revert|openssl|experimental-addon|snapshot-blob|build-snapshot|experimental-config-file|experimental-default-config-file|env-file)/;
+/** The same, anywhere in NODE_OPTIONS (which allows quoting, so a token may start with a quote). */
+const FORBIDDEN_IN_NODE_OPTIONS = new RegExp(`(^|[\\s"'])${FORBIDDEN_NODE_FLAGS.source.slice(1)}[^\\s"']*`);
+/**
+ * Node options that take their value as the next argument (`-e code`, `--require mod`),
+ * from Node 26's option table. Node keeps parsing options after such a value, so
+ * `node -e code --allow-worker` would grant the flag unless the walk skips values exactly.
+ */
+const NODE_VALUE_FLAGS = new Set([
+  "-e", "--eval", "-p", "--print", "-pe", "-r", "--require", "--import", "-C", "--conditions", "--loader", "--experimental-loader",
+  "--input-type", "--title", "--run", "--build-sea", "--experimental-sea-config", "--vfs-load", "--vfs-mount", "--max-old-space-size-percentage",
+  "--experimental-package-map", "--test-concurrency", "--test-coverage-functions", "--bench-reporter", "--trace-require-module",
+  "--experimental-test-tag-filter", "--test-coverage-include", "--test-coverage-exclude", "--inspect-publish-uid", "--inspect-port",
+  "--cpu-prof-dir", "--watch-path", "--stack-trace-limit", "--build-snapshot-config", "--report-signal", "--cpu-prof-name",
+  "--tls-keylog", "--heap-prof-dir", "--bench-samples", "--bench-name-pattern", "--localstorage-file", "--secure-heap-min",
+  "--test-isolation", "--experimental-test-isolation", "--test-rerun-failures", "--test-coverage-lines", "--heap-prof-interval",
+  "--cpu-prof-interval", "--disable-proto", "--trace-event-categories", "--v8-pool-size", "--test-reporter-destination",
+  "--trace-event-file-pattern", "--unhandled-rejections", "--test-coverage-branches", "--network-family-autoselection-attempt-timeout",
+  "--report-dir", "--report-directory", "--test-random-seed", "--test-global-setup", "--diagnostic-dir", "--bench-warmup",
+  "--report-filename", "--tls-cipher-list", "--test-shard", "--redirect-warnings", "--max-http-header-size", "--test-name-pattern",
+  "--use-largepages", "--test-timeout", "--icu-data-dir", "--heap-prof-name", "--test-reporter", "--secure-heap", "--test-skip-pattern",
+  "--watch-kill-signal", "--bench-isolation", "--disable-warning", "--heapsnapshot-near-heap-limit", "--heapsnapshot-signal",
+  "--dns-result-order", "--bench-reporter-destination",
+]);
 const NODE_COMMANDS = new Set(["node", GUEST_NODE, "/usr/bin/node", "/usr/local/bin/node", "nodejs"]);
 const DEFAULT_ENV: Record<string, string> = {
   HOME: GUEST_HOME,
@@ -240,11 +263,21 @@ export class ProcessTable implements ProcessServices {
         `spawn ${name}: no such command in VM ${this.#options.vmName}; the VM runs Node.js programs only — use spawn("node", ["script.js", …])`,
       );
     }
-    const firstScript = list.findIndex((arg) => !arg.startsWith("-"));
-    const flags = firstScript === -1 ? list : list.slice(0, firstScript);
+    // Node's options run up to the script (or `-`, or `--`); values of value-taking options are skipped.
+    let optionsEnd = 0;
+    while (optionsEnd < list.length) {
+      const arg = list[optionsEnd]!;
+      if (!arg.startsWith("-") || arg === "-") break;
+      if (arg === "--") {
+        optionsEnd++;
+        break;
+      }
+      optionsEnd += !arg.includes("=") && NODE_VALUE_FLAGS.has(arg) ? 2 : 1;
+    }
+    const flags = list.slice(0, optionsEnd);
     const forbidden = flags.find((flag) => FORBIDDEN_NODE_FLAGS.test(flag));
     const nodeOptions = env.NODE_OPTIONS ?? "";
-    const forbiddenOption = nodeOptions.split(/\s+/).find((flag) => FORBIDDEN_NODE_FLAGS.test(flag));
+    const forbiddenOption = FORBIDDEN_IN_NODE_OPTIONS.exec(nodeOptions)?.[0].trim().replace(/^["']/, "");
     if (forbidden || forbiddenOption) {
       throw new AgentVmError("EPERM", `spawn node: the flag ${forbidden ?? forbiddenOption} is not allowed in a VM; guests run under a fixed permission model`);
     }
@@ -253,11 +286,13 @@ export class ProcessTable implements ProcessServices {
   }
 
   async #start(request: ValidatedSpawn, ppid: number, stdio: string[] = ["pipe", "pipe", "pipe"]): Promise<GuestProcess> {
+    const cwd = await this.#checkCwd(request.cwd);
+    // Checked after the await and with no await until the table entry exists, so
+    // concurrent spawns cannot all pass the cap, nor start a guest after dispose.
     if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed`);
     if (this.running >= this.#options.maxProcesses) {
       throw new AgentVmError("EAGAIN", `spawn: VM ${this.#options.vmName} already runs ${this.#options.maxProcesses} processes (limits.maxProcesses); wait for one to exit or kill one`);
     }
-    const cwd = await this.#checkCwd(request.cwd);
     const pid = this.#nextPid++;
     const env = { ...DEFAULT_ENV, ...request.env };
     let guest: Guest;

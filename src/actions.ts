@@ -1,0 +1,36 @@
+/**
+ * The actions a VM exposes to clients, one to one with `Vm` methods. The server
+ * dispatches only these names; the client's types are derived from `Vm` for
+ * exactly this list, so the two cannot drift apart.
+ */
+export const VM_ACTIONS = [
+  "writeFile",
+  "readFile",
+  "mkdir",
+  "readdir",
+  "stat",
+  "exists",
+  "deleteFile",
+  "remove",
+  "move",
+  "spawn",
+  "exec",
+  "waitProcess",
+  "killProcess",
+  "listProcesses",
+  "writeProcessStdin",
+  "closeProcessStdin",
+  "listeningPorts",
+] as const;
+
+export type VmActionName = (typeof VM_ACTIONS)[number];
+
+const ACTION_SET: ReadonlySet<string> = new Set(VM_ACTIONS);
+
+export function isVmAction(name: string): name is VmActionName {
+  return ACTION_SET.has(name);
+}
+
+/** Events a connection delivers. */
+export const VM_EVENTS = ["processOutput", "processExit"] as const;
+export type VmEventName = (typeof VM_EVENTS)[number];

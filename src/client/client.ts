@@ -1,0 +1,216 @@
+/**
+ * `createClient<typeof registry>(endpoint)`: the typed client. It imports the
+ * server only as types; at run time it is fetch plus the wire format, so it runs
+ * in Node and in browsers.
+ *
+ * Handles are Proxies: any action name becomes a POST to the action route. The
+ * proxy refuses `then`, so awaiting a handle does not try to call an action.
+ */
+import { isVmAction } from "../actions.ts";
+import { AgentVmError, invalidArgument } from "../errors.ts";
+import { CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FORWARD_HEADERS, fromBase64 } from "../wire.ts";
+import type { AgentVmClient, ClientFetchInit, ClientOptions, VmConnection, VmConnectionEvents, VmHandle } from "./types.ts";
+
+/** Response headers that describe our hop, not the guest's answer. */
+const HOP_HEADERS = new Set(["connection", "keep-alive", "transfer-encoding", "date"]);
+
+export function createClient<R>(options: string | ClientOptions): AgentVmClient<R> {
+  const config: ClientOptions = typeof options === "string" ? { endpoint: options } : options;
+  if (!config || typeof config.endpoint !== "string") throw invalidArgument("createClient needs an endpoint URL, e.g. createClient(\"http://localhost:6420\")");
+  let endpoint: URL;
+  try {
+    endpoint = new URL(config.endpoint);
+  } catch {
+    throw invalidArgument(`createClient: endpoint ${JSON.stringify(config.endpoint)} is not a URL`);
+  }
+  const base = endpoint.href.replace(/\/$/, "");
+  const transport = new Transport(base, config);
+  return new Proxy({} as AgentVmClient<R>, {
+    get(_target, definition) {
+      if (typeof definition !== "string" || definition === "then") return undefined;
+      return {
+        getOrCreate: (key: string | readonly string[]) => createHandle(transport, definition, canonicalKey(key)),
+      };
+    },
+  });
+}
+
+/** `"a"` and `["a"]` are the same VM; longer arrays become their JSON text. */
+export function canonicalKey(key: unknown): string {
+  if (typeof key === "string") {
+    if (key.length === 0) throw invalidArgument("VM key must not be empty");
+    return key;
+  }
+  if (Array.isArray(key) && key.length > 0 && key.every((part) => typeof part === "string" && part.length > 0)) {
+    return key.length === 1 ? key[0] : JSON.stringify(key);
+  }
+  throw invalidArgument(`VM key must be a non-empty string or an array of non-empty strings, got ${JSON.stringify(key)}`);
+}
+
+class Transport {
+  readonly base: string;
+  readonly #headers: Record<string, string>;
+  readonly #fetch: typeof fetch;
+
+  constructor(base: string, options: ClientOptions) {
+    this.base = base;
+    this.#headers = options.headers ?? {};
+    this.#fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
+  }
+
+  async request(url: string, init: RequestInit & { duplex?: "half" }): Promise<Response> {
+    let response: Response;
+    try {
+      response = await this.#fetch(url, { ...init, headers: { ...this.#headers, ...(init.headers as Record<string, string>) } });
+    } catch (error) {
+      if ((error as Error).name === "AbortError") throw error;
+      const cause = (error as { cause?: { code?: string; message?: string } }).cause;
+      throw new AgentVmError("SERVER_UNREACHABLE", `cannot reach the agentvm server at ${this.base}: ${cause?.code ?? cause?.message ?? (error as Error).message}`, { cause: error });
+    }
+    if (response.headers.get("x-agentvm-error")) throw await errorFrom(response);
+    return response;
+  }
+}
+
+async function errorFrom(response: Response): Promise<AgentVmError> {
+  const text = await response.text();
+  try {
+    return AgentVmError.from((JSON.parse(text) as { error?: unknown }).error);
+  } catch {
+    return new AgentVmError("INTERNAL", `server answered ${response.status}: ${text.slice(0, 200)}`);
+  }
+}
+
+function createHandle(transport: Transport, definition: string, key: string): VmHandle {
+  const prefix = `${transport.base}/api/${encodeURIComponent(definition)}/${encodeURIComponent(key)}`;
+
+  async function call(action: string, args: unknown[]): Promise<unknown> {
+    const encoded = encodeValue(args);
+    const response = await transport.request(`${prefix}/actions/${action}`, {
+      method: "POST",
+      headers: { "content-type": encoded.contentType, accept: `${ENVELOPE_TYPE}, application/json` },
+      body: encoded.body as RequestInit["body"],
+    });
+    const body = new Uint8Array(await response.arrayBuffer());
+    return decodeValue(response.headers.get("content-type") ?? "application/json", body);
+  }
+
+  async function fetchFromVm(port: number, path: string, init: ClientFetchInit = {}): Promise<Response> {
+    if (typeof path !== "string") throw invalidArgument(`path must be a string, got ${typeof path}`);
+    const target = /^[a-z][a-z0-9+.-]*:\/\//i.test(path) ? (() => { const url = new URL(path); return `${url.pathname}${url.search}`; })() : path.startsWith("/") ? path : `/${path}`;
+    const headers = new Headers(init.headers as ConstructorParameters<typeof Headers>[0]);
+    const names = [...headers.keys()];
+    headers.set(FORWARD_HEADERS, JSON.stringify(names));
+    const body = init.body ?? null;
+    return transport.request(`${prefix}/fetch/${encodeURIComponent(String(port))}${target}`, {
+      method: init.method ?? "GET",
+      headers: Object.fromEntries(headers.entries()),
+      body: body as RequestInit["body"],
+      signal: init.signal ?? null,
+      ...(body instanceof ReadableStream ? { duplex: "half" as const } : {}),
+    });
+  }
+
+  function head(response: Response): { status: number; statusText: string; headers: Record<string, string> } {
+    const headers: Record<string, string> = {};
+    response.headers.forEach((value, name) => {
+      if (HOP_HEADERS.has(name) || name === CONTENT_ENCODING) return;
+      headers[name] = name === "set-cookie" ? response.headers.getSetCookie().join("\n") : value;
+    });
+    const encoding = response.headers.get(CONTENT_ENCODING);
+    if (encoding) headers["content-encoding"] = encoding;
+    return { status: response.status, statusText: response.statusText, headers };
+  }
+
+  const special = {
+    key,
+    async vmFetch(port: number, path: string, init?: ClientFetchInit) {
+      const response = await fetchFromVm(port, path, init);
+      return { ...head(response), body: new Uint8Array(await response.arrayBuffer()) };
+    },
+    async vmFetchStream(port: number, path: string, init?: ClientFetchInit) {
+      const response = await fetchFromVm(port, path, init);
+      return { ...head(response), body: response.body ?? new ReadableStream<Uint8Array>({ start: (controller) => controller.close() }) };
+    },
+    connect(): VmConnection {
+      return openConnection(transport, `${prefix}/events`);
+    },
+  };
+
+  return new Proxy(special as unknown as VmHandle, {
+    get(target, property) {
+      if (typeof property !== "string" || property === "then") return undefined;
+      if (Object.hasOwn(special, property)) return (target as unknown as Record<string, unknown>)[property];
+      if (!isVmAction(property)) {
+        return () => Promise.reject(new AgentVmError("UNKNOWN_ACTION", `unknown action ${JSON.stringify(property)}`));
+      }
+      return (...args: unknown[]) => call(property, args);
+    },
+  });
+}
+
+function openConnection(transport: Transport, url: string): VmConnection {
+  const controller = new AbortController();
+  const listeners: { [E in keyof VmConnectionEvents]: Set<(payload: VmConnectionEvents[E]) => void> } = {
+    processOutput: new Set(),
+    processExit: new Set(),
+  };
+  let resolveReady!: () => void;
+  let rejectReady!: (error: unknown) => void;
+  const ready = new Promise<void>((resolve, reject) => {
+    resolveReady = resolve;
+    rejectReady = reject;
+  });
+  ready.catch(() => {});
+
+  const dispatch = (event: string, data: string) => {
+    if (event !== "processOutput" && event !== "processExit") return;
+    const payload = JSON.parse(data) as Record<string, unknown>;
+    if (event === "processOutput") {
+      const bytes = (payload.data as { $base64?: string }).$base64;
+      payload.data = fromBase64(bytes ?? "");
+    }
+    for (const listener of listeners[event]) (listener as (value: unknown) => void)(payload);
+  };
+
+  const done = (async () => {
+    const response = await transport.request(url, { method: "GET", headers: { accept: "text/event-stream" }, signal: controller.signal });
+    const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done: finished } = await reader.read();
+      if (finished) return;
+      buffer += value;
+      let end: number;
+      while ((end = buffer.indexOf("\n\n")) !== -1) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        if (block.startsWith(": connected")) resolveReady();
+        let event = "message";
+        let data = "";
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event: ")) event = line.slice(7);
+          else if (line.startsWith("data: ")) data += line.slice(6);
+        }
+        if (data) dispatch(event, data);
+      }
+    }
+  })().catch((error) => {
+    rejectReady(error);
+  });
+
+  return {
+    ready,
+    on(event, listener) {
+      listeners[event].add(listener);
+      return () => listeners[event].delete(listener);
+    },
+    off(event, listener) {
+      listeners[event].delete(listener);
+    },
+    async dispose() {
+      controller.abort();
+      await done;
+    },
+  };
+}

@@ -1,0 +1,57 @@
+/**
+ * Client types, derived from the server's own types through type-only imports:
+ * a handle's methods are the `Vm` methods named in VM_ACTIONS, returning
+ * promises. Nothing here exists at run time.
+ */
+import type { VmActionName } from "../actions.ts";
+import type { Registry } from "../server/registry.ts";
+import type { VmDefinition } from "../server/definition.ts";
+import type { ProcessExitEvent, ProcessOutputEvent, Vm } from "../vm.ts";
+import type { VmFetchInit, VmFetchResponse, VmFetchStreamResponse } from "../net/vm-fetch.ts";
+
+type Remote<F> = F extends (...args: infer A) => infer R ? (...args: A) => Promise<Awaited<R>> : never;
+
+export type VmActions = { [K in VmActionName]: Remote<Vm[K]> };
+
+/** vmFetch options on the client: what fetch accepts, minus what only the host has. */
+export type ClientFetchInit = Omit<VmFetchInit, "body"> & {
+  body?: string | Uint8Array | ArrayBuffer | ReadableStream<Uint8Array> | null;
+};
+
+export interface VmConnectionEvents {
+  processOutput: ProcessOutputEvent;
+  processExit: ProcessExitEvent;
+}
+
+export interface VmConnection {
+  /** Resolves once the server has opened the event stream (events after this are not missed). */
+  readonly ready: Promise<void>;
+  on<E extends keyof VmConnectionEvents>(event: E, listener: (payload: VmConnectionEvents[E]) => void): () => void;
+  off<E extends keyof VmConnectionEvents>(event: E, listener: (payload: VmConnectionEvents[E]) => void): void;
+  /** Closes the connection. */
+  dispose(): Promise<void>;
+}
+
+export type VmHandle = VmActions & {
+  readonly key: string;
+  vmFetch(port: number, path: string, init?: ClientFetchInit): Promise<VmFetchResponse>;
+  vmFetchStream(port: number, path: string, init?: ClientFetchInit): Promise<VmFetchStreamResponse>;
+  /** Opens a connection that delivers processOutput and processExit events. */
+  connect(): VmConnection;
+};
+
+export interface VmAccessor {
+  /** The VM for `key`, created on first use. `["key"]` and `"key"` name the same VM. */
+  getOrCreate(key: string | readonly string[]): VmHandle;
+}
+
+export type AgentVmClient<R> = R extends Registry<infer Use> ? { readonly [K in keyof Use]: Use[K] extends VmDefinition ? VmAccessor : never } : never;
+
+export interface ClientOptions {
+  /** Server URL, e.g. http://localhost:6420 */
+  endpoint: string;
+  /** Extra headers on every request (e.g. an auth token for a proxy in front of the server). */
+  headers?: Record<string, string>;
+  /** A fetch implementation (default: the global fetch). */
+  fetch?: typeof fetch;
+}

@@ -1,0 +1,133 @@
+/**
+ * `agentOS(config)` — the VM definition a registry serves. Both seed shapes are
+ * accepted (`agentOS({ software, permissions, listen, preview })` and
+ * `agentOs({ options: { software }, preview })`); everything is validated here,
+ * when the VM is defined, so a typo fails at start-up naming the field instead
+ * of surfacing later inside a guest.
+ */
+import { invalidArgument } from "../errors.ts";
+import { parseListenPolicy, type ListenConfig, type ListenPolicy } from "../kernel/listen-policy.ts";
+import { describe, expectKnownKeys, expectObject } from "../validate.ts";
+import type { PermissionsConfig, VmLimits } from "../vm.ts";
+
+export interface SoftwarePackage {
+  name?: string;
+  [key: string]: unknown;
+}
+
+export interface PreviewConfig {
+  /** Lifetime when createSignedPreviewUrl gets no TTL (or 0). Default 3600. */
+  defaultExpiresInSeconds?: number;
+  /** Longest lifetime a caller may ask for; unset means no cap. */
+  maxExpiresInSeconds?: number;
+  /** Preview tokens alive at once per VM. Default 1024. */
+  maxActiveTokens?: number;
+}
+
+interface VmOptions {
+  software?: SoftwarePackage[];
+  permissions?: PermissionsConfig;
+  listen?: ListenConfig;
+  limits?: VmLimits;
+}
+
+export interface AgentOsConfig extends VmOptions {
+  preview?: PreviewConfig;
+  /** RivetKit's shape: VM options nested under `options`. */
+  options?: VmOptions;
+  /** A VM with no processes, connections or requests sleeps after this long (ms). Default 300000. */
+  sleepAfterMs?: number;
+}
+
+export interface ResolvedPreviewConfig {
+  defaultExpiresInSeconds: number;
+  maxExpiresInSeconds: number | undefined;
+  maxActiveTokens: number;
+}
+
+export interface VmDefinition {
+  readonly kind: "agentvm.vm";
+  readonly software: readonly SoftwarePackage[];
+  readonly permissions: PermissionsConfig | undefined;
+  readonly listen: ListenPolicy;
+  readonly listenConfig: ListenConfig | undefined;
+  readonly limits: VmLimits | undefined;
+  readonly preview: ResolvedPreviewConfig;
+  readonly sleepAfterMs: number;
+}
+
+const TOP_LEVEL = ["software", "permissions", "listen", "preview", "options", "limits", "sleepAfterMs"];
+const VM_OPTION_KEYS = ["software", "permissions", "listen", "limits"];
+
+export function agentOS(config: AgentOsConfig = {}): VmDefinition {
+  const top = expectObject("agentOS config", config);
+  expectKnownKeys("config", top, TOP_LEVEL);
+  const nested = top.options === undefined ? {} : expectObject("config.options", top.options);
+  expectKnownKeys("config.options", nested, VM_OPTION_KEYS);
+  const pick = (key: string): unknown => {
+    if (top[key] !== undefined && nested[key] !== undefined) {
+      throw invalidArgument(`config.${key} and config.options.${key} are both set; use one of them`);
+    }
+    return top[key] ?? nested[key];
+  };
+  const where = (key: string) => (top[key] !== undefined ? `config.${key}` : `config.options.${key}`);
+
+  const softwareRaw = pick("software") ?? [];
+  if (!Array.isArray(softwareRaw)) throw invalidArgument(`${where("software")} must be an array of software packages, got ${describe(softwareRaw)}`);
+  softwareRaw.forEach((item, index) => {
+    if (item === null || (typeof item !== "object" && typeof item !== "function")) {
+      throw invalidArgument(`${where("software")}[${index}] must be a software package object, got ${describe(item)}`);
+    }
+  });
+  const permissions = pick("permissions");
+  if (permissions !== undefined) expectKnownKeys(where("permissions"), expectObject(where("permissions"), permissions), ["network"]);
+  const listenConfig = pick("listen") as ListenConfig | undefined;
+  const listen = parseListenPolicy(listenConfig, where("listen"));
+  const limits = pick("limits");
+  if (limits !== undefined) expectObject(where("limits"), limits);
+
+  const sleepAfterMs = top.sleepAfterMs ?? 300_000;
+  if (typeof sleepAfterMs !== "number" || !Number.isFinite(sleepAfterMs) || sleepAfterMs < 0) {
+    throw invalidArgument(`config.sleepAfterMs must be a number of milliseconds ≥ 0, got ${describe(sleepAfterMs)}`);
+  }
+
+  return Object.freeze({
+    kind: "agentvm.vm" as const,
+    software: Object.freeze([...(softwareRaw as SoftwarePackage[])]),
+    permissions: permissions as PermissionsConfig | undefined,
+    listen,
+    listenConfig,
+    limits: limits as VmLimits | undefined,
+    preview: parsePreviewConfig(top.preview),
+    sleepAfterMs,
+  });
+}
+
+/** The same function under the name RivetKit's page uses. */
+export const agentOs = agentOS;
+
+function parsePreviewConfig(value: unknown): ResolvedPreviewConfig {
+  const config = value === undefined ? {} : expectObject("config.preview", value);
+  expectKnownKeys("config.preview", config, ["defaultExpiresInSeconds", "maxExpiresInSeconds", "maxActiveTokens"]);
+  const positiveInteger = (key: string, fallback: number | undefined): number | undefined => {
+    const raw = config[key];
+    if (raw === undefined) return fallback;
+    if (typeof raw !== "number" || !Number.isInteger(raw) || raw <= 0) {
+      throw invalidArgument(`preview.${key} must be a positive integer, got ${describe(raw)}`);
+    }
+    return raw;
+  };
+  const defaultExpiresInSeconds = positiveInteger("defaultExpiresInSeconds", 3600)!;
+  const maxExpiresInSeconds = positiveInteger("maxExpiresInSeconds", undefined);
+  const maxActiveTokens = positiveInteger("maxActiveTokens", 1024)!;
+  if (maxExpiresInSeconds !== undefined && defaultExpiresInSeconds > maxExpiresInSeconds) {
+    throw invalidArgument(
+      `preview.defaultExpiresInSeconds (${defaultExpiresInSeconds}) must not exceed preview.maxExpiresInSeconds (${maxExpiresInSeconds})`,
+    );
+  }
+  return { defaultExpiresInSeconds, maxExpiresInSeconds, maxActiveTokens };
+}
+
+export function isVmDefinition(value: unknown): value is VmDefinition {
+  return typeof value === "object" && value !== null && (value as { kind?: unknown }).kind === "agentvm.vm";
+}

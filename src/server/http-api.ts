@@ -1,0 +1,219 @@
+/**
+ * The HTTP API the client speaks (docs/http-api.md):
+ *
+ *   POST /api/:definition/:key/actions/:action   call a VM action (args array in, result out)
+ *   ANY  /api/:definition/:key/fetch/:port/*     vmFetch, streamed both ways
+ *   GET  /api/:definition/:key/events            processOutput / processExit as Server-Sent Events
+ *   GET  /health
+ *
+ * Every failure is `{ "error": { "code", "message" } }` with a status derived
+ * from the code and the `x-agentvm-error: 1` header, so a client can tell our
+ * errors from a guest's own responses on the fetch route.
+ */
+import type { IncomingMessage, ServerResponse } from "node:http";
+import { Readable } from "node:stream";
+import { isVmAction } from "../actions.ts";
+import { AgentVmError, type ErrorCode } from "../errors.ts";
+import { CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
+import type { VmActor } from "./vm-actor.ts";
+
+export const MAX_KEY_LENGTH = 256;
+
+const STATUS: Partial<Record<ErrorCode, number>> = {
+  INVALID_ARGUMENT: 400,
+  MALFORMED_REQUEST: 400,
+  EINVAL: 400,
+  PATH_OUTSIDE_VM: 403,
+  EACCES: 403,
+  EPERM: 403,
+  EROFS: 403,
+  ENOENT: 404,
+  ESRCH: 404,
+  UNKNOWN_ACTION: 404,
+  EEXIST: 409,
+  ENOTEMPTY: 409,
+  EISDIR: 409,
+  ENOTDIR: 409,
+  VM_DISPOSED: 410,
+  PAYLOAD_TOO_LARGE: 413,
+  EAGAIN: 429,
+  LIMIT_EXCEEDED: 429,
+  EMFILE: 429,
+  ECONNREFUSED: 502,
+  ECONNRESET: 502,
+  FETCH_FAILED: 502,
+  SANDBOX_UNAVAILABLE: 503,
+  GUEST_RUNTIME_MISSING: 503,
+  SERVER_CLOSING: 503,
+  ETIMEDOUT: 504,
+};
+
+/** Headers that describe one hop, never forwarded by a proxy (RFC 9110 §7.6.1). */
+export const HOP_BY_HOP = new Set([
+  "connection",
+  "keep-alive",
+  "proxy-connection",
+  "proxy-authenticate",
+  "proxy-authorization",
+  "te",
+  "trailer",
+  "transfer-encoding",
+  "upgrade",
+]);
+
+export interface ApiContext {
+  /** Finds (or creates) the actor for a definition and key; undefined when the definition is unknown. */
+  actor(definition: string, key: string): VmActor | undefined;
+  maxBodyBytes: number;
+}
+
+export function sendError(response: ServerResponse, error: unknown, extraHeaders: Record<string, string> = {}): void {
+  const shaped = AgentVmError.from(error);
+  if (response.headersSent) {
+    response.destroy(shaped);
+    return;
+  }
+  const body = JSON.stringify({ error: { code: shaped.code, message: shaped.message } });
+  response.writeHead(STATUS[shaped.code] ?? 500, {
+    "content-type": "application/json",
+    "content-length": Buffer.byteLength(body),
+    "x-agentvm-error": "1",
+    ...extraHeaders,
+  });
+  response.end(body);
+}
+
+async function readBody(request: IncomingMessage, limit: number): Promise<Uint8Array> {
+  const declared = Number(request.headers["content-length"] ?? 0);
+  if (declared > limit) throw tooLarge(limit);
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of request) {
+    size += (chunk as Buffer).byteLength;
+    if (size > limit) throw tooLarge(limit);
+    chunks.push(chunk as Buffer);
+  }
+  return Buffer.concat(chunks);
+}
+
+function tooLarge(limit: number): AgentVmError {
+  return new AgentVmError("PAYLOAD_TOO_LARGE", `request body is larger than the server's limit of ${limit} bytes (maxBodyBytes); send big data in pieces or use vmFetchStream`);
+}
+
+function decodeKey(raw: string): string {
+  let key: string;
+  try {
+    key = decodeURIComponent(raw);
+  } catch {
+    throw new AgentVmError("INVALID_ARGUMENT", "VM key in the URL is not valid percent-encoding");
+  }
+  if (key.length === 0 || key.length > MAX_KEY_LENGTH) {
+    throw new AgentVmError("INVALID_ARGUMENT", `VM key must be 1 to ${MAX_KEY_LENGTH} characters, got ${key.length}`);
+  }
+  if (/[\u0000-\u001f\u007f]/.test(key)) throw new AgentVmError("INVALID_ARGUMENT", "VM key must not contain control characters");
+  return key;
+}
+
+/** Handles /api/… requests; returns false when the path is not an API path. */
+export async function handleApi(context: ApiContext, request: IncomingMessage, response: ServerResponse, url: URL): Promise<boolean> {
+  const match = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events)(\/.*)?$/.exec(url.pathname);
+  if (!match) return false;
+  try {
+    const definition = decodeURIComponent(match[1]!);
+    const key = decodeKey(match[2]!);
+    const actor = context.actor(definition, key);
+    if (!actor) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(definition)} in this registry`);
+    const [kind, name] = match[3]!.split("/") as [string, string | undefined];
+    if (kind === "actions" && match[4] === undefined) await callAction(context, actor, name!, request, response);
+    else if (kind === "fetch") await proxyFetch(actor, name!, `${match[4] ?? "/"}${url.search}`, request, response);
+    else if (kind === "events" && match[4] === undefined) await streamEvents(actor, request, response);
+    else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
+  } catch (error) {
+    sendError(response, error);
+  }
+  return true;
+}
+
+async function callAction(context: ApiContext, actor: VmActor, action: string, request: IncomingMessage, response: ServerResponse): Promise<void> {
+  if (request.method !== "POST") throw new AgentVmError("UNKNOWN_ACTION", `actions are called with POST, not ${request.method}`);
+  if (!isVmAction(action)) throw new AgentVmError("UNKNOWN_ACTION", `unknown action ${JSON.stringify(action)}; see docs/http-api.md for the list`);
+  const body = await readBody(request, context.maxBodyBytes);
+  let args: unknown;
+  try {
+    args = decodeValue(String(request.headers["content-type"] ?? "application/json"), body);
+  } catch (error) {
+    const detail = error instanceof WireFormatError || error instanceof SyntaxError ? error.message : String(error);
+    throw new AgentVmError("MALFORMED_REQUEST", `${action}: the request body is not a valid JSON args array or envelope (${detail})`);
+  }
+  if (args === null || args === undefined) args = [];
+  if (!Array.isArray(args)) throw new AgentVmError("MALFORMED_REQUEST", `${action}: the body must carry an array of arguments, e.g. {"value": ["/home/agentos/a.txt"]}`);
+  const result = await actor.use((vm) => (vm[action] as (...a: unknown[]) => unknown).apply(vm, args as unknown[]));
+  const wantsEnvelope = String(request.headers.accept ?? "").includes(ENVELOPE_TYPE);
+  const encoded = encodeValue(result, { base64: !wantsEnvelope });
+  response.writeHead(200, { "content-type": encoded.contentType, "content-length": typeof encoded.body === "string" ? Buffer.byteLength(encoded.body) : encoded.body.byteLength });
+  response.end(encoded.body);
+}
+
+async function proxyFetch(actor: VmActor, portText: string, path: string, request: IncomingMessage, response: ServerResponse): Promise<void> {
+  const port = Number(portText);
+  const forwardList = request.headers[FORWARD_HEADERS];
+  let forward: Set<string> | undefined;
+  if (typeof forwardList === "string") {
+    try {
+      forward = new Set((JSON.parse(forwardList) as string[]).map((name) => String(name).toLowerCase()));
+    } catch {
+      throw new AgentVmError("MALFORMED_REQUEST", `${FORWARD_HEADERS} must be a JSON array of header names`);
+    }
+    forward.add("content-length");
+  }
+  const headers: Record<string, string> = {};
+  for (const [name, value] of Object.entries(request.headers)) {
+    if (value === undefined || HOP_BY_HOP.has(name) || name === "host" || name === FORWARD_HEADERS) continue;
+    if (forward && !forward.has(name)) continue;
+    if (name === "content-length" && request.headers["transfer-encoding"]) continue;
+    headers[name] = Array.isArray(value) ? value.join(", ") : value;
+  }
+  const hasBody = request.method !== "GET" && request.method !== "HEAD" && (request.headers["content-length"] !== "0" || request.headers["transfer-encoding"] !== undefined);
+  const release = actor.hold();
+  response.once("close", release);
+  try {
+    const upstream = await actor.use((vm) =>
+      vm.vmFetchStream(port, path, { method: request.method ?? "GET", headers, body: hasBody ? (request as AsyncIterable<Uint8Array>) : null }),
+    );
+    const outHeaders: Record<string, string | string[]> = {};
+    for (const [name, value] of Object.entries(upstream.headers)) {
+      if (HOP_BY_HOP.has(name)) continue;
+      const outName = forward && name === "content-encoding" ? CONTENT_ENCODING : name;
+      outHeaders[outName] = name === "set-cookie" ? value.split("\n") : value;
+    }
+    response.writeHead(upstream.status, upstream.statusText, outHeaders);
+    const body = Readable.fromWeb(upstream.body as import("node:stream/web").ReadableStream<Uint8Array>);
+    body.once("error", (error) => response.destroy(error));
+    response.once("close", () => body.destroy());
+    body.pipe(response);
+  } catch (error) {
+    release();
+    throw error;
+  }
+}
+
+async function streamEvents(actor: VmActor, request: IncomingMessage, response: ServerResponse): Promise<void> {
+  if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `events are read with GET, not ${request.method}`);
+  await actor.wake();
+  const release = actor.hold();
+  response.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", "x-accel-buffering": "no" });
+  response.flushHeaders();
+  const send = (event: string, data: unknown) => response.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+  const unsubscribe = actor.subscribe({
+    processOutput: (event) => send("processOutput", { pid: event.pid, stream: event.stream, data: { $base64: toBase64(event.data) } }),
+    processExit: (event) => send("processExit", event),
+  });
+  response.write(": connected\n\n");
+  const heartbeat = setInterval(() => response.write(": keep-alive\n\n"), 15_000);
+  heartbeat.unref();
+  response.once("close", () => {
+    clearInterval(heartbeat);
+    unsubscribe();
+    release();
+  });
+}

@@ -1,0 +1,180 @@
+/**
+ * `setup({ use: { vm } })` and `registry.start()`: the agentvm server. One HTTP
+ * server (http://localhost:6420 by default) in front of VM actors, with state in
+ * SQLite under the data directory (default ./.agentvm).
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { resolve } from "node:path";
+import { AgentVmError, invalidArgument } from "../errors.ts";
+import { SqliteStore } from "../store/sqlite-store.ts";
+import { describe, expectKnownKeys, expectObject } from "../validate.ts";
+import { isVmDefinition, type VmDefinition } from "./definition.ts";
+import { handleApi, sendError } from "./http-api.ts";
+import { VmActor } from "./vm-actor.ts";
+
+export interface StartOptions {
+  /** Port to listen on (default: PORT, else 6420; 0 picks a free one). */
+  port?: number;
+  /** Host to listen on (default: HOST, else "localhost" — both 127.0.0.1 and ::1). */
+  host?: string;
+  /** Where SQLite and VM directories live (default: AGENTVM_DATA_DIR, else ./.agentvm). */
+  dataDir?: string;
+  /** Largest action request body in bytes (default 1 GiB). vmFetch bodies stream and are not capped. */
+  maxBodyBytes?: number;
+  /** Shut down cleanly on SIGINT/SIGTERM and exit (default true). */
+  handleSignals?: boolean;
+}
+
+export interface RunningServer {
+  /** e.g. http://localhost:6420 */
+  readonly url: string;
+  readonly port: number;
+  readonly dataDir: string;
+  /** Stops accepting requests, ends every guest and closes SQLite. */
+  close(): Promise<void>;
+}
+
+export class Registry<Use extends Record<string, VmDefinition>> {
+  readonly use: Use;
+  #running: Promise<RunningServer> | undefined;
+
+  constructor(use: Use) {
+    this.use = use;
+  }
+
+  /** Starts the server; resolves once it listens. Calling it again returns the same server. */
+  start(options: StartOptions = {}): Promise<RunningServer> {
+    this.#running ??= startServer(this.use, options);
+    return this.#running;
+  }
+}
+
+export function setup<Use extends Record<string, VmDefinition>>(input: { use: Use }): Registry<Use> {
+  const config = expectObject("setup input", input);
+  expectKnownKeys("setup input", config, ["use"]);
+  const use = expectObject("setup input.use", config.use);
+  if (Object.keys(use).length === 0) throw invalidArgument("setup({ use }) needs at least one VM definition, e.g. setup({ use: { vm: agentOS() } })");
+  for (const [name, definition] of Object.entries(use)) {
+    if (!isVmDefinition(definition)) throw invalidArgument(`use.${name} must be a VM definition from agentOS(), got ${describe(definition)}`);
+    if (!/^[A-Za-z_$][\w$]*$/.test(name)) throw invalidArgument(`use.${name}: definition names must be identifiers`);
+  }
+  return new Registry(use as Use);
+}
+
+async function startServer(use: Record<string, VmDefinition>, options: StartOptions): Promise<RunningServer> {
+  const config = expectObject("start options", options);
+  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "handleSignals"]);
+  const port = options.port ?? (process.env.PORT ? Number(process.env.PORT) : 6420);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw invalidArgument(`port must be an integer from 0 to 65535, got ${describe(port)}`);
+  const host = options.host ?? process.env.HOST ?? "localhost";
+  const dataDir = resolve(options.dataDir ?? process.env.AGENTVM_DATA_DIR ?? ".agentvm");
+  const maxBodyBytes = options.maxBodyBytes ?? 1024 ** 3;
+
+  for (const [name, definition] of Object.entries(use)) {
+    const names = definition.software.map((item) => String(item.name ?? "unnamed"));
+    if (names.length > 0) {
+      console.warn(`agentvm: ${name}: software [${names.join(", ")}] is accepted for compatibility; agentvm guests run Node.js and include no other software`);
+    }
+  }
+
+  const store = new SqliteStore(dataDir);
+  const actors = new Map<string, VmActor>();
+  let closing = false;
+  const context = {
+    maxBodyBytes,
+    actor(definitionName: string, key: string): VmActor | undefined {
+      const definition = Object.hasOwn(use, definitionName) ? use[definitionName] : undefined;
+      if (!definition) return undefined;
+      if (closing) throw new AgentVmError("SERVER_CLOSING", "the server is shutting down; retry against a running server");
+      const id = `${definitionName}\u0000${key}`;
+      let actor = actors.get(id);
+      if (!actor) {
+        actor = new VmActor({ definitionName, key, definition, dataDir, store });
+        actors.set(id, actor);
+      }
+      return actor;
+    },
+  };
+
+  const handler = (request: IncomingMessage, response: ServerResponse) => {
+    const url = new URL(request.url ?? "/", "http://localhost");
+    handleApi(context, request, response, url)
+      .then((handled) => {
+        if (handled) return;
+        if (url.pathname === "/health") {
+          response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ ok: true }));
+          return;
+        }
+        sendError(response, new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}; see docs/http-api.md`));
+      })
+      .catch((error) => sendError(response, error));
+  };
+
+  const servers = await listenAll(host, port, handler);
+  const boundPort = (servers[0]!.address() as { port: number }).port;
+  const url = `http://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
+
+  let closed: Promise<void> | undefined;
+  const close = () =>
+    (closed ??= (async () => {
+      closing = true;
+      await Promise.all(
+        servers.map(
+          (server) =>
+            new Promise<void>((done) => {
+              server.close(() => done());
+              server.closeAllConnections();
+            }),
+        ),
+      );
+      await Promise.all([...actors.values()].map((actor) => actor.close()));
+      store.close();
+    })());
+
+  if (options.handleSignals !== false) {
+    const onSignal = (signal: NodeJS.Signals) => {
+      console.log(`agentvm: ${signal} received, shutting down`);
+      close().then(
+        () => process.exit(0),
+        (error) => {
+          console.error("agentvm: shutdown failed", error);
+          process.exit(1);
+        },
+      );
+    };
+    process.once("SIGINT", onSignal);
+    process.once("SIGTERM", onSignal);
+  }
+  return { url, port: boundPort, dataDir, close };
+}
+
+/** "localhost" means both loopback families, as browsers and fetch may try either. */
+async function listenAll(host: string, port: number, handler: (request: IncomingMessage, response: ServerResponse) => void): Promise<Server[]> {
+  const hosts = host === "localhost" ? ["127.0.0.1", "::1"] : [host];
+  const servers: Server[] = [];
+  let chosenPort = port;
+  for (const [index, address] of hosts.entries()) {
+    const server = createServer({ keepAliveTimeout: 65_000 }, handler);
+    try {
+      await new Promise<void>((done, fail) => {
+        server.once("error", fail);
+        server.listen(chosenPort, address, () => {
+          server.off("error", fail);
+          done();
+        });
+      });
+    } catch (error) {
+      // A host without IPv6 still serves on 127.0.0.1.
+      if (index > 0 && ["EADDRNOTAVAIL", "EAFNOSUPPORT"].includes((error as NodeJS.ErrnoException).code ?? "")) continue;
+      for (const started of servers) started.close();
+      const code = (error as NodeJS.ErrnoException).code;
+      throw new AgentVmError(
+        code === "EADDRINUSE" ? "EADDRINUSE" : "INTERNAL",
+        code === "EADDRINUSE" ? `port ${chosenPort} on ${address} is already in use; stop the other server or pass start({ port }) / PORT` : `cannot listen on ${address}:${chosenPort}: ${(error as Error).message}`,
+      );
+    }
+    chosenPort = (server.address() as { port: number }).port;
+    servers.push(server);
+  }
+  return servers;
+}

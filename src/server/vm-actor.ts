@@ -1,0 +1,150 @@
+/**
+ * A VM actor: one key's VM on the server, awake while it is used and asleep
+ * otherwise. Awake means a live `Vm` (kernel, pool, processes); asleep means
+ * only its directory and its SQLite rows exist.
+ *
+ * It stays awake while any of these hold: a request or stream is in flight, a
+ * client connection (event stream) is open — each takes a `hold()` — or a
+ * guest process runs. Once none has
+ * held for `sleepAfterMs`, it sleeps. Any action wakes it; concurrent wakes
+ * share one.
+ */
+import { AgentVmError } from "../errors.ts";
+import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEvent, type Vm } from "../vm.ts";
+import type { SqliteStore } from "../store/sqlite-store.ts";
+import type { VmDefinition } from "./definition.ts";
+
+export interface VmEventListener {
+  processOutput(event: ProcessOutputEvent): void;
+  processExit(event: ProcessExitEvent): void;
+}
+
+/** SQLite's last_active_at is advisory: write it at most this often per VM. */
+const TOUCH_EVERY_MS = 1000;
+
+export class VmActor {
+  readonly definitionName: string;
+  readonly key: string;
+  readonly #definition: VmDefinition;
+  readonly #dataDir: string;
+  readonly #store: SqliteStore;
+  readonly #listeners = new Set<VmEventListener>();
+  #vm: Vm | undefined;
+  #waking: Promise<Vm> | undefined;
+  #holds = 0;
+  #sleepTimer: NodeJS.Timeout | undefined;
+  #lastTouch = 0;
+  #closed = false;
+
+  constructor(init: { definitionName: string; key: string; definition: VmDefinition; dataDir: string; store: SqliteStore }) {
+    this.definitionName = init.definitionName;
+    this.key = init.key;
+    this.#definition = init.definition;
+    this.#dataDir = init.dataDir;
+    this.#store = init.store;
+  }
+
+  get awake(): boolean {
+    return this.#vm !== undefined;
+  }
+
+  /** Runs `work` against the awake VM, keeping it awake until the work settles. */
+  async use<T>(work: (vm: Vm) => Promise<T> | T): Promise<T> {
+    const release = this.hold();
+    try {
+      return await work(await this.wake());
+    } finally {
+      release();
+    }
+  }
+
+  /** Keeps the VM awake until the returned function is called (streams, connections). */
+  hold(): () => void {
+    this.#holds++;
+    this.#cancelSleep();
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.#holds--;
+      this.#scheduleSleep();
+    };
+  }
+
+  subscribe(listener: VmEventListener): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  wake(): Promise<Vm> {
+    if (this.#closed) return Promise.reject(new AgentVmError("SERVER_CLOSING", `VM ${this.key}: the server is shutting down`));
+    this.#touch();
+    if (this.#vm) return Promise.resolve(this.#vm);
+    this.#waking ??= this.#create().finally(() => (this.#waking = undefined));
+    return this.#waking;
+  }
+
+  /** Stops the VM's processes and frees it; files and SQLite rows stay. */
+  async sleep(): Promise<void> {
+    this.#cancelSleep();
+    const vm = this.#vm;
+    this.#vm = undefined;
+    await vm?.dispose();
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    await this.#waking?.catch(() => undefined);
+    await this.sleep();
+  }
+
+  async #create(): Promise<Vm> {
+    const record = this.#store.getVm(this.definitionName, this.key);
+    if (!record) this.#store.ensureVm(this.definitionName, this.key, vmDirectoryName(this.key));
+    else this.#store.recordWake(this.definitionName, this.key);
+    const vm = await createVm({
+      dataDir: this.#dataDir,
+      name: this.key,
+      ...(this.#definition.permissions ? { permissions: this.#definition.permissions } : {}),
+      ...(this.#definition.listenConfig ? { listen: this.#definition.listenConfig } : {}),
+      ...(this.#definition.limits ? { limits: this.#definition.limits } : {}),
+    });
+    vm.on("processOutput", (event) => {
+      for (const listener of this.#listeners) listener.processOutput(event);
+    });
+    vm.on("processExit", (event) => {
+      for (const listener of this.#listeners) listener.processExit(event);
+      this.#scheduleSleep();
+    });
+    this.#vm = vm;
+    this.#scheduleSleep();
+    return vm;
+  }
+
+  #touch(): void {
+    const now = Date.now();
+    if (now - this.#lastTouch < TOUCH_EVERY_MS) return;
+    this.#lastTouch = now;
+    if (this.#vm) this.#store.touchVm(this.definitionName, this.key);
+  }
+
+  #scheduleSleep(): void {
+    this.#cancelSleep();
+    const vm = this.#vm;
+    if (!vm || this.#holds > 0 || this.#closed) return;
+    if (vm.listProcesses().some((process) => process.running)) return;
+    this.#sleepTimer = setTimeout(() => {
+      this.#sleepTimer = undefined;
+      // Re-check: a process may have started since the timer was set.
+      if (this.#holds === 0 && !this.#vm?.listProcesses().some((process) => process.running)) {
+        void this.sleep();
+      }
+    }, this.#definition.sleepAfterMs);
+    this.#sleepTimer.unref();
+  }
+
+  #cancelSleep(): void {
+    if (this.#sleepTimer) clearTimeout(this.#sleepTimer);
+    this.#sleepTimer = undefined;
+  }
+}

@@ -1,0 +1,136 @@
+/**
+ * How action arguments and results cross HTTP between client and server —
+ * binary-safe without base64 blow-up. Shared by both sides and free of Node-only
+ * APIs so the client also runs in browsers.
+ *
+ * JSON carries everything; a byte array inside a value is written as
+ * `{ "$bytes": n }` and its bytes travel after the JSON in an envelope:
+ *
+ *   Content-Type: application/vnd.agentvm.envelope
+ *   u32 big-endian JSON length | JSON { value, parts: [len…] } | part 0 | part 1 | …
+ *
+ * Plain `application/json` is accepted too (for curl and other languages), with
+ * bytes written as `{ "$base64": "…" }`; the server answers in the format the
+ * request's Accept header asks for.
+ */
+
+export const ENVELOPE_TYPE = "application/vnd.agentvm.envelope";
+
+/**
+ * On the vmFetch route: the request header naming (as a JSON array) the headers
+ * the caller set itself, so that headers a fetch implementation adds on its own
+ * (user-agent, accept-encoding, sec-fetch-*) do not reach the guest.
+ */
+export const FORWARD_HEADERS = "x-agentvm-forward-headers";
+/**
+ * …and when that header is present, the guest's Content-Encoding travels under
+ * this name, so fetch hands the client the guest's bytes as they were sent.
+ */
+export const CONTENT_ENCODING = "x-agentvm-content-encoding";
+
+type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+function isBytes(value: unknown): value is Uint8Array {
+  return value instanceof Uint8Array;
+}
+
+function hasBytes(value: unknown): boolean {
+  if (isBytes(value) || value instanceof ArrayBuffer) return true;
+  if (Array.isArray(value)) return value.some(hasBytes);
+  if (value && typeof value === "object") return Object.values(value).some(hasBytes);
+  return false;
+}
+
+function replaceBytes(value: unknown, onBytes: (bytes: Uint8Array) => Json): Json {
+  if (isBytes(value)) return onBytes(value);
+  if (value instanceof ArrayBuffer) return onBytes(new Uint8Array(value));
+  if (Array.isArray(value)) return value.map((item) => replaceBytes(item, onBytes));
+  if (value && typeof value === "object") {
+    const out: Record<string, Json> = {};
+    for (const [key, item] of Object.entries(value)) if (item !== undefined) out[key] = replaceBytes(item, onBytes);
+    return out;
+  }
+  return value === undefined ? null : (value as Json);
+}
+
+function restoreBytes(value: unknown, fromRef: (ref: { $bytes?: unknown; $base64?: unknown }) => Uint8Array | undefined): unknown {
+  if (Array.isArray(value)) return value.map((item) => restoreBytes(item, fromRef));
+  if (value && typeof value === "object") {
+    const keys = Object.keys(value);
+    if (keys.length === 1 && (keys[0] === "$bytes" || keys[0] === "$base64")) {
+      const bytes = fromRef(value as { $bytes?: unknown; $base64?: unknown });
+      if (bytes) return bytes;
+    }
+    const out: Record<string, unknown> = {};
+    for (const [key, item] of Object.entries(value)) out[key] = restoreBytes(item, fromRef);
+    return out;
+  }
+  return value;
+}
+
+export function toBase64(bytes: Uint8Array): string {
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(binary);
+}
+
+export function fromBase64(text: string): Uint8Array {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+export interface Encoded {
+  contentType: string;
+  body: Uint8Array | string;
+}
+
+/** Encodes a value: JSON when it holds no bytes (or base64 is asked for), else an envelope. */
+export function encodeValue(value: unknown, options: { base64?: boolean } = {}): Encoded {
+  if (!hasBytes(value)) return { contentType: "application/json", body: JSON.stringify({ value: replaceBytes(value, () => null) }) };
+  if (options.base64) {
+    return { contentType: "application/json", body: JSON.stringify({ value: replaceBytes(value, (bytes) => ({ $base64: toBase64(bytes) })) }) };
+  }
+  const parts: Uint8Array[] = [];
+  const json = replaceBytes(value, (bytes) => {
+    parts.push(bytes);
+    return { $bytes: parts.length - 1 };
+  });
+  const header = new TextEncoder().encode(JSON.stringify({ value: json, parts: parts.map((part) => part.byteLength) }));
+  const total = 4 + header.byteLength + parts.reduce((sum, part) => sum + part.byteLength, 0);
+  const body = new Uint8Array(total);
+  new DataView(body.buffer).setUint32(0, header.byteLength);
+  body.set(header, 4);
+  let offset = 4 + header.byteLength;
+  for (const part of parts) {
+    body.set(part, offset);
+    offset += part.byteLength;
+  }
+  return { contentType: ENVELOPE_TYPE, body };
+}
+
+export class WireFormatError extends Error {}
+
+/** Decodes a body written by encodeValue (or by hand as JSON `{ "value": … }` / a bare JSON array of args). */
+export function decodeValue(contentType: string, body: Uint8Array): unknown {
+  if (contentType.startsWith(ENVELOPE_TYPE)) {
+    if (body.byteLength < 4) throw new WireFormatError("envelope shorter than its 4-byte header");
+    const length = new DataView(body.buffer, body.byteOffset, body.byteLength).getUint32(0);
+    if (4 + length > body.byteLength) throw new WireFormatError("envelope JSON length runs past the body");
+    const header = JSON.parse(new TextDecoder().decode(body.subarray(4, 4 + length))) as { value?: unknown; parts?: unknown };
+    const sizes = Array.isArray(header.parts) ? header.parts.map(Number) : [];
+    const parts: Uint8Array[] = [];
+    let offset = 4 + length;
+    for (const size of sizes) {
+      if (!Number.isInteger(size) || size < 0 || offset + size > body.byteLength) throw new WireFormatError("envelope part runs past the body");
+      parts.push(body.subarray(offset, offset + size));
+      offset += size;
+    }
+    return restoreBytes(header.value, (ref) => (typeof ref.$bytes === "number" ? parts[ref.$bytes] : undefined));
+  }
+  const text = new TextDecoder().decode(body);
+  const parsed = text.trim() === "" ? { value: null } : (JSON.parse(text) as unknown);
+  const value = Array.isArray(parsed) ? parsed : (parsed as { value?: unknown })?.value;
+  return restoreBytes(value, (ref) => (typeof ref.$base64 === "string" ? fromBase64(ref.$base64) : undefined));
+}
