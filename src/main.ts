@@ -1,33 +1,47 @@
 /**
- * `npm start`: a demo VM on the embedded defaults (a local data directory),
- * running a real Node HTTP server inside the sandbox and calling it with vmFetch.
+ * `npm start`: the agentvm server on its embedded defaults (SQLite and VM files
+ * under ./.agentvm), with a demo VM that runs a real Node HTTP server inside
+ * its sandbox. Prints what to try next.
  */
-import { createVm } from "./index.ts";
+import { createClient } from "./client/index.ts";
+import { agentOS, setup } from "./index.ts";
 
-const dataDir = process.env.AGENTVM_DATA_DIR ?? ".agentvm";
-const vm = await createVm({ dataDir, name: "demo" });
-vm.on("processOutput", ({ pid, stream, data }) => process.stdout.write(`[vm pid ${pid} ${stream}] ${Buffer.from(data).toString()}`));
+const registry = setup({ use: { vm: agentOS() } });
+const server = await registry.start();
+const client = createClient<typeof registry>(server.url);
+const demo = client.vm.getOrCreate("demo");
 
-await vm.writeFile(
+await demo.writeFile(
   "/home/agentos/server.js",
-  `require("http").createServer((req, res) => res.end("Hello from inside the VM: " + req.method + " " + req.url + "\\n")).listen(3000, () => console.log("listening on 3000"));`,
+  `const http = require("http");
+http.createServer((req, res) => {
+  res.writeHead(200, { "content-type": "text/plain" });
+  res.end("Hello from inside the VM: " + req.method + " " + req.url + "\\n");
+}).listen(3000, () => console.log("demo server listening on 3000"));
+`,
 );
-const { pid } = await vm.spawn("node", ["/home/agentos/server.js"]);
-for (let attempt = 0; ; attempt++) {
+const running = (await demo.listProcesses()).some((process) => process.running && process.args.includes("/home/agentos/server.js"));
+if (!running) await demo.spawn("node", ["/home/agentos/server.js"]);
+let greeting = "";
+for (let attempt = 0; attempt < 500 && !greeting; attempt++) {
   try {
-    const response = await vm.vmFetch(3000, "/");
-    console.log(`vmFetch(3000, "/") → ${response.status}: ${new TextDecoder().decode(response.body).trim()}`);
-    break;
+    greeting = new TextDecoder().decode((await demo.vmFetch(3000, "/")).body).trim();
   } catch (error) {
-    if ((error as { code?: string }).code !== "ECONNREFUSED" || attempt > 500) throw error;
+    if ((error as { code?: string }).code !== "ECONNREFUSED") throw error;
     await new Promise((resolve) => setTimeout(resolve, 10));
   }
 }
-console.log(`The VM's files are in ${vm.root}. Press Ctrl-C to stop.`);
-const stop = async () => {
-  await vm.killProcess(pid).catch(() => {});
-  await vm.dispose();
-  process.exit(0);
-};
-process.once("SIGINT", stop);
-process.once("SIGTERM", stop);
+
+const api = `${server.url}/api/vm/demo`;
+console.log(`agentvm server listening on ${server.url} (data in ${server.dataDir})
+
+The demo VM answered vmFetch(3000, "/"): ${greeting}
+
+Try next:
+  curl ${api}/fetch/3000/hello                       # vmFetch into the demo VM
+  curl -X POST ${api}/actions/readdir -d '["/home/agentos"]'
+  curl -X POST ${api}/actions/exec -d '["node", ["-e", "console.log(process.version)"]]'
+  curl -N ${api}/events                              # process output as Server-Sent Events
+
+From TypeScript: createClient<typeof registry>("${server.url}").vm.getOrCreate("demo")
+The HTTP API is described in docs/http-api.md. Ctrl-C stops the server.`);

@@ -312,6 +312,9 @@ export class ProcessTable implements ProcessServices {
       } catch (error) {
         this.#processes.delete(pid);
         this.#byLink.delete(guest.link);
+        // dispose() may be waiting for this process to exit.
+        process.finish(guest.launched.child.exitCode ?? 128 + 9, guest.launched.child.signalCode);
+        if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed while the process was starting`);
         throw error;
       }
       guest.link.event({ type: "run", argv: request.args, env, cwd, pid, ppid });
