@@ -67,6 +67,11 @@ export interface ApiContext {
   maxBodyBytes: number;
 }
 
+/** The HTTP status an error code is answered with (docs/errors.md lists them). */
+export function httpStatus(code: ErrorCode): number {
+  return STATUS[code] ?? 500;
+}
+
 export function sendError(response: ServerResponse, error: unknown, extraHeaders: Record<string, string> = {}): void {
   const shaped = AgentVmError.from(error);
   if (response.headersSent) {
@@ -74,7 +79,7 @@ export function sendError(response: ServerResponse, error: unknown, extraHeaders
     return;
   }
   const body = JSON.stringify({ error: { code: shaped.code, message: shaped.message } });
-  response.writeHead(STATUS[shaped.code] ?? 500, {
+  response.writeHead(httpStatus(shaped.code), {
     "content-type": "application/json",
     "content-length": Buffer.byteLength(body),
     "x-agentvm-error": "1",
