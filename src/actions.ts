@@ -21,6 +21,10 @@ export const VM_ACTIONS = [
   "writeProcessStdin",
   "closeProcessStdin",
   "listeningPorts",
+  "createSignedPreviewUrl",
+  "expireSignedPreviewUrl",
+  "listPreviewUrls",
+  "expireAllPreviewUrls",
 ] as const;
 
 export type VmActionName = (typeof VM_ACTIONS)[number];

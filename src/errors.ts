@@ -51,6 +51,12 @@ export const AGENTVM_CODES = [
   "SPAWN_FAILED",
   /** An HTTP exchange with a guest failed after the connection was made. */
   "FETCH_FAILED",
+  /** A preview TTL is negative, NaN, infinite or not a number. */
+  "PREVIEW_TTL_INVALID",
+  /** A preview TTL is above preview.maxExpiresInSeconds. */
+  "PREVIEW_TTL_TOO_LONG",
+  /** The VM has preview.maxActiveTokens active preview URLs. */
+  "PREVIEW_TOKEN_LIMIT",
   /** The server has no such action or route. */
   "UNKNOWN_ACTION",
   /** A request body could not be read as the route expects. */

@@ -12,12 +12,17 @@ import { VmFilesystem, type VmStat } from "./kernel/filesystem.ts";
 import { parseListenPolicy, type ListenConfig, type ListenPolicy } from "./kernel/listen-policy.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./kernel/process-table.ts";
 import { SocketTable } from "./kernel/socket-table.ts";
+import { parsePreviewConfig, PreviewTokens, type PreviewConfig, type PreviewInfo, type PreviewUrl, type ResolvedPreviewConfig } from "./net/previews.ts";
+import { PreviewStore } from "./store/preview-store.ts";
+import { SqliteStore } from "./store/sqlite-store.ts";
 import { VmFetcher, type VmFetchInit, type VmFetchResponse, type VmFetchStreamResponse } from "./net/vm-fetch.ts";
 import { findBubblewrap, GUEST_UID, sandboxMountPoints } from "./sandbox/bubblewrap.ts";
 import { resolveGuestRuntime } from "./sandbox/guest-runtime.ts";
 import { launchGuest } from "./sandbox/launcher.ts";
 import { STREAM_WINDOW } from "./guest/protocol.ts";
-import { describe, expectKnownKeys, expectObject, expectString, toBytes } from "./validate.ts";
+import { describe, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
+import type { ClientRequest, OutgoingHttpHeaders } from "node:http";
+import type { Duplex } from "node:stream";
 
 export interface VmLimits {
   /** Processes running at once in the VM (default 32). */
@@ -46,6 +51,13 @@ export interface CreateVmOptions {
   limits?: VmLimits;
   /** Guest runtime override: path to a Node ≥ 26 binary (also AGENTVM_GUEST_NODE). */
   runtime?: { node?: string };
+  /** Preview URL lifetimes and caps. */
+  preview?: PreviewConfig;
+}
+
+/** Wiring a server passes to createVm (not for embedders). */
+export interface VmHostServices {
+  previews?: PreviewTokens;
 }
 
 export interface ProcessOutputEvent {
@@ -91,13 +103,31 @@ export class Vm extends EventEmitter<VmEvents> {
   readonly #sockets: SocketTable;
   readonly #processes: ProcessTable;
   readonly #fetcher: VmFetcher;
+  readonly #dataDir: string;
+  readonly #previewConfig: ResolvedPreviewConfig;
+  #previews: PreviewTokens | undefined;
+  /** Opened here only for an embedded VM's previews; a server passes its own. */
+  #ownStore: SqliteStore | undefined;
   #disposed = false;
 
   /** Use createVm(); the constructor expects validated options and a prepared root. */
-  constructor(init: { name: string; root: string; listen: ListenPolicy; limits: Required<VmLimits>; bwrap: string; nodeBinary: string }) {
+  constructor(init: {
+    name: string;
+    root: string;
+    dataDir: string;
+    listen: ListenPolicy;
+    limits: Required<VmLimits>;
+    preview: ResolvedPreviewConfig;
+    bwrap: string;
+    nodeBinary: string;
+    services: VmHostServices;
+  }) {
     super();
     this.name = init.name;
     this.root = init.root;
+    this.#dataDir = init.dataDir;
+    this.#previewConfig = init.preview;
+    this.#previews = init.services.previews;
     this.listenPolicy = init.listen;
     this.#fs = new VmFilesystem(init.root);
     this.#sockets = new SocketTable({
@@ -219,6 +249,16 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#alive();
     return this.#fetcher.fetchStream(port, path, init);
   }
+  /** A raw HTTP request into the VM (for proxies); see VmFetcher.request. */
+  httpRequest(port: number, options: { method: string; path: string; headers: OutgoingHttpHeaders }): ClientRequest {
+    this.#alive();
+    return this.#fetcher.request(expectPort("port", port), options);
+  }
+  /** A raw byte stream to a port in the VM, like a TCP connection from the host's side. */
+  connectToPort(port: number): Duplex {
+    this.#alive();
+    return this.#fetcher.connect(expectPort("port", port));
+  }
   /** Ports guests listen on right now. */
   listeningPorts(): number[] {
     this.#alive();
@@ -226,6 +266,26 @@ export class Vm extends EventEmitter<VmEvents> {
   }
   networkStats(): SocketTable["stats"] {
     return this.#sockets.stats;
+  }
+
+  // Previews.
+  async createSignedPreviewUrl(port: number, ttlSeconds?: number): Promise<PreviewUrl> {
+    this.#alive();
+    return this.#previewTokens().create(port, ttlSeconds);
+  }
+  /** Revokes a preview token at once; resolves to whether it was active. */
+  async expireSignedPreviewUrl(token: string): Promise<boolean> {
+    this.#alive();
+    return this.#previewTokens().expire(token);
+  }
+  async listPreviewUrls(): Promise<PreviewInfo[]> {
+    this.#alive();
+    return this.#previewTokens().list();
+  }
+  /** Revokes every preview token of this VM (or of one port); resolves to how many. */
+  async expireAllPreviewUrls(port?: number): Promise<number> {
+    this.#alive();
+    return this.#previewTokens().expireAll(port);
   }
 
   get disposed(): boolean {
@@ -238,7 +298,16 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#disposed = true;
     this.#fetcher.close();
     await this.#processes.dispose();
+    this.#ownStore?.close();
     this.removeAllListeners();
+  }
+
+  #previewTokens(): PreviewTokens {
+    if (!this.#previews) {
+      this.#ownStore = new SqliteStore(this.#dataDir);
+      this.#previews = new PreviewTokens(new PreviewStore(this.#ownStore), this.#previewConfig, { definition: "", key: this.name });
+    }
+    return this.#previews;
   }
 
   async #resolve(hostname: string): Promise<{ address: string; family: 4 | 6 }[]> {
@@ -257,15 +326,16 @@ export class Vm extends EventEmitter<VmEvents> {
   }
 }
 
-export async function createVm(options: CreateVmOptions): Promise<Vm> {
+export async function createVm(options: CreateVmOptions, services: VmHostServices = {}): Promise<Vm> {
   const config = expectObject("options", options);
-  expectKnownKeys("options", config, ["dataDir", "name", "permissions", "listen", "limits", "runtime"]);
+  expectKnownKeys("options", config, ["dataDir", "name", "permissions", "listen", "limits", "runtime", "preview"]);
   const dataDir = resolve(expectString("options.dataDir", config.dataDir, { nonEmpty: true }));
   const name = config.name === undefined ? "default" : expectString("options.name", config.name, { nonEmpty: true });
   if (name.length > MAX_NAME || /[\u0000-\u001f\u007f]/.test(name)) {
     throw invalidArgument(`options.name must be at most ${MAX_NAME} printable characters, got ${describe(name)}`);
   }
   const listen = parseListenPolicy(config.listen, "listen");
+  const preview = parsePreviewConfig(config.preview, "preview");
   const limits = parseLimits(config.limits);
   if (config.permissions !== undefined) expectKnownKeys("permissions", expectObject("permissions", config.permissions), ["network"]);
   const runtimeOption = config.runtime === undefined ? {} : expectObject("options.runtime", config.runtime);
@@ -275,7 +345,7 @@ export async function createVm(options: CreateVmOptions): Promise<Vm> {
   const [bwrap, runtime] = await Promise.all([findBubblewrap(), resolveGuestRuntime(nodeOverride)]);
   const root = join(dataDir, "vms", vmDirectoryName(name), "root");
   await prepareRoot(root);
-  return new Vm({ name, root, listen, limits, bwrap, nodeBinary: runtime.binary });
+  return new Vm({ name, root, dataDir, listen, limits, preview, bwrap, nodeBinary: runtime.binary, services });
 }
 
 /** The VM's directory under `<dataDir>/vms`: the name itself when it is a safe file name, else a hash of it. */

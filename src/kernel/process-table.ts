@@ -51,10 +51,12 @@ export interface ProcessTableOptions {
   onExit(pid: number, exitCode: number, signal: string | null): void;
 }
 
-/** Flags that would widen a guest's permissions or open a debugger: never passed to a guest node. */
-const FORBIDDEN_NODE_FLAGS = /^--(allow-|permission|experimental-permission|inspect|debug|security-revert|openssl|experimental-addon|snapshot-blob|build-snapshot|experimental-config-file|experimental-default-config-file|env-file)/;
+/** Flags that would widen a guest's permissions, open a debugger or run a shell (`--run`): never passed to a guest node. */
+const FORBIDDEN_NODE_FLAGS = /^--(allow-|permission|experimental-permission|inspect|debug|security-revert|openssl|experimental-addon|snapshot-blob|build-snapshot|experimental-config-file|experimental-default-config-file|env-file|run\b)/;
 /** The same, anywhere in NODE_OPTIONS (which allows quoting, so a token may start with a quote). */
 const FORBIDDEN_IN_NODE_OPTIONS = new RegExp(`(^|[\\s"'])${FORBIDDEN_NODE_FLAGS.source.slice(1)}[^\\s"']*`);
+/** Environment variables that make the loader or OpenSSL load a library of the guest's choosing. */
+const NATIVE_CODE_ENV = /^(LD_|OPENSSL_|GCONV_PATH$)/;
 /**
  * Node options that take their value as the next argument (`-e code`, `--require mod`),
  * from Node 26's option table. Node keeps parsing options after such a value, so
@@ -272,14 +274,21 @@ export class ProcessTable implements ProcessServices {
         optionsEnd++;
         break;
       }
-      optionsEnd += !arg.includes("=") && NODE_VALUE_FLAGS.has(arg) ? 2 : 1;
+      // Node reads `_` in an option name as `-` (`--allow_net` is `--allow-net`).
+      optionsEnd += !arg.includes("=") && NODE_VALUE_FLAGS.has(arg.replace(/_/g, "-")) ? 2 : 1;
     }
     const flags = list.slice(0, optionsEnd);
-    const forbidden = flags.find((flag) => FORBIDDEN_NODE_FLAGS.test(flag));
+    const forbidden = flags.find((flag) => FORBIDDEN_NODE_FLAGS.test(flag.replace(/_/g, "-")));
     const nodeOptions = env.NODE_OPTIONS ?? "";
-    const forbiddenOption = FORBIDDEN_IN_NODE_OPTIONS.exec(nodeOptions)?.[0].trim().replace(/^["']/, "");
+    const forbiddenOption = FORBIDDEN_IN_NODE_OPTIONS.exec(nodeOptions.replace(/_/g, "-"))?.[0].trim().replace(/^["']/, "");
     if (forbidden || forbiddenOption) {
       throw new AgentVmError("EPERM", `spawn node: the flag ${forbidden ?? forbiddenOption} is not allowed in a VM; guests run under a fixed permission model`);
+    }
+    // The dynamic loader (LD_PRELOAD, LD_LIBRARY_PATH…) and OpenSSL (OPENSSL_CONF providers) load
+    // native code named by these before Node's permission model exists.
+    const loaderVariable = Object.keys(env).find((key) => NATIVE_CODE_ENV.test(key));
+    if (loaderVariable) {
+      throw new AgentVmError("EPERM", `spawn node: the environment variable ${loaderVariable} is not allowed in a VM; it would load native code into the guest`);
     }
     const direct = flags.length > 0 || list.length === 0 || nodeOptions !== "";
     return { command: name, args: list, cwd, env, mode: direct ? { kind: "direct", nodeArgs: list } : { kind: "pooled" } };

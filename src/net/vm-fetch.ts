@@ -3,7 +3,7 @@
  * only. Node's http client does the HTTP (keep-alive, chunked bodies); a
  * per-VM keep-alive Agent hands it HostSockets instead of TCP connections.
  */
-import { Agent, request as httpRequest, type IncomingMessage, type OutgoingHttpHeaders } from "node:http";
+import { Agent, request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders } from "node:http";
 import { Readable } from "node:stream";
 import { AgentVmError } from "../errors.ts";
 import type { SocketTable } from "../kernel/socket-table.ts";
@@ -74,6 +74,24 @@ export class VmFetcher {
   async fetchStream(port: unknown, path: unknown, init?: unknown): Promise<VmFetchStreamResponse> {
     const response = await this.#exchange(port, path, init);
     return { ...this.#head(response), body: Readable.toWeb(response) as ReadableStream<Uint8Array> };
+  }
+
+  /**
+   * A raw request into the VM for proxies that stream both ways (the preview
+   * gateway): the caller writes the body and reads the response itself.
+   * Errors (ECONNREFUSED included) arrive as the request's 'error' event.
+   */
+  request(port: number, options: { method: string; path: string; headers: OutgoingHttpHeaders }): ClientRequest {
+    return httpRequest({ agent: this.#agent, host: "localhost", port, path: options.path, method: options.method, headers: options.headers });
+  }
+
+  /** A raw byte stream to a port in the VM (WebSocket relays); throws ECONNREFUSED when nothing listens. */
+  connect(port: number): HostSocket {
+    try {
+      return new HostSocket(this.#sockets, port);
+    } catch (error) {
+      throw this.#refused(port, error);
+    }
   }
 
   close(): void {

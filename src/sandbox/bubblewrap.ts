@@ -11,6 +11,7 @@ import { AgentVmError } from "../errors.ts";
 
 /** Where things appear inside the sandbox. */
 export const GUEST_NODE = "/opt/node/bin/node";
+const GUEST_NODE_DIR = "/opt/node";
 export const GUEST_PRELOAD_DIR = "/opt/agentvm";
 export const GUEST_HOME = "/home/agentos";
 export const GUEST_UID = 1000;
@@ -89,9 +90,15 @@ export function bubblewrapArgs(layout: SandboxLayout): string[] {
     layout.root,
     "/",
     ...cachedSystemMounts,
+    // The runtime directory is a fresh read-only tmpfs holding only the binary: the
+    // VM root's own /opt/node would be writable (and is guest-controlled, so never a bind source).
+    "--tmpfs",
+    GUEST_NODE_DIR,
     "--ro-bind",
     layout.nodeBinary,
     GUEST_NODE,
+    "--remount-ro",
+    GUEST_NODE_DIR,
     "--ro-bind",
     layout.preloadDir,
     GUEST_PRELOAD_DIR,

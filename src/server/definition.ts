@@ -8,20 +8,14 @@
 import { invalidArgument } from "../errors.ts";
 import { parseListenPolicy, type ListenConfig, type ListenPolicy } from "../kernel/listen-policy.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
+import { parsePreviewConfig, type PreviewConfig, type ResolvedPreviewConfig } from "../net/previews.ts";
 import type { PermissionsConfig, VmLimits } from "../vm.ts";
+
+export type { PreviewConfig };
 
 export interface SoftwarePackage {
   name?: string;
   [key: string]: unknown;
-}
-
-export interface PreviewConfig {
-  /** Lifetime when createSignedPreviewUrl gets no TTL (or 0). Default 3600. */
-  defaultExpiresInSeconds?: number;
-  /** Longest lifetime a caller may ask for; unset means no cap. */
-  maxExpiresInSeconds?: number;
-  /** Preview tokens alive at once per VM. Default 1024. */
-  maxActiveTokens?: number;
 }
 
 interface VmOptions {
@@ -37,12 +31,6 @@ export interface AgentOsConfig extends VmOptions {
   options?: VmOptions;
   /** A VM with no processes, connections or requests sleeps after this long (ms). Default 300000. */
   sleepAfterMs?: number;
-}
-
-export interface ResolvedPreviewConfig {
-  defaultExpiresInSeconds: number;
-  maxExpiresInSeconds: number | undefined;
-  maxActiveTokens: number;
 }
 
 export interface VmDefinition {
@@ -98,35 +86,13 @@ export function agentOS(config: AgentOsConfig = {}): VmDefinition {
     listen,
     listenConfig,
     limits: limits as VmLimits | undefined,
-    preview: parsePreviewConfig(top.preview),
+    preview: parsePreviewConfig(top.preview, "preview"),
     sleepAfterMs,
   });
 }
 
 /** The same function under the name RivetKit's page uses. */
 export const agentOs = agentOS;
-
-function parsePreviewConfig(value: unknown): ResolvedPreviewConfig {
-  const config = value === undefined ? {} : expectObject("config.preview", value);
-  expectKnownKeys("config.preview", config, ["defaultExpiresInSeconds", "maxExpiresInSeconds", "maxActiveTokens"]);
-  const positiveInteger = (key: string, fallback: number | undefined): number | undefined => {
-    const raw = config[key];
-    if (raw === undefined) return fallback;
-    if (typeof raw !== "number" || !Number.isInteger(raw) || raw <= 0) {
-      throw invalidArgument(`preview.${key} must be a positive integer, got ${describe(raw)}`);
-    }
-    return raw;
-  };
-  const defaultExpiresInSeconds = positiveInteger("defaultExpiresInSeconds", 3600)!;
-  const maxExpiresInSeconds = positiveInteger("maxExpiresInSeconds", undefined);
-  const maxActiveTokens = positiveInteger("maxActiveTokens", 1024)!;
-  if (maxExpiresInSeconds !== undefined && defaultExpiresInSeconds > maxExpiresInSeconds) {
-    throw invalidArgument(
-      `preview.defaultExpiresInSeconds (${defaultExpiresInSeconds}) must not exceed preview.maxExpiresInSeconds (${maxExpiresInSeconds})`,
-    );
-  }
-  return { defaultExpiresInSeconds, maxExpiresInSeconds, maxActiveTokens };
-}
 
 export function isVmDefinition(value: unknown): value is VmDefinition {
   return typeof value === "object" && value !== null && (value as { kind?: unknown }).kind === "agentvm.vm";

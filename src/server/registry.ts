@@ -11,6 +11,9 @@ import { describe, expectKnownKeys, expectObject } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
 import { handleApi, sendError } from "./http-api.ts";
 import { VmActor } from "./vm-actor.ts";
+import { PreviewGateway } from "../net/gateway.ts";
+import { PreviewStore } from "../store/preview-store.ts";
+import type { Duplex } from "node:stream";
 
 export interface StartOptions {
   /** Port to listen on (default: PORT, else 6420; 0 picks a free one). */
@@ -23,6 +26,17 @@ export interface StartOptions {
   maxBodyBytes?: number;
   /** Shut down cleanly on SIGINT/SIGTERM and exit (default true). */
   handleSignals?: boolean;
+  /** Preview gateway settings. */
+  preview?: {
+    /** Host suffix for subdomain previews, `<token>.<host>` (default "preview.localhost"). */
+    host?: string;
+    /** A guest that has not started answering by then gets a 504 (default 60000 ms). */
+    responseTimeoutMs?: number;
+    /** Largest request body the gateway passes to a guest (default: no cap). */
+    maxBodyBytes?: number;
+    /** How often expired tokens are deleted (default 60000 ms). */
+    sweepIntervalMs?: number;
+  };
 }
 
 export interface RunningServer {
@@ -63,7 +77,9 @@ export function setup<Use extends Record<string, VmDefinition>>(input: { use: Us
 
 async function startServer(use: Record<string, VmDefinition>, options: StartOptions): Promise<RunningServer> {
   const config = expectObject("start options", options);
-  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "handleSignals"]);
+  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "handleSignals", "preview"]);
+  const previewOptions = config.preview === undefined ? {} : expectObject("start options.preview", config.preview);
+  expectKnownKeys("start options.preview", previewOptions, ["host", "responseTimeoutMs", "maxBodyBytes", "sweepIntervalMs"]);
   const port = options.port ?? (process.env.PORT ? Number(process.env.PORT) : 6420);
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw invalidArgument(`port must be an integer from 0 to 65535, got ${describe(port)}`);
   const host = options.host ?? process.env.HOST ?? "localhost";
@@ -78,6 +94,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   }
 
   const store = new SqliteStore(dataDir);
+  const previews = new PreviewStore(store);
   const actors = new Map<string, VmActor>();
   let closing = false;
   const context = {
@@ -89,14 +106,35 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       const id = `${definitionName}\u0000${key}`;
       let actor = actors.get(id);
       if (!actor) {
-        actor = new VmActor({ definitionName, key, definition, dataDir, store });
+        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews });
         actors.set(id, actor);
       }
       return actor;
     },
   };
 
+  const gateway = new PreviewGateway({
+    store: previews,
+    ...(previewOptions.host !== undefined ? { previewHost: String(previewOptions.host) } : {}),
+    ...(previewOptions.responseTimeoutMs !== undefined ? { responseTimeoutMs: Number(previewOptions.responseTimeoutMs) } : {}),
+    ...(previewOptions.maxBodyBytes !== undefined ? { maxBodyBytes: Number(previewOptions.maxBodyBytes) } : {}),
+    async acquire(row) {
+      const actor = context.actor(row.definition, row.key);
+      if (!actor) throw new AgentVmError("UNKNOWN_ACTION", `this server no longer defines ${row.definition}`);
+      const release = actor.hold();
+      try {
+        return { vm: await actor.wake(), release };
+      } catch (error) {
+        release();
+        throw error;
+      }
+    },
+  });
+  const sweep = setInterval(() => previews.sweep(Date.now()), Number(previewOptions.sweepIntervalMs ?? 60_000));
+  sweep.unref();
+
   const handler = (request: IncomingMessage, response: ServerResponse) => {
+    if (gateway.handleRequest(request, response)) return;
     const url = new URL(request.url ?? "/", "http://localhost");
     handleApi(context, request, response, url)
       .then((handled) => {
@@ -111,6 +149,11 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   };
 
   const servers = await listenAll(host, port, handler);
+  for (const server of servers) {
+    server.on("upgrade", (request: IncomingMessage, socket: Duplex, head: Buffer) => {
+      if (!gateway.handleUpgrade(request, socket, head)) socket.destroy();
+    });
+  }
   const boundPort = (servers[0]!.address() as { port: number }).port;
   const url = `http://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
 
@@ -118,6 +161,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const close = () =>
     (closed ??= (async () => {
       closing = true;
+      clearInterval(sweep);
       await Promise.all(
         servers.map(
           (server) =>

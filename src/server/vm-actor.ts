@@ -12,6 +12,8 @@
 import { AgentVmError } from "../errors.ts";
 import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEvent, type Vm } from "../vm.ts";
 import type { SqliteStore } from "../store/sqlite-store.ts";
+import type { PreviewStore } from "../store/preview-store.ts";
+import { PreviewTokens } from "../net/previews.ts";
 import type { VmDefinition } from "./definition.ts";
 
 export interface VmEventListener {
@@ -36,7 +38,10 @@ export class VmActor {
   #lastTouch = 0;
   #closed = false;
 
-  constructor(init: { definitionName: string; key: string; definition: VmDefinition; dataDir: string; store: SqliteStore }) {
+  readonly #previews: PreviewStore;
+
+  constructor(init: { definitionName: string; key: string; definition: VmDefinition; dataDir: string; store: SqliteStore; previews: PreviewStore }) {
+    this.#previews = init.previews;
     this.definitionName = init.definitionName;
     this.key = init.key;
     this.#definition = init.definition;
@@ -102,13 +107,16 @@ export class VmActor {
     const record = this.#store.getVm(this.definitionName, this.key);
     if (!record) this.#store.ensureVm(this.definitionName, this.key, vmDirectoryName(this.key));
     else this.#store.recordWake(this.definitionName, this.key);
-    const vm = await createVm({
-      dataDir: this.#dataDir,
-      name: this.key,
-      ...(this.#definition.permissions ? { permissions: this.#definition.permissions } : {}),
-      ...(this.#definition.listenConfig ? { listen: this.#definition.listenConfig } : {}),
-      ...(this.#definition.limits ? { limits: this.#definition.limits } : {}),
-    });
+    const vm = await createVm(
+      {
+        dataDir: this.#dataDir,
+        name: this.key,
+        ...(this.#definition.permissions ? { permissions: this.#definition.permissions } : {}),
+        ...(this.#definition.listenConfig ? { listen: this.#definition.listenConfig } : {}),
+        ...(this.#definition.limits ? { limits: this.#definition.limits } : {}),
+      },
+      { previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key }) },
+    );
     vm.on("processOutput", (event) => {
       for (const listener of this.#listeners) listener.processOutput(event);
     });

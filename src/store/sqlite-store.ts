@@ -2,11 +2,14 @@
  * The server's durable state in SQLite (WAL): which VMs exist and when they were
  * used. A VM's files live in its directory, not here.
  *
- * Schema (version 1):
+ * Schema (version 2):
  *   meta(key PRIMARY KEY, value)                    — schema_version
  *   vms(definition, key, directory, created_at,     — one row per VM actor
  *       last_active_at, wake_count,
  *       PRIMARY KEY (definition, key))
+ *   previews(token_hash PRIMARY KEY, token_prefix,  — preview tokens, stored only
+ *       definition, key, port, created_at,            as SHA-256; times in epoch ms
+ *       expires_at, last_used_at)
  *
  * Migrations are numbered and run in order inside a transaction; statements are
  * prepared once.
@@ -26,6 +29,18 @@ const MIGRATIONS: string[] = [
      wake_count INTEGER NOT NULL DEFAULT 0,
      PRIMARY KEY (definition, key)
    );`,
+  `CREATE TABLE previews (
+     token_hash TEXT PRIMARY KEY,
+     token_prefix TEXT NOT NULL,
+     definition TEXT NOT NULL,
+     key TEXT NOT NULL,
+     port INTEGER NOT NULL,
+     created_at INTEGER NOT NULL,
+     expires_at INTEGER NOT NULL,
+     last_used_at INTEGER
+   );
+   CREATE INDEX previews_by_vm ON previews (definition, key, expires_at);
+   CREATE INDEX previews_by_expiry ON previews (expires_at);`,
 ];
 
 export interface VmRecord {

@@ -1,0 +1,184 @@
+/**
+ * Preview URLs: time-limited bearer tokens that let a browser reach one port of
+ * one VM through the gateway (DESIGN §3 "Preview URLs").
+ *
+ * A token is 160 random bits in lowercase base32: URL-safe, and usable as a
+ * DNS label for subdomain previews (host names are case-insensitive, so a
+ * mixed-case alphabet would not survive a browser). Only its SHA-256 is stored,
+ * so a read of the database does not hand out access. Lifetimes follow the VM's
+ * `preview` config, validated when the VM is defined.
+ */
+import { createHash, randomBytes } from "node:crypto";
+import { AgentVmError, invalidArgument } from "../errors.ts";
+import type { PreviewRow, PreviewStore } from "../store/preview-store.ts";
+import { describe, expectKnownKeys, expectObject, expectPort } from "../validate.ts";
+
+export interface PreviewConfig {
+  /** Lifetime when createSignedPreviewUrl gets no TTL (or 0). Default 3600. */
+  defaultExpiresInSeconds?: number;
+  /** Longest lifetime a caller may ask for; unset means no cap. */
+  maxExpiresInSeconds?: number;
+  /** Preview tokens alive at once per VM. Default 1024. */
+  maxActiveTokens?: number;
+}
+
+export interface ResolvedPreviewConfig {
+  defaultExpiresInSeconds: number;
+  maxExpiresInSeconds: number | undefined;
+  maxActiveTokens: number;
+}
+
+export interface PreviewUrl {
+  /** Relative to the server endpoint: `/preview/<token>/`. */
+  path: string;
+  token: string;
+  port: number;
+  /** Epoch milliseconds. */
+  expiresAt: number;
+}
+
+export interface PreviewInfo {
+  /** The token's first characters, enough to tell tokens apart; not usable as a token. */
+  tokenPrefix: string;
+  port: number;
+  createdAt: number;
+  expiresAt: number;
+  lastUsedAt: number | null;
+}
+
+/** What a gateway path or subdomain label must look like to be looked up at all. */
+export const TOKEN_PATTERN = /^[a-z2-7]{32}$/;
+const TOKEN_BYTES = 20;
+const BASE32 = "abcdefghijklmnopqrstuvwxyz234567";
+const PREFIX_LENGTH = 6;
+
+export function parsePreviewConfig(value: unknown, field = "preview"): ResolvedPreviewConfig {
+  const config = value === undefined ? {} : expectObject(field, value);
+  expectKnownKeys(field, config, ["defaultExpiresInSeconds", "maxExpiresInSeconds", "maxActiveTokens"]);
+  const positiveInteger = (key: string, fallback: number | undefined): number | undefined => {
+    const raw = config[key];
+    if (raw === undefined) return fallback;
+    if (typeof raw !== "number" || !Number.isInteger(raw) || raw <= 0) {
+      throw invalidArgument(`${field}.${key} must be a positive integer, got ${describe(raw)}`);
+    }
+    return raw;
+  };
+  const defaultExpiresInSeconds = positiveInteger("defaultExpiresInSeconds", 3600)!;
+  const maxExpiresInSeconds = positiveInteger("maxExpiresInSeconds", undefined);
+  const maxActiveTokens = positiveInteger("maxActiveTokens", 1024)!;
+  if (maxExpiresInSeconds !== undefined && defaultExpiresInSeconds > maxExpiresInSeconds) {
+    throw invalidArgument(`${field}.defaultExpiresInSeconds (${defaultExpiresInSeconds}) must not exceed ${field}.maxExpiresInSeconds (${maxExpiresInSeconds})`);
+  }
+  return { defaultExpiresInSeconds, maxExpiresInSeconds, maxActiveTokens };
+}
+
+/** RFC 4648 base32, lowercase, no padding (20 bytes → 32 characters). */
+function base32(bytes: Uint8Array): string {
+  let out = "";
+  let buffer = 0;
+  let bits = 0;
+  for (const byte of bytes) {
+    buffer = (buffer << 8) | byte;
+    bits += 8;
+    while (bits >= 5) {
+      out += BASE32[(buffer >>> (bits - 5)) & 31];
+      bits -= 5;
+    }
+  }
+  if (bits > 0) out += BASE32[(buffer << (5 - bits)) & 31];
+  return out;
+}
+
+export function hashToken(token: string): string {
+  return createHash("sha256").update(token).digest("hex");
+}
+
+/** The row for a presented token, or undefined when it is malformed, unknown, expired or revoked. */
+export function findToken(store: PreviewStore, token: string, now = Date.now()): PreviewRow | undefined {
+  if (!TOKEN_PATTERN.test(token)) return undefined;
+  const hash = hashToken(token);
+  const row = store.find(hash);
+  if (!row) return undefined;
+  if (row.expiresAt <= now) {
+    store.delete(hash);
+    return undefined;
+  }
+  return row;
+}
+
+/** One VM's preview tokens. */
+export class PreviewTokens {
+  readonly #store: PreviewStore;
+  readonly #config: ResolvedPreviewConfig;
+  readonly #definition: string;
+  readonly #key: string;
+
+  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string }) {
+    this.#store = store;
+    this.#config = config;
+    this.#definition = scope.definition;
+    this.#key = scope.key;
+  }
+
+  create(portArg: unknown, ttlArg?: unknown): PreviewUrl {
+    const port = expectPort("port", portArg);
+    const ttl = this.#ttl(ttlArg);
+    const now = Date.now();
+    const active = this.#store.countActive(this.#definition, this.#key, now);
+    if (active >= this.#config.maxActiveTokens) {
+      throw new AgentVmError(
+        "PREVIEW_TOKEN_LIMIT",
+        `createSignedPreviewUrl: this VM already has ${active} active preview URLs (preview.maxActiveTokens = ${this.#config.maxActiveTokens}); expire some with expireSignedPreviewUrl or expireAllPreviewUrls`,
+      );
+    }
+    const token = base32(randomBytes(TOKEN_BYTES));
+    const expiresAt = now + Math.round(ttl * 1000);
+    this.#store.insert(hashToken(token), {
+      tokenPrefix: token.slice(0, PREFIX_LENGTH),
+      definition: this.#definition,
+      key: this.#key,
+      port,
+      createdAt: now,
+      expiresAt,
+    });
+    return { path: `/preview/${token}/`, token, port, expiresAt };
+  }
+
+  /** Revokes a token of this VM; returns whether it was active. */
+  expire(tokenArg: unknown): boolean {
+    if (typeof tokenArg !== "string" || tokenArg.length === 0 || tokenArg.length > 256) {
+      throw invalidArgument(`expireSignedPreviewUrl: token must be the token string createSignedPreviewUrl returned, got ${describe(tokenArg)}`);
+    }
+    return this.#store.delete(hashToken(tokenArg), { definition: this.#definition, key: this.#key });
+  }
+
+  list(): PreviewInfo[] {
+    return this.#store.listActive(this.#definition, this.#key, Date.now()).map(({ tokenPrefix, port, createdAt, expiresAt, lastUsedAt }) => ({
+      tokenPrefix,
+      port,
+      createdAt,
+      expiresAt,
+      lastUsedAt,
+    }));
+  }
+
+  expireAll(portArg?: unknown): number {
+    const port = portArg === undefined ? undefined : expectPort("port", portArg);
+    return this.#store.deleteAll(this.#definition, this.#key, port);
+  }
+
+  #ttl(value: unknown): number {
+    if (value === undefined || value === null || value === 0) return this.#config.defaultExpiresInSeconds;
+    if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
+      throw new AgentVmError(
+        "PREVIEW_TTL_INVALID",
+        `createSignedPreviewUrl: ttlSeconds must be a positive number of seconds (or omitted / 0 for the default ${this.#config.defaultExpiresInSeconds}), got ${describe(value)}`,
+      );
+    }
+    const max = this.#config.maxExpiresInSeconds;
+    if (max !== undefined && value > max) {
+      throw new AgentVmError("PREVIEW_TTL_TOO_LONG", `createSignedPreviewUrl: ttlSeconds ${value} is above preview.maxExpiresInSeconds (${max})`);
+    }
+    return value;
+  }
+}
