@@ -24,6 +24,7 @@ export const POSIX_CODES = [
   "ENOTDIR",
   "ENOTEMPTY",
   "ENOSPC",
+  "ENOTFOUND",
   "ENOTSUP",
   "EPERM",
   "EPIPE",

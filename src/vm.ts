@@ -12,6 +12,9 @@ import { VmFilesystem, type VmStat } from "./kernel/filesystem.ts";
 import { parseListenPolicy, type ListenConfig, type ListenPolicy } from "./kernel/listen-policy.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./kernel/process-table.ts";
 import { SocketTable } from "./kernel/socket-table.ts";
+import { Egress, type Denial } from "./kernel/egress.ts";
+import { parseNetworkPolicy, type NetworkPermission, type NetworkPolicy } from "./kernel/network-policy.ts";
+import { isIP } from "node:net";
 import { parsePreviewConfig, PreviewTokens, type PreviewConfig, type PreviewInfo, type PreviewUrl, type ResolvedPreviewConfig } from "./net/previews.ts";
 import { PreviewStore } from "./store/preview-store.ts";
 import { SqliteStore } from "./store/sqlite-store.ts";
@@ -38,7 +41,8 @@ export interface VmLimits {
 }
 
 export interface PermissionsConfig {
-  network?: unknown;
+  /** "allow", "deny" (default) or { default?, rules: [{ mode, operations?, patterns? }] }: see docs/security.md. */
+  network?: NetworkPermission;
 }
 
 export interface CreateVmOptions {
@@ -53,6 +57,8 @@ export interface CreateVmOptions {
   runtime?: { node?: string };
   /** Preview URL lifetimes and caps. */
   preview?: PreviewConfig;
+  /** Like /etc/hosts for the VM: name → IP address. Policy still applies to both. */
+  hosts?: Record<string, string>;
 }
 
 /** Wiring a server passes to createVm (not for embedders). */
@@ -86,6 +92,7 @@ export interface VmEvents {
 /** Names that can be used as a directory name as they are; others are hashed. */
 const SAFE_DIRECTORY = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const MAX_NAME = 256;
+const RECENT_DENIALS = 100;
 const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, maxSockets: 1024, memoryMb: 256, poolSize: 1, poolIdleMs: 60_000 };
 /**
  * RLIMIT_DATA above the heap cap. Node 26 needs a fixed ~565 MiB of it to boot
@@ -103,6 +110,9 @@ export class Vm extends EventEmitter<VmEvents> {
   readonly #sockets: SocketTable;
   readonly #processes: ProcessTable;
   readonly #fetcher: VmFetcher;
+  readonly #egress: Egress;
+  readonly #denials: Denial[] = [];
+  #denialCount = 0;
   readonly #dataDir: string;
   readonly #previewConfig: ResolvedPreviewConfig;
   #previews: PreviewTokens | undefined;
@@ -116,6 +126,8 @@ export class Vm extends EventEmitter<VmEvents> {
     root: string;
     dataDir: string;
     listen: ListenPolicy;
+    network: NetworkPolicy;
+    hosts: ReadonlyMap<string, string>;
     limits: Required<VmLimits>;
     preview: ResolvedPreviewConfig;
     bwrap: string;
@@ -123,6 +135,8 @@ export class Vm extends EventEmitter<VmEvents> {
     services: VmHostServices;
   }) {
     super();
+    // Each exec() in flight listens for output: concurrent execs are normal, not a leak.
+    this.setMaxListeners(0);
     this.name = init.name;
     this.root = init.root;
     this.#dataDir = init.dataDir;
@@ -130,10 +144,17 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#previews = init.services.previews;
     this.listenPolicy = init.listen;
     this.#fs = new VmFilesystem(init.root);
+    this.#egress = new Egress({
+      vmName: init.name,
+      policy: init.network,
+      hosts: init.hosts,
+      onDenied: (denial) => this.#recordDenial(denial),
+    });
     this.#sockets = new SocketTable({
       vmName: init.name,
       listen: init.listen,
       limits: { maxSockets: init.limits.maxSockets, streamWindow: STREAM_WINDOW },
+      outbound: this.#egress,
     });
     const guestLimits = { heapMb: init.limits.memoryMb, dataMb: init.limits.memoryMb + DATA_HEADROOM_MB, maxFiles: 4096 };
     this.#processes = new ProcessTable({
@@ -145,7 +166,7 @@ export class Vm extends EventEmitter<VmEvents> {
       poolIdleMs: init.limits.poolIdleMs,
       launch: (mode, cwd, env) =>
         launchGuest({ bwrap: init.bwrap, nodeBinary: init.nodeBinary, root: init.root, cwd, env, limits: guestLimits, mode }),
-      resolve: (hostname) => this.#resolve(hostname),
+      resolve: (hostname, pid) => this.#resolve(hostname, pid),
       onOutput: (pid, stream, data) => this.emit("processOutput", { pid, stream, data }),
       onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),
     });
@@ -310,7 +331,20 @@ export class Vm extends EventEmitter<VmEvents> {
     return this.#previews;
   }
 
-  async #resolve(hostname: string): Promise<{ address: string; family: 4 | 6 }[]> {
+  /** Network denials: how many since the VM started, and the most recent ones. */
+  networkDenials(): { count: number; recent: Denial[] } {
+    return { count: this.#denialCount, recent: [...this.#denials] };
+  }
+
+  #recordDenial(denial: Denial): void {
+    this.#denialCount++;
+    this.#denials.push(denial);
+    if (this.#denials.length > RECENT_DENIALS) this.#denials.shift();
+    // One structured line per denial, for whoever collects the server's logs.
+    console.warn(`agentvm network denied ${JSON.stringify(denial)}`);
+  }
+
+  async #resolve(hostname: string, pid: number): Promise<{ address: string; family: 4 | 6 }[]> {
     const name = hostname.toLowerCase();
     if (name === "localhost" || name.endsWith(".localhost") || name === "") {
       return [
@@ -318,7 +352,7 @@ export class Vm extends EventEmitter<VmEvents> {
         { address: "::1", family: 6 },
       ];
     }
-    throw new AgentVmError("EACCES", `dns lookup ${hostname} denied: VM ${this.name} may only reach its own loopback (network policy default is deny)`);
+    return this.#egress.lookup(name, pid);
   }
 
   #alive(): void {
@@ -328,7 +362,7 @@ export class Vm extends EventEmitter<VmEvents> {
 
 export async function createVm(options: CreateVmOptions, services: VmHostServices = {}): Promise<Vm> {
   const config = expectObject("options", options);
-  expectKnownKeys("options", config, ["dataDir", "name", "permissions", "listen", "limits", "runtime", "preview"]);
+  expectKnownKeys("options", config, ["dataDir", "name", "permissions", "listen", "limits", "runtime", "preview", "hosts"]);
   const dataDir = resolve(expectString("options.dataDir", config.dataDir, { nonEmpty: true }));
   const name = config.name === undefined ? "default" : expectString("options.name", config.name, { nonEmpty: true });
   if (name.length > MAX_NAME || /[\u0000-\u001f\u007f]/.test(name)) {
@@ -337,7 +371,10 @@ export async function createVm(options: CreateVmOptions, services: VmHostService
   const listen = parseListenPolicy(config.listen, "listen");
   const preview = parsePreviewConfig(config.preview, "preview");
   const limits = parseLimits(config.limits);
-  if (config.permissions !== undefined) expectKnownKeys("permissions", expectObject("permissions", config.permissions), ["network"]);
+  const permissions = config.permissions === undefined ? {} : expectObject("permissions", config.permissions);
+  expectKnownKeys("permissions", permissions, ["network"]);
+  const network = parseNetworkPolicy(permissions.network, "permissions.network");
+  const hosts = parseHosts(config.hosts);
   const runtimeOption = config.runtime === undefined ? {} : expectObject("options.runtime", config.runtime);
   expectKnownKeys("options.runtime", runtimeOption, ["node"]);
   const nodeOverride = runtimeOption.node === undefined ? undefined : expectString("options.runtime.node", runtimeOption.node, { nonEmpty: true });
@@ -345,7 +382,7 @@ export async function createVm(options: CreateVmOptions, services: VmHostService
   const [bwrap, runtime] = await Promise.all([findBubblewrap(), resolveGuestRuntime(nodeOverride)]);
   const root = join(dataDir, "vms", vmDirectoryName(name), "root");
   await prepareRoot(root);
-  return new Vm({ name, root, dataDir, listen, limits, preview, bwrap, nodeBinary: runtime.binary, services });
+  return new Vm({ name, root, dataDir, listen, network, hosts, limits, preview, bwrap, nodeBinary: runtime.binary, services });
 }
 
 /** The VM's directory under `<dataDir>/vms`: the name itself when it is a safe file name, else a hash of it. */
@@ -353,7 +390,18 @@ export function vmDirectoryName(name: string): string {
   return SAFE_DIRECTORY.test(name) ? name : `vm-${createHash("sha256").update(name).digest("hex").slice(0, 32)}`;
 }
 
-function parseLimits(value: unknown): Required<VmLimits> {
+export function parseHosts(value: unknown): ReadonlyMap<string, string> {
+  const hosts = new Map<string, string>();
+  if (value === undefined) return hosts;
+  for (const [name, address] of Object.entries(expectObject("hosts", value))) {
+    if (typeof address !== "string" || isIP(address) === 0) throw invalidArgument(`hosts.${name} must be an IP address, got ${describe(address)}`);
+    if (!/^[a-z0-9_.-]+$/i.test(name)) throw invalidArgument(`hosts: ${JSON.stringify(name)} is not a host name`);
+    hosts.set(name.toLowerCase(), address);
+  }
+  return hosts;
+}
+
+export function parseLimits(value: unknown): Required<VmLimits> {
   if (value === undefined) return { ...DEFAULT_LIMITS };
   const limits = expectObject("limits", value);
   expectKnownKeys("limits", limits, Object.keys(DEFAULT_LIMITS));

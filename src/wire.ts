@@ -9,6 +9,9 @@
  *   Content-Type: application/vnd.agentvm.envelope
  *   u32 big-endian JSON length | JSON { value, parts: [len…] } | part 0 | part 1 | …
  *
+ * NaN, Infinity and -Infinity, which JSON cannot hold, are written
+ * `{ "$number": "NaN" }` (and so on) in both formats.
+ *
  * Plain `application/json` is accepted too (for curl and other languages), with
  * bytes written as `{ "$base64": "…" }`; the server answers in the format the
  * request's Accept header asks for.
@@ -50,6 +53,9 @@ function replaceBytes(value: unknown, onBytes: (bytes: Uint8Array) => Json): Jso
     for (const [key, item] of Object.entries(value)) if (item !== undefined) out[key] = replaceBytes(item, onBytes);
     return out;
   }
+  // JSON has no NaN or ±Infinity (JSON.stringify writes null), so they travel
+  // tagged: a ttl of NaN must reach the server as NaN, not as "omitted".
+  if (typeof value === "number" && !Number.isFinite(value)) return { $number: String(value) };
   return value === undefined ? null : (value as Json);
 }
 
@@ -57,6 +63,8 @@ function restoreBytes(value: unknown, fromRef: (ref: { $bytes?: unknown; $base64
   if (Array.isArray(value)) return value.map((item) => restoreBytes(item, fromRef));
   if (value && typeof value === "object") {
     const keys = Object.keys(value);
+    const tagged = (value as { $number?: unknown }).$number;
+    if (keys.length === 1 && (tagged === "NaN" || tagged === "Infinity" || tagged === "-Infinity")) return Number(tagged);
     if (keys.length === 1 && (keys[0] === "$bytes" || keys[0] === "$base64")) {
       const bytes = fromRef(value as { $bytes?: unknown; $base64?: unknown });
       if (bytes) return bytes;
@@ -131,6 +139,9 @@ export function decodeValue(contentType: string, body: Uint8Array): unknown {
   }
   const text = new TextDecoder().decode(body);
   const parsed = text.trim() === "" ? { value: null } : (JSON.parse(text) as unknown);
-  const value = Array.isArray(parsed) ? parsed : (parsed as { value?: unknown })?.value;
+  if (!Array.isArray(parsed) && (parsed === null || typeof parsed !== "object" || !Object.hasOwn(parsed, "value"))) {
+    throw new WireFormatError('expected a JSON array or an object with a "value" key');
+  }
+  const value = Array.isArray(parsed) ? parsed : (parsed as { value?: unknown }).value;
   return restoreBytes(value, (ref) => (typeof ref.$base64 === "string" ? fromBase64(ref.$base64) : undefined));
 }

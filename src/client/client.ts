@@ -37,14 +37,19 @@ export function createClient<R>(options: string | ClientOptions): AgentVmClient<
 
 /** `"a"` and `["a"]` are the same VM; longer arrays become their JSON text. */
 export function canonicalKey(key: unknown): string {
-  if (typeof key === "string") {
-    if (key.length === 0) throw invalidArgument("VM key must not be empty");
-    return key;
-  }
-  if (Array.isArray(key) && key.length > 0 && key.every((part) => typeof part === "string" && part.length > 0)) {
-    return key.length === 1 ? key[0] : JSON.stringify(key);
-  }
-  throw invalidArgument(`VM key must be a non-empty string or an array of non-empty strings, got ${JSON.stringify(key)}`);
+  const canonical = (() => {
+    if (typeof key === "string") {
+      if (key.length === 0) throw invalidArgument("VM key must not be empty");
+      return key;
+    }
+    if (Array.isArray(key) && key.length > 0 && key.every((part) => typeof part === "string" && part.length > 0)) {
+      return key.length === 1 ? (key[0] as string) : JSON.stringify(key);
+    }
+    throw invalidArgument(`VM key must be a non-empty string or an array of non-empty strings, got ${JSON.stringify(key)}`);
+  })();
+  // URLs resolve these as dot segments (even percent-encoded), so the request would go to another route.
+  if (canonical === "." || canonical === "..") throw invalidArgument(`VM key must not be ${JSON.stringify(canonical)}: it cannot be sent in a URL path`);
+  return canonical;
 }
 
 class Transport {
@@ -92,7 +97,11 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
       body: encoded.body as RequestInit["body"],
     });
     const body = new Uint8Array(await response.arrayBuffer());
-    return decodeValue(response.headers.get("content-type") ?? "application/json", body);
+    try {
+      return decodeValue(response.headers.get("content-type") ?? "application/json", body);
+    } catch (error) {
+      throw new AgentVmError("INTERNAL", `${action}: the server's answer (${response.status}) is not an agentvm result: ${(error as Error).message}`, { cause: error });
+    }
   }
 
   async function fetchFromVm(port: number, path: string, init: ClientFetchInit = {}): Promise<Response> {

@@ -10,11 +10,13 @@ import { installDgramPatch } from "./dgram-patch.ts";
 import { installDnsPatch } from "./dns-patch.ts";
 import { KernelClient } from "./kernel-client.ts";
 import { installNetPatch } from "./net-patch.ts";
+import { installTlsPatch } from "./tls-patch.ts";
 
 export const KERNEL_FD = 3;
 
 export const kernel = new KernelClient(KERNEL_FD);
 installNetPatch(kernel);
+installTlsPatch();
 installDnsPatch(kernel);
 installDgramPatch(kernel);
 installChildProcessPatch(kernel);

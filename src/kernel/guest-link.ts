@@ -20,13 +20,14 @@ import {
 } from "../guest/protocol.ts";
 import type { Duplex } from "node:stream";
 import type { SocketTable, Acceptor, UdpOwner } from "./socket-table.ts";
+import { isLoopbackDestination } from "./addresses.ts";
 import type { StreamEnd, StreamOwner } from "./stream.ts";
 
 /** What a guest may ask of the process table (spawn a sibling, signal one). */
 export interface ProcessServices {
   spawnChild(parent: GuestLink, request: Record<string, unknown>): Promise<unknown>;
   killChild(parent: GuestLink, pid: number, signal: string): void;
-  resolve(hostname: string): Promise<{ address: string; family: 4 | 6 }[]>;
+  resolve(hostname: string, pid: number): Promise<{ address: string; family: 4 | 6 }[]>;
 }
 
 export interface GuestLinkEvents {
@@ -42,6 +43,8 @@ export class GuestLink {
   readonly #services: ProcessServices;
   /** Replaced when a pooled guest is handed to a process. */
   events: GuestLinkEvents;
+  /** The VM pid of the process on this link (0 until it runs), for audit lines. */
+  pid = 0;
   readonly #streams = new Map<number, StreamEnd>();
   readonly #listeners = new Map<number, Acceptor>();
   readonly #udp = new Map<number, { port: number; owner: UdpOwner }>();
@@ -145,14 +148,23 @@ export class GuestLink {
 
   async #answer(requestId: number, payload: Buffer): Promise<void> {
     let reply: unknown;
+    let after: (() => void) | undefined;
     try {
       const request = parseJson(payload) as Record<string, unknown>;
-      reply = await this.#call(request);
+      const result = (await this.#call(request)) as { reply?: unknown; after?: () => void } | undefined;
+      if (result && typeof result === "object" && "after" in result) {
+        reply = result.reply;
+        after = result.after;
+      } else {
+        reply = result;
+      }
     } catch (error) {
       const shaped = AgentVmError.from(error);
       reply = { error: { code: shaped.code, message: shaped.message } };
     }
     this.channel.send(encodeJson(FrameType.REPLY, requestId, reply ?? {}));
+    // Work that must follow the reply on the channel (bytes of a new stream).
+    after?.();
   }
 
   async #call(request: Record<string, unknown>): Promise<unknown> {
@@ -169,14 +181,14 @@ export class GuestLink {
       case "connect":
         return this.#connect(request);
       case "lookup":
-        return { addresses: await this.#services.resolve(String(request.hostname ?? "")) };
+        return { addresses: await this.#services.resolve(String(request.hostname ?? ""), this.pid) };
       case "udpBind":
         return this.#bindUdp(request);
       case "udpSend": {
         const socket = this.#udp.get(Number(request.id));
         if (!socket) throw new AgentVmError("EINVAL", "send on a UDP socket that is not bound");
         const data = Buffer.from(String(request.data ?? ""), "base64");
-        this.#sockets.sendUdp(socket.port, String(request.host ?? "127.0.0.1"), Number(request.port), data);
+        this.#sockets.sendUdp(socket.port, String(request.host ?? "127.0.0.1"), Number(request.port), data, this.pid);
         return {};
       }
       case "udpClose": {
@@ -204,17 +216,27 @@ export class GuestLink {
       this.event({ type: "accept", port: bound, id, remotePort: info.remotePort, remoteAddress: info.remoteAddress });
       return this.#ownerFor(id);
     };
-    const bound = this.#sockets.listen(Number(request.port ?? 0), host, acceptor);
+    const bound = this.#sockets.listen(Number(request.port ?? 0), host, acceptor, this.pid);
     this.#listeners.set(bound, acceptor);
     return { port: bound };
   }
 
-  #connect(request: Record<string, unknown>): unknown {
+  async #connect(request: Record<string, unknown>): Promise<unknown> {
     const id = this.#allocateId();
     const host = typeof request.host === "string" ? request.host : undefined;
-    const { end, info } = this.#sockets.connect(host, Number(request.port), this.#ownerFor(id));
+    const port = Number(request.port);
+    if (isLoopbackDestination(host)) {
+      const { end, info } = this.#sockets.connect(host, port, this.#ownerFor(id));
+      this.#streams.set(id, end);
+      return { id, ...info };
+    }
+    const { end, info, start } = await this.#sockets.connectOutbound(host!, port, this.#ownerFor(id), this.pid);
+    if (this.channel.closed) {
+      end.reset();
+      return {};
+    }
     this.#streams.set(id, end);
-    return { id, ...info };
+    return { reply: { id, ...info }, after: start };
   }
 
   #bindUdp(request: Record<string, unknown>): unknown {

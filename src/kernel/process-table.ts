@@ -46,7 +46,7 @@ export interface ProcessTableOptions {
   /** Starts a sandboxed node with everything but mode, cwd and env decided by the VM. */
   launch(mode: LaunchRequest["mode"], cwd: string, env: Record<string, string>): LaunchedGuest;
   /** Resolves host names for guests (policy lives with the caller). */
-  resolve(hostname: string): Promise<{ address: string; family: 4 | 6 }[]>;
+  resolve(hostname: string, pid: number): Promise<{ address: string; family: 4 | 6 }[]>;
   onOutput(pid: number, stream: OutputStream, data: Uint8Array): void;
   onExit(pid: number, exitCode: number, signal: string | null): void;
 }
@@ -235,8 +235,8 @@ export class ProcessTable implements ProcessServices {
     void this.kill(pid, signal).catch(() => {});
   }
 
-  resolve(hostname: string): Promise<{ address: string; family: 4 | 6 }[]> {
-    return this.#options.resolve(hostname);
+  resolve(hostname: string, pid: number): Promise<{ address: string; family: 4 | 6 }[]> {
+    return this.#options.resolve(hostname, pid);
   }
 
   // Internals.
@@ -290,7 +290,10 @@ export class ProcessTable implements ProcessServices {
     if (loaderVariable) {
       throw new AgentVmError("EPERM", `spawn node: the environment variable ${loaderVariable} is not allowed in a VM; it would load native code into the guest`);
     }
-    const direct = flags.length > 0 || list.length === 0 || nodeOptions !== "";
+    // Node reads NODE_* and UV_* variables (NODE_OPTIONS, NODE_EXTRA_CA_CERTS, …) only at start-up, so a
+    // program that sets them cannot use an already started guest.
+    const startupEnv = Object.keys(env).some((key) => key.startsWith("NODE_") || key.startsWith("UV_"));
+    const direct = flags.length > 0 || list.length === 0 || startupEnv;
     return { command: name, args: list, cwd, env, mode: direct ? { kind: "direct", nodeArgs: list } : { kind: "pooled" } };
   }
 
@@ -314,6 +317,7 @@ export class ProcessTable implements ProcessServices {
     const process = new GuestProcess(info, guest);
     this.#processes.set(pid, process);
     this.#byLink.set(guest.link, process);
+    guest.link.pid = pid;
     this.#trimExited();
     if (request.mode.kind === "pooled") {
       try {

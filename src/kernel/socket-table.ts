@@ -11,6 +11,8 @@ import { AgentVmError, type ErrorCode } from "../errors.ts";
 import { isLoopbackBind, isLoopbackDestination } from "./addresses.ts";
 import { autoRange, checkListenPort, type ListenPolicy } from "./listen-policy.ts";
 import { StreamEnd, type StreamOwner, type StreamStats } from "./stream.ts";
+import { realSocketOwner } from "./real-socket.ts";
+import type { Socket } from "node:net";
 
 export interface ConnectionInfo {
   localPort: number;
@@ -32,12 +34,19 @@ export interface SocketTableLimits {
   streamWindow: number;
 }
 
+/** The way out of the VM (egress.ts): policy, floor and real connections. */
+export interface Outbound {
+  connect(host: string, port: number, pid: number): Promise<Socket>;
+  checkListen(port: number, pid: number): void;
+  checkUdp(host: string, port: number, pid: number): never;
+}
+
 export interface SocketTableOptions {
   vmName: string;
   listen: ListenPolicy;
   limits: SocketTableLimits;
-  /** Decides destinations outside the VM; returns an error to refuse. */
-  outbound?: (operation: "connect" | "dns" | "udp", host: string, port: number) => AgentVmError | undefined;
+  /** Destinations outside the VM; without it they are all refused. */
+  outbound?: Outbound;
 }
 
 const EPHEMERAL_LOW = 49152;
@@ -72,7 +81,7 @@ export class SocketTable {
   }
 
   /** Binds a TCP port; 0 allocates one. Returns the bound port. */
-  listen(port: number, host: string | undefined, acceptor: Acceptor): number {
+  listen(port: number, host: string | undefined, acceptor: Acceptor, pid = 0): number {
     this.#checkBindAddress("listen", host, port);
     this.#checkCapacity("listen");
     const bound = port === 0 ? this.#allocate(this.#listeners, "listen") : port;
@@ -82,6 +91,7 @@ export class SocketTable {
         throw new AgentVmError("EADDRINUSE", `listen on port ${port}: the port is already in use in VM ${this.#options.vmName}`);
       }
     }
+    this.#options.outbound?.checkListen(bound, pid);
     this.#listeners.set(bound, acceptor);
     return bound;
   }
@@ -96,9 +106,7 @@ export class SocketTable {
    * outbound policy to decide (refused by default).
    */
   connect(host: string | undefined, port: number, client: StreamOwner): { end: StreamEnd; info: ConnectionInfo } {
-    if (!isLoopbackDestination(host)) {
-      throw this.#refuseOutbound("connect", host ?? "", port);
-    }
+    if (!isLoopbackDestination(host)) throw this.#refuseOutbound("connect", host ?? "", port);
     const acceptor = this.#listeners.get(port);
     if (!acceptor) {
       throw new AgentVmError(
@@ -113,6 +121,24 @@ export class SocketTable {
     const serverInfo: ConnectionInfo = { localPort: port, remotePort: clientPort, remoteAddress: "127.0.0.1" };
     serverEnd.setOwner(acceptor(serverEnd, serverInfo));
     return { end: clientEnd, info: { localPort: clientPort, remotePort: port, remoteAddress: "127.0.0.1" } };
+  }
+
+  /**
+   * Opens a real connection outside the VM, if the outbound policy allows it.
+   * Bytes start flowing only when `start()` is called, so the caller can hand
+   * the client its stream id first.
+   */
+  async connectOutbound(host: string, port: number, client: StreamOwner, pid: number): Promise<{ end: StreamEnd; info: ConnectionInfo; start(): void }> {
+    if (!this.#options.outbound) throw this.#refuseOutbound("connect", host, port);
+    this.#checkCapacity("connect");
+    const socket = await this.#options.outbound.connect(host, port, pid);
+    const bridge = realSocketOwner(socket);
+    const [clientEnd, realEnd] = StreamEnd.pair(client, bridge.owner, this.#options.limits.streamWindow, this.#streams);
+    return {
+      end: clientEnd,
+      info: { localPort: socket.localPort ?? 0, remotePort: port, remoteAddress: socket.remoteAddress ?? host },
+      start: () => bridge.start(realEnd),
+    };
   }
 
   /** A byte pipe that belongs to no port (a child process's stdio). */
@@ -141,8 +167,11 @@ export class SocketTable {
   }
 
   /** Delivers a datagram. Like UDP, a datagram to a port nobody bound is dropped silently. */
-  sendUdp(fromPort: number, host: string, port: number, data: Buffer): void {
-    if (!isLoopbackDestination(host)) throw this.#refuseOutbound("udp", host, port);
+  sendUdp(fromPort: number, host: string, port: number, data: Buffer, pid = 0): void {
+    if (!isLoopbackDestination(host)) {
+      if (this.#options.outbound) this.#options.outbound.checkUdp(host, port, pid);
+      throw this.#refuseOutbound("udp", host, port);
+    }
     this.#udp.get(port)?.message(data, { address: "127.0.0.1", port: fromPort });
   }
 
@@ -166,15 +195,8 @@ export class SocketTable {
     }
   }
 
-  #refuseOutbound(operation: "connect" | "dns" | "udp", host: string, port: number): AgentVmError {
-    const refusal = this.#options.outbound?.(operation, host, port);
-    return (
-      refusal ??
-      new AgentVmError(
-        "EACCES",
-        `${operation} ${host}:${port} denied: VM ${this.#options.vmName} may only reach its own loopback (network policy default is deny)`,
-      )
-    );
+  #refuseOutbound(operation: "connect" | "udp", host: string, port: number): AgentVmError {
+    return new AgentVmError("EACCES", `${operation} ${host}:${port} denied: VM ${this.#options.vmName} may only reach its own loopback (network policy default is deny)`);
   }
 
   #allocate(used: ReadonlyMap<number, unknown>, operation: string, range = autoRange(this.#options.listen)): number {

@@ -9,7 +9,8 @@ import { invalidArgument } from "../errors.ts";
 import { parseListenPolicy, type ListenConfig, type ListenPolicy } from "../kernel/listen-policy.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
 import { parsePreviewConfig, type PreviewConfig, type ResolvedPreviewConfig } from "../net/previews.ts";
-import type { PermissionsConfig, VmLimits } from "../vm.ts";
+import { parseHosts, parseLimits, type PermissionsConfig, type VmLimits } from "../vm.ts";
+import { parseNetworkPolicy } from "../kernel/network-policy.ts";
 
 export type { PreviewConfig };
 
@@ -23,6 +24,8 @@ interface VmOptions {
   permissions?: PermissionsConfig;
   listen?: ListenConfig;
   limits?: VmLimits;
+  /** Like /etc/hosts for the VM: name → IP address. */
+  hosts?: Record<string, string>;
 }
 
 export interface AgentOsConfig extends VmOptions {
@@ -40,12 +43,13 @@ export interface VmDefinition {
   readonly listen: ListenPolicy;
   readonly listenConfig: ListenConfig | undefined;
   readonly limits: VmLimits | undefined;
+  readonly hosts: Record<string, string> | undefined;
   readonly preview: ResolvedPreviewConfig;
   readonly sleepAfterMs: number;
 }
 
-const TOP_LEVEL = ["software", "permissions", "listen", "preview", "options", "limits", "sleepAfterMs"];
-const VM_OPTION_KEYS = ["software", "permissions", "listen", "limits"];
+const TOP_LEVEL = ["software", "permissions", "listen", "preview", "options", "limits", "sleepAfterMs", "hosts"];
+const VM_OPTION_KEYS = ["software", "permissions", "listen", "limits", "hosts"];
 
 export function agentOS(config: AgentOsConfig = {}): VmDefinition {
   const top = expectObject("agentOS config", config);
@@ -68,11 +72,16 @@ export function agentOS(config: AgentOsConfig = {}): VmDefinition {
     }
   });
   const permissions = pick("permissions");
-  if (permissions !== undefined) expectKnownKeys(where("permissions"), expectObject(where("permissions"), permissions), ["network"]);
+  if (permissions !== undefined) {
+    const record = expectObject(where("permissions"), permissions);
+    expectKnownKeys(where("permissions"), record, ["network"]);
+    parseNetworkPolicy(record.network, "permissions.network");
+  }
+  if (pick("hosts") !== undefined) parseHosts(pick("hosts"));
   const listenConfig = pick("listen") as ListenConfig | undefined;
   const listen = parseListenPolicy(listenConfig, where("listen"));
   const limits = pick("limits");
-  if (limits !== undefined) expectObject(where("limits"), limits);
+  if (limits !== undefined) parseLimits(expectObject(where("limits"), limits));
 
   const sleepAfterMs = top.sleepAfterMs ?? 300_000;
   if (typeof sleepAfterMs !== "number" || !Number.isFinite(sleepAfterMs) || sleepAfterMs < 0) {
@@ -86,6 +95,7 @@ export function agentOS(config: AgentOsConfig = {}): VmDefinition {
     listen,
     listenConfig,
     limits: limits as VmLimits | undefined,
+    hosts: pick("hosts") as Record<string, string> | undefined,
     preview: parsePreviewConfig(top.preview, "preview"),
     sleepAfterMs,
   });

@@ -31,6 +31,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   EPERM: 403,
   EROFS: 403,
   ENOENT: 404,
+  ENOTFOUND: 404,
   ESRCH: 404,
   UNKNOWN_ACTION: 404,
   EEXIST: 409,

@@ -56,9 +56,24 @@ export class Registry<Use extends Record<string, VmDefinition>> {
     this.use = use;
   }
 
-  /** Starts the server; resolves once it listens. Calling it again returns the same server. */
+  /**
+   * Starts the server; resolves once it listens. Calling it again returns the
+   * same server until that one is closed (or failed to start); then it starts anew.
+   */
   start(options: StartOptions = {}): Promise<RunningServer> {
-    this.#running ??= startServer(this.use, options);
+    if (!this.#running) {
+      const forget = () => {
+        if (this.#running === running) this.#running = undefined;
+      };
+      const running: Promise<RunningServer> = startServer(this.use, options).then(
+        (server) => ({ ...server, close: () => server.close().finally(forget) }),
+        (error) => {
+          forget();
+          throw error;
+        },
+      );
+      this.#running = running;
+    }
     return this.#running;
   }
 }
@@ -148,7 +163,14 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       .catch((error) => sendError(response, error));
   };
 
-  const servers = await listenAll(host, port, handler);
+  let servers: Server[];
+  try {
+    servers = await listenAll(host, port, handler);
+  } catch (error) {
+    clearInterval(sweep);
+    store.close();
+    throw error;
+  }
   for (const server of servers) {
     server.on("upgrade", (request: IncomingMessage, socket: Duplex, head: Buffer) => {
       if (!gateway.handleUpgrade(request, socket, head)) socket.destroy();
@@ -162,6 +184,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     (closed ??= (async () => {
       closing = true;
       clearInterval(sweep);
+      process.off("SIGINT", onSignal);
+      process.off("SIGTERM", onSignal);
       await Promise.all(
         servers.map(
           (server) =>
@@ -175,17 +199,17 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       store.close();
     })());
 
+  function onSignal(signal: NodeJS.Signals): void {
+    console.log(`agentvm: ${signal} received, shutting down`);
+    close().then(
+      () => process.exit(0),
+      (error) => {
+        console.error("agentvm: shutdown failed", error);
+        process.exit(1);
+      },
+    );
+  }
   if (options.handleSignals !== false) {
-    const onSignal = (signal: NodeJS.Signals) => {
-      console.log(`agentvm: ${signal} received, shutting down`);
-      close().then(
-        () => process.exit(0),
-        (error) => {
-          console.error("agentvm: shutdown failed", error);
-          process.exit(1);
-        },
-      );
-    };
     process.once("SIGINT", onSignal);
     process.once("SIGTERM", onSignal);
   }

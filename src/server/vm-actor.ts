@@ -114,6 +114,7 @@ export class VmActor {
         ...(this.#definition.permissions ? { permissions: this.#definition.permissions } : {}),
         ...(this.#definition.listenConfig ? { listen: this.#definition.listenConfig } : {}),
         ...(this.#definition.limits ? { limits: this.#definition.limits } : {}),
+        ...(this.#definition.hosts ? { hosts: this.#definition.hosts } : {}),
       },
       { previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key }) },
     );
