@@ -10,7 +10,7 @@ import childProcess from "node:child_process";
 import { EventEmitter } from "node:events";
 import { promisify } from "node:util";
 import type { Readable, Writable } from "node:stream";
-import { KernelCallError, systemError, type KernelClient } from "./kernel-client.ts";
+import { systemError, type KernelClient } from "./kernel-client.ts";
 import { kernelReadable, kernelWritable } from "./kernel-stream.ts";
 
 const NODE_NAMES = new Set(["node", "nodejs", "/opt/node/bin/node", process.execPath]);
@@ -159,21 +159,21 @@ export function installChildProcessPatch(kernel: KernelClient): void {
     child.stdout = stdout?.stream ?? null;
     child.stderr = stderr?.stream ?? null;
     child.stdio = [child.stdin, child.stdout, child.stderr];
-    kernel.call<{ pid: number; stdin: number | null; stdout: number | null; stderr: number | null }>("spawn", { command: file, args, cwd, env, stdio }).then(
-      (reply) => {
-        child.pid = reply.pid;
-        for (const [pending, id] of [[stdin, reply.stdin], [stdout, reply.stdout], [stderr, reply.stderr]] as const) {
-          if (pending && id !== null) pending.attach(id);
-          else pending?.abandon();
-        }
-        children.set(reply.pid, child);
-        child.emit("spawn");
-      },
-      (error: KernelCallError) => {
+    // A synchronous reply: the child's output may follow its spawn reply in the same read.
+    kernel.request<{ pid: number; stdin: number | null; stdout: number | null; stderr: number | null }>("spawn", { command: file, args, cwd, env, stdio }, (error, reply) => {
+      if (error) {
         for (const pending of [stdin, stdout, stderr]) pending?.abandon();
         child.failed(systemError(error, `spawn ${file}`, { address: file }));
-      },
-    );
+        return;
+      }
+      child.pid = reply.pid;
+      for (const [pending, id] of [[stdin, reply.stdin], [stdout, reply.stdout], [stderr, reply.stderr]] as const) {
+        if (pending && id !== null) pending.attach(id);
+        else pending?.abandon();
+      }
+      children.set(reply.pid, child);
+      process.nextTick(() => child.emit("spawn"));
+    });
     options.signal?.addEventListener("abort", () => child.kill("SIGTERM"), { once: true });
     return child;
   }

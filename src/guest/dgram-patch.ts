@@ -44,28 +44,32 @@ export function installDgramPatch(kernel: KernelClient): void {
 
   function bind(socket: AnyUdp, port: number, address: string | undefined): Promise<void> {
     const st = state(socket);
-    st.bound = kernel.call<{ id: number; port: number }>("udpBind", { port, host: address }).then(
-      (reply) => {
+    st.bound = new Promise<void>((resolve, reject) => {
+      // A synchronous reply: a datagram may follow the bind reply in the same read.
+      kernel.request<{ id: number; port: number }>("udpBind", { port, host: address }, (error, reply) => {
+        if (error) {
+          st.bound = undefined;
+          const shaped = systemError(error, "bind", { address: address ?? "0.0.0.0", port });
+          socket.emit("error", shaped);
+          reject(shaped);
+          return;
+        }
         st.id = reply.id;
         st.port = reply.port;
         st.address = address && isIP(address) ? address : "0.0.0.0";
         if (st.closed) {
           void kernel.call("udpClose", { id: reply.id }).catch(() => {});
+          resolve();
           return;
         }
         if (st.refed) kernel.ref();
         kernel.onDatagram(reply.id, (header, data) => {
           socket.emit("message", data, { address: String(header.address), family: "IPv4", port: Number(header.port), size: data.byteLength });
         });
-        socket.emit("listening");
-      },
-      (error: KernelCallError) => {
-        st.bound = undefined;
-        const shaped = systemError(error, "bind", { address: address ?? "0.0.0.0", port });
-        socket.emit("error", shaped);
-        throw shaped;
-      },
-    );
+        resolve();
+        process.nextTick(() => socket.emit("listening"));
+      });
+    });
     st.bound.catch(() => {});
     return st.bound;
   }

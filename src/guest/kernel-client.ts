@@ -56,7 +56,7 @@ export class KernelCallError extends Error {
 export class KernelClient {
   readonly #channel: FrameChannel;
   readonly #pipe: net.Socket;
-  readonly #pending = new Map<number, { resolve(value: unknown): void; reject(error: Error): void }>();
+  readonly #pending = new Map<number, (error: KernelCallError | null, reply: unknown) => void>();
   readonly #streams = new Map<number, StreamHandler>();
   readonly #datagrams = new Map<number, (header: Record<string, unknown>, data: Buffer) => void>();
   readonly #eventHandlers = new Map<string, (event: Record<string, unknown>) => void>();
@@ -91,13 +91,24 @@ export class KernelClient {
     this.#channel.send(encodeJson(FrameType.EVENT, 0, value));
   }
 
-  call<T = Record<string, unknown>>(op: string, args: Record<string, unknown> = {}): Promise<T> {
+  /**
+   * Calls the kernel; `onReply` runs synchronously when the reply frame is read.
+   * Use this (not `call`) when frames that follow the reply depend on it — a new
+   * stream's bytes, an accept on a new listener — since a promise would let the
+   * next frames be handled before its continuation runs.
+   */
+  request<T = Record<string, unknown>>(op: string, args: Record<string, unknown>, onReply: (error: KernelCallError | null, reply: T) => void): void {
     const id = this.#nextRequest++;
     this.ref();
-    return new Promise<T>((resolve, reject) => {
-      this.#pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
-      this.#channel.send(encodeJson(FrameType.CALL, id, { op, ...args }));
-    }).finally(() => this.unref());
+    this.#pending.set(id, (error, reply) => {
+      this.unref();
+      onReply(error, reply as T);
+    });
+    this.#channel.send(encodeJson(FrameType.CALL, id, { op, ...args }));
+  }
+
+  call<T = Record<string, unknown>>(op: string, args: Record<string, unknown> = {}): Promise<T> {
+    return new Promise<T>((resolve, reject) => this.request<T>(op, args, (error, reply) => (error ? reject(error) : resolve(reply))));
   }
 
   openStream(id: number, handler: StreamHandler): void {
@@ -142,8 +153,8 @@ export class KernelClient {
         if (!waiter) return;
         this.#pending.delete(frame.id);
         const reply = parseJson(frame.payload) as { error?: KernelErrorShape };
-        if (reply.error) waiter.reject(new KernelCallError(reply.error));
-        else waiter.resolve(reply);
+        if (reply.error) waiter(new KernelCallError(reply.error), undefined);
+        else waiter(null, reply);
         return;
       }
       case FrameType.EVENT: {
@@ -177,7 +188,7 @@ export class KernelClient {
 
   /** Without its kernel a guest has no network or children: end it rather than let it limp on. */
   #onChannelClosed(): void {
-    for (const waiter of this.#pending.values()) waiter.reject(new KernelCallError({ code: "EPIPE", message: "the VM kernel went away" }));
+    for (const waiter of this.#pending.values()) waiter(new KernelCallError({ code: "EPIPE", message: "the VM kernel went away" }), undefined);
     this.#pending.clear();
     for (const handler of this.#streams.values()) handler.close(true);
     this.#streams.clear();

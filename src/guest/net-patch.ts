@@ -11,7 +11,7 @@
  */
 import net from "node:net";
 import { CreditBatcher, WindowedWriter } from "./flow.ts";
-import { KernelCallError, systemError, type KernelClient, type StreamHandler } from "./kernel-client.ts";
+import { systemError, type KernelClient, type StreamHandler } from "./kernel-client.ts";
 
 const kKernel = Symbol("agentvm.kernelSocket");
 const kServer = Symbol("agentvm.kernelServer");
@@ -141,8 +141,14 @@ export function installNetPatch(kernel: KernelClient): void {
     this.connecting = true;
     this._host = host;
     kernel.ref();
-    kernel.call<{ id: number; localPort: number; remotePort: number; remoteAddress: string }>("connect", { host, port }).then(
-      (reply) => {
+    kernel.request<{ id: number; localPort: number; remotePort: number; remoteAddress: string }>("connect", { host, port }, (error, reply) => {
+      if (error) {
+        kernel.unref();
+        this.connecting = false;
+        this.destroy(systemError(error, "connect", { address: host, port }));
+        return;
+      }
+      {
         kernel.unref();
         if (this.destroyed) {
           kernel.sendClose(reply.id);
@@ -154,13 +160,8 @@ export function installNetPatch(kernel: KernelClient): void {
         attach(this, st, reply.id);
         this.emit("connect");
         this.emit("ready");
-      },
-      (error: KernelCallError) => {
-        kernel.unref();
-        this.connecting = false;
-        this.destroy(systemError(error, "connect", { address: host, port }));
-      },
-    );
+      }
+    });
     return this;
   };
 
@@ -334,8 +335,17 @@ export function installNetPatch(kernel: KernelClient): void {
     this._connectionKey = `${family === "IPv6" ? 6 : 4}:${address}:${requested}`;
     if (typeof callback === "function") this.once("listening", callback);
     kernel.ref();
-    kernel.call<{ port: number }>("listen", { port: requested, host }).then(
-      (reply) => {
+    kernel.request<{ port: number }>("listen", { port: requested, host }, (error, reply) => {
+      if (error) {
+        kernel.unref();
+        if (server[kServer] === srv) {
+          server._handle = null;
+          server._connectionKey = undefined;
+        }
+        server.emit("error", systemError(error, "listen", { address, port: requested }));
+        return;
+      }
+      {
         kernel.unref();
         if (server[kServer] !== srv || !server._handle) {
           void kernel.call("unlisten", { port: reply.port }).catch(() => {});
@@ -346,17 +356,10 @@ export function installNetPatch(kernel: KernelClient): void {
         if (srv.refed) kernel.ref();
         servers.set(reply.port, server);
         server._connectionKey = `${family === "IPv6" ? 6 : 4}:${address}:${reply.port}`;
-        server.emit("listening");
-      },
-      (error: KernelCallError) => {
-        kernel.unref();
-        if (server[kServer] === srv) {
-          server._handle = null;
-          server._connectionKey = undefined;
-        }
-        server.emit("error", systemError(error, "listen", { address, port: requested }));
-      },
-    );
+        // 'listening' is emitted on the next tick, as Node does; accepts may already arrive.
+        process.nextTick(() => server.emit("listening"));
+      }
+    });
     return this;
   };
 }
