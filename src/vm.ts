@@ -432,6 +432,7 @@ async function prepareRoot(root: string): Promise<void> {
     if (existing?.isSymbolicLink() && (await readlink(at)) === target) continue;
     if (!existing) await symlink(target, at);
   }
+  await symlink("/usr/share/zoneinfo/UTC", join(root, "etc/localtime")).catch(ignoreExists);
   await writeFile(join(root, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n", { flag: "wx" }).catch(ignoreExists);
   await writeFile(join(root, "etc/passwd"), `root:x:0:0:root:/root:/bin/sh\nagentos:x:${GUEST_UID}:${GUEST_UID}:agentos:/home/agentos:/bin/sh\n`, { flag: "wx" }).catch(ignoreExists);
   await writeFile(join(root, "etc/group"), `root:x:0:\nagentos:x:${GUEST_UID}:\n`, { flag: "wx" }).catch(ignoreExists);

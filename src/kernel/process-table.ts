@@ -84,6 +84,7 @@ const DEFAULT_ENV: Record<string, string> = {
   USER: "agentos",
   PATH: "/opt/node/bin:/usr/local/bin:/usr/bin:/bin",
   LANG: "C.UTF-8",
+  TZ: "UTC",
 };
 const EXITED_KEPT = 200;
 
@@ -192,10 +193,10 @@ export class ProcessTable implements ProcessServices {
   /** Ends every process and the pool; resolves when all have exited. */
   async dispose(): Promise<void> {
     this.#disposed = true;
-    this.#pool.drain(true);
+    const pool = this.#pool.drain(true);
     const running = [...this.#processes.values()].filter((process) => process.info.running);
     for (const process of running) process.guest.launched.child.kill("SIGKILL");
-    await Promise.all(running.map((process) => process.exited));
+    await Promise.all([pool, ...running.map((process) => process.exited)]);
   }
 
   // ProcessServices: what guests may ask for over their link.
@@ -389,7 +390,11 @@ export class ProcessTable implements ProcessServices {
       launched.stderr.off("data", collect);
       markReady();
     }
-    const closed = new Promise<[number | null, NodeJS.Signals | null]>((resolve) => launched.child.once("close", (code, signal) => resolve([code, signal])));
+    const closed = new Promise<[number | null, NodeJS.Signals | null]>((resolve) => {
+      launched.child.once("close", (code, signal) => resolve([code, signal]));
+      // A sandbox that never started emits no 'close' to wait for.
+      launched.child.once("error", () => launched.child.pid === undefined && resolve([null, null]));
+    });
     return {
       launched,
       link,

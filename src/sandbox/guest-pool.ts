@@ -11,6 +11,8 @@ export interface PooledGuest {
   ready: Promise<void>;
   /** Ends the guest (it was never handed out, or the pool is closing). */
   discard(): void;
+  /** Settles once the guest's sandbox has exited. */
+  closed: Promise<unknown>;
 }
 
 export class GuestPool<G extends PooledGuest> {
@@ -18,7 +20,7 @@ export class GuestPool<G extends PooledGuest> {
   readonly #idleMs: number;
   readonly #start: () => G;
   readonly #ready: G[] = [];
-  #starting = 0;
+  readonly #starting = new Set<G>();
   #idleTimer: NodeJS.Timeout | undefined;
   #closed = false;
 
@@ -43,42 +45,46 @@ export class GuestPool<G extends PooledGuest> {
   fill(): void {
     if (this.#closed || this.#size === 0) return;
     this.#armIdleTimer();
-    while (this.#ready.length + this.#starting < this.#size) {
-      this.#starting++;
+    while (this.#ready.length + this.#starting.size < this.#size) {
       let guest: G;
       try {
         guest = this.#start();
       } catch {
-        this.#starting--;
         return;
       }
+      this.#starting.add(guest);
       guest.ready.then(
         () => {
-          this.#starting--;
+          this.#starting.delete(guest);
           if (this.#closed) guest.discard();
           else this.#ready.push(guest);
         },
         () => {
           // A guest that failed to boot is not retried here: the next spawn
           // starts one directly and reports the real error.
-          this.#starting--;
+          this.#starting.delete(guest);
         },
       );
     }
   }
 
-  /** Ends every waiting guest; with `close`, the pool starts no more. */
-  drain(close = false): void {
+  /**
+   * Ends every waiting guest; with `close`, also those still booting, and the
+   * pool starts no more. Resolves once the ended guests have exited.
+   */
+  drain(close = false): Promise<void> {
     this.#closed ||= close;
     if (this.#idleTimer) clearTimeout(this.#idleTimer);
     this.#idleTimer = undefined;
-    for (const guest of this.#ready.splice(0)) guest.discard();
+    const ended = [...this.#ready.splice(0), ...(close ? this.#starting : [])];
+    for (const guest of ended) guest.discard();
+    return Promise.all(ended.map((guest) => guest.closed)).then(() => undefined);
   }
 
   #armIdleTimer(): void {
     if (this.#idleTimer) this.#idleTimer.refresh();
     else {
-      this.#idleTimer = setTimeout(() => this.drain(), this.#idleMs);
+      this.#idleTimer = setTimeout(() => void this.drain(), this.#idleMs);
       this.#idleTimer.unref();
     }
   }
