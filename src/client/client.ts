@@ -182,13 +182,14 @@ function openConnection(transport: Transport, url: string): VmConnection {
     for (const listener of listeners[event]) (listener as (value: unknown) => void)(payload);
   };
 
+  let disposed = false;
   const done = (async () => {
     const response = await transport.request(url, { method: "GET", headers: { accept: "text/event-stream" }, signal: controller.signal });
     const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {
       const { value, done: finished } = await reader.read();
-      if (finished) return;
+      if (finished) throw new AgentVmError("ECONNRESET", `the server ended the event connection ${url}`);
       buffer += value;
       let end: number;
       while ((end = buffer.indexOf("\n\n")) !== -1) {
@@ -204,12 +205,22 @@ function openConnection(transport: Transport, url: string): VmConnection {
         if (data) dispatch(event, data);
       }
     }
-  })().catch((error) => {
-    rejectReady(error);
-  });
+  })();
+  // Settles when the connection ends: resolves after dispose(), rejects when the server or network ended it.
+  const closed = done.then(
+    () => undefined,
+    (error: unknown) => {
+      rejectReady(error);
+      if (disposed) return;
+      if (error instanceof AgentVmError) throw error;
+      throw new AgentVmError("ECONNRESET", `the event connection ${url} failed: ${(error as Error)?.message ?? String(error)}`, { cause: error });
+    },
+  );
+  closed.catch(() => {});
 
   return {
     ready,
+    closed,
     on(event, listener) {
       listeners[event].add(listener);
       return () => listeners[event].delete(listener);
@@ -218,8 +229,9 @@ function openConnection(transport: Transport, url: string): VmConnection {
       listeners[event].delete(listener);
     },
     async dispose() {
+      disposed = true;
       controller.abort();
-      await done;
+      await closed.catch(() => {});
     },
   };
 }

@@ -26,6 +26,11 @@ export interface VmConnectionEvents {
 export interface VmConnection {
   /** Resolves once the server has opened the event stream (events after this are not missed). */
   readonly ready: Promise<void>;
+  /**
+   * Settles when the connection ends: resolves once dispose() closed it, rejects
+   * (ECONNRESET, SERVER_UNREACHABLE, …) when the server or the network ended it.
+   */
+  readonly closed: Promise<void>;
   on<E extends keyof VmConnectionEvents>(event: E, listener: (payload: VmConnectionEvents[E]) => void): () => void;
   off<E extends keyof VmConnectionEvents>(event: E, listener: (payload: VmConnectionEvents[E]) => void): void;
   /** Closes the connection. */
