@@ -25,7 +25,7 @@ import { launchGuest } from "./sandbox/launcher.ts";
 import { STREAM_WINDOW } from "./guest/protocol.ts";
 import { describe, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
 import type { ClientRequest, OutgoingHttpHeaders } from "node:http";
-import type { Duplex } from "node:stream";
+import type { Duplex, Readable } from "node:stream";
 
 export interface VmLimits {
   /** Processes running at once in the VM (default 32). */
@@ -269,6 +269,11 @@ export class Vm extends EventEmitter<VmEvents> {
   async vmFetchStream(port: number, path: string, init?: VmFetchInit): Promise<VmFetchStreamResponse> {
     this.#alive();
     return this.#fetcher.fetchStream(port, path, init);
+  }
+  /** vmFetchStream with the body as a Node Readable, for host code that pipes it on. */
+  vmFetchReadable(port: number, path: string, init?: VmFetchInit): Promise<Omit<VmFetchResponse, "body"> & { body: Readable }> {
+    this.#alive();
+    return this.#fetcher.fetchReadable(port, path, init);
   }
   /** A raw HTTP request into the VM (for proxies); see VmFetcher.request. */
   httpRequest(port: number, options: { method: string; path: string; headers: OutgoingHttpHeaders }): ClientRequest {

@@ -76,6 +76,12 @@ export class VmFetcher {
     return { ...this.#head(response), body: Readable.toWeb(response) as ReadableStream<Uint8Array> };
   }
 
+  /** Like fetchStream with the body as a Node Readable (no web-stream conversion, for host-side proxies). */
+  async fetchReadable(port: unknown, path: unknown, init?: unknown): Promise<Omit<VmFetchResponse, "body"> & { body: Readable }> {
+    const response = await this.#exchange(port, path, init);
+    return { ...this.#head(response), body: response };
+  }
+
   /**
    * A raw request into the VM for proxies that stream both ways (the preview
    * gateway): the caller writes the body and reads the response itself.
@@ -141,7 +147,8 @@ export class VmFetcher {
       else if (typeof body === "string" || body instanceof Uint8Array) request.end(body);
       else if (body instanceof ArrayBuffer) request.end(new Uint8Array(body));
       else {
-        const source = body instanceof ReadableStream ? Readable.fromWeb(body as import("node:stream/web").ReadableStream) : Readable.from(body);
+        const source =
+          body instanceof Readable ? body : body instanceof ReadableStream ? Readable.fromWeb(body as import("node:stream/web").ReadableStream) : Readable.from(body);
         source.once("error", (error) => request.destroy(error));
         source.pipe(request);
       }

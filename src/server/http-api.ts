@@ -11,7 +11,6 @@
  * errors from a guest's own responses on the fetch route.
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { Readable } from "node:stream";
 import { isVmAction } from "../actions.ts";
 import { AgentVmError, type ErrorCode } from "../errors.ts";
 import { CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
@@ -187,7 +186,7 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   response.once("close", release);
   try {
     const upstream = await actor.use((vm) =>
-      vm.vmFetchStream(port, path, { method: request.method ?? "GET", headers, body: hasBody ? (request as AsyncIterable<Uint8Array>) : null }),
+      vm.vmFetchReadable(port, path, { method: request.method ?? "GET", headers, body: hasBody ? (request as AsyncIterable<Uint8Array>) : null }),
     );
     const outHeaders: Record<string, string | string[]> = {};
     for (const [name, value] of Object.entries(upstream.headers)) {
@@ -196,7 +195,7 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
       outHeaders[outName] = name === "set-cookie" ? value.split("\n") : value;
     }
     response.writeHead(upstream.status, upstream.statusText, outHeaders);
-    const body = Readable.fromWeb(upstream.body as import("node:stream/web").ReadableStream<Uint8Array>);
+    const body = upstream.body;
     body.once("error", (error) => response.destroy(error));
     response.once("close", () => body.destroy());
     body.pipe(response);
