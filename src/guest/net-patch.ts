@@ -148,19 +148,17 @@ export function installNetPatch(kernel: KernelClient): void {
         this.destroy(systemError(error, "connect", { address: host, port }));
         return;
       }
-      {
-        kernel.unref();
-        if (this.destroyed) {
-          kernel.sendClose(reply.id);
-          return;
-        }
-        st.local.port = reply.localPort;
-        st.remote = { address: reply.remoteAddress, family: "IPv4", port: reply.remotePort };
-        this.connecting = false;
-        attach(this, st, reply.id);
-        this.emit("connect");
-        this.emit("ready");
+      kernel.unref();
+      if (this.destroyed) {
+        kernel.sendClose(reply.id);
+        return;
       }
+      st.local.port = reply.localPort;
+      st.remote = { address: reply.remoteAddress, family: "IPv4", port: reply.remotePort };
+      this.connecting = false;
+      attach(this, st, reply.id);
+      this.emit("connect");
+      this.emit("ready");
     });
     return this;
   };
@@ -342,23 +340,22 @@ export function installNetPatch(kernel: KernelClient): void {
           server._handle = null;
           server._connectionKey = undefined;
         }
-        server.emit("error", systemError(error, "listen", { address, port: requested }));
+        const failure = systemError(error, "listen", { address, port: requested });
+        process.nextTick(() => server.emit("error", failure));
         return;
       }
-      {
-        kernel.unref();
-        if (server[kServer] !== srv || !server._handle) {
-          void kernel.call("unlisten", { port: reply.port }).catch(() => {});
-          return;
-        }
-        srv.port = reply.port;
-        srv.bound = true;
-        if (srv.refed) kernel.ref();
-        servers.set(reply.port, server);
-        server._connectionKey = `${family === "IPv6" ? 6 : 4}:${address}:${reply.port}`;
-        // 'listening' is emitted on the next tick, as Node does; accepts may already arrive.
-        process.nextTick(() => server.emit("listening"));
+      kernel.unref();
+      if (server[kServer] !== srv || !server._handle) {
+        void kernel.call("unlisten", { port: reply.port }).catch(() => {});
+        return;
       }
+      srv.port = reply.port;
+      srv.bound = true;
+      if (srv.refed) kernel.ref();
+      servers.set(reply.port, server);
+      server._connectionKey = `${family === "IPv6" ? 6 : 4}:${address}:${reply.port}`;
+      // 'listening' is emitted on the next tick, as Node does; accepts may already arrive.
+      process.nextTick(() => server.emit("listening"));
     });
     return this;
   };
