@@ -93,6 +93,8 @@ export function installNetPatch(kernel: KernelClient): void {
       },
       end() {
         socket.push(null);
+        // As Node's own stream reader does on EOF: lets 'end' fire on a socket nobody reads.
+        socket.read(0);
       },
       close(reset) {
         st.kernelClosed = true;
@@ -154,7 +156,10 @@ export function installNetPatch(kernel: KernelClient): void {
         return;
       }
       st.local.port = reply.localPort;
-      st.remote = { address: reply.remoteAddress, family: "IPv4", port: reply.remotePort };
+      // The VM's loopback answers on both families; report the one the caller dialled.
+      const v6 = net.isIPv6(host);
+      if (v6) st.local = { address: "::1", family: "IPv6", port: reply.localPort };
+      st.remote = v6 ? { address: "::1", family: "IPv6", port: reply.remotePort } : { address: reply.remoteAddress, family: "IPv4", port: reply.remotePort };
       this.connecting = false;
       attach(this, st, reply.id);
       this.emit("connect");
@@ -293,7 +298,9 @@ export function installNetPatch(kernel: KernelClient): void {
       error.code = "ERR_SERVER_ALREADY_LISTEN";
       throw error;
     }
-    const requested = options.port === undefined || options.port === null ? 0 : Number(options.port);
+    // listen(cb) and listen(null, cb) pick a port, as in Node (normalizeArgs puts the callback in options.port).
+    const omitted = options.port === undefined || options.port === null || typeof args[0] === "function";
+    const requested = omitted ? 0 : Number(options.port);
     if (!Number.isInteger(requested) || requested < 0 || requested > 65535) {
       const error = new RangeError(`options.port should be >= 0 and < 65536. Received ${String(options.port)}.`) as RangeError & { code: string };
       error.code = "ERR_SOCKET_BAD_PORT";

@@ -14,8 +14,9 @@
  */
 import { promises as dns } from "node:dns";
 import net, { BlockList, isIP } from "node:net";
+import { networkInterfaces } from "node:os";
 import { AgentVmError } from "../errors.ts";
-import { canonicalAddress, decide, namesAddressExplicitly, namesHostAndPort, type NetworkPolicy, type Operation } from "./network-policy.ts";
+import { canonicalAddress, decide, mayAllowByAddress, namesAddressExplicitly, namesHostAndPort, type NetworkPolicy, type Operation } from "./network-policy.ts";
 
 export const HOST_ALIAS = "host.agentvm.internal";
 /**
@@ -42,8 +43,7 @@ for (const [base, bits] of [
   FLOOR.addSubnet(base, bits, "ipv4");
 }
 for (const [base, bits] of [
-  ["::", 128],
-  ["::1", 128],
+  ["::", 96], // unspecified, loopback and IPv4-compatible (::127.0.0.1)
   ["fc00::", 7],
   ["fe80::", 10],
   ["ff00::", 8],
@@ -55,7 +55,20 @@ for (const [base, bits] of [
 
 export function isFloorAddress(address: string): boolean {
   const canonical = canonicalAddress(address);
-  return canonical === undefined || FLOOR.check(canonical.address, canonical.family);
+  return canonical === undefined || FLOOR.check(canonical.address, canonical.family) || isHostInterfaceAddress(canonical.address, canonical.family);
+}
+
+/**
+ * The host's own interface addresses reach the host's services whatever range
+ * they are in (a public or documentation address on eth0 included), so they
+ * are refused like its loopback. Read on each check: interfaces change.
+ */
+function isHostInterfaceAddress(address: string, family: "ipv4" | "ipv6"): boolean {
+  const own = new BlockList();
+  for (const infos of Object.values(networkInterfaces())) {
+    for (const info of infos ?? []) own.addAddress(info.address, info.family === "IPv6" ? "ipv6" : "ipv4");
+  }
+  return own.check(address, family);
 }
 
 export interface Denial {
@@ -113,7 +126,15 @@ export class Egress {
       this.#check({ operation: "connect", host: HOST_ALIAS, port }, pid, "connect", () => namesHostAndPort(this.#options.policy, HOST_ALIAS, port), `${HOST_ALIAS} is reachable only on ports a rule names, e.g. patterns: ["${HOST_ALIAS}:${port}"]`);
       return this.#open("127.0.0.1", port, where);
     }
-    const address = isIP(host) ? host : (this.#options.hosts.get(host) ?? (await this.#resolveOne(host)));
+    let address = isIP(host) ? host : this.#options.hosts.get(host);
+    if (address === undefined) {
+      // A name the rules refuse is never sent to a resolver: the query itself would carry it out of the VM.
+      const early = decide(this.#options.policy, { operation: "connect", host, port });
+      if (!early.allow && (early.rule.startsWith("rules[") || !mayAllowByAddress(this.#options.policy, "connect", port))) {
+        this.#deny({ host, port }, pid, "connect", early.rule, "the network policy does not allow it");
+      }
+      address = await this.#resolveOne(host);
+    }
     const destination = { operation: "connect" as const, host, port, address };
     this.#check(destination, pid, "connect");
     if (isFloorAddress(address) && !namesAddressExplicitly(this.#options.policy, destination)) {

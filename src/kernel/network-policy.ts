@@ -22,15 +22,15 @@ export type NetworkPermission =
   | "deny"
   | {
       default?: "allow" | "deny";
-      rules: NetworkRule[];
+      rules: readonly NetworkRule[];
     };
 
 export interface NetworkRule {
   mode: "allow" | "deny";
   /** Default ["*"]. `fetch` and `http` are aliases of `connect`. */
-  operations?: ("connect" | "fetch" | "http" | "dns" | "listen" | "*")[];
+  operations?: readonly ("connect" | "fetch" | "http" | "dns" | "listen" | "*")[];
   /** Default ["*"]. `host`, `*.suffix`, `host:443`, `host:8000-9000`, an IP, a CIDR, `*`. */
-  patterns?: string[];
+  patterns?: readonly string[];
 }
 type Mode = "allow" | "deny";
 
@@ -229,9 +229,23 @@ export function decide(policy: NetworkPolicy, destination: Destination): Decisio
 export function namesAddressExplicitly(policy: NetworkPolicy, destination: Destination): boolean {
   return policy.rules.some((rule) => {
     if (rule.mode !== "allow") return false;
-    const pattern = matches(rule, destination);
-    return pattern !== undefined && pattern.host.kind === "address" && !/\/0$/.test(pattern.text);
+    // Only the rule's address patterns count, even when another of its patterns (a name) matches first.
+    const naming = rule.patterns.filter((pattern) => pattern.host.kind === "address" && !/\/0$/.test(pattern.text));
+    return naming.length > 0 && matches({ ...rule, patterns: naming }, destination) !== undefined;
   });
+}
+
+/**
+ * True when some allow rule for `operation` names an IP or CIDR that could hold
+ * this port: only then can a name the rules refuse be allowed once resolved.
+ */
+export function mayAllowByAddress(policy: NetworkPolicy, operation: Operation, port?: number): boolean {
+  return policy.rules.some(
+    (rule) =>
+      rule.mode === "allow" &&
+      (rule.operations.has("*") || rule.operations.has(operation)) &&
+      rule.patterns.some((pattern) => pattern.host.kind === "address" && (!pattern.ports || (port !== undefined && port >= pattern.ports[0] && port <= pattern.ports[1]))),
+  );
 }
 
 /** True when an allow rule names `host` exactly with a port range (holding `port`, when given). */

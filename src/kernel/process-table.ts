@@ -195,7 +195,7 @@ export class ProcessTable implements ProcessServices {
     this.#disposed = true;
     const pool = this.#pool.drain(true);
     const running = [...this.#processes.values()].filter((process) => process.info.running);
-    for (const process of running) process.guest.launched.child.kill("SIGKILL");
+    for (const process of running) void process.guest.launched.kill();
     await Promise.all([pool, ...running.map((process) => process.exited)]);
   }
 
@@ -402,7 +402,7 @@ export class ProcessTable implements ProcessServices {
       ready,
       bootLog: () => bootLog,
       discard: () => {
-        launched.child.kill("SIGKILL");
+        void launched.kill();
       },
     };
   }
@@ -423,7 +423,7 @@ export class ProcessTable implements ProcessServices {
   async #signal(process: GuestProcess, signal: string): Promise<void> {
     const { launched } = process.guest;
     if (signal === "SIGKILL") {
-      launched.child.kill("SIGKILL");
+      await launched.kill();
       return;
     }
     const init = await launched.sandboxPid;
@@ -438,7 +438,7 @@ export class ProcessTable implements ProcessServices {
     }
     try {
       if (target !== undefined) globalThis.process.kill(target, signal as NodeJS.Signals);
-      else launched.child.kill("SIGKILL");
+      else void launched.kill();
     } catch {
       // It exited in the meantime.
     }

@@ -87,7 +87,12 @@ export class StreamEnd {
   }
 
   write(chunk: Buffer): void {
-    if (!this.writable) return; // like TCP after RST: the bytes go nowhere
+    if (!this.writable) {
+      // Like TCP: bytes sent to a peer that closed draw a reset, which the writer
+      // learns about on a later turn (never inside its own write call).
+      if (this.#state === "open" && this.#peer.closed) queueMicrotask(() => this.closed || this.#abort());
+      return; // the bytes go nowhere
+    }
     if (this.#inFlight + chunk.byteLength > this.#window) {
       this.reset();
       throw new AgentVmError(
@@ -119,15 +124,25 @@ export class StreamEnd {
     if (!peer.closed && granted > 0) peer.#owner.credit(granted);
   }
 
-  /** The owner is done with this end: graceful when both directions ended, else a reset. */
+  /**
+   * The owner is done with this end, as close(2) is: the peer sees the end of the
+   * stream (FIN) — or, when bytes it sent were never consumed here, a reset (RST).
+   * A peer that writes after a FIN is reset then (see write).
+   */
   close(): void {
     if (this.closed) return;
+    const peer = this.#peer;
     const graceful = this.#state === "writeEnded" && this.#peerEnded;
+    const unread = peer.#inFlight > 0;
+    const wasOpen = this.#state === "open";
     this.#release();
-    if (!this.#peer.closed) {
-      if (graceful) this.#peer.#closeIfFinished();
-      else this.#peer.#abort();
+    if (peer.closed) return;
+    if (!graceful && unread) return peer.#abort();
+    if (wasOpen) {
+      peer.#peerEnded = true;
+      peer.#owner.end();
     }
+    peer.#closeIfFinished();
   }
 
   reset(): void {

@@ -24,16 +24,23 @@ export class HostSocket extends Duplex {
   #timer: NodeJS.Timeout | undefined;
   #timeoutMs = 0;
 
-  /** Connects synchronously; throws ECONNREFUSED when nothing listens on `port`. */
-  constructor(sockets: SocketTable, port: number) {
-    super({ allowHalfOpen: true, emitClose: true, autoDestroy: true });
+  /**
+   * Connects synchronously; throws ECONNREFUSED when nothing listens on `port`.
+   * `allowHalfOpen: false` ends this side when the guest ends its side, as a
+   * net.Socket does by default (what http.Agent needs to drop closed idle sockets).
+   */
+  constructor(sockets: SocketTable, port: number, options: { allowHalfOpen?: boolean } = {}) {
+    super({ allowHalfOpen: options.allowHalfOpen ?? true, emitClose: true, autoDestroy: true });
     const owner: StreamOwner = {
       data: (chunk) => {
         this.#touch();
         if (this.push(chunk)) this.#credit.consumed(chunk.byteLength);
         else this.#held += chunk.byteLength;
       },
-      end: () => this.push(null),
+      end: () => {
+        this.push(null);
+        this.read(0); // lets 'end' fire on a socket nobody reads (an idle keep-alive one)
+      },
       close: (reset) => {
         this.#writer.abort(new AgentVmError("ECONNRESET", `the connection to port ${port} in the VM was closed`));
         if (reset && !this.destroyed) {

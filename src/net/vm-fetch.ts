@@ -52,7 +52,7 @@ export class VmFetcher {
       callback: (error: Error | null, socket?: HostSocket) => void,
     ) => {
       try {
-        return new HostSocket(this.#sockets, Number(options.port));
+        return new HostSocket(this.#sockets, Number(options.port), { allowHalfOpen: false });
       } catch (error) {
         callback(this.#refused(Number(options.port), error));
         return undefined;
@@ -124,8 +124,11 @@ export class VmFetcher {
     if (body !== null && !isBody(body)) {
       throw new AgentVmError("INVALID_ARGUMENT", `init.body must be a string, Uint8Array, ArrayBuffer, ReadableStream or async iterable, got ${describe(body)}`);
     }
-    if (init.timeoutMs !== undefined && !(typeof init.timeoutMs === "number" && init.timeoutMs > 0)) {
+    if (init.timeoutMs !== undefined && !(typeof init.timeoutMs === "number" && Number.isFinite(init.timeoutMs) && init.timeoutMs > 0)) {
       throw new AgentVmError("INVALID_ARGUMENT", `init.timeoutMs must be a positive number of milliseconds, got ${describe(init.timeoutMs)}`);
+    }
+    if (init.signal !== undefined && !(init.signal instanceof AbortSignal)) {
+      throw new AgentVmError("INVALID_ARGUMENT", `init.signal must be an AbortSignal, got ${describe(init.signal)}`);
     }
     if (!this.#sockets.hasListener(port)) return Promise.reject(this.#refused(port));
     const hasLength = Object.keys(headers).some((name) => name.toLowerCase() === "content-length");
@@ -183,7 +186,10 @@ function normalizePath(path: string): string {
     return `${url.pathname}${url.search}`;
   }
   if (/[\s]/.test(path)) throw new AgentVmError("INVALID_ARGUMENT", `path must not contain whitespace; encode it (got ${JSON.stringify(path)})`);
-  return path.startsWith("/") ? path : `/${path}`;
+  if (!path.isWellFormed()) throw new AgentVmError("INVALID_ARGUMENT", `path contains a lone surrogate (got ${JSON.stringify(path)})`);
+  // Non-ASCII goes out percent-encoded as UTF-8, as fetch() and browsers send it.
+  const encoded = path.replace(/[^\x21-\x7e]+/g, (run) => encodeURIComponent(run));
+  return encoded.startsWith("/") ? encoded : `/${encoded}`;
 }
 
 function normalizeHeaders(headers: VmFetchInit["headers"]): OutgoingHttpHeaders & Record<string, string> {
@@ -198,6 +204,7 @@ function normalizeHeaders(headers: VmFetchInit["headers"]): OutgoingHttpHeaders 
     }
     const text = String(value);
     if (/[\r\n\0]/.test(text)) throw new AgentVmError("INVALID_ARGUMENT", `init.headers.${name} must not contain CR, LF or NUL`);
+    if (/[^\t\x20-\x7e\x80-\xff]/.test(text)) throw new AgentVmError("INVALID_ARGUMENT", `init.headers.${name} must hold Latin-1 text only; encode other characters`);
     out[name] = text;
   }
   return out;

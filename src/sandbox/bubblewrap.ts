@@ -104,6 +104,9 @@ export function bubblewrapArgs(layout: SandboxLayout): string[] {
     GUEST_PRELOAD_DIR,
     "--proc",
     "/proc",
+    // Read-only: a writable /proc/self/mem lets a guest patch its own code, outside Node's permission model.
+    "--remount-ro",
+    "/proc",
     "--dev",
     "/dev",
     "--chdir",

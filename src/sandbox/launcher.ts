@@ -67,6 +67,13 @@ export interface LaunchedGuest {
   channel: Duplex;
   /** Host pid of the sandbox's init process, once bubblewrap reports it. */
   sandboxPid: Promise<number | undefined>;
+  /**
+   * SIGKILLs the whole sandbox. Use this, not `child.kill`: bubblewrap arms
+   * --die-with-parent only after it forked, so a sandbox whose bubblewrap is
+   * killed while starting lives on (and holds the stdio open). Killing its init
+   * (pid 1 of its PID namespace) ends every process inside.
+   */
+  kill(): Promise<void>;
 }
 
 let setprivPath: string | null | undefined;
@@ -143,6 +150,7 @@ export function launchGuest(request: LaunchRequest): LaunchedGuest {
     info.on("close", () => resolve(undefined));
     info.on("error", () => resolve(undefined));
   });
+  const running = () => child.exitCode === null && child.signalCode === null;
   return {
     child,
     stdin: child.stdin!,
@@ -150,5 +158,18 @@ export function launchGuest(request: LaunchRequest): LaunchedGuest {
     stderr: child.stderr!,
     channel: child.stdio[3] as Duplex,
     sandboxPid,
+    async kill() {
+      // bubblewrap reports the init's pid right after forking it (or closes the fd if it dies first).
+      const init = running() ? await sandboxPid : undefined;
+      // While bubblewrap runs, its init is alive or an unreaped zombie, so the pid is still its own.
+      if (init !== undefined && running()) {
+        try {
+          process.kill(init, "SIGKILL");
+        } catch {
+          // Already gone.
+        }
+      }
+      child.kill("SIGKILL");
+    },
   };
 }
