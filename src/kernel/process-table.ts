@@ -52,7 +52,7 @@ export interface ProcessTableOptions {
 }
 
 /** Flags that would widen a guest's permissions, open a debugger or run a shell (`--run`): never passed to a guest node. */
-const FORBIDDEN_NODE_FLAGS = /^--(allow-|permission|experimental-permission|inspect|debug|security-revert|openssl|experimental-addon|snapshot-blob|build-snapshot|experimental-config-file|experimental-default-config-file|env-file|run\b)/;
+const FORBIDDEN_NODE_FLAGS = /^--(allow-|permission|experimental-permission|inspect|debug|security-revert|openssl|experimental-addon|snapshot-blob|build-snapshot|experimental-config-file|experimental-default-config-file|env-file|run\b|expose-internals|expose_internals)/;
 /** The same, anywhere in NODE_OPTIONS (which allows quoting, so a token may start with a quote). */
 const FORBIDDEN_IN_NODE_OPTIONS = new RegExp(`(^|[\\s"'])${FORBIDDEN_NODE_FLAGS.source.slice(1)}[^\\s"']*`);
 /** Environment variables that make the loader or OpenSSL load a library of the guest's choosing. */

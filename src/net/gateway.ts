@@ -63,14 +63,18 @@ export class PreviewGateway {
   handleRequest(request: IncomingMessage, response: ServerResponse): boolean {
     const target = this.#target(request);
     if (!target) return false;
-    void this.#serve(request, response, target);
+    // A failure here must not become an unhandled rejection (which ends the server process).
+    this.#serve(request, response, target).catch((error: unknown) => {
+      if (response.headersSent) return void response.destroy();
+      this.#page(response, 502, "Preview error", `The gateway could not pass this request on: ${AgentVmError.from(error).message}`);
+    });
     return true;
   }
 
   handleUpgrade(request: IncomingMessage, socket: Duplex, head: Buffer): boolean {
     const target = this.#target(request);
     if (!target) return false;
-    void this.#relay(request, socket, head, target);
+    this.#relay(request, socket, head, target).catch(() => socket.destroy());
     return true;
   }
 
@@ -211,7 +215,12 @@ export class PreviewGateway {
     headers.host = local;
     // The token must not reach the guest: rewrite what would carry it.
     if (typeof headers.origin === "string" && headers.origin !== "null") headers.origin = `http://${local}`;
-    if (typeof headers.referer === "string") headers.referer = this.#localReferer(headers.referer, local, target);
+    if (typeof headers.referer === "string") {
+      // Dropped, not set to undefined: http.request throws on an undefined header value.
+      const referer = this.#localReferer(headers.referer, local, target);
+      if (referer === undefined) delete headers.referer;
+      else headers.referer = referer;
+    }
     const encrypted = Boolean((request.socket as { encrypted?: boolean }).encrypted);
     const forwardedFor = request.headers["x-forwarded-for"];
     headers["x-forwarded-for"] = [forwardedFor, request.socket.remoteAddress].filter(Boolean).join(", ");
@@ -221,7 +230,11 @@ export class PreviewGateway {
     return headers;
   }
 
-  /** A Referer from the preview itself is rewritten to the guest's view; one from another preview is dropped. */
+  /**
+   * A Referer from the preview itself is rewritten to the guest's view; one from another preview is dropped.
+   * Decided by what the URL carries, not by its host: the gateway answers under several names
+   * (localhost, 127.0.0.1, [::1], a proxy's), and a Referer naming another of them still holds the token.
+   */
   #localReferer(referer: string, local: string, target: Target): string | undefined {
     let url: URL;
     try {
@@ -229,12 +242,12 @@ export class PreviewGateway {
     } catch {
       return undefined;
     }
-    const fromGateway = url.host.toLowerCase() === target.publicHost || url.hostname.toLowerCase().endsWith(`.${this.#previewHost}`);
-    if (!fromGateway) return referer;
-    if (url.hostname.toLowerCase().endsWith(`.${this.#previewHost}`)) {
-      return url.hostname.toLowerCase() === `${target.token}.${this.#previewHost}` ? `http://${local}${url.pathname}${url.search}` : undefined;
+    const hostname = url.hostname.toLowerCase();
+    if (hostname.endsWith(`.${this.#previewHost}`)) {
+      return hostname === `${target.token}.${this.#previewHost}` ? `http://${local}${url.pathname}${url.search}` : undefined;
     }
-    if (target.prefix && url.pathname.startsWith(`${target.prefix}/`)) return `http://${local}${url.pathname.slice(target.prefix.length)}${url.search}`;
+    const own = `/preview/${target.token}`;
+    if (url.pathname === own || url.pathname.startsWith(`${own}/`)) return `http://${local}${url.pathname.slice(own.length) || "/"}${url.search}`;
     return url.pathname.startsWith("/preview/") ? undefined : referer;
   }
 

@@ -171,9 +171,14 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     store.close();
     throw error;
   }
+  // Upgraded sockets (preview WebSockets) leave the HTTP server's bookkeeping, so
+  // closeAllConnections does not end them and server.close would wait for them forever.
+  const upgraded = new Set<Duplex>();
   for (const server of servers) {
     server.on("upgrade", (request: IncomingMessage, socket: Duplex, head: Buffer) => {
-      if (!gateway.handleUpgrade(request, socket, head)) socket.destroy();
+      if (closing || !gateway.handleUpgrade(request, socket, head)) return void socket.destroy();
+      upgraded.add(socket);
+      socket.once("close", () => upgraded.delete(socket));
     });
   }
   const boundPort = (servers[0]!.address() as { port: number }).port;
@@ -186,6 +191,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       clearInterval(sweep);
       process.off("SIGINT", onSignal);
       process.off("SIGTERM", onSignal);
+      for (const socket of upgraded) socket.destroy();
       await Promise.all(
         servers.map(
           (server) =>
