@@ -95,6 +95,8 @@ class KernelChildProcess extends EventEmitter {
         if (--remaining === 0) close();
       });
       stream.once("end", () => stream.destroy());
+      // Like Node's flushStdio: output nobody listens to is drained, so it ends and 'close' can follow.
+      if (stream.listenerCount("data") === 0 && stream.listenerCount("readable") === 0) stream.resume();
     }
   }
 
