@@ -14,6 +14,16 @@ import { installTlsPatch } from "./tls-patch.ts";
 
 export const KERNEL_FD = 3;
 
+// Defence in depth: the host refuses flags and variables that widen a guest's
+// permissions, but should a new way appear, a guest that holds any grant beyond
+// the filesystem stops here, before user code runs.
+const permission = (process as { permission?: { has(scope: string): boolean } }).permission;
+const widened = ["net", "child", "worker", "addon", "wasi", "inspector"].filter((scope) => !permission || permission.has(scope));
+if (widened.length > 0) {
+  process.stderr.write(`agentvm: refusing to run with permissions beyond the VM's (${permission ? widened.join(", ") : "no permission model"})\n`);
+  process.exit(126);
+}
+
 export const kernel = new KernelClient(KERNEL_FD);
 installNetPatch(kernel);
 installTlsPatch();

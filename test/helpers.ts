@@ -1,0 +1,141 @@
+/**
+ * Shared helpers for end-to-end tests: real VMs, real guests, no mocks.
+ * Keep this file small and stable; several test files import it.
+ */
+import { after } from "node:test";
+import { mkdtemp, realpath, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createVm, type CreateVmOptions, type Vm, type VmFetchInit, type VmFetchResponse } from "agentvm";
+
+const vms: Vm[] = [];
+const dirs: string[] = [];
+// One hook for the whole test file, registered when this module loads (so at top
+// level): VMs first, then their directories. `after()` called later, from inside
+// a `before()` hook, would run as soon as that hook ends.
+after(async () => {
+  await Promise.all(vms.splice(0).map((vm) => vm.dispose()));
+  await Promise.all(dirs.splice(0).map((dir) => rm(dir, { recursive: true, force: true })));
+});
+
+/** A fresh data directory for this test file, removed when the file's tests end. */
+export async function tempDataDir(prefix = "agentvm-test-"): Promise<string> {
+  const dir = await realpath(await mkdtemp(join(tmpdir(), prefix)));
+  dirs.push(dir);
+  return dir;
+}
+
+/**
+ * createVm with test defaults (`limits.poolSize: 1`); the VM is disposed when
+ * the file's tests end (dispose it earlier yourself if you like).
+ */
+export async function testVm(dataDir: string, options: Partial<CreateVmOptions> = {}): Promise<Vm> {
+  const vm = await createVm({ ...options, dataDir, limits: { poolSize: 1, ...options.limits } });
+  vms.push(vm);
+  return vm;
+}
+
+export interface CollectedOutput {
+  readonly stdout: string;
+  readonly stderr: string;
+  /** stdout and stderr interleaved in arrival order. */
+  readonly all: string;
+  /** Stops listening. */
+  stop(): void;
+}
+
+/**
+ * Gathers processOutput text for one pid. Start it right after spawn resolves:
+ * the guest's program runs only after spawn returns its pid, and output is
+ * delivered on a later turn of the event loop.
+ */
+export function collectOutput(vm: Vm, pid: number): CollectedOutput {
+  const out = { stdout: "", stderr: "", all: "" };
+  const decoders = { stdout: new TextDecoder(), stderr: new TextDecoder() };
+  const listener = (event: { pid: number; stream: "stdout" | "stderr"; data: Uint8Array }) => {
+    if (event.pid !== pid) return;
+    const text = decoders[event.stream].decode(event.data, { stream: true });
+    out[event.stream] += text;
+    out.all += text;
+  };
+  vm.on("processOutput", listener);
+  return {
+    get stdout() {
+      return out.stdout;
+    },
+    get stderr() {
+      return out.stderr;
+    },
+    get all() {
+      return out.all;
+    },
+    stop: () => vm.off("processOutput", listener),
+  };
+}
+
+/** Polls `check` until it returns a truthy value or the deadline passes. */
+export async function waitFor<T>(check: () => T | Promise<T>, what: string, timeoutMs = 10_000, intervalMs = 20): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value) return value as NonNullable<T>;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, intervalMs));
+  }
+}
+
+/**
+ * Resolves with the match once the pid's output (stdout and stderr) matches
+ * `regex`; fails with the output so far, or early if the process exits first.
+ * It sees output from the moment it is called: call it right after spawn
+ * resolves (no other await in between), or use collectOutput + waitFor.
+ */
+export async function waitForOutput(vm: Vm, pid: number, regex: RegExp, timeoutMs = 10_000): Promise<RegExpMatchArray> {
+  const output = collectOutput(vm, pid);
+  let exited: number | undefined;
+  const onExit = (event: { pid: number; exitCode: number }) => {
+    if (event.pid === pid) exited = event.exitCode;
+  };
+  vm.on("processExit", onExit);
+  try {
+    return await waitFor(
+      () => {
+        const match = output.all.match(regex);
+        if (match) return match;
+        // Output is emitted before exit, so no match by now means none will come.
+        if (exited !== undefined) throw new Error(`process ${pid} exited with ${exited} before printing ${regex}; output: ${output.all}`);
+        return null;
+      },
+      `process ${pid} to print ${regex} (output so far: ${JSON.stringify(output.all.slice(-500))})`,
+      timeoutMs,
+    );
+  } finally {
+    output.stop();
+    vm.off("processExit", onExit);
+  }
+}
+
+/** vmFetch, retried while nothing listens on the port yet (ECONNREFUSED). */
+export async function waitForPort(vm: Vm, port: number, path = "/", timeoutMs = 10_000, init?: VmFetchInit): Promise<VmFetchResponse> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await vm.vmFetch(port, path, init);
+    } catch (error) {
+      if ((error as { code?: unknown }).code !== "ECONNREFUSED" || Date.now() > deadline) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+}
+
+/** Awaits a promise expected to reject; returns the error with its `code`. */
+export async function rejection(promise: Promise<unknown> | (() => unknown)): Promise<Error & { code?: string }> {
+  try {
+    await (typeof promise === "function" ? promise() : promise);
+  } catch (error) {
+    return error as Error & { code?: string };
+  }
+  throw new Error("expected a rejection, but it resolved");
+}
+
+export const text = (bytes: Uint8Array): string => Buffer.from(bytes).toString("utf8");

@@ -1,0 +1,433 @@
+/**
+ * End to end: processes in a VM. Every guest is a real Node.js process in the
+ * real sandbox; nothing is mocked.
+ */
+import { describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { readdir, readFile } from "node:fs/promises";
+import type { Vm } from "agentvm";
+import { collectOutput, rejection, tempDataDir, testVm, text, waitFor, waitForOutput, waitForPort } from "./helpers.ts";
+
+// Set before any VM exists: a guest must never see the host's environment.
+const CANARY = "AGENTVM_TEST_HOST_CANARY";
+process.env[CANARY] = "host-secret-value";
+
+const dataDir = await tempDataDir("agentvm-processes-");
+const vm = await testVm(dataDir, { name: "procs" });
+/** Variables the VM itself sets (TZ: guests run in UTC unless told otherwise). */
+const GUEST_ENV_KEYS = new Set(["HOME", "USER", "PATH", "LANG", "PWD", "TZ"]);
+
+/** Runs a program to completion and returns its exit code and output. */
+async function run(
+  args: string[],
+  options: { cwd?: string; env?: Record<string, string> } = {},
+  target: Vm = vm,
+): Promise<{ pid: number; code: number; stdout: string; stderr: string }> {
+  const { pid } = await target.spawn("node", args, options);
+  const output = collectOutput(target, pid);
+  const code = await target.waitProcess(pid);
+  await new Promise((resolve) => setImmediate(resolve));
+  output.stop();
+  return { pid, code, stdout: output.stdout, stderr: output.stderr };
+}
+
+async function script(name: string, source: string): Promise<string> {
+  const path = `/home/agentos/${name}`;
+  await vm.writeFile(path, source);
+  return path;
+}
+
+async function assertRejects(promise: Promise<unknown>, code: string, ...mentions: (string | RegExp)[]): Promise<void> {
+  // A promise, not a function: methods returning promises must reject, not throw.
+  const error = await rejection(promise);
+  assert.equal(error.code, code, `expected ${code}, got ${error.code}: ${error.message}`);
+  for (const mention of mentions) assert.match(error.message, typeof mention === "string" ? new RegExp(escape(mention)) : mention);
+}
+
+const escape = (value: string) => value.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+describe("vm processes", () => {
+  it("pids are VM-local, count from 1, and are the guest's process.pid", async () => {
+    const pidVm = await testVm(dataDir, { name: "pids" });
+    await pidVm.writeFile("/home/agentos/pid.js", "console.log(`pid=${process.pid} ppid=${process.ppid}`);\n");
+    const first = await run(["pid.js"], {}, pidVm);
+    const second = await run(["-e", "console.log(`pid=${process.pid} ppid=${process.ppid}`)"], {}, pidVm);
+    const third = await run(["pid.js"], {}, pidVm);
+    assert.deepEqual([first.pid, second.pid, third.pid], [1, 2, 3]);
+    assert.equal(first.stdout, "pid=1 ppid=0\n", first.stderr);
+    assert.equal(second.stdout, "pid=2 ppid=0\n", second.stderr);
+    assert.equal(third.stdout, "pid=3 ppid=0\n", third.stderr);
+    // Another VM counts on its own.
+    const other = await run(["-e", "console.log(process.pid)"]);
+    assert.ok(other.pid >= 1);
+  });
+
+  it("waitProcess returns the exit code: 0, process.exit(3), 1 for a throw, process.exitCode", async () => {
+    const zero = await run(["-e", "console.log('fine')"]);
+    assert.equal(zero.code, 0, zero.stderr);
+    await script("exit3.js", "setTimeout(() => process.exit(3), 10);\n");
+    assert.equal((await run(["exit3.js"])).code, 3);
+    await script("throws.js", "throw new Error('boom from the guest');\n");
+    const thrown = await run(["throws.js"]);
+    assert.equal(thrown.code, 1);
+    assert.match(thrown.stderr, /boom from the guest/);
+    await script("exitcode.js", "process.exitCode = 7;\n");
+    assert.equal((await run(["exitcode.js"])).code, 7);
+    await script("reject.mjs", "await Promise.reject(new Error('unhandled rejection here'));\n");
+    const rejected = await run(["reject.mjs"]);
+    assert.equal(rejected.code, 1);
+    assert.match(rejected.stderr, /unhandled rejection here/);
+  });
+
+  it("emits output events tagged stdout and stderr, and a processExit event", async () => {
+    await script("streams.js", "process.stdout.write('to-out\\n'); process.stderr.write('to-err\\n'); console.error('more-err'); console.log('more-out');\n");
+    const exits: { pid: number; exitCode: number }[] = [];
+    const onExit = (event: { pid: number; exitCode: number }) => exits.push(event);
+    vm.on("processExit", onExit);
+    try {
+      const result = await run(["streams.js"]);
+      assert.equal(result.stdout, "to-out\nmore-out\n");
+      assert.equal(result.stderr, "to-err\nmore-err\n");
+      await waitFor(() => exits.some((event) => event.pid === result.pid), "the processExit event");
+      assert.deepEqual(exits.find((event) => event.pid === result.pid), { pid: result.pid, exitCode: 0 });
+    } finally {
+      vm.off("processExit", onExit);
+    }
+  });
+
+  it("passes argv, env and cwd to the guest (pooled and direct start)", async () => {
+    await vm.mkdir("/srv/app", { recursive: true });
+    const probe = "console.log(JSON.stringify({ argv: process.argv, env: process.env, cwd: process.cwd(), main: require.main === module }))";
+    await vm.writeFile("/srv/app/probe.js", `${probe};\n`);
+    const pooled = await run(["probe.js", "one", "two words", "--flag"], { cwd: "/srv/app", env: { FOO: "bar", EMPTY: "" } });
+    assert.equal(pooled.code, 0, pooled.stderr);
+    const seen = JSON.parse(pooled.stdout) as { argv: string[]; env: Record<string, string>; cwd: string; main: boolean };
+    assert.deepEqual(seen.argv.slice(1), ["/srv/app/probe.js", "one", "two words", "--flag"]);
+    assert.equal(seen.cwd, "/srv/app");
+    assert.equal(seen.main, true, "require.main === module in a guest script");
+    assert.equal(seen.env.FOO, "bar");
+    assert.equal(seen.env.EMPTY, "");
+    assertNoHostEnv(seen.env, ["FOO", "EMPTY"]);
+
+    // A node flag before the script starts node directly with the user's command line.
+    const direct = await run(["--no-warnings", "/srv/app/probe.js", "x"], { cwd: "/srv/app", env: { FOO: "direct" } });
+    assert.equal(direct.code, 0, direct.stderr);
+    const seenDirect = JSON.parse(direct.stdout) as typeof seen;
+    assert.deepEqual(seenDirect.argv.slice(1), ["/srv/app/probe.js", "x"]);
+    assert.equal(seenDirect.cwd, "/srv/app");
+    assert.equal(seenDirect.main, true);
+    assert.equal(seenDirect.env.FOO, "direct");
+    assertNoHostEnv(seenDirect.env, ["FOO"]);
+
+    // A relative cwd is under /home/agentos; a guest-provided HOME/PATH wins over the defaults.
+    await vm.mkdir("/home/agentos/sub", { recursive: true });
+    const relative = await run(["-e", "console.log(process.cwd(), process.env.PATH)"], { cwd: "sub", env: { PATH: "/custom/bin" } });
+    assert.equal(relative.stdout, "/home/agentos/sub /custom/bin\n", relative.stderr);
+  });
+
+  it("node -e, node -p and ESM programs run", async () => {
+    const evaluated = await run(["-e", "console.log(21 * 2, typeof require, process.argv.length)", "arg1"]);
+    assert.equal(evaluated.stdout, "42 function 2\n", evaluated.stderr);
+    const printed = await run(["-p", "'printed ' + (1 + 1)"]);
+    assert.equal(printed.stdout, "printed 2\n", printed.stderr);
+    await vm.writeFile("/home/agentos/esm/util.mjs", "export default function shout(s) { return s.toUpperCase(); }\n");
+    await vm.writeFile(
+      "/home/agentos/esm/main.mjs",
+      "import shout from './util.mjs';\nimport { basename } from 'node:path';\nconsole.log(shout('esm works'), basename(import.meta.filename), process.pid > 0);\n",
+    );
+    const esm = await run(["esm/main.mjs"]);
+    assert.equal(esm.stdout, "ESM WORKS main.mjs true\n", esm.stderr);
+  });
+
+  it("stdin: writeProcessStdin and closeProcessStdin reach a guest that echoes", async () => {
+    await script(
+      "echo.js",
+      "let got = ''; process.stdin.setEncoding('utf8');\n" +
+        "process.stdin.on('data', (d) => { got += d; process.stdout.write('echo:' + d.toUpperCase()); });\n" +
+        "process.stdin.on('end', () => { console.log('\\nEND ' + got.length); });\n",
+    );
+    const { pid } = await vm.spawn("node", ["echo.js"]);
+    const output = collectOutput(vm, pid);
+    try {
+      await vm.writeProcessStdin(pid, "hello ");
+      await waitFor(() => output.stdout.includes("echo:HELLO "), "the first echo");
+      await vm.writeProcessStdin(pid, new TextEncoder().encode("bytes\n"));
+      vm.closeProcessStdin(pid);
+      assert.equal(await vm.waitProcess(pid), 0, output.stderr);
+      await waitFor(() => output.stdout.includes("END"), "the end marker");
+      assert.match(output.stdout, /echo:HELLO echo:BYTES\n\nEND 12\n$/);
+    } finally {
+      output.stop();
+    }
+    await assertRejects(vm.writeProcessStdin(pid, "late"), "EPIPE", `${pid}`);
+  });
+
+  it("killProcess: SIGTERM → 143, a SIGTERM handler can clean up and exit 0, SIGKILL → 137", async () => {
+    await script("idle.js", "console.log('ready'); setInterval(() => {}, 1000);\n");
+    const term = await vm.spawn("node", ["idle.js"]);
+    await waitForOutput(vm, term.pid, /ready/);
+    await vm.killProcess(term.pid, "SIGTERM");
+    assert.equal(await vm.waitProcess(term.pid), 143);
+
+    await script(
+      "graceful.js",
+      "const fs = require('fs');\n" +
+        "process.on('SIGTERM', () => { fs.writeFileSync('/home/agentos/cleaned-up.txt', 'bye'); console.log('cleaning'); process.exit(0); });\n" +
+        "console.log('ready'); setInterval(() => {}, 1000);\n",
+    );
+    const graceful = await vm.spawn("node", ["graceful.js"]);
+    await waitForOutput(vm, graceful.pid, /ready/);
+    await vm.killProcess(graceful.pid); // SIGTERM is the default
+    assert.equal(await vm.waitProcess(graceful.pid), 0);
+    assert.equal(text(await vm.readFile("/home/agentos/cleaned-up.txt")), "bye");
+
+    // SIGKILL cannot be handled; a numeric signal works too.
+    await script("stubborn.js", "process.on('SIGTERM', () => {}); console.log('ready'); setInterval(() => {}, 1000);\n");
+    const killed = await vm.spawn("node", ["stubborn.js"]);
+    await waitForOutput(vm, killed.pid, /ready/);
+    await vm.killProcess(killed.pid, 9);
+    assert.equal(await vm.waitProcess(killed.pid), 137);
+    const info = vm.listProcesses().find((process) => process.pid === killed.pid);
+    assert.equal(info?.signal, "SIGKILL");
+
+    await assertRejects(vm.killProcess(killed.pid, "SIGNOPE"), "INVALID_ARGUMENT", "SIGNOPE");
+    // Killing a process that already exited is a no-op.
+    await vm.killProcess(killed.pid, "SIGKILL");
+  });
+
+  it("listProcesses shows running and exited processes with exit codes", async () => {
+    const runner = await vm.spawn("node", ["idle.js"], { env: { ROLE: "runner" } });
+    await waitForOutput(vm, runner.pid, /ready/);
+    const done = await run(["-e", "process.exit(5)"]);
+    const list = vm.listProcesses();
+    const running = list.find((process) => process.pid === runner.pid);
+    const exited = list.find((process) => process.pid === done.pid);
+    assert.ok(running && exited, JSON.stringify(list));
+    assert.equal(running.running, true);
+    assert.equal(running.exitCode, null);
+    assert.equal(running.command, "node");
+    assert.deepEqual(running.args, ["idle.js"]);
+    assert.equal(running.cwd, "/home/agentos");
+    assert.equal(exited.running, false);
+    assert.equal(exited.exitCode, 5);
+    // A copy: changing it does not change the table.
+    running.args.push("mutated");
+    assert.deepEqual(vm.listProcesses().find((process) => process.pid === runner.pid)?.args, ["idle.js"]);
+
+    await vm.killProcess(runner.pid, "SIGKILL");
+    await vm.waitProcess(runner.pid);
+    const after = vm.listProcesses().find((process) => process.pid === runner.pid);
+    assert.equal(after?.running, false);
+    assert.equal(after?.exitCode, 137);
+  });
+
+  it("unknown commands are ENOENT; flags that widen permissions are EPERM", async () => {
+    await assertRejects(vm.spawn("python", ["-c", "print(1)"]), "ENOENT", "python", /node/i);
+    await assertRejects(vm.spawn("/bin/sh", ["-c", "id"]), "ENOENT", "/bin/sh");
+    await assertRejects(vm.spawn("node", ["--allow-net", "x.js"]), "EPERM", "--allow-net");
+    await assertRejects(vm.spawn("node", ["--inspect", "x.js"]), "EPERM", "--inspect");
+    await assertRejects(vm.spawn("node", ["--inspect-brk=0", "x.js"]), "EPERM", "--inspect-brk");
+    await assertRejects(vm.spawn("node", ["--allow-child-process", "-e", "1"]), "EPERM", "--allow-child-process");
+    // Node keeps parsing options after the value of -e/-p/--require: those flags count too.
+    await assertRejects(vm.spawn("node", ["-e", "1", "--allow-child-process"]), "EPERM", "--allow-child-process");
+    await assertRejects(vm.spawn("node", ["-p", "1", "--allow-worker"]), "EPERM", "--allow-worker");
+    await assertRejects(vm.spawn("node", ["--require", "./x.js", "--inspect=0", "main.js"]), "EPERM", "--inspect");
+    // Other sources of options: NODE_OPTIONS (quoted too), env files and config files.
+    await assertRejects(vm.spawn("node", ["-e", "1"], { env: { NODE_OPTIONS: "--allow-worker" } }), "EPERM", "--allow-worker");
+    await assertRejects(vm.spawn("node", ["-e", "1"], { env: { NODE_OPTIONS: '"--allow-child-process"' } }), "EPERM", "--allow-child-process");
+    await assertRejects(vm.spawn("node", ["--env-file=.env", "-e", "1"]), "EPERM", "--env-file");
+    await assertRejects(vm.spawn("node", ["--experimental-default-config-file", "-e", "1"]), "EPERM", "config-file");
+
+    // Flags after the script belong to the script.
+    const passed = await run(["-e", "console.log(process.argv.slice(1).join(' '))", "--", "--inspect", "--allow-net"]);
+    assert.equal(passed.stdout, "--inspect --allow-net\n", passed.stderr);
+    await script("args.js", "console.log(process.argv.slice(2).join(' '));\n");
+    const scriptArgs = await run(["args.js", "--inspect", "--allow-net"]);
+    assert.equal(scriptArgs.stdout, "--inspect --allow-net\n", scriptArgs.stderr);
+  });
+
+  it("guests run with child, worker, net, addon and wasi permissions off, .env and node.config.json notwithstanding", async () => {
+    const probe = "console.log(['child', 'worker', 'net', 'addon', 'wasi'].map((s) => s + '=' + process.permission.has(s)).join(' '))";
+    await vm.writeFile("/home/agentos/.env", 'NODE_OPTIONS="--allow-child-process --allow-worker"\n');
+    await vm.writeFile("/home/agentos/node.config.json", JSON.stringify({ permission: { "allow-child-process": true } }));
+    const result = await run(["-e", probe]);
+    assert.equal(result.stdout, "child=false worker=false net=false addon=false wasi=false\n", result.stderr);
+  });
+
+  it("bad arguments are typed errors", async () => {
+    const loose = vm as unknown as { spawn(...args: unknown[]): Promise<unknown> };
+    await assertRejects(loose.spawn(42), "INVALID_ARGUMENT", "command");
+    await assertRejects(loose.spawn(""), "INVALID_ARGUMENT", "command");
+    await assertRejects(loose.spawn("node", "script.js"), "INVALID_ARGUMENT", "args");
+    await assertRejects(loose.spawn("node", ["ok.js", 5]), "INVALID_ARGUMENT", "args[1]");
+    await assertRejects(loose.spawn("node", ["x.js"], { env: { N: 1 } }), "INVALID_ARGUMENT", "options.env.N");
+    await assertRejects(loose.spawn("node", ["x.js"], { env: "FOO=1" }), "INVALID_ARGUMENT", "options.env");
+    await assertRejects(loose.spawn("node", ["x.js"], { cwd: 3 }), "INVALID_ARGUMENT", "options.cwd");
+    await assertRejects(loose.spawn("node", ["x.js"], { cdw: "/" }), "INVALID_ARGUMENT", "cdw");
+    await assertRejects(vm.spawn("node", ["x.js"], { cwd: "/does/not/exist" }), "ENOENT", "/does/not/exist");
+    await vm.writeFile("/home/agentos/a-file", "not a directory");
+    await assertRejects(vm.spawn("node", ["x.js"], { cwd: "/home/agentos/a-file" }), "ENOTDIR", "a-file");
+
+    await assertRejects(vm.waitProcess(9999), "ESRCH", "9999");
+    await assertRejects(vm.killProcess(9999), "ESRCH", "9999");
+    await assertRejects(vm.writeProcessStdin(9999, "x"), "ESRCH", "9999");
+    assert.throws(() => vm.closeProcessStdin(9999), { code: "ESRCH" });
+    await assertRejects((vm as unknown as { waitProcess(pid: unknown): Promise<number> }).waitProcess("1"), "INVALID_ARGUMENT", "pid");
+    await assertRejects((vm as unknown as { writeProcessStdin(pid: number, data: unknown): Promise<void> }).writeProcessStdin(1, 42), "INVALID_ARGUMENT", "data");
+
+    // A missing script is the guest's own error, as with a local node.
+    const missing = await run(["no-such-script.js"]);
+    assert.equal(missing.code, 1);
+    assert.match(missing.stderr, /Cannot find module '\/home\/agentos\/no-such-script\.js'/);
+  });
+});
+
+describe("vm dispose", () => {
+  it("ends every guest, and every method then fails with VM_DISPOSED", async () => {
+    const doomed = await testVm(dataDir, { name: "doomed" });
+    await doomed.writeFile(
+      "/home/agentos/server.js",
+      "require('http').createServer((req, res) => res.end('alive')).listen(8080, () => console.log('listening'));\n",
+    );
+    await doomed.writeFile(
+      "/home/agentos/beat.js",
+      "const fs = require('fs'); let n = 0; setInterval(() => fs.writeFileSync('/tmp/beat', String(++n)), 10); console.log('beating');\n",
+    );
+    const server = await doomed.spawn("node", ["server.js"]);
+    const beat = await doomed.spawn("node", ["--no-warnings", "beat.js"]);
+    await waitForOutput(doomed, beat.pid, /beating/);
+    const response = await waitForPort(doomed, 8080);
+    assert.equal(text(response.body), "alive");
+    assert.deepEqual(
+      doomed.listProcesses().filter((process) => process.running).map((process) => process.pid).sort(),
+      [server.pid, beat.pid].sort(),
+    );
+    const hostPids = await sandboxProcesses(doomed.root);
+    assert.ok(hostPids.length >= 2, `expected the guests' sandbox processes on the host, found ${hostPids.length}`);
+
+    await doomed.dispose();
+    assert.equal(doomed.disposed, true);
+    await doomed.dispose(); // idempotent
+
+    // The guests are gone: no process of the VM's sandboxes is left on the host…
+    await waitFor(async () => (await stillAlive(hostPids)).length === 0, "the VM's processes to end", 5_000);
+    // …and the heartbeat file stops changing.
+    const beatFile = `${doomed.root}/tmp/beat`;
+    const last = await readFile(beatFile, "utf8");
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    assert.equal(await readFile(beatFile, "utf8"), last);
+
+    const calls: [string, () => unknown][] = [
+      ["writeFile", () => doomed.writeFile("/x", "y")],
+      ["readFile", () => doomed.readFile("/home/agentos/server.js")],
+      ["mkdir", () => doomed.mkdir("/d")],
+      ["readdir", () => doomed.readdir("/")],
+      ["stat", () => doomed.stat("/")],
+      ["exists", () => doomed.exists("/")],
+      ["deleteFile", () => doomed.deleteFile("/home/agentos/server.js")],
+      ["remove", () => doomed.remove("/home/agentos/server.js")],
+      ["move", () => doomed.move("/a", "/b")],
+      ["spawn", () => doomed.spawn("node", ["server.js"])],
+      ["waitProcess", () => doomed.waitProcess(server.pid)],
+      ["killProcess", () => doomed.killProcess(server.pid)],
+      ["writeProcessStdin", () => doomed.writeProcessStdin(server.pid, "x")],
+      ["vmFetch", () => doomed.vmFetch(8080, "/")],
+      ["vmFetchStream", () => doomed.vmFetchStream(8080, "/")],
+    ];
+    for (const [name, call] of calls) {
+      let result: unknown;
+      try {
+        result = call();
+      } catch (error) {
+        assert.fail(`${name} threw synchronously instead of rejecting: ${(error as Error).message}`);
+      }
+      const error = await rejection(result as Promise<unknown>);
+      assert.equal(error.code, "VM_DISPOSED", `${name}: ${error.message}`);
+      assert.match(error.message, /doomed/, `${name} should name the VM`);
+    }
+    for (const [name, call] of [
+      ["listProcesses", () => doomed.listProcesses()],
+      ["closeProcessStdin", () => doomed.closeProcessStdin(server.pid)],
+      ["listeningPorts", () => doomed.listeningPorts()],
+    ] as const) {
+      assert.throws(call, { code: "VM_DISPOSED" }, name);
+    }
+    // The files stay on disk.
+    assert.match(await readFile(`${doomed.root}/home/agentos/server.js`, "utf8"), /createServer/);
+  });
+});
+
+describe("vm dispose while a spawn is starting", () => {
+  it("the spawn fails with VM_DISPOSED and dispose does not hang", async () => {
+    // No pool: the guest boots on demand, so dispose lands while it is starting.
+    for (const delayMs of [0, 5, 20]) {
+      const cold = await testVm(dataDir, { name: `cold-${delayMs}`, limits: { poolSize: 0 } });
+      await cold.writeFile("/home/agentos/idle.js", "setInterval(() => {}, 1000);\n");
+      const spawning = cold.spawn("node", ["idle.js"]);
+      spawning.catch(() => {});
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+      await cold.dispose();
+      const outcome = await spawning.then(
+        ({ pid }) => ({ pid }),
+        (error: { code?: string }) => ({ code: error.code }),
+      );
+      // Either it started in time (and dispose ended it) or it was refused.
+      if ("code" in outcome) assert.equal(outcome.code, "VM_DISPOSED", `delay ${delayMs} ms`);
+      else assert.equal(outcome.pid, 1);
+      // --die-with-parent ends what is inside the sandbox right after bubblewrap itself.
+      await waitFor(async () => (await sandboxProcesses(cold.root)).length === 0, `delay ${delayMs} ms: the sandbox processes to end`, 5_000);
+    }
+  });
+});
+
+function assertNoHostEnv(env: Record<string, string>, allowed: string[]): void {
+  assert.equal(env[CANARY], undefined, "a variable of the host process leaked into the guest");
+  const extra = Object.keys(env).filter((key) => !GUEST_ENV_KEYS.has(key) && !allowed.includes(key));
+  assert.deepEqual(extra, [], `unexpected variables in the guest: ${extra.join(", ")}`);
+  assert.notEqual(env.PATH, process.env.PATH, "the host PATH leaked");
+  assert.equal(env.HOME, "/home/agentos");
+  assert.equal(env.USER, "agentos");
+  assert.ok(!Object.keys(env).some((key) => key.startsWith("AGENTVM_")), `internal variables leaked: ${Object.keys(env)}`);
+}
+
+/** Host pids of every process in the VM's sandboxes: bubblewrap names the VM root on its command line; node is below it. */
+async function sandboxProcesses(root: string): Promise<{ pid: number; start: string }[]> {
+  const found = new Set<number>();
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const cmdline = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "");
+    if (cmdline.split("\0").includes(root)) found.add(Number(entry));
+  }
+  const queue = [...found];
+  while (queue.length > 0) {
+    const pid = queue.pop()!;
+    const children = await readFile(`/proc/${pid}/task/${pid}/children`, "utf8").catch(() => "");
+    for (const child of children.trim().split(/\s+/).filter(Boolean).map(Number)) {
+      if (!found.has(child)) {
+        found.add(child);
+        queue.push(child);
+      }
+    }
+  }
+  const out: { pid: number; start: string }[] = [];
+  for (const pid of found) {
+    const start = await startTime(pid);
+    if (start) out.push({ pid, start });
+  }
+  return out;
+}
+
+/** Field 22 of /proc/<pid>/stat, so a reused pid is not mistaken for the same process. */
+async function startTime(pid: number): Promise<string | undefined> {
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => undefined);
+  if (!stat) return undefined;
+  const state = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  if (state[0] === "Z") return undefined; // exited, waiting to be reaped
+  return state[19];
+}
+
+async function stillAlive(processes: { pid: number; start: string }[]): Promise<number[]> {
+  const alive: number[] = [];
+  for (const { pid, start } of processes) if ((await startTime(pid)) === start) alive.push(pid);
+  return alive;
+}
