@@ -1,0 +1,85 @@
+/**
+ * Just enough /proc to find guest process trees and read their memory.
+ *
+ * The VM API hides host pids on purpose, so the benchmark finds guests the way
+ * an operator would: every guest is launched as a direct child of this process
+ * (prlimit execs into bwrap, so its name reads "bwrap"), and the sandbox init
+ * and the guest node hang below it by parent pid.
+ */
+import { readdirSync, readFileSync } from "node:fs";
+
+export interface ProcEntry {
+  pid: number;
+  ppid: number;
+  comm: string;
+}
+
+/** Memory of one process in KiB, from /proc/<pid>/smaps_rollup. */
+export interface ProcMemory {
+  /** Private_Clean + Private_Dirty: what this process alone keeps resident. */
+  privateKb: number;
+  /** Proportional set size: private plus its share of shared pages. */
+  pssKb: number;
+  rssKb: number;
+}
+
+export function listProcesses(): ProcEntry[] {
+  const entries: ProcEntry[] = [];
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    const entry = readStat(Number(name));
+    if (entry) entries.push(entry);
+  }
+  return entries;
+}
+
+/** Parses /proc/<pid>/stat; the name sits in parentheses and may itself hold spaces or ')'. */
+function readStat(pid: number): ProcEntry | undefined {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/stat`, "utf8");
+  } catch {
+    return undefined; // exited while we were listing
+  }
+  const open = text.indexOf("(");
+  const close = text.lastIndexOf(")");
+  const fields = text.slice(close + 2).split(" ");
+  return { pid, ppid: Number(fields[1]), comm: text.slice(open + 1, close) };
+}
+
+/** `root` and every process below it. */
+export function processTree(root: number, all: readonly ProcEntry[]): ProcEntry[] {
+  const children = new Map<number, ProcEntry[]>();
+  for (const entry of all) children.set(entry.ppid, [...(children.get(entry.ppid) ?? []), entry]);
+  const self = all.find((entry) => entry.pid === root);
+  const tree: ProcEntry[] = self ? [self] : [];
+  for (let i = 0; i < tree.length; i++) tree.push(...(children.get(tree[i]!.pid) ?? []));
+  return tree;
+}
+
+/** Guest sandboxes started by this process: its direct children named bwrap. */
+export function guestRoots(all: readonly ProcEntry[]): ProcEntry[] {
+  return all.filter((entry) => entry.ppid === process.pid && entry.comm === "bwrap");
+}
+
+export function readMemory(pid: number): ProcMemory | undefined {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/smaps_rollup`, "utf8");
+  } catch {
+    return undefined;
+  }
+  const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? 0);
+  return { privateKb: field("Private_Clean") + field("Private_Dirty"), pssKb: field("Pss"), rssKb: field("Rss") };
+}
+
+export function sumMemory(memories: readonly (ProcMemory | undefined)[]): ProcMemory {
+  const total: ProcMemory = { privateKb: 0, pssKb: 0, rssKb: 0 };
+  for (const memory of memories) {
+    if (!memory) continue;
+    total.privateKb += memory.privateKb;
+    total.pssKb += memory.pssKb;
+    total.rssKb += memory.rssKb;
+  }
+  return total;
+}
