@@ -30,6 +30,8 @@ export const FORWARD_HEADERS = "x-agentvm-forward-headers";
  * this name, so fetch hands the client the guest's bytes as they were sent.
  */
 export const CONTENT_ENCODING = "x-agentvm-content-encoding";
+/** On the vmFetch route: the request's `timeoutMs` (not forwarded to the guest). */
+export const FETCH_TIMEOUT = "x-agentvm-timeout-ms";
 
 type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 

@@ -8,7 +8,7 @@
  */
 import { isVmAction } from "../actions.ts";
 import { AgentVmError, invalidArgument } from "../errors.ts";
-import { CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FORWARD_HEADERS, fromBase64 } from "../wire.ts";
+import { CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, fromBase64 } from "../wire.ts";
 import type { AgentVmClient, ClientFetchInit, ClientOptions, VmConnection, VmConnectionEvents, VmHandle } from "./types.ts";
 
 /** Response headers that describe our hop, not the guest's answer. */
@@ -110,6 +110,7 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
     const headers = new Headers(init.headers as ConstructorParameters<typeof Headers>[0]);
     const names = [...headers.keys()];
     headers.set(FORWARD_HEADERS, JSON.stringify(names));
+    if (init.timeoutMs !== undefined) headers.set(FETCH_TIMEOUT, String(init.timeoutMs));
     const body = init.body ?? null;
     return transport.request(`${prefix}/fetch/${encodeURIComponent(String(port))}${target}`, {
       method: init.method ?? "GET",
@@ -135,11 +136,32 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
     key,
     async vmFetch(port: number, path: string, init?: ClientFetchInit) {
       const response = await fetchFromVm(port, path, init);
-      return { ...head(response), body: new Uint8Array(await response.arrayBuffer()) };
+      let body: Uint8Array;
+      try {
+        body = new Uint8Array(await response.arrayBuffer());
+      } catch (error) {
+        throw bodyFailed(error, port, path);
+      }
+      return { ...head(response), body };
     },
     async vmFetchStream(port: number, path: string, init?: ClientFetchInit) {
       const response = await fetchFromVm(port, path, init);
-      return { ...head(response), body: response.body ?? new ReadableStream<Uint8Array>({ start: (controller) => controller.close() }) };
+      if (!response.body) return { ...head(response), body: new ReadableStream<Uint8Array>({ start: (controller) => controller.close() }) };
+      const reader = response.body.getReader();
+      // The same stream, except that a cut-off body fails with an AgentVmError like every other failure.
+      const body = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          try {
+            const { value, done } = await reader.read();
+            if (done) controller.close();
+            else controller.enqueue(value);
+          } catch (error) {
+            controller.error(bodyFailed(error, port, path));
+          }
+        },
+        cancel: (reason) => reader.cancel(reason),
+      });
+      return { ...head(response), body };
     },
     connect(): VmConnection {
       return openConnection(transport, `${prefix}/events`);
@@ -156,6 +178,12 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
       return (...args: unknown[]) => call(property, args);
     },
   });
+}
+
+/** A response body that broke off after the guest's status and headers arrived. */
+function bodyFailed(error: unknown, port: number, path: string): unknown {
+  if ((error as Error)?.name === "AbortError") return error;
+  return new AgentVmError("FETCH_FAILED", `vmFetch ${path} on port ${port}: the response body was cut off (${(error as Error)?.message ?? String(error)})`, { cause: error });
 }
 
 function openConnection(transport: Transport, url: string): VmConnection {

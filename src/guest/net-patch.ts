@@ -99,7 +99,8 @@ export function installNetPatch(kernel: KernelClient): void {
       close(reset) {
         st.kernelClosed = true;
         st.writer!.abort(systemError({ code: "EPIPE", message: "the connection was closed" }, "write"));
-        if (reset && !socket.destroyed) {
+        // As on a real socket, a reset after the peer's FIN only fails later writes (EPIPE): what was received still ends cleanly.
+        if (reset && !socket.destroyed && !socket._readableState.ended) {
           socket.destroy(systemError({ code: "ECONNRESET", message: "the peer reset the connection" }, "read"));
         }
       },

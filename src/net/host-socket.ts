@@ -23,6 +23,7 @@ export class HostSocket extends Duplex {
   #held = 0;
   #timer: NodeJS.Timeout | undefined;
   #timeoutMs = 0;
+  #peerEnded = false;
 
   /**
    * Connects synchronously; throws ECONNREFUSED when nothing listens on `port`.
@@ -38,12 +39,14 @@ export class HostSocket extends Duplex {
         else this.#held += chunk.byteLength;
       },
       end: () => {
+        this.#peerEnded = true;
         this.push(null);
         this.read(0); // lets 'end' fire on a socket nobody reads (an idle keep-alive one)
       },
       close: (reset) => {
         this.#writer.abort(new AgentVmError("ECONNRESET", `the connection to port ${port} in the VM was closed`));
-        if (reset && !this.destroyed) {
+        // A reset after the guest's FIN only fails later writes, as on a real socket.
+        if (reset && !this.destroyed && !this.#peerEnded) {
           this.destroy(new AgentVmError("ECONNRESET", `the service on port ${port} in the VM reset the connection`));
         }
       },

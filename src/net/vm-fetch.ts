@@ -139,12 +139,15 @@ export class VmFetcher {
 
     return new Promise<IncomingMessage>((resolve, reject) => {
       const request = httpRequest({ agent: this.#agent, host: "localhost", port, path, method, headers, signal: init.signal });
+      let response: IncomingMessage | undefined;
       if (init.timeoutMs) {
-        request.setTimeout(init.timeoutMs, () =>
-          request.destroy(new AgentVmError("ETIMEDOUT", `vmFetch ${method} ${path} on port ${port} in VM ${this.#vmName}: no response within ${init.timeoutMs} ms`)),
-        );
+        request.setTimeout(init.timeoutMs, () => {
+          const error = new AgentVmError("ETIMEDOUT", `vmFetch ${method} ${path} on port ${port} in VM ${this.#vmName}: no response within ${init.timeoutMs} ms`);
+          response?.destroy(error); // a body that stalls fails with ETIMEDOUT too, not a bare "aborted"
+          request.destroy(error);
+        });
       }
-      request.once("response", resolve);
+      request.once("response", (answer) => resolve((response = answer)));
       request.once("error", (error) => reject(this.#failed(path, error, port)));
       if (body === null) request.end();
       else if (typeof body === "string" || body instanceof Uint8Array) request.end(body);

@@ -11,9 +11,10 @@
  * errors from a guest's own responses on the fetch route.
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
+import { pipeline } from "node:stream";
 import { isVmAction } from "../actions.ts";
 import { AgentVmError, type ErrorCode } from "../errors.ts";
-import { CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
+import { CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
 import type { VmActor } from "./vm-actor.ts";
 
 export const MAX_KEY_LENGTH = 256;
@@ -176,17 +177,23 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   }
   const headers: Record<string, string> = {};
   for (const [name, value] of Object.entries(request.headers)) {
-    if (value === undefined || HOP_BY_HOP.has(name) || name === "host" || name === FORWARD_HEADERS) continue;
+    if (value === undefined || HOP_BY_HOP.has(name) || name === "host" || name === FORWARD_HEADERS || name === FETCH_TIMEOUT) continue;
     if (forward && !forward.has(name)) continue;
     if (name === "content-length" && request.headers["transfer-encoding"]) continue;
     headers[name] = Array.isArray(value) ? value.join(", ") : value;
   }
+  const timeoutMs = request.headers[FETCH_TIMEOUT];
   const hasBody = request.method !== "GET" && request.method !== "HEAD" && (request.headers["content-length"] !== "0" || request.headers["transfer-encoding"] !== undefined);
   const release = actor.hold();
   response.once("close", release);
   try {
     const upstream = await actor.use((vm) =>
-      vm.vmFetchReadable(port, path, { method: request.method ?? "GET", headers, body: hasBody ? (request as AsyncIterable<Uint8Array>) : null }),
+      vm.vmFetchReadable(port, path, {
+        method: request.method ?? "GET",
+        headers,
+        body: hasBody ? (request as AsyncIterable<Uint8Array>) : null,
+        ...(typeof timeoutMs === "string" ? { timeoutMs: Number(timeoutMs) } : {}),
+      }),
     );
     const outHeaders: Record<string, string | string[]> = {};
     for (const [name, value] of Object.entries(upstream.headers)) {
@@ -194,11 +201,14 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
       const outName = forward && name === "content-encoding" ? CONTENT_ENCODING : name;
       outHeaders[outName] = name === "set-cookie" ? value.split("\n") : value;
     }
-    response.writeHead(upstream.status, upstream.statusText, outHeaders);
     const body = upstream.body;
-    body.once("error", (error) => response.destroy(error));
-    response.once("close", () => body.destroy());
-    body.pipe(response);
+    // The guest may have cut the body off before we got here; the body then emits nothing more.
+    if (body.readableAborted) throw new AgentVmError("ECONNRESET", `vmFetch ${path} on port ${port}: the service in the VM closed the connection mid-response`);
+    response.writeHead(upstream.status, upstream.statusText, outHeaders);
+    // pipeline, not pipe: a body destroyed at any point ends the response instead of leaving it open.
+    pipeline(body, response, (error) => {
+      if (error) response.destroy(error);
+    });
   } catch (error) {
     release();
     throw error;

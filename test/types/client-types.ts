@@ -1,0 +1,151 @@
+/**
+ * Type test for the client: only type-checked (`npm run typecheck`, and
+ * test/server-types.test.ts), never run. Each `@ts-expect-error` must stay an
+ * error — tsc reports an unused directive — and server-types.test.ts checks that
+ * each one suppresses exactly one error, on the line below it.
+ *
+ * Imports use the package names a user would (`agentvm`, `agentvm/client`).
+ */
+import { agentOS, agentOs, setup, type ProcessInfo, type VmStat } from "agentvm";
+import { AgentVmError, createClient, type ErrorCode, type VmConnection, type VmHandle } from "agentvm/client";
+
+const registry = setup({ use: { vm: agentOS({ software: [] }), other: agentOs({ options: { software: [] } }) } });
+
+const client = createClient<typeof registry>({ endpoint: "http://localhost:6420" });
+const fromUrl = createClient<typeof registry>("http://localhost:6420");
+const h: VmHandle = client.vm.getOrCreate("my-agent");
+const fromArray: VmHandle = fromUrl.vm.getOrCreate(["my-agent"]);
+const other: VmHandle = client.other.getOrCreate("k");
+
+export async function correctlyTyped(): Promise<void> {
+  // Files.
+  const bytes: Uint8Array = await h.readFile("x");
+  const written: void = await h.writeFile("x", "text");
+  await h.writeFile("x", new Uint8Array([1, 2, 3]));
+  await h.mkdir("/d", { recursive: true });
+  const names: string[] = await h.readdir("/");
+  const stat: VmStat = await h.stat("/x");
+  const size: number = stat.size;
+  const isFile: boolean = stat.isFile;
+  const exists: boolean = await fromArray.exists("/x");
+  await h.deleteFile("/x");
+  await h.remove("/d", { recursive: true });
+  await other.move("/a", "/b");
+
+  // Processes.
+  const { pid }: { pid: number } = await h.spawn("node", ["server.js"], { cwd: "/home/agentos", env: { PORT: "3000" } });
+  const result = await h.exec("node", ["-e", "1"]);
+  const exitCode: number = result.exitCode;
+  const stdout: string = result.stdout;
+  const waited: number = await h.waitProcess(pid);
+  await h.killProcess(pid);
+  await h.killProcess(pid, "SIGKILL");
+  await h.writeProcessStdin(pid, "line\n");
+  await h.writeProcessStdin(pid, new Uint8Array([10]));
+  await h.closeProcessStdin(pid);
+  // A synchronous Vm method is a promise on the client.
+  const listing: Promise<ProcessInfo[]> = h.listProcesses();
+  const processes: ProcessInfo[] = await listing;
+  const running: boolean | undefined = processes[0]?.running;
+  const ports: number[] = await h.listeningPorts();
+
+  // Network.
+  const response = await h.vmFetch(3000, "/", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ key: "value" }) });
+  const status: number = response.status;
+  const statusText: string = response.statusText;
+  const headers: Record<string, string> = response.headers;
+  const body: Uint8Array = response.body;
+  await h.vmFetch(3000, "/bytes", { body: new Uint8Array(4) });
+  const streamed = await h.vmFetchStream(3000, "/big");
+  const stream: ReadableStream<Uint8Array> = streamed.body;
+
+  // Previews (seed API).
+  const preview = await h.createSignedPreviewUrl(3000);
+  const short = await h.createSignedPreviewUrl(3000, 300);
+  const path: string = preview.path;
+  const token: string = short.token;
+  const expiresAt: number = preview.expiresAt;
+  await h.expireSignedPreviewUrl(preview.token);
+
+  // Events.
+  const connection: VmConnection = h.connect();
+  await connection.ready;
+  connection.on("processOutput", (event) => {
+    const data: Uint8Array = event.data;
+    const stream: "stdout" | "stderr" = event.stream;
+    const from: number = event.pid;
+    void [data, stream, from];
+  });
+  const unsubscribe: () => void = connection.on("processExit", (event) => {
+    const code: number = event.exitCode;
+    void code;
+  });
+  unsubscribe();
+  await connection.dispose();
+
+  // Errors.
+  try {
+    await h.readFile("missing");
+  } catch (error) {
+    if (error instanceof AgentVmError) {
+      const code: ErrorCode = error.code;
+      void code;
+    }
+  }
+
+  void [bytes, written, names, size, isFile, exists, exitCode, stdout, waited, running, ports, status, statusText, headers, body, stream, path, token, expiresAt];
+}
+
+/** The seed client code (RivetKit page, vmFetch sections) type-checks as written. */
+export async function seedClient(): Promise<void> {
+  const client = createClient<typeof registry>("http://localhost:6420");
+  const agent = client.vm.getOrCreate(["my-agent"]);
+  await agent.writeFile("/home/user/server.js", 'require("http").createServer((req, res) => res.end("Hello from VM")).listen(3000);');
+  await agent.spawn("node", ["/home/user/server.js"]);
+  const response = await agent.vmFetch(3000, "/");
+  console.log("Status:", response.status);
+  console.log("Body:", new TextDecoder().decode(response.body));
+  const posted = await agent.vmFetch(3000, "/api/data", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ key: "value" }),
+  });
+  console.log("Status:", posted.status, posted.statusText);
+  console.log("Headers:", posted.headers);
+}
+
+export async function wronglyTyped(): Promise<void> {
+  // @ts-expect-error a path is a string
+  await h.writeFile(123, "x");
+  // @ts-expect-error content is a string or bytes
+  await h.writeFile("x", 42);
+  // @ts-expect-error a port is a number
+  await h.vmFetch("3000", "/");
+  // @ts-expect-error a path is a string
+  await h.vmFetch(3000, 5);
+  // @ts-expect-error args is an array of strings
+  await h.spawn("node", "notAnArray");
+  // @ts-expect-error env values are strings
+  await h.spawn("node", [], { env: { PORT: 3000 } });
+  // @ts-expect-error a key is a string or an array of strings
+  client.vm.getOrCreate(42);
+  // @ts-expect-error no such action
+  await h.formatDisk();
+  // @ts-expect-error no such definition in the registry
+  client.nope.getOrCreate("k");
+  // @ts-expect-error readFile resolves to bytes, not a string
+  const asText: string = await h.readFile("x");
+  // @ts-expect-error listProcesses returns a promise on the client
+  const sync: ProcessInfo[] = h.listProcesses();
+  // @ts-expect-error a pid is a number
+  await h.waitProcess("1");
+  // @ts-expect-error no such event
+  h.connect().on("processOops", () => {});
+  // @ts-expect-error a ttl is a number of seconds
+  await h.createSignedPreviewUrl(3000, "5m");
+  // @ts-expect-error the client needs an endpoint
+  createClient<typeof registry>({ url: "http://localhost:6420" });
+  // @ts-expect-error unknown config keys are type errors too
+  agentOS({ nope: 1 });
+  void [asText, sync];
+}
