@@ -170,7 +170,7 @@ export class Vm extends EventEmitter<VmEvents> {
       onOutput: (pid, stream, data) => this.emit("processOutput", { pid, stream, data }),
       onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),
     });
-    this.#fetcher = new VmFetcher(this.#sockets, init.name);
+    this.#fetcher = new VmFetcher(this.#sockets, init.name, () => this.#processes.startupGraceMs());
     this.#processes.warm();
   }
 

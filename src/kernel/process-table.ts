@@ -87,6 +87,8 @@ const DEFAULT_ENV: Record<string, string> = {
   TZ: "UTC",
 };
 const EXITED_KEPT = 200;
+/** How long after a spawn vmFetch waits for a closed port to open (see VmFetcher). */
+const STARTUP_GRACE_MS = 3000;
 
 interface Guest extends PooledGuest {
   launched: LaunchedGuest;
@@ -144,6 +146,15 @@ export class ProcessTable implements ProcessServices {
     let count = 0;
     for (const process of this.#processes.values()) if (process.info.running) count++;
     return count;
+  }
+
+  /** Milliseconds until the newest running process is STARTUP_GRACE_MS old (0 when none is that young). */
+  startupGraceMs(now = Date.now()): number {
+    let grace = 0;
+    for (const process of this.#processes.values()) {
+      if (process.info.running) grace = Math.max(grace, process.info.startedAt + STARTUP_GRACE_MS - now);
+    }
+    return grace;
   }
 
   /** Starts the pool so the first spawn is fast too. */

@@ -56,6 +56,7 @@ export class SocketTable {
   readonly #options: SocketTableOptions;
   readonly #listeners = new Map<number, Acceptor>();
   readonly #udp = new Map<number, UdpOwner>();
+  readonly #listenWaiters = new Map<number, Set<(listening: boolean) => void>>();
   readonly #streams: StreamStats = { open: 0, inFlightBytes: 0 };
   #nextEphemeral = EPHEMERAL_LOW;
 
@@ -76,6 +77,23 @@ export class SocketTable {
     return this.#listeners.has(port);
   }
 
+  /** Resolves true once something listens on `port`, or false after `ms`. */
+  waitForListener(port: number, ms: number): Promise<boolean> {
+    if (this.#listeners.has(port)) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const waiters = this.#listenWaiters.get(port) ?? new Set();
+      this.#listenWaiters.set(port, waiters);
+      const done = (listening: boolean) => {
+        clearTimeout(timer);
+        waiters.delete(done);
+        if (waiters.size === 0) this.#listenWaiters.delete(port);
+        resolve(listening);
+      };
+      const timer = setTimeout(() => done(false), ms);
+      waiters.add(done);
+    });
+  }
+
   listeningPorts(): number[] {
     return [...this.#listeners.keys()].sort((a, b) => a - b);
   }
@@ -93,6 +111,9 @@ export class SocketTable {
     }
     this.#options.outbound?.checkListen(bound, pid);
     this.#listeners.set(bound, acceptor);
+    // Wake waiters on a later turn: the guest must have the listen reply before the first accept.
+    const waiters = this.#listenWaiters.get(bound);
+    if (waiters) setImmediate(() => [...waiters].forEach((wake) => wake(this.#listeners.has(bound))));
     return bound;
   }
 

@@ -42,9 +42,17 @@ export class VmFetcher {
   readonly #vmName: string;
   readonly #agent: Agent;
 
-  constructor(sockets: SocketTable, vmName: string) {
+  /**
+   * How long a request to a closed port may wait for it to open: programs that
+   * were just started get a moment to reach listen(), so `spawn` followed at
+   * once by `vmFetch` (as the docs' examples do) does not race.
+   */
+  readonly #startupGraceMs: () => number;
+
+  constructor(sockets: SocketTable, vmName: string, startupGraceMs: () => number = () => 0) {
     this.#sockets = sockets;
     this.#vmName = vmName;
+    this.#startupGraceMs = startupGraceMs;
     this.#agent = new Agent({ keepAlive: true, keepAliveMsecs: 1000, maxFreeSockets: 64 });
     // http.Agent calls this for each new connection; a kernel stream stands in for TCP.
     (this.#agent as unknown as { createConnection: unknown }).createConnection = (
@@ -112,7 +120,7 @@ export class VmFetcher {
     return { status: response.statusCode ?? 0, statusText: response.statusMessage ?? "", headers };
   }
 
-  #exchange(portArg: unknown, pathArg: unknown, initArg: unknown): Promise<IncomingMessage> {
+  async #exchange(portArg: unknown, pathArg: unknown, initArg: unknown): Promise<IncomingMessage> {
     const port = expectPort("port", portArg);
     const path = normalizePath(expectString("path", pathArg, { max: 64 * 1024 }));
     const init = initArg === undefined ? {} : (expectObject("init", initArg) as VmFetchInit);
@@ -130,7 +138,10 @@ export class VmFetcher {
     if (init.signal !== undefined && !(init.signal instanceof AbortSignal)) {
       throw new AgentVmError("INVALID_ARGUMENT", `init.signal must be an AbortSignal, got ${describe(init.signal)}`);
     }
-    if (!this.#sockets.hasListener(port)) return Promise.reject(this.#refused(port));
+    if (!this.#sockets.hasListener(port)) {
+      const grace = this.#startupGraceMs();
+      if (grace <= 0 || !(await this.#sockets.waitForListener(port, grace))) throw this.#refused(port);
+    }
     const hasLength = Object.keys(headers).some((name) => name.toLowerCase() === "content-length");
     if (!hasLength && (typeof body === "string" || body instanceof Uint8Array || body instanceof ArrayBuffer)) {
       headers["content-length"] = String(typeof body === "string" ? Buffer.byteLength(body) : body.byteLength);
