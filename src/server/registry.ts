@@ -7,6 +7,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { resolve } from "node:path";
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { SqliteStore } from "../store/sqlite-store.ts";
+import { findBubblewrap } from "../sandbox/bubblewrap.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
 import { handleApi, sendError } from "./http-api.ts";
@@ -108,6 +109,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     }
   }
 
+  // Say it at start-up, not only on the first spawn: without bubblewrap no guest can run.
+  findBubblewrap().catch((error: Error) => console.error(`agentvm: ${error.message}`));
   const store = new SqliteStore(dataDir);
   const previews = new PreviewStore(store);
   const actors = new Map<string, VmActor>();
