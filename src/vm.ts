@@ -23,7 +23,9 @@ import { findBubblewrap, GUEST_UID, sandboxMountPoints } from "./sandbox/bubblew
 import { resolveGuestRuntime } from "./sandbox/guest-runtime.ts";
 import { launchGuest } from "./sandbox/launcher.ts";
 import { STREAM_WINDOW } from "./guest/protocol.ts";
-import { describe, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
+import { describe, expectInteger, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
+import { createServer as createHttpServer } from "node:http";
+import { PreviewGateway } from "./net/gateway.ts";
 import type { ClientRequest, OutgoingHttpHeaders } from "node:http";
 import type { Duplex, Readable } from "node:stream";
 
@@ -118,6 +120,8 @@ export class Vm extends EventEmitter<VmEvents> {
   #previews: PreviewTokens | undefined;
   /** Opened here only for an embedded VM's previews; a server passes its own. */
   #ownStore: SqliteStore | undefined;
+  readonly #servedByRegistry: boolean;
+  readonly #previewServers = new Set<() => Promise<void>>();
   #disposed = false;
 
   /** Use createVm(); the constructor expects validated options and a prepared root. */
@@ -142,6 +146,7 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#dataDir = init.dataDir;
     this.#previewConfig = init.preview;
     this.#previews = init.services.previews;
+    this.#servedByRegistry = init.services.previews !== undefined;
     this.listenPolicy = init.listen;
     this.#fs = new VmFilesystem(init.root);
     this.#egress = new Egress({
@@ -314,6 +319,48 @@ export class Vm extends EventEmitter<VmEvents> {
     return this.#previewTokens().expireAll(port);
   }
 
+  /**
+   * Embedded use: serves this VM's preview URLs (`http://<host>:<port>` + `path`)
+   * on a local HTTP server, with the same gateway a registry server runs. A VM
+   * that belongs to a registry has its previews served by that server instead.
+   */
+  async servePreviews(options: { port?: number; host?: string; previewHost?: string } = {}): Promise<{ url: string; close(): Promise<void> }> {
+    this.#alive();
+    const config = expectObject("options", options);
+    expectKnownKeys("options", config, ["port", "host", "previewHost"]);
+    if (this.#servedByRegistry) {
+      throw new AgentVmError("INVALID_ARGUMENT", `servePreviews: VM ${this.name} belongs to a registry server, which serves its previews at /preview/`);
+    }
+    const port = options.port === undefined ? 0 : expectInteger("options.port", options.port, 0, 65535);
+    const host = options.host === undefined ? "127.0.0.1" : expectString("options.host", options.host, { nonEmpty: true });
+    this.#previewTokens();
+    const gateway = new PreviewGateway({
+      store: new PreviewStore(this.#ownStore!),
+      ...(options.previewHost !== undefined ? { previewHost: expectString("options.previewHost", options.previewHost, { nonEmpty: true }) } : {}),
+      owns: (row) => row.definition === "" && row.key === this.name,
+      acquire: async () => ({ vm: this, release() {} }),
+    });
+    const server = createHttpServer((request, response) => {
+      if (!gateway.handleRequest(request, response)) response.writeHead(404, { "content-type": "text/plain" }).end("Not a preview URL\n");
+    });
+    server.on("upgrade", (request, socket, head) => {
+      if (!gateway.handleUpgrade(request, socket, head)) socket.destroy();
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", (error) => reject(new AgentVmError("EADDRINUSE", `servePreviews: cannot listen on ${host}:${port}: ${error.message}`)));
+      server.listen(port, host, () => resolve());
+    });
+    const close = () =>
+      new Promise<void>((resolve) => {
+        this.#previewServers.delete(close);
+        server.close(() => resolve());
+        server.closeAllConnections();
+      });
+    this.#previewServers.add(close);
+    const bound = (server.address() as { port: number }).port;
+    return { url: `http://${host.includes(":") ? `[${host}]` : host}:${bound}`, close };
+  }
+
   get disposed(): boolean {
     return this.#disposed;
   }
@@ -324,6 +371,7 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#disposed = true;
     this.#fetcher.close();
     await this.#processes.dispose();
+    await Promise.all([...this.#previewServers].map((close) => close()));
     this.#ownStore?.close();
     this.removeAllListeners();
   }

@@ -20,6 +20,8 @@ import { findToken, hashToken } from "./previews.ts";
 
 export interface GatewayOptions {
   store: PreviewStore;
+  /** Limits the gateway to some tokens' VMs (an embedded VM serves only its own); others get the 403. */
+  owns?(row: PreviewRow): boolean;
   /** Wakes the token's VM and keeps it awake until `release` is called. */
   acquire(row: PreviewRow): Promise<{ vm: Vm; release(): void }>;
   /** Host suffix for subdomain mode (default "preview.localhost"). */
@@ -107,7 +109,7 @@ export class PreviewGateway {
       response.end();
       return;
     }
-    const row = findToken(this.#options.store, target.token);
+    const row = this.#find(target.token);
     if (!row) return this.#forbidden(response);
     const declared = Number(request.headers["content-length"] ?? 0);
     const cap = this.#options.maxBodyBytes;
@@ -166,7 +168,7 @@ export class PreviewGateway {
 
   async #relay(request: IncomingMessage, socket: Duplex, head: Buffer, target: Target): Promise<void> {
     socket.on("error", () => {});
-    const row = findToken(this.#options.store, target.token);
+    const row = this.#find(target.token);
     if (!row) return this.#rawRefuse(socket, 403, FORBIDDEN_BODY);
     this.#touch(target.token);
     let lease: { vm: Vm; release(): void };
@@ -282,6 +284,11 @@ export class PreviewGateway {
       .filter((part) => !/^\s*domain=/i.test(part))
       .map((part) => part.replace(/^(\s*path=)(\/.*)$/i, (_all, key: string, path: string) => `${key}${prefix}${path}`))
       .join(";");
+  }
+
+  #find(token: string): PreviewRow | undefined {
+    const row = findToken(this.#options.store, token);
+    return row && (!this.#options.owns || this.#options.owns(row)) ? row : undefined;
   }
 
   #touch(token: string): void {
