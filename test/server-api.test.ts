@@ -12,6 +12,7 @@ import { after, before, describe, it } from "node:test";
 import { agentOS, setup, type RunningServer } from "agentvm";
 import { AgentVmError, createClient, type VmHandle } from "agentvm/client";
 import { VM_ACTIONS } from "../src/actions.ts";
+import { waitFor, rejection, text } from "./helpers.ts";
 
 const registry = setup({ use: { vm: agentOS() } });
 type Client = ReturnType<typeof createClient<typeof registry>>;
@@ -31,17 +32,6 @@ after(async () => {
   if (dataDir) await rm(dataDir, { recursive: true, force: true });
 });
 
-const text = (bytes: Uint8Array) => Buffer.from(bytes).toString("utf8");
-
-async function rejection(promise: Promise<unknown> | (() => unknown)): Promise<AgentVmError> {
-  try {
-    await (typeof promise === "function" ? promise() : promise);
-  } catch (error) {
-    return error as AgentVmError;
-  }
-  throw new Error("expected a rejection, but it resolved");
-}
-
 /** Fails (instead of hanging the file) when `promise` does not settle in time. */
 async function settles<T>(promise: Promise<T>, what: string, timeoutMs = 15_000): Promise<PromiseSettledResult<T>> {
   let timer: NodeJS.Timeout | undefined;
@@ -55,18 +45,8 @@ async function settles<T>(promise: Promise<T>, what: string, timeoutMs = 15_000)
   }
 }
 
-async function waitUntil<T>(check: () => T | Promise<T>, what: string, timeoutMs = 15_000): Promise<NonNullable<T>> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value) return value as NonNullable<T>;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
-
 async function listening(handle: VmHandle, port: number): Promise<void> {
-  await waitUntil(async () => {
+  await waitFor(async () => {
     try {
       await handle.vmFetch(port, "/ping");
       return true;
@@ -248,7 +228,7 @@ describe("processes", () => {
       await vm.writeProcessStdin(pid, "from ");
       await vm.writeProcessStdin(pid, new TextEncoder().encode("client"));
       await vm.closeProcessStdin(pid);
-      await waitUntil(() => exits.some((event) => event.pid === pid), `processExit for ${pid}`);
+      await waitFor(() => exits.some((event) => event.pid === pid), `processExit for ${pid}`);
       assert.deepEqual(exits.find((event) => event.pid === pid), { pid, exitCode: 7 });
       const mine = output.filter((event) => event.pid === pid);
       assert.ok(mine.every((event) => event.data instanceof Uint8Array));
@@ -283,7 +263,7 @@ describe("processes", () => {
       connection.on("processExit", (event) => all.push(event.pid));
       connection.off("processExit", listener);
       const { pid } = await vm.spawn("node", ["-e", "0"]);
-      await waitUntil(() => all.includes(pid), `processExit for ${pid}`);
+      await waitFor(() => all.includes(pid), `processExit for ${pid}`);
       assert.deepEqual(seen, []);
     } finally {
       await connection.dispose();

@@ -17,6 +17,7 @@ import { DatabaseSync } from "node:sqlite";
 import { after, before, describe, it } from "node:test";
 import { agentOS, agentOs, setup, type RunningServer } from "agentvm";
 import { AgentVmError, createClient, type VmHandle } from "agentvm/client";
+import { waitFor, rejection, text } from "./helpers.ts";
 
 const SLEEP_AFTER_MS = 200;
 const dirs: string[] = [];
@@ -31,27 +32,6 @@ async function tempDir(): Promise<string> {
   const dir = await realpath(await mkdtemp(join(tmpdir(), "agentvm-lifecycle-")));
   dirs.push(dir);
   return dir;
-}
-
-const text = (bytes: Uint8Array) => Buffer.from(bytes).toString("utf8");
-
-async function waitUntil<T>(check: () => T | Promise<T>, what: string, timeoutMs = 15_000, intervalMs = 20): Promise<NonNullable<T>> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value) return value as NonNullable<T>;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, intervalMs));
-  }
-}
-
-async function rejection(promise: Promise<unknown> | (() => unknown)): Promise<AgentVmError> {
-  try {
-    await (typeof promise === "function" ? promise() : promise);
-  } catch (error) {
-    return error as AgentVmError;
-  }
-  throw new Error("expected a rejection, but it resolved");
 }
 
 /** Host pids of the sandboxes (and their descendants) of VM `key` under `dataDir`; reads /proc only. */
@@ -105,7 +85,7 @@ async function start(definition = agentOS({ sleepAfterMs: SLEEP_AFTER_MS }), dat
 }
 
 async function listening(handle: VmHandle, port: number): Promise<void> {
-  await waitUntil(async () => {
+  await waitFor(async () => {
     try {
       return (await handle.vmFetch(port, "/")).status === 200;
     } catch (error) {
@@ -144,7 +124,7 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
     assert.equal((await idle.listProcesses()).length, 1);
     assert.ok(awake(dataDir, "idle"), "the idle VM should be awake right after an action");
 
-    await waitUntil(() => !awake(dataDir, "idle"), "the idle VM to sleep");
+    await waitFor(() => !awake(dataDir, "idle"), "the idle VM to sleep");
     assert.ok(awake(dataDir, "busy"), "the VM with a running server process went to sleep");
   });
 
@@ -170,7 +150,7 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
   it("once its server process is killed, the busy VM sleeps too; its files stay", async () => {
     await busy.killProcess(serverPid, "SIGKILL");
     await busy.waitProcess(serverPid);
-    await waitUntil(() => !awake(dataDir, "busy"), "the busy VM to sleep after its process ended");
+    await waitFor(() => !awake(dataDir, "busy"), "the busy VM to sleep after its process ended");
     assert.deepEqual(await busy.listProcesses(), []);
     assert.match(text(await busy.readFile("/home/agentos/server.js")), /still here/);
   });
@@ -189,7 +169,7 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
     ],
   ] as const) {
     it(`${name} wakes a sleeping VM`, async () => {
-      await waitUntil(() => !awake(dataDir, "idle"), "the idle VM to sleep");
+      await waitFor(() => !awake(dataDir, "idle"), "the idle VM to sleep");
       const wakes = wakeCount(dataDir, "idle");
       await action(idle);
       assert.equal(wakeCount(dataDir, "idle"), wakes + 1);
@@ -198,7 +178,7 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
 
   it("a preview token survives sleep, and a preview request wakes the VM", async () => {
     const preview = await idle.createSignedPreviewUrl(3000);
-    await waitUntil(() => !awake(dataDir, "idle"), "the idle VM to sleep");
+    await waitFor(() => !awake(dataDir, "idle"), "the idle VM to sleep");
     const wakes = wakeCount(dataDir, "idle");
     // Nothing listens on 3000 in the woken VM: a valid token gets 502 (a refused one would get 403).
     const response = await fetch(`${url}${preview.path}`);
@@ -216,12 +196,12 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
     connection.on("processExit", (event) => exits.push(event.pid));
     // Reference: another VM touched after the connection opened goes to sleep first.
     await busy.exists("/home/agentos");
-    await waitUntil(() => !awake(dataDir, "busy"), "the reference VM to sleep");
+    await waitFor(() => !awake(dataDir, "busy"), "the reference VM to sleep");
     assert.ok(awake(dataDir, "idle"), "a VM with an open connection went to sleep");
     const { pid } = await idle.spawn("node", ["-e", "0"]);
-    await waitUntil(() => exits.includes(pid), "the processExit event on the still-open connection");
+    await waitFor(() => exits.includes(pid), "the processExit event on the still-open connection");
     await connection.dispose();
-    await waitUntil(() => !awake(dataDir, "idle"), "the idle VM to sleep once its connection closed");
+    await waitFor(() => !awake(dataDir, "idle"), "the idle VM to sleep once its connection closed");
   });
 });
 

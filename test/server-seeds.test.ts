@@ -22,6 +22,7 @@ import { after, before, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import type { Registry, VmDefinition } from "agentvm";
 import { createClient, type VmHandle } from "agentvm/client";
+import { waitFor } from "./helpers.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
 const NODE = join(REPO, "node_modules/.bin/node");
@@ -195,16 +196,6 @@ function alive(pid: number): boolean {
   }
 }
 
-async function waitUntil<T>(check: () => T | Promise<T>, what: string, timeoutMs = 15_000): Promise<NonNullable<T>> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value) return value as NonNullable<T>;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
-}
-
 type SeedRegistry = Registry<{ vm: VmDefinition }>;
 
 /** Test glue: a handle on the seed's VM from this process. */
@@ -214,7 +205,7 @@ function glue(port: number, key: string | string[]): VmHandle {
 
 /** vmFetch until the port answers (the guest server may still be starting). */
 async function fetchWhenListening(agent: VmHandle, port: number, path = "/") {
-  return waitUntil(async () => {
+  return waitFor(async () => {
     try {
       return await agent.vmFetch(port, path);
     } catch (error) {
@@ -233,7 +224,7 @@ async function replaceWithEcho(agent: VmHandle, file: string): Promise<void> {
   }
   await agent.writeFile(file, ECHO_SERVER);
   await agent.spawn("node", [file]);
-  await waitUntil(async () => {
+  await waitFor(async () => {
     try {
       return (await agent.vmFetch(3000, "/")).headers["x-echo"] === "1";
     } catch (error) {
@@ -261,7 +252,7 @@ async function assertCleanShutdown(server: SeedServer): Promise<void> {
   assert.equal(code, 0, `server exited with ${code}; stderr: ${server.stderr}`);
   assert.match(server.stdout, /SIGTERM/);
   // Exit waits for every guest; allow only for the kernel reaping sandboxes whose parent just died.
-  await waitUntil(() => guests.every((pid) => !alive(pid)), `guests ${guests.filter(alive).join(", ")} of the stopped server to exit`, 5_000);
+  await waitFor(() => guests.every((pid) => !alive(pid)), `guests ${guests.filter(alive).join(", ")} of the stopped server to exit`, 5_000);
   assert.deepEqual(server.guestPids(), []);
 }
 
@@ -448,7 +439,7 @@ describe("seed: preview URLs (RivetKit page)", () => {
     assert.match(result.stdout, /^Short-lived preview: \/preview\/\S+\/$/m);
     assert.equal((await agent.listPreviewUrls()).length, 2);
     // The app may still be starting (502 until it listens).
-    const response = await waitUntil(async () => {
+    const response = await waitFor(async () => {
       const answer = await fetch(`http://localhost:${server.port}${path}page`);
       if (answer.status === 502) return undefined;
       return answer;
