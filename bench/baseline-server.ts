@@ -26,7 +26,15 @@ export interface BaselineServer {
 }
 
 export async function startBaselineServer(): Promise<BaselineServer> {
-  const child = spawn(PINNED_NODE, ["--input-type=commonjs", "-e", SERVER_SOURCE], { stdio: ["ignore", "pipe", "inherit"] });
+  return startNodeServer(SERVER_SOURCE);
+}
+
+/**
+ * Any baseline server: `source` is CommonJS run by the pinned Node in a child
+ * process; it must listen on 127.0.0.1 and print its port as its first line.
+ */
+export async function startNodeServer(source: string): Promise<BaselineServer> {
+  const child = spawn(PINNED_NODE, ["--input-type=commonjs", "-e", source], { stdio: ["ignore", "pipe", "inherit"] });
   const port = await readPort(child);
   return {
     port,

@@ -59,7 +59,33 @@ export function processTree(root: number, all: readonly ProcEntry[]): ProcEntry[
 
 /** Guest sandboxes started by this process: its direct children named bwrap. */
 export function guestRoots(all: readonly ProcEntry[]): ProcEntry[] {
-  return all.filter((entry) => entry.ppid === process.pid && entry.comm === "bwrap");
+  return sandboxRootsOf(process.pid, all);
+}
+
+/**
+ * Guest sandboxes started by process `parent` (a server child): its direct
+ * children that are bwrap, or still setpriv/prlimit on their way to exec it.
+ */
+export function sandboxRootsOf(parent: number, all: readonly ProcEntry[]): ProcEntry[] {
+  return all.filter((entry) => entry.ppid === parent && (entry.comm === "bwrap" || entry.comm === "setpriv" || entry.comm === "prlimit"));
+}
+
+/** The NUL-separated command line of a process as a list ([] once it exited). */
+export function readCmdline(pid: number): string[] {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").filter(Boolean);
+  } catch {
+    return [];
+  }
+}
+
+/** Resident set size in KiB from /proc/<pid>/status (VmRSS); NaN once it exited. */
+export function readRssKb(pid: number): number {
+  try {
+    return Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? Number.NaN);
+  } catch {
+    return Number.NaN;
+  }
 }
 
 export function readMemory(pid: number): ProcMemory | undefined {

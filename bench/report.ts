@@ -4,6 +4,8 @@
  * benchmark run into a failed build.
  */
 import type { MemoryResult } from "./memory.ts";
+import type { PreviewsResult } from "./previews.ts";
+import type { IdleVmsResult, ServerActionsResult } from "./server-actions.ts";
 import type { ProcMemory } from "./procfs.ts";
 import type { SpawnSummary } from "./spawn.ts";
 import type { ThroughputCase } from "./vm-fetch.ts";
@@ -40,13 +42,13 @@ function ratio(value: number, baseline: number): string {
   return baseline > 0 && Number.isFinite(value) ? fixed(value / baseline, 2) : EMPTY;
 }
 
-export function throughputRows(cases: ThroughputCase[], targets: Record<number, Target>): Row[] {
+export function throughputRows(cases: ThroughputCase[], targets: Record<number, Target>, name = "vmFetch"): Row[] {
   const rows: Row[] = [];
   for (const c of cases) {
     const target = targets[c.concurrency];
     const r = c.vm.perSecond / c.baseline.perSecond;
     rows.push({
-      metric: `vmFetch req/s, ${c.label}`,
+      metric: `${name} req/s, ${c.label}`,
       agentvm: int(c.vm.perSecond),
       baseline: int(c.baseline.perSecond),
       ratio: fixed(r, 2),
@@ -98,6 +100,61 @@ export function memoryRows(pool0: MemoryResult, pool1: MemoryResult, baseline: P
     row("Pss MB per VM, poolSize 1", pool1.pssMb),
     row("host RSS growth MB per VM, poolSize 1", pool1.hostRssMb),
     row("  warm pool cost, private MB per VM", pool1.privateMb - pool0.privateMb),
+  ];
+}
+
+function targetText(target: Target, unit = ""): string {
+  if (target.kind === "min-ratio") return `ratio ≥ ${fixed(target.limit, 2)}`;
+  return target.limit === 0 ? "= 0" : `≤ ${target.limit}${unit}`;
+}
+
+function plainRow(metric: string, agentvm: string, baseline = EMPTY, ratioText = EMPTY): Row {
+  return { metric, agentvm, baseline, ratio: ratioText, target: EMPTY, result: "" };
+}
+
+function targeted(row: Row, value: number, target: Target, unit = ""): Row {
+  return { ...row, target: targetText(target, unit), result: verdict(value, target) };
+}
+
+export function downloadRows(result: PreviewsResult, growthTarget: Target): Row[] {
+  const { baseline, preview, vmFetchStream } = result.download;
+  const gib = ((result.downloadChunks * 64) / 1024 / 1024).toFixed(2).replace(/\.00$/, "");
+  const rows: Row[] = [];
+  for (const [name, download] of [["preview gateway", preview], ["client vmFetchStream", vmFetchStream]] as const) {
+    rows.push(plainRow(`${gib} GiB download MB/s, ${name}`, int(download.mbPerSecond), int(baseline.mbPerSecond), ratio(download.mbPerSecond, baseline.mbPerSecond)));
+    rows.push(targeted(plainRow(`  server peak RSS growth MB during it`, fixed(download.peakGrowthMb), fixed(baseline.peakGrowthMb)), download.peakGrowthMb, growthTarget, " MB"));
+  }
+  return rows;
+}
+
+export function serverActionRows(result: ServerActionsResult, targets: { createP50Ms: Target; sandboxes: Target }): Row[] {
+  const { writeFile, exists, create, idle, idlePool0, pooled } = result;
+  const latency = (metric: string, vm: number, base: number) => plainRow(metric, fixed(vm, 2), fixed(base, 2), ratio(vm, base));
+  const idleRows = (idleResult: IdleVmsResult, label: string): Row[] => [
+    plainRow(`server RSS growth KB per idle VM, ${idleResult.vms} VMs, ${label}`, int(idleResult.perVmKb)),
+    plainRow(`  server RSS growth MB, all ${idleResult.vms}`, fixed(idleResult.rssAfterMb - idleResult.rssBeforeMb)),
+    targeted(plainRow(`  sandboxes for those VMs (none spawned)`, int(idleResult.sandboxes)), idleResult.sandboxes, targets.sandboxes),
+    ...(idleResult.sandboxes > 0 ? [plainRow(`  their guests' private MB, total`, int(idleResult.sandboxPrivateMb))] : []),
+  ];
+  return [
+    latency("action round trip p50 ms, writeFile 100 B", writeFile.vm.p50, writeFile.baseline.p50),
+    latency("  p95 ms, writeFile", writeFile.vm.p95, writeFile.baseline.p95),
+    latency("action round trip p50 ms, exists", exists.vm.p50, exists.baseline.p50),
+    latency("  p95 ms, exists", exists.vm.p95, exists.baseline.p95),
+    targeted(latency(`VM create + first action p50 ms, ${create.vms} new keys`, create.vm.p50, create.baseline.p50), create.vm.p50, targets.createP50Ms, " ms"),
+    latency("  p95 ms", create.vm.p95, create.baseline.p95),
+    latency("  p50 ms on a poolSize 0 server (no guest launch)", create.vmPool0.p50, create.baseline.p50),
+    latency("  p95 ms on a poolSize 0 server", create.vmPool0.p95, create.baseline.p95),
+    targeted(plainRow(`  sandboxes started for the ${create.vms} new VMs`, int(create.sandboxesForKeys)), create.sandboxesForKeys, targets.sandboxes),
+    ...idleRows(idle, "default (poolSize 1)"),
+    ...idleRows(idlePool0, "poolSize 0"),
+    plainRow(`exec node -e 0 p50 ms, ${pooled.vms} new VMs, poolIdleMs ${pooled.poolIdleMs}`, fixed(pooled.execP50Ms)),
+    plainRow(`  pooled guests alive at once, peak`, int(pooled.peakPooledGuests)),
+    plainRow(`  private MB per pooled guest`, fixed(pooled.peakPooledGuests > 0 ? pooled.peakPooledPrivateMb / pooled.peakPooledGuests : Number.NaN)),
+    plainRow(`  server RSS growth MB, peak while pooled`, fixed(pooled.rssPeakMb - pooled.rssBeforeMb)),
+    plainRow(`  pools drained, s after the last exec`, fixed(pooled.drainedAfterMs / 1000)),
+    targeted(plainRow(`  sandboxes after the drain`, int(pooled.sandboxesAfterDrain)), pooled.sandboxesAfterDrain, targets.sandboxes),
+    plainRow(`  server RSS growth MB after the drain`, fixed(pooled.rssAfterDrainMb - pooled.rssBeforeMb)),
   ];
 }
 

@@ -37,3 +37,16 @@ export function median(values: readonly number[]): number {
 export function mean(values: readonly number[]): number {
   return values.length === 0 ? Number.NaN : values.reduce((sum, value) => sum + value, 0) / values.length;
 }
+
+/** Calls `read` now and every `intervalMs` until stopped; stop() returns every reading, the last one taken at stop. */
+export function sampleEvery<T>(intervalMs: number, read: () => T): { stop(): T[] } {
+  const readings: T[] = [read()];
+  const timer = setInterval(() => readings.push(read()), intervalMs);
+  return {
+    stop() {
+      clearInterval(timer);
+      readings.push(read());
+      return readings;
+    },
+  };
+}

@@ -53,7 +53,13 @@ export async function benchVmFetch(options: VmFetchOptions): Promise<ThroughputC
   }
 }
 
-async function compare(direct: FetchOnce, viaVm: FetchOnce, concurrency: number, options: VmFetchOptions): Promise<{ vm: LoadResult; baseline: LoadResult }> {
+/** Warm-up per side, then `rounds` measured slices alternating baseline and agentvm. Shared by the preview bench. */
+export async function compare(
+  direct: FetchOnce,
+  viaVm: FetchOnce,
+  concurrency: number,
+  options: Pick<VmFetchOptions, "warmupMs" | "durationMs" | "rounds">,
+): Promise<{ vm: LoadResult; baseline: LoadResult }> {
   await warmUp(direct, concurrency, options.warmupMs);
   await warmUp(viaVm, concurrency, options.warmupMs);
   const slice = options.durationMs / options.rounds;

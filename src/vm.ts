@@ -36,7 +36,7 @@ export interface VmLimits {
   maxSockets?: number;
   /** Memory per guest process in MiB: the V8 heap cap; the OS limit sits above it (default 256). */
   memoryMb?: number;
-  /** Pre-started guests kept ready (default 1; 0 turns the pool off). */
+  /** Pre-started guests kept ready once the VM has spawned (default 1; 0 turns the pool off). */
   poolSize?: number;
   /** The pool empties after this long without a spawn (default 60 s). */
   poolIdleMs?: number;
@@ -176,7 +176,8 @@ export class Vm extends EventEmitter<VmEvents> {
       onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),
     });
     this.#fetcher = new VmFetcher(this.#sockets, init.name, () => this.#processes.startupGraceMs());
-    this.#processes.warm();
+    // The warm pool fills on the first spawn, not here: a VM that only stores files
+    // costs no guest (200 idle VMs would otherwise hold 200 sandboxes).
   }
 
   // Files. Methods that return a promise are async so that every failure, VM_DISPOSED

@@ -237,8 +237,10 @@ describe("lifetime across sleep/wake and restarts", () => {
     const root = sleepy.root("sleepy");
     const wakesBefore = wakeCount(sleepy, "sleepy");
     assert.ok(wakesBefore >= 0, "the VM should have a row once an action ran");
-    // Asleep: no sandbox of this VM left on the host.
-    await waitFor(async () => (await sandboxPids(root)).length === 0, "the idle VM to sleep (sleepAfterMs: 200)", 15_000);
+    // Asleep, as the server reports it without waking the VM; and no sandbox of it left on the host.
+    const asleep = async () => !(((await (await fetch(`${sleepy.url}/api/vm/sleepy/status`)).json()) as { value: { awake: boolean } }).value.awake);
+    await waitFor(asleep, "the idle VM to sleep (sleepAfterMs: 200)", 15_000);
+    assert.deepEqual(await sandboxPids(root), []);
 
     const woken = await fetch(`${sleepy.url}${preview.path}`);
     const page = await woken.text();

@@ -63,7 +63,11 @@ function guestPids(dataDir: string, key: string): number[] {
   return [...found];
 }
 
-const awake = (dataDir: string, key: string) => guestPids(dataDir, key).length > 0;
+/** Awake or asleep, as the server reports it (the status route does not wake the VM). */
+async function awake(url: string, key: string): Promise<boolean> {
+  const response = await fetch(`${url}/api/vm/${encodeURIComponent(key)}/status`);
+  return ((await response.json()) as { value: { awake: boolean } }).value.awake;
+}
 
 /** How often the server has woken VM `key` (its SQLite row; read-only, beside the server's own connection). */
 function wakeCount(dataDir: string, key: string): number {
@@ -122,10 +126,11 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
     const ran = await idle.exec("node", ["-e", "console.log('ran')"]);
     assert.equal(ran.stdout, "ran\n");
     assert.equal((await idle.listProcesses()).length, 1);
-    assert.ok(awake(dataDir, "idle"), "the idle VM should be awake right after an action");
+    assert.ok(await awake(url, "idle"), "the idle VM should be awake right after an action");
 
-    await waitFor(() => !awake(dataDir, "idle"), "the idle VM to sleep");
-    assert.ok(awake(dataDir, "busy"), "the VM with a running server process went to sleep");
+    await waitFor(async () => !(await awake(url, "idle")), "the idle VM to sleep");
+    assert.deepEqual(guestPids(dataDir, "idle"), [], "a sleeping VM keeps no sandbox");
+    assert.ok(await awake(url, "busy"), "the VM with a running server process went to sleep");
   });
 
   it("the VM with a running server still answers vmFetch after more than sleepAfterMs, same process", async () => {
@@ -140,7 +145,7 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
   });
 
   it("a woken VM has a fresh process table and its files", async () => {
-    assert.ok(!awake(dataDir, "idle"));
+    assert.ok(!(await awake(url, "idle")));
     assert.deepEqual(await idle.listProcesses(), [], "the exited process of before the sleep is gone: the VM slept and woke");
     assert.equal(text(await idle.readFile("/home/agentos/kept.txt")), "survives sleep");
     const again = await idle.exec("node", ["-e", "console.log(require('fs').readFileSync('/home/agentos/kept.txt', 'utf8'))"]);
@@ -150,7 +155,7 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
   it("once its server process is killed, the busy VM sleeps too; its files stay", async () => {
     await busy.killProcess(serverPid, "SIGKILL");
     await busy.waitProcess(serverPid);
-    await waitFor(() => !awake(dataDir, "busy"), "the busy VM to sleep after its process ended");
+    await waitFor(async () => !(await awake(url, "busy")), "the busy VM to sleep after its process ended");
     assert.deepEqual(await busy.listProcesses(), []);
     assert.match(text(await busy.readFile("/home/agentos/server.js")), /still here/);
   });
@@ -169,7 +174,7 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
     ],
   ] as const) {
     it(`${name} wakes a sleeping VM`, async () => {
-      await waitFor(() => !awake(dataDir, "idle"), "the idle VM to sleep");
+      await waitFor(async () => !(await awake(url, "idle")), "the idle VM to sleep");
       const wakes = wakeCount(dataDir, "idle");
       await action(idle);
       assert.equal(wakeCount(dataDir, "idle"), wakes + 1);
@@ -178,7 +183,7 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
 
   it("a preview token survives sleep, and a preview request wakes the VM", async () => {
     const preview = await idle.createSignedPreviewUrl(3000);
-    await waitFor(() => !awake(dataDir, "idle"), "the idle VM to sleep");
+    await waitFor(async () => !(await awake(url, "idle")), "the idle VM to sleep");
     const wakes = wakeCount(dataDir, "idle");
     // Nothing listens on 3000 in the woken VM: a valid token gets 502 (a refused one would get 403).
     const response = await fetch(`${url}${preview.path}`);
@@ -196,12 +201,12 @@ describe("sleep and wake (sleepAfterMs: 200)", () => {
     connection.on("processExit", (event) => exits.push(event.pid));
     // Reference: another VM touched after the connection opened goes to sleep first.
     await busy.exists("/home/agentos");
-    await waitFor(() => !awake(dataDir, "busy"), "the reference VM to sleep");
-    assert.ok(awake(dataDir, "idle"), "a VM with an open connection went to sleep");
+    await waitFor(async () => !(await awake(url, "busy")), "the reference VM to sleep");
+    assert.ok(await awake(url, "idle"), "a VM with an open connection went to sleep");
     const { pid } = await idle.spawn("node", ["-e", "0"]);
     await waitFor(() => exits.includes(pid), "the processExit event on the still-open connection");
     await connection.dispose();
-    await waitFor(() => !awake(dataDir, "idle"), "the idle VM to sleep once its connection closed");
+    await waitFor(async () => !(await awake(url, "idle")), "the idle VM to sleep once its connection closed");
   });
 });
 

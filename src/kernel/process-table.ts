@@ -130,11 +130,6 @@ export class ProcessTable implements ProcessServices {
     return grace;
   }
 
-  /** Starts the pool so the first spawn is fast too. */
-  warm(): void {
-    this.#pool.fill();
-  }
-
   async spawn(command: unknown, args: unknown = [], options: unknown = {}, ppid = 0): Promise<{ pid: number }> {
     const request = this.#validate(command, args, options);
     const process = await this.#start(request, ppid);
@@ -263,6 +258,8 @@ export class ProcessTable implements ProcessServices {
       guest = this.#pool.take() ?? this.#startGuest({ kind: "pooled" }, GUEST_HOME, {});
     } else {
       guest = this.#startGuest(request.mode, cwd, { ...env, AGENTVM_PID: String(pid), AGENTVM_PPID: String(ppid) });
+      // A VM that runs programs will likely run more: have a pre-started guest ready for them.
+      this.#pool.fill();
     }
     const info: ProcessInfo = { pid, ppid, command: request.command, args: request.args, cwd, running: true, exitCode: null, signal: null, startedAt: Date.now() };
     const process = new GuestProcess(info, guest);

@@ -56,8 +56,10 @@ export class GuestPool<G extends PooledGuest> {
       guest.ready.then(
         () => {
           this.#starting.delete(guest);
-          if (this.#closed) guest.discard();
-          else this.#ready.push(guest);
+          if (this.#closed) return guest.discard();
+          this.#ready.push(guest);
+          // It may have booted after an idle drain: it needs a timer of its own to go away.
+          this.#armIdleTimer();
         },
         () => {
           // A guest that failed to boot is not retried here: the next spawn

@@ -4,6 +4,7 @@
  *   POST /api/:definition/:key/actions/:action   call a VM action (args array in, result out)
  *   ANY  /api/:definition/:key/fetch/:port/*     vmFetch, streamed both ways
  *   GET  /api/:definition/:key/events            processOutput / processExit as Server-Sent Events
+ *   GET  /api/:definition/:key/status            awake or asleep, without waking it
  *   GET  /health
  *
  * Every failure is `{ "error": { "code", "message" } }` with a status derived
@@ -125,7 +126,7 @@ function decodeKey(raw: string): string {
 
 /** Handles /api/… requests; returns false when the path is not an API path. */
 export async function handleApi(context: ApiContext, request: IncomingMessage, response: ServerResponse, url: URL): Promise<boolean> {
-  const match = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events)(\/.*)?$/.exec(url.pathname);
+  const match = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status)(\/.*)?$/.exec(url.pathname);
   if (!match) return false;
   try {
     const definition = decodeURIComponent(match[1]!);
@@ -136,11 +137,18 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     if (kind === "actions" && match[4] === undefined) await callAction(context, actor, name!, request, response);
     else if (kind === "fetch") await proxyFetch(actor, name!, `${match[4] ?? "/"}${url.search}`, request, response);
     else if (kind === "events" && match[4] === undefined) await streamEvents(actor, request, response);
+    else if (kind === "status" && match[4] === undefined && request.method === "GET") sendJson(response, actor.status());
     else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
   } catch (error) {
     sendError(response, error);
   }
   return true;
+}
+
+function sendJson(response: ServerResponse, value: unknown): void {
+  const body = JSON.stringify({ value });
+  response.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
+  response.end(body);
 }
 
 async function callAction(context: ApiContext, actor: VmActor, action: string, request: IncomingMessage, response: ServerResponse): Promise<void> {

@@ -53,6 +53,18 @@ export class VmActor {
     return this.#vm !== undefined;
   }
 
+  /** For operators: the actor's state, read without waking it. */
+  status(): { awake: boolean; runningProcesses: number; createdAt: number | null; lastActiveAt: number | null; wakeCount: number } {
+    const record = this.#store.getVm(this.definitionName, this.key);
+    return {
+      awake: this.awake,
+      runningProcesses: this.#vm ? this.#vm.listProcesses().filter((process) => process.running).length : 0,
+      createdAt: record?.createdAt ?? null,
+      lastActiveAt: record?.lastActiveAt ?? null,
+      wakeCount: record?.wakeCount ?? 0,
+    };
+  }
+
   /** Runs `work` against the awake VM, keeping it awake until the work settles. */
   async use<T>(work: (vm: Vm) => Promise<T> | T): Promise<T> {
     const release = this.hold();
