@@ -130,8 +130,9 @@ export class PreviewGateway {
     upstream.once("response", (answer) => {
       clearTimeout(timer);
       response.writeHead(answer.statusCode ?? 502, answer.statusMessage, this.#responseHeaders(answer, target));
-      // Server-Sent Events and other streams: headers now, each chunk as it comes.
-      response.flushHeaders();
+      // A body of unknown length (Server-Sent Events, streams): headers now, each chunk as it comes.
+      // With a length, headers and body leave together in one write.
+      if (answer.headers["content-length"] === undefined) response.flushHeaders();
       answer.pipe(response);
       answer.once("error", () => response.destroy());
     });
