@@ -3,6 +3,7 @@
  * Keep this file small and stable; several test files import it.
  */
 import { after } from "node:test";
+import { readdirSync, readFileSync } from "node:fs";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -139,3 +140,33 @@ export async function rejection(promise: Promise<unknown> | (() => unknown)): Pr
 }
 
 export const text = (bytes: Uint8Array): string => Buffer.from(bytes).toString("utf8");
+
+/** Pids whose command line matches, plus all their descendants (read from /proc). */
+export function processTree(matches: (cmdline: string) => boolean, exclude: number): number[] {
+  const parents = new Map<number, number>();
+  const roots: number[] = [];
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const pid = Number(entry);
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+      if (stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z")) continue;
+      parents.set(pid, Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]));
+      const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ");
+      if (pid !== exclude && matches(cmdline)) roots.push(pid);
+    } catch {
+      // exited while we looked
+    }
+  }
+  const found = new Set(roots);
+  for (let grew = true; grew; ) {
+    grew = false;
+    for (const [pid, ppid] of parents) {
+      if (!found.has(pid) && found.has(ppid)) {
+        found.add(pid);
+        grew = true;
+      }
+    }
+  }
+  return [...found];
+}

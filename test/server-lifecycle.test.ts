@@ -9,7 +9,7 @@
  * that slept and woke has a fresh process table.
  */
 import assert from "node:assert/strict";
-import { readdirSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -17,7 +17,7 @@ import { DatabaseSync } from "node:sqlite";
 import { after, before, describe, it } from "node:test";
 import { agentOS, agentOs, setup, type RunningServer } from "agentvm";
 import { AgentVmError, createClient, type VmHandle } from "agentvm/client";
-import { waitFor, rejection, text } from "./helpers.ts";
+import { processTree, waitFor, rejection, text } from "./helpers.ts";
 
 const SLEEP_AFTER_MS = 200;
 const dirs: string[] = [];
@@ -37,30 +37,7 @@ async function tempDir(): Promise<string> {
 /** Host pids of the sandboxes (and their descendants) of VM `key` under `dataDir`; reads /proc only. */
 function guestPids(dataDir: string, key: string): number[] {
   const marker = ` ${join(dataDir, "vms", key, "root")} `;
-  const parents = new Map<number, number>();
-  const found = new Set<number>();
-  for (const entry of readdirSync("/proc")) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      const stat = readFileSync(`/proc/${entry}/stat`, "utf8");
-      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      if (fields[0] === "Z") continue;
-      parents.set(Number(entry), Number(fields[1]));
-      if (` ${readFileSync(`/proc/${entry}/cmdline`, "utf8").replaceAll("\0", " ")} `.includes(marker)) found.add(Number(entry));
-    } catch {
-      // gone while we looked
-    }
-  }
-  for (let grew = true; grew; ) {
-    grew = false;
-    for (const [pid, ppid] of parents) {
-      if (!found.has(pid) && found.has(ppid)) {
-        found.add(pid);
-        grew = true;
-      }
-    }
-  }
-  return [...found];
+  return processTree((cmdline) => ` ${cmdline} `.includes(marker), process.pid);
 }
 
 /** Awake or asleep, as the server reports it (the status route does not wake the VM). */

@@ -13,7 +13,7 @@
  */
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, realpath, rm, symlink, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -22,7 +22,7 @@ import { after, before, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import type { Registry, VmDefinition } from "agentvm";
 import { createClient, type VmHandle } from "agentvm/client";
-import { waitFor } from "./helpers.ts";
+import { processTree, waitFor } from "./helpers.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
 const NODE = join(REPO, "node_modules/.bin/node");
@@ -155,36 +155,6 @@ class SeedServer {
     await this.exited;
     clearTimeout(timer);
   }
-}
-
-/** Pids whose command line matches, plus all their descendants (read from /proc). */
-function processTree(matches: (cmdline: string) => boolean, exclude: number): number[] {
-  const parents = new Map<number, number>();
-  const roots: number[] = [];
-  for (const entry of readdirSync("/proc")) {
-    if (!/^\d+$/.test(entry)) continue;
-    const pid = Number(entry);
-    try {
-      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-      if (stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z")) continue;
-      parents.set(pid, Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]));
-      const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ");
-      if (pid !== exclude && matches(cmdline)) roots.push(pid);
-    } catch {
-      // exited while we looked
-    }
-  }
-  const found = new Set(roots);
-  for (let grew = true; grew; ) {
-    grew = false;
-    for (const [pid, ppid] of parents) {
-      if (!found.has(pid) && found.has(ppid)) {
-        found.add(pid);
-        grew = true;
-      }
-    }
-  }
-  return [...found];
 }
 
 function alive(pid: number): boolean {
