@@ -9,7 +9,7 @@ import { mkdir, symlink, writeFile, readlink, lstat } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { AgentVmError, invalidArgument } from "./errors.ts";
 import { VmFilesystem, type VmStat } from "./kernel/filesystem.ts";
-import { parseListenPolicy, type ListenConfig, type ListenPolicy } from "./kernel/listen-policy.ts";
+import { autoRange, parseListenPolicy, type ListenConfig, type ListenPolicy } from "./kernel/listen-policy.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./kernel/process-table.ts";
 import { SocketTable } from "./kernel/socket-table.ts";
 import { Egress, type Denial } from "./kernel/egress.ts";
@@ -161,6 +161,7 @@ export class Vm extends EventEmitter<VmEvents> {
       limits: { maxSockets: init.limits.maxSockets, streamWindow: STREAM_WINDOW },
       outbound: this.#egress,
     });
+    const portRange = autoRange(init.listen).join("-");
     const guestLimits = { heapMb: init.limits.memoryMb, dataMb: init.limits.memoryMb + DATA_HEADROOM_MB, maxFiles: 4096 };
     this.#processes = new ProcessTable({
       vmName: init.name,
@@ -170,7 +171,7 @@ export class Vm extends EventEmitter<VmEvents> {
       poolSize: init.limits.poolSize,
       poolIdleMs: init.limits.poolIdleMs,
       launch: (mode, cwd, env) =>
-        launchGuest({ bwrap: init.bwrap, nodeBinary: init.nodeBinary, root: init.root, cwd, env, limits: guestLimits, mode }),
+        launchGuest({ bwrap: init.bwrap, nodeBinary: init.nodeBinary, root: init.root, cwd, env: { ...env, AGENTVM_PORT_RANGE: portRange }, limits: guestLimits, mode }),
       resolve: (hostname, pid) => this.#resolve(hostname, pid),
       onOutput: (pid, stream, data) => this.emit("processOutput", { pid, stream, data }),
       onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),

@@ -50,6 +50,28 @@ describe("unmodified servers reached by vmFetch", () => {
     assert.ok(!vm.listeningPorts().includes(port), "the port stays bound after its process died");
   });
 
+  test("listen(0): address() right after listen(), before 'listening', already reports the bound port (as supertest reads it)", async () => {
+    const server = await startGuest(
+      vm,
+      `const http = require("http");
+      const servers = Array.from({ length: 5 }, (_, i) => http.createServer((req, res) => res.end("sync " + i)));
+      const ports = servers.map((server) => server.listen(0).address().port);
+      let ready = 0;
+      for (const server of servers) server.on("listening", () => {
+        if (++ready === servers.length) console.log("PORTS " + ports.join(",") + " " + servers.every((s, i) => s.address().port === ports[i]));
+      });`,
+      /PORTS ([\d,]+) true/,
+    );
+    const ports = String(server.ready).split(",").map(Number);
+    assert.equal(new Set(ports).size, 5, `five distinct ports: ${ports}`);
+    for (const [index, port] of ports.entries()) {
+      assert.ok(port >= 1024, `auto port ${port} is below 1024`);
+      assert.equal(text((await vm.vmFetch(port, "/")).body), `sync ${index}`);
+    }
+    await vm.killProcess(server.pid, "SIGKILL");
+    await vm.waitProcess(server.pid);
+  });
+
   test("express serves routes, params, JSON bodies and 404s", async () => {
     const installed = await installPackage(vm, "express");
     assert.ok(installed.length > 10, `express should bring its dependencies, got ${installed}`);

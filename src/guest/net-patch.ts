@@ -42,7 +42,11 @@ interface KernelServerState {
 type AnySocket = { [key: string | symbol]: any };
 type AnyServer = { [key: string | symbol]: any };
 
-export function installNetPatch(kernel: KernelClient): void {
+/**
+ * `autoRange` is the VM's listen(0) range ([low, high]); without it listen(0)
+ * asks the kernel to choose, and address() reports port 0 until 'listening'.
+ */
+export function installNetPatch(kernel: KernelClient, autoRange?: [number, number]): void {
   const socketProto = net.Socket.prototype as unknown as AnySocket;
   const serverProto = net.Server.prototype as unknown as AnyServer;
   const original = {
@@ -310,7 +314,11 @@ export function installNetPatch(kernel: KernelClient): void {
     const host: string | undefined = options.host ?? undefined;
     const family = host && host.includes(":") ? "IPv6" : host === undefined ? "IPv6" : "IPv4";
     const address = host === undefined || host === "::" ? "::" : host === "localhost" ? "127.0.0.1" : host;
-    const srv: KernelServerState = { port: requested, host, bound: false, refed: true };
+    // For listen(0) the guest picks the port itself, from the VM's allocation range, so that
+    // server.address() right after listen() already answers (supertest and many test suites
+    // read it synchronously). The kernel still decides; a taken port means another pick.
+    const picked = requested === 0 ? pickPort() : undefined;
+    const srv: KernelServerState = { port: picked ?? requested, host, bound: false, refed: true };
     this[kServer] = srv;
     const server = this;
     this._handle = {
@@ -338,10 +346,15 @@ export function installNetPatch(kernel: KernelClient): void {
         srv.refed = false;
       },
     };
-    this._connectionKey = `${family === "IPv6" ? 6 : 4}:${address}:${requested}`;
+    this._connectionKey = `${family === "IPv6" ? 6 : 4}:${address}:${srv.port}`;
     if (typeof callback === "function") this.once("listening", callback);
     kernel.ref();
-    kernel.request<{ port: number }>("listen", { port: requested, host }, (error, reply) => {
+    let attempts = 0;
+    const ask = (port: number) => kernel.request<{ port: number }>("listen", { port, host }, (error, reply) => {
+      if (error && port !== 0 && picked !== undefined && (error.code === "EADDRINUSE" || error.code === "EACCES")) {
+        srv.port = ++attempts < PICK_ATTEMPTS ? (pickPort() ?? 0) : 0;
+        return ask(srv.port);
+      }
       if (error) {
         kernel.unref();
         if (server[kServer] === srv) {
@@ -365,6 +378,21 @@ export function installNetPatch(kernel: KernelClient): void {
       // 'listening' is emitted on the next tick, as Node does; accepts may already arrive.
       process.nextTick(() => server.emit("listening"));
     });
+    ask(srv.port);
     return this;
   };
+
+  /** A free-looking port from the VM's listen(0) range, or undefined to let the kernel choose. */
+  function pickPort(): number | undefined {
+    if (!autoRange || autoRange[0] > autoRange[1]) return undefined;
+    const [low, high] = autoRange;
+    for (let i = 0; i < 16; i++) {
+      const port = low + Math.floor(Math.random() * (high - low + 1));
+      if (!servers.has(port)) return port;
+    }
+    return undefined;
+  }
 }
+
+/** Picks before the kernel says the range is exhausted; the last attempt lets the kernel choose. */
+const PICK_ATTEMPTS = 8;

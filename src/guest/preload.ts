@@ -25,7 +25,10 @@ if (widened.length > 0) {
 }
 
 export const kernel = new KernelClient(KERNEL_FD);
-installNetPatch(kernel);
+// The VM's listen(0) range, given at launch; read once, then gone from the environment.
+const range = /^(\d+)-(\d+)$/.exec(process.env.AGENTVM_PORT_RANGE ?? "");
+delete process.env.AGENTVM_PORT_RANGE;
+installNetPatch(kernel, range ? [Number(range[1]), Number(range[2])] : undefined);
 installTlsPatch();
 installDnsPatch(kernel);
 installDgramPatch(kernel);
