@@ -192,12 +192,7 @@ function openConnection(transport: Transport, url: string): VmConnection {
     processOutput: new Set(),
     processExit: new Set(),
   };
-  let resolveReady!: () => void;
-  let rejectReady!: (error: unknown) => void;
-  const ready = new Promise<void>((resolve, reject) => {
-    resolveReady = resolve;
-    rejectReady = reject;
-  });
+  const { promise: ready, resolve: resolveReady, reject: rejectReady } = Promise.withResolvers<void>();
   ready.catch(() => {});
 
   const dispatch = (event: string, data: string) => {

@@ -68,8 +68,6 @@ interface Guest extends PooledGuest {
   /** Exit code and signal, once the sandbox exited and its stdio closed. */
   closed: Promise<[number | null, NodeJS.Signals | null]>;
   link: GuestLink;
-  /** stderr printed before the program ran (a sandbox or boot failure). */
-  bootLog: () => string;
 }
 
 interface ValidatedSpawn {
@@ -312,12 +310,7 @@ export class ProcessTable implements ProcessServices {
       if (bootLog.length < 4096) bootLog += chunk.toString("utf8");
     };
     launched.stderr.on("data", collect);
-    let markReady!: () => void;
-    let failBoot!: (error: Error) => void;
-    const ready = new Promise<void>((resolve, reject) => {
-      markReady = resolve;
-      failBoot = reject;
-    });
+    const { promise: ready, resolve: markReady, reject: failBoot } = Promise.withResolvers<void>();
     ready.catch(() => {});
     const link = new GuestLink(launched.channel, this.#options.sockets, this, {
       ready: () => {
@@ -347,7 +340,6 @@ export class ProcessTable implements ProcessServices {
       link,
       closed,
       ready,
-      bootLog: () => bootLog,
       discard: () => {
         void launched.kill();
       },

@@ -59,7 +59,6 @@ export class SqliteStore {
     insertVm: StatementSync;
     touchVm: StatementSync;
     wokeVm: StatementSync;
-    countVms: StatementSync;
   };
 
   constructor(dataDir: string) {
@@ -72,7 +71,6 @@ export class SqliteStore {
       insertVm: this.db.prepare("INSERT INTO vms (definition, key, directory, created_at, last_active_at, wake_count) VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING"),
       touchVm: this.db.prepare("UPDATE vms SET last_active_at = ? WHERE definition = ? AND key = ?"),
       wokeVm: this.db.prepare("UPDATE vms SET wake_count = wake_count + 1, last_active_at = ? WHERE definition = ? AND key = ?"),
-      countVms: this.db.prepare("SELECT COUNT(*) AS count FROM vms"),
     };
   }
 
@@ -118,10 +116,6 @@ export class SqliteStore {
 
   recordWake(definition: string, key: string): void {
     this.#statements.wokeVm.run(Date.now(), definition, key);
-  }
-
-  countVms(): number {
-    return Number((this.#statements.countVms.get() as { count: number }).count);
   }
 
   close(): void {
