@@ -55,16 +55,36 @@ export class VmFetcher {
     this.#startupGraceMs = startupGraceMs;
     this.#agent = new Agent({ keepAlive: true, keepAliveMsecs: 1000, maxFreeSockets: 64 });
     // http.Agent calls this for each new connection; a kernel stream stands in for TCP.
+    // Every request into the VM (vmFetch, the client's fetch route, the preview gateway)
+    // connects here, so the start-up grace applies to all of them alike.
     (this.#agent as unknown as { createConnection: unknown }).createConnection = (
       options: { port: number },
       callback: (error: Error | null, socket?: HostSocket) => void,
     ) => {
-      try {
-        return new HostSocket(this.#sockets, Number(options.port), { allowHalfOpen: false });
-      } catch (error) {
-        callback(this.#refused(Number(options.port), error));
+      const port = Number(options.port);
+      const open = () => new HostSocket(this.#sockets, port, { allowHalfOpen: false });
+      if (this.#sockets.hasListener(port)) {
+        try {
+          return open();
+        } catch (error) {
+          callback(this.#refused(port, error));
+          return undefined;
+        }
+      }
+      const grace = this.#startupGraceMs();
+      if (grace <= 0) {
+        callback(this.#refused(port));
         return undefined;
       }
+      void this.#sockets.waitForListener(port, grace).then((listening) => {
+        if (!listening) return callback(this.#refused(port));
+        try {
+          callback(null, open());
+        } catch (error) {
+          callback(this.#refused(port, error));
+        }
+      });
+      return undefined;
     };
   }
 
@@ -138,10 +158,8 @@ export class VmFetcher {
     if (init.signal !== undefined && !(init.signal instanceof AbortSignal)) {
       throw new AgentVmError("INVALID_ARGUMENT", `init.signal must be an AbortSignal, got ${describe(init.signal)}`);
     }
-    if (!this.#sockets.hasListener(port)) {
-      const grace = this.#startupGraceMs();
-      if (grace <= 0 || !(await this.#sockets.waitForListener(port, grace))) throw this.#refused(port);
-    }
+    // Fail fast when nothing listens and nothing was just started (the agent waits otherwise).
+    if (!this.#sockets.hasListener(port) && this.#startupGraceMs() <= 0) throw this.#refused(port);
     const hasLength = Object.keys(headers).some((name) => name.toLowerCase() === "content-length");
     if (!hasLength && (typeof body === "string" || body instanceof Uint8Array || body instanceof ArrayBuffer)) {
       headers["content-length"] = String(typeof body === "string" ? Buffer.byteLength(body) : body.byteLength);
