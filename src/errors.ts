@@ -42,6 +42,8 @@ export const AGENTVM_CODES = [
   "VM_DISPOSED",
   /** bubblewrap (or another sandbox prerequisite) is missing. */
   "SANDBOX_UNAVAILABLE",
+  /** The VM's sandbox ended (its init exited or was stopped); the VM's processes were ended with it. */
+  "SANDBOX_EXITED",
   /** The pinned guest Node.js binary could not be found. */
   "GUEST_RUNTIME_MISSING",
   /** A per-VM resource cap (processes, sockets, buffered bytes) was reached. */

@@ -5,41 +5,37 @@
  */
 import { createHash } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { mkdir, symlink, writeFile, readlink, lstat } from "node:fs/promises";
-import { dirname, join, resolve } from "node:path";
+import { lstat, mkdir, readdir, writeFile } from "node:fs/promises";
+import { createServer as createHttpServer, type ClientRequest, type OutgoingHttpHeaders } from "node:http";
+import { isIP, type Socket } from "node:net";
+import { join, resolve } from "node:path";
+import type { Readable } from "node:stream";
+import { fileURLToPath } from "node:url";
 import { AgentVmError, invalidArgument } from "./errors.ts";
+import { ensureImage, type VmImage } from "./image/index.ts";
+import { parseSoftware, type SoftwareEntry } from "./image/software.ts";
 import { VmFilesystem, type VmStat } from "./kernel/filesystem.ts";
 import { autoRange, parseListenPolicy, type ListenConfig, type ListenPolicy } from "./kernel/listen-policy.ts";
-import { ProcessTable, type OutputStream, type ProcessInfo } from "./kernel/process-table.ts";
-import { SocketTable } from "./kernel/socket-table.ts";
 import { Egress, type Denial } from "./kernel/egress.ts";
 import { parseNetworkPolicy, type NetworkPermission, type NetworkPolicy } from "./kernel/network-policy.ts";
-import { isIP } from "node:net";
 import { parsePreviewConfig, PreviewTokens, type PreviewConfig, type PreviewInfo, type PreviewUrl, type ResolvedPreviewConfig } from "./net/previews.ts";
 import { PreviewStore } from "./store/preview-store.ts";
 import { SqliteStore } from "./store/sqlite-store.ts";
 import { VmFetcher, type VmFetchInit, type VmFetchResponse, type VmFetchStreamResponse } from "./net/vm-fetch.ts";
-import { findBubblewrap, GUEST_UID, sandboxMountPoints } from "./sandbox/bubblewrap.ts";
-import { resolveGuestRuntime } from "./sandbox/guest-runtime.ts";
-import { launchGuest } from "./sandbox/launcher.ts";
-import { STREAM_WINDOW } from "./guest/protocol.ts";
-import { describe, expectInteger, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
-import { createServer as createHttpServer } from "node:http";
 import { PreviewGateway } from "./net/gateway.ts";
-import type { ClientRequest, OutgoingHttpHeaders } from "node:http";
-import type { Duplex, Readable } from "node:stream";
+import { findBubblewrap, GUEST_HOME } from "./sandbox/bubblewrap.ts";
+import { EgressBroker } from "./sandbox/egress-broker.ts";
+import { ProcessTable, type OutputStream, type ProcessInfo } from "./sandbox/process-table.ts";
+import { VmSandbox } from "./sandbox/vm-sandbox.ts";
+import { describe, expectInteger, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
 
 export interface VmLimits {
-  /** Processes running at once in the VM (default 32). */
+  /** Processes started through the API running at once (default 32). */
   maxProcesses?: number;
-  /** Listeners, connections and UDP sockets together (default 1024). */
-  maxSockets?: number;
-  /** Memory per guest process in MiB: the V8 heap cap; the OS limit sits above it (default 256). */
+  /** Memory per process in MiB: Node's heap cap (NODE_OPTIONS) and, with headroom, the OS data limit (default 256). */
   memoryMb?: number;
-  /** Pre-started guests kept ready once the VM has spawned (default 1; 0 turns the pool off). */
-  poolSize?: number;
-  /** The pool empties after this long without a spawn (default 60 s). */
-  poolIdleMs?: number;
+  /** Open files per process (default 4096). */
+  openFiles?: number;
 }
 
 export interface PermissionsConfig {
@@ -52,10 +48,12 @@ export interface CreateVmOptions {
   dataDir: string;
   /** Names the VM in messages and on disk (default "default"; up to 256 printable characters). */
   name?: string;
+  /** Software on top of the base image (shell, coreutils, git, curl, node, npm): entries from `agentvm/software`. */
+  software?: unknown[];
   permissions?: PermissionsConfig;
   listen?: ListenConfig;
   limits?: VmLimits;
-  /** Guest runtime override: path to a Node ≥ 26 binary (also AGENTVM_GUEST_NODE). */
+  /** Guest runtime override: path to a Node ≥ 26 binary for the image (also AGENTVM_GUEST_NODE). */
   runtime?: { node?: string };
   /** Preview URL lifetimes and caps. */
   preview?: PreviewConfig;
@@ -95,7 +93,7 @@ export interface VmEvents {
 const SAFE_DIRECTORY = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const MAX_NAME = 256;
 const RECENT_DENIALS = 100;
-const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, maxSockets: 1024, memoryMb: 256, poolSize: 1, poolIdleMs: 60_000 };
+const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096 };
 /**
  * RLIMIT_DATA above the heap cap. Node 26 needs a fixed ~565 MiB of it to boot
  * whatever the heap cap (~590 MiB once WebAssembly loads: TypeScript stripping,
@@ -103,16 +101,19 @@ const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, maxSockets: 1024,
  * room for Buffers and other memory outside the V8 heap.
  */
 const DATA_HEADROOM_MB = 768;
+/** Top-level names of the VM's directory that are never mounted from it: the image, the kernel's, init's. */
+const NOT_FROM_VM_ROOT = new Set(["bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt", "proc", "dev", "sys", "run"]);
+/** init's built code (dist/init), self-contained with its one dependency. */
+const INIT_CODE = fileURLToPath(new URL(import.meta.url.endsWith(".ts") ? "../dist/init/" : "./init/", import.meta.url));
 
 export class Vm extends EventEmitter<VmEvents> {
   readonly name: string;
   readonly root: string;
   readonly listenPolicy: ListenPolicy;
   readonly #fs: VmFilesystem;
-  readonly #sockets: SocketTable;
   readonly #processes: ProcessTable;
   readonly #fetcher: VmFetcher;
-  readonly #egress: Egress;
+  readonly #egress: EgressBroker;
   readonly #denials: Denial[] = [];
   #denialCount = 0;
   readonly #dataDir: string;
@@ -122,12 +123,14 @@ export class Vm extends EventEmitter<VmEvents> {
   #ownStore: SqliteStore | undefined;
   readonly #servedByRegistry: boolean;
   readonly #previewServers = new Set<() => Promise<void>>();
+  /** Connections handed out of the VM that are still open (vmFetch, previews). */
+  #openConnections = 0;
   #disposed = false;
 
   /** Use createVm(); the constructor expects validated options and a prepared root. */
   constructor(init: {
     name: string;
-    root: string;
+    vmDir: string;
     dataDir: string;
     listen: ListenPolicy;
     network: NetworkPolicy;
@@ -135,50 +138,66 @@ export class Vm extends EventEmitter<VmEvents> {
     limits: Required<VmLimits>;
     preview: ResolvedPreviewConfig;
     bwrap: string;
-    nodeBinary: string;
+    image: VmImage;
     services: VmHostServices;
   }) {
     super();
     // Each exec() in flight listens for output: concurrent execs are normal, not a leak.
     this.setMaxListeners(0);
     this.name = init.name;
-    this.root = init.root;
+    this.root = join(init.vmDir, "root");
     this.#dataDir = init.dataDir;
     this.#previewConfig = init.preview;
     this.#previews = init.services.previews;
     this.#servedByRegistry = init.services.previews !== undefined;
     this.listenPolicy = init.listen;
-    this.#fs = new VmFilesystem(init.root);
-    this.#egress = new Egress({
-      vmName: init.name,
-      policy: init.network,
-      hosts: init.hosts,
-      onDenied: (denial) => this.#recordDenial(denial),
-    });
-    this.#sockets = new SocketTable({
-      vmName: init.name,
-      listen: init.listen,
-      limits: { maxSockets: init.limits.maxSockets, streamWindow: STREAM_WINDOW },
-      outbound: this.#egress,
-    });
-    const portRange = autoRange(init.listen).join("-");
-    const guestLimits = { heapMb: init.limits.memoryMb, dataMb: init.limits.memoryMb + DATA_HEADROOM_MB, maxFiles: 4096 };
+    this.#fs = new VmFilesystem(this.root);
+    this.#egress = new EgressBroker(
+      new Egress({ vmName: init.name, policy: init.network, hosts: init.hosts, onDenied: (denial) => this.#recordDenial(denial) }),
+    );
+    const env = {
+      HOME: GUEST_HOME,
+      USER: "root",
+      PATH: init.image.path,
+      LANG: "C.UTF-8",
+      TZ: "UTC",
+      // npm install -g lands in the VM's home, which is writable and survives sleep.
+      NPM_CONFIG_PREFIX: `${GUEST_HOME}/.local`,
+      NODE_OPTIONS: `--max-old-space-size=${init.limits.memoryMb}`,
+    };
+    const root = this.root;
     this.#processes = new ProcessTable({
       vmName: init.name,
-      fs: this.#fs,
-      sockets: this.#sockets,
       maxProcesses: init.limits.maxProcesses,
-      poolSize: init.limits.poolSize,
-      poolIdleMs: init.limits.poolIdleMs,
-      launch: (mode, cwd, env) =>
-        launchGuest({ bwrap: init.bwrap, nodeBinary: init.nodeBinary, root: init.root, cwd, env: { ...env, AGENTVM_PORT_RANGE: portRange }, limits: guestLimits, mode }),
-      resolve: (hostname, pid) => this.#resolve(hostname, pid),
+      env,
+      startSandbox: async () =>
+        VmSandbox.start({
+          bwrap: init.bwrap,
+          layout: {
+            image: init.image,
+            vmRoot: root,
+            extraDirs: await vmRootDirectories(root),
+            etc: { hosts: join(init.vmDir, "etc/hosts"), resolvConf: join(init.vmDir, "etc/resolv.conf") },
+            initDir: INIT_CODE,
+          },
+          env: { PATH: init.image.path, HOME: GUEST_HOME, TZ: "UTC" },
+          init: { portRange: autoRange(init.listen), allowPrivileged: init.listen.allowPrivileged },
+          rlimits: { dataBytes: (init.limits.memoryMb + DATA_HEADROOM_MB) * 1024 * 1024, openFiles: init.limits.openFiles },
+          events: {
+            onOutput: (pid, fd, data) => this.#processes.output(pid, fd === 1 ? "stdout" : "stderr", data),
+            onExit: (pid, code, signal) => this.#processes.exited(pid, code, signal),
+            onEgress: (host, port) => this.#egress.open(host, port),
+            onResolve: (name, family) => this.#egress.resolve(name, family),
+            onEnded: (error) => {
+              console.warn(`agentvm: VM ${init.name}: ${error.message}`);
+              this.#processes.sandboxEnded();
+            },
+          },
+        }),
       onOutput: (pid, stream, data) => this.emit("processOutput", { pid, stream, data }),
       onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),
     });
-    this.#fetcher = new VmFetcher(this.#sockets, init.name, () => this.#processes.startupGraceMs());
-    // The warm pool fills on the first spawn, not here: a VM that only stores files
-    // costs no guest (200 idle VMs would otherwise hold 200 sandboxes).
+    this.#fetcher = new VmFetcher((port) => this.#connect(port), init.name, () => this.#processes.startupGraceMs());
   }
 
   // Files. Methods that return a promise are async so that every failure, VM_DISPOSED
@@ -287,18 +306,20 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#alive();
     return this.#fetcher.request(expectPort("port", port), options);
   }
-  /** A raw byte stream to a port in the VM, like a TCP connection from the host's side. */
-  connectToPort(port: number): Duplex {
+  /** A TCP connection to a port in the VM, as a program on the VM's loopback would have it. */
+  async connectToPort(port: number): Promise<Socket> {
     this.#alive();
     return this.#fetcher.connect(expectPort("port", port));
   }
-  /** Ports guests listen on right now. */
-  listeningPorts(): number[] {
+  /** TCP ports programs in the VM listen on right now. */
+  async listeningPorts(): Promise<number[]> {
     this.#alive();
-    return this.#sockets.listeningPorts();
+    const sandbox = await this.#processes.sandbox?.catch(() => undefined);
+    return sandbox ? sandbox.listeningPorts() : [];
   }
-  networkStats(): SocketTable["stats"] {
-    return this.#sockets.stats;
+  /** Connections into the VM the server holds open now (vmFetch keep-alive, previews). */
+  networkStats(): { connections: number } {
+    return { connections: this.#openConnections };
   }
 
   // Previews.
@@ -399,15 +420,13 @@ export class Vm extends EventEmitter<VmEvents> {
     console.warn(`agentvm network denied ${JSON.stringify(denial)}`);
   }
 
-  async #resolve(hostname: string, pid: number): Promise<{ address: string; family: 4 | 6 }[]> {
-    const name = hostname.toLowerCase();
-    if (name === "localhost" || name.endsWith(".localhost") || name === "") {
-      return [
-        { address: "127.0.0.1", family: 4 },
-        { address: "::1", family: 6 },
-      ];
-    }
-    return this.#egress.lookup(name, pid);
+  async #connect(port: number): Promise<Socket> {
+    const sandbox = await this.#processes.sandbox?.catch(() => undefined);
+    if (!sandbox?.running) throw Object.assign(new Error(`nothing listens on port ${port}: the VM runs no programs`), { code: "ECONNREFUSED" });
+    const socket = await sandbox.connect(port);
+    this.#openConnections++;
+    socket.once("close", () => this.#openConnections--);
+    return socket;
   }
 
   #alive(): void {
@@ -417,7 +436,7 @@ export class Vm extends EventEmitter<VmEvents> {
 
 export async function createVm(options: CreateVmOptions, services: VmHostServices = {}): Promise<Vm> {
   const config = expectObject("options", options);
-  expectKnownKeys("options", config, ["dataDir", "name", "permissions", "listen", "limits", "runtime", "preview", "hosts"]);
+  expectKnownKeys("options", config, ["dataDir", "name", "software", "permissions", "listen", "limits", "runtime", "preview", "hosts"]);
   const dataDir = resolve(expectString("options.dataDir", config.dataDir, { nonEmpty: true }));
   const name = config.name === undefined ? "default" : expectString("options.name", config.name, { nonEmpty: true });
   if (name.length > MAX_NAME || /[\u0000-\u001f\u007f]/.test(name)) {
@@ -434,10 +453,12 @@ export async function createVm(options: CreateVmOptions, services: VmHostService
   expectKnownKeys("options.runtime", runtimeOption, ["node"]);
   const nodeOverride = runtimeOption.node === undefined ? undefined : expectString("options.runtime.node", runtimeOption.node, { nonEmpty: true });
 
-  const [bwrap, runtime] = await Promise.all([findBubblewrap(), resolveGuestRuntime(nodeOverride)]);
-  const root = join(dataDir, "vms", vmDirectoryName(name), "root");
-  await prepareRoot(root);
-  return new Vm({ name, root, dataDir, listen, network, hosts, limits, preview, bwrap, nodeBinary: runtime.binary, services });
+  const software = parseSoftware(config.software ?? [], "software");
+
+  const [bwrap, image] = await Promise.all([findBubblewrap(), ensureImage({ software, ...(nodeOverride !== undefined ? { node: nodeOverride } : {}) })]);
+  const vmDir = join(dataDir, "vms", vmDirectoryName(name));
+  await prepareVmDirectory(vmDir);
+  return new Vm({ name, vmDir, dataDir, listen, network, hosts, limits, preview, bwrap, image, services });
 }
 
 /** The VM's directory under `<dataDir>/vms`: the name itself when it is a safe file name, else a hash of it. */
@@ -461,7 +482,7 @@ export function parseLimits(value: unknown): Required<VmLimits> {
   const limits = expectObject("limits", value);
   expectKnownKeys("limits", limits, Object.keys(DEFAULT_LIMITS));
   const out = { ...DEFAULT_LIMITS };
-  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, maxSockets: 1, memoryMb: 32, poolSize: 0, poolIdleMs: 0 };
+  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, memoryMb: 32, openFiles: 64 };
   for (const key of Object.keys(DEFAULT_LIMITS) as (keyof VmLimits)[]) {
     const raw = limits[key];
     if (raw === undefined) continue;
@@ -473,26 +494,25 @@ export function parseLimits(value: unknown): Required<VmLimits> {
   return out;
 }
 
-/** Lays out the VM's `/` with the mount points the sandbox binds over, once. */
-async function prepareRoot(root: string): Promise<void> {
-  const layout = sandboxMountPoints();
-  for (const dir of layout.dirs) await mkdir(join(root, dir), { recursive: true });
-  for (const file of layout.files) {
-    await mkdir(dirname(join(root, file)), { recursive: true });
-    await writeFile(join(root, file), "", { flag: "a" });
-  }
-  for (const [path, target] of layout.symlinks) {
-    const at = join(root, path);
-    const existing = await lstat(at).catch(() => undefined);
-    if (existing?.isSymbolicLink() && (await readlink(at)) === target) continue;
-    if (!existing) await symlink(target, at);
-  }
-  await symlink("/usr/share/zoneinfo/UTC", join(root, "etc/localtime")).catch(ignoreExists);
-  await writeFile(join(root, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n", { flag: "wx" }).catch(ignoreExists);
-  await writeFile(join(root, "etc/passwd"), `root:x:0:0:root:/root:/bin/sh\nagentos:x:${GUEST_UID}:${GUEST_UID}:agentos:/home/agentos:/bin/sh\n`, { flag: "wx" }).catch(ignoreExists);
-  await writeFile(join(root, "etc/group"), `root:x:0:\nagentos:x:${GUEST_UID}:\n`, { flag: "wx" }).catch(ignoreExists);
+/**
+ * The VM's directory: `root/` holds what programs may write (`/home`, `/tmp`,
+ * `/var`, and top-level directories the files API made), `etc/` the files the
+ * sandbox binds read-only over the image's placeholders.
+ */
+async function prepareVmDirectory(vmDir: string): Promise<void> {
+  for (const dir of ["root/home/agentos", "root/tmp", "root/var/tmp", "etc"]) await mkdir(join(vmDir, dir), { recursive: true });
+  await writeFile(join(vmDir, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
+  // init's resolver on the VM's loopback answers every name by the network policy.
+  await writeFile(join(vmDir, "etc/resolv.conf"), "nameserver 127.0.0.1\noptions ndots:0\n");
 }
 
-function ignoreExists(error: NodeJS.ErrnoException): void {
-  if (error.code !== "EEXIST") throw error;
+/** Real directories at the top of the VM's root, each bound at the same name (symlinks there are never followed). */
+async function vmRootDirectories(root: string): Promise<string[]> {
+  const names = await readdir(root);
+  const dirs: string[] = [];
+  for (const name of names) {
+    if (NOT_FROM_VM_ROOT.has(name)) continue;
+    if ((await lstat(join(root, name))).isDirectory()) dirs.push(name);
+  }
+  return dirs;
 }

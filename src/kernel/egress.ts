@@ -192,6 +192,8 @@ export class Egress {
   #open(address: string, port: number, where: string): Promise<net.Socket> {
     return new Promise((resolve, reject) => {
       const socket = net.connect({ host: address, port, timeout: this.#options.connectTimeoutMs ?? 30_000 });
+      // Not read here: the socket is handed into the VM whole, and a byte read now would be lost.
+      socket.pause();
       const fail = (error: NodeJS.ErrnoException) => {
         socket.destroy();
         const code = error.code === "ETIMEDOUT" ? "ETIMEDOUT" : error.code === "ECONNRESET" ? "ECONNRESET" : "ECONNREFUSED";

@@ -180,7 +180,7 @@ export class PreviewGateway {
       return this.#rawRefuse(socket, 503, "The VM behind this preview could not start.\n");
     }
     try {
-      upstream = lease.vm.connectToPort(row.port);
+      upstream = await lease.vm.connectToPort(row.port);
     } catch {
       lease.release();
       return this.#rawRefuse(socket, 502, `Nothing is listening on port ${row.port} inside the VM.\n`);

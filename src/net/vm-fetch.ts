@@ -1,14 +1,15 @@
 /**
- * vmFetch: HTTP/1.1 from the host into a VM port, through the VM's socket table
- * only. Node's http client does the HTTP (keep-alive, chunked bodies); a
- * per-VM keep-alive Agent hands it HostSockets instead of TCP connections.
+ * vmFetch: HTTP/1.1 from the host into a VM port. init connects to the port on
+ * the VM's loopback and hands the connected socket over; Node's http client
+ * then speaks HTTP on it directly (keep-alive, chunked bodies), through one
+ * keep-alive Agent per VM so sockets are reused.
  */
 import { Agent, request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders } from "node:http";
+import type { Socket } from "node:net";
+import { setTimeout as sleep } from "node:timers/promises";
 import { Readable } from "node:stream";
 import { AgentVmError } from "../errors.ts";
-import type { SocketTable } from "../kernel/socket-table.ts";
 import { describe, expectObject, expectPort, expectString, expectKnownKeys } from "../validate.ts";
-import { HostSocket } from "./host-socket.ts";
 
 export type VmFetchBody = string | Uint8Array | ArrayBuffer | ReadableStream<Uint8Array> | AsyncIterable<Uint8Array> | null;
 
@@ -35,10 +36,15 @@ export interface VmFetchStreamResponse {
   body: ReadableStream<Uint8Array>;
 }
 
+/** Opens a connection to a port on the VM's loopback; rejects with ECONNREFUSED when nothing listens. */
+export type PortConnector = (port: number) => Promise<Socket>;
+
 const METHOD = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+/** How often a connection to a closed port is retried while a just-started program may still be starting. */
+const RETRY_MS = 10;
 
 export class VmFetcher {
-  readonly #sockets: SocketTable;
+  readonly #connectToPort: PortConnector;
   readonly #vmName: string;
   readonly #agent: Agent;
 
@@ -49,43 +55,38 @@ export class VmFetcher {
    */
   readonly #startupGraceMs: () => number;
 
-  constructor(sockets: SocketTable, vmName: string, startupGraceMs: () => number = () => 0) {
-    this.#sockets = sockets;
+  constructor(connectToPort: PortConnector, vmName: string, startupGraceMs: () => number = () => 0) {
+    this.#connectToPort = connectToPort;
     this.#vmName = vmName;
     this.#startupGraceMs = startupGraceMs;
     this.#agent = new Agent({ keepAlive: true, keepAliveMsecs: 1000, maxFreeSockets: 64 });
-    // http.Agent calls this for each new connection; a kernel stream stands in for TCP.
-    // Every request into the VM (vmFetch, the client's fetch route, the preview gateway)
-    // connects here, so the start-up grace applies to all of them alike.
+    // http.Agent calls this for each new connection. Every request into the VM (vmFetch,
+    // the client's fetch route, the preview gateway) connects here, so the start-up
+    // grace applies to all of them alike.
     (this.#agent as unknown as { createConnection: unknown }).createConnection = (
       options: { port: number },
-      callback: (error: Error | null, socket?: HostSocket) => void,
+      callback: (error: Error | null, socket?: Socket) => void,
     ) => {
-      const port = Number(options.port);
-      const open = () => new HostSocket(this.#sockets, port, { allowHalfOpen: false });
-      if (this.#sockets.hasListener(port)) {
-        try {
-          return open();
-        } catch (error) {
-          callback(this.#refused(port, error));
-          return undefined;
-        }
-      }
-      const grace = this.#startupGraceMs();
-      if (grace <= 0) {
-        callback(this.#refused(port));
-        return undefined;
-      }
-      void this.#sockets.waitForListener(port, grace).then((listening) => {
-        if (!listening) return callback(this.#refused(port));
-        try {
-          callback(null, open());
-        } catch (error) {
-          callback(this.#refused(port, error));
-        }
-      });
+      this.connect(Number(options.port)).then(
+        (socket) => callback(null, socket),
+        (error: unknown) => callback(error as Error),
+      );
       return undefined;
     };
+  }
+
+  /** A connection to a port in the VM (WebSocket relays), waiting out the start-up grace; ECONNREFUSED when nothing listens. */
+  async connect(port: number): Promise<Socket> {
+    for (;;) {
+      try {
+        return await this.#connectToPort(port);
+      } catch (error) {
+        const code = (error as { code?: string }).code;
+        if (code !== "ECONNREFUSED") throw error;
+        if (this.#startupGraceMs() <= 0) throw this.#refused(port, error);
+        await sleep(RETRY_MS);
+      }
+    }
   }
 
   async fetch(port: unknown, path: unknown, init?: unknown): Promise<VmFetchResponse> {
@@ -119,15 +120,6 @@ export class VmFetcher {
     return httpRequest({ agent: this.#agent, host: "localhost", port, path: options.path, method: options.method, headers: options.headers });
   }
 
-  /** A raw byte stream to a port in the VM (WebSocket relays); throws ECONNREFUSED when nothing listens. */
-  connect(port: number): HostSocket {
-    try {
-      return new HostSocket(this.#sockets, port);
-    } catch (error) {
-      throw this.#refused(port, error);
-    }
-  }
-
   close(): void {
     this.#agent.destroy();
   }
@@ -158,8 +150,6 @@ export class VmFetcher {
     if (init.signal !== undefined && !(init.signal instanceof AbortSignal)) {
       throw new AgentVmError("INVALID_ARGUMENT", `init.signal must be an AbortSignal, got ${describe(init.signal)}`);
     }
-    // Fail fast when nothing listens and nothing was just started (the agent waits otherwise).
-    if (!this.#sockets.hasListener(port) && this.#startupGraceMs() <= 0) throw this.#refused(port);
     const hasLength = Object.keys(headers).some((name) => name.toLowerCase() === "content-length");
     if (!hasLength && (typeof body === "string" || body instanceof Uint8Array || body instanceof ArrayBuffer)) {
       headers["content-length"] = String(typeof body === "string" ? Buffer.byteLength(body) : body.byteLength);

@@ -1,26 +1,28 @@
 /**
- * The OS layer of confinement (DESIGN §4, layer 3): the bubblewrap command line
- * for one guest. Own user, PID, network, IPC, UTS and mount namespaces; the VM
- * directory as `/`; system libraries, the Node runtime and the guest preload
- * read-only; every capability dropped; dies with the server.
+ * The bubblewrap command line for one VM's sandbox (DESIGN §1, §4 layer 3):
+ * own user, PID, network, IPC, UTS, mount and cgroup namespaces; a read-only
+ * root built from the VM image; the VM's own `/home` and `/tmp` from its
+ * directory on disk; init as the first program. Nothing of the host's
+ * filesystem is visible but the image and the VM's directory.
  */
 import { execFile } from "node:child_process";
-import { existsSync, lstatSync, readlinkSync } from "node:fs";
 import { promisify } from "node:util";
 import { AgentVmError } from "../errors.ts";
 
-/** Where things appear inside the sandbox. */
-export const GUEST_NODE = "/opt/node/bin/node";
-const GUEST_NODE_DIR = "/opt/node";
-export const GUEST_PRELOAD_DIR = "/opt/agentvm";
 export const GUEST_HOME = "/home/agentos";
-export const GUEST_UID = 1000;
-
-/** Host directories shared read-only with every guest (system libraries). */
-const SYSTEM_DIRS = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin"];
+/** Where init's code is mounted in every VM. */
+export const INIT_DIR = "/opt/agentvm";
+/** Top-level entries of the image that the sandbox mounts; anything else in the image stays out. */
+const IMAGE_ENTRIES = new Set(["bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt"]);
+/**
+ * What init keeps: binding the DNS port and writing the VM's port sysctls
+ * (NET_BIND_SERVICE, NET_ADMIN in the VM's own namespaces only), and emptying
+ * the bounding set of the programs it starts (SETPCAP). Programs get none.
+ */
+const INIT_CAPABILITIES = ["CAP_NET_BIND_SERVICE", "CAP_NET_ADMIN", "CAP_SETPCAP"];
 
 export const INSTALL_HINT =
-  "agentvm runs guests under bubblewrap; install it with `sudo apt-get install bubblewrap` (Debian/Ubuntu) or `sudo dnf install bubblewrap`, or set AGENTVM_BWRAP to its path";
+  "agentvm runs VMs under bubblewrap; install it with `sudo apt-get install bubblewrap` (Debian/Ubuntu) or `sudo dnf install bubblewrap`, or set AGENTVM_BWRAP to its path";
 
 let checked: Promise<string> | undefined;
 
@@ -39,78 +41,72 @@ export function findBubblewrap(): Promise<string> {
   return checked;
 }
 
-export interface SandboxLayout {
-  /** Host directory that is the VM's `/`. */
+/** The parts of a built image the sandbox needs (see image/). */
+export interface SandboxImage {
   root: string;
-  /** Host path of the guest node binary. */
-  nodeBinary: string;
-  /** Host directory holding the guest preload (src/guest or dist/guest). */
-  preloadDir: string;
-  /** Guest working directory. */
-  cwd: string;
+  entries: readonly { name: string; kind: "dir" | "symlink"; target?: string }[];
+  layers: readonly { dir: string; mountAt: string }[];
 }
 
-/** Read-only binds of the host's real system directories (merged-/usr symlinks live in the VM root). */
-function systemMounts(): string[] {
-  return sandboxMountPoints().dirs.filter((dir) => SYSTEM_DIRS.includes(dir)).flatMap((dir) => ["--ro-bind", dir, dir]);
-}
-
-let cachedSystemMounts: string[] | undefined;
-
-/** Mount points the VM root must contain before bwrap binds over them. */
-export function sandboxMountPoints(): { dirs: string[]; files: string[]; symlinks: [string, string][] } {
-  const dirs = ["/proc", "/dev", "/opt/node/bin", GUEST_PRELOAD_DIR, GUEST_HOME, "/tmp", "/etc"];
-  const symlinks: [string, string][] = [];
-  for (const dir of SYSTEM_DIRS) {
-    if (!existsSync(dir)) continue;
-    const info = lstatSync(dir);
-    if (info.isSymbolicLink()) symlinks.push([dir, readlinkSync(dir)]);
-    else if (info.isDirectory()) dirs.push(dir);
-  }
-  return { dirs, files: [GUEST_NODE], symlinks };
+export interface SandboxLayout {
+  image: SandboxImage;
+  /** The VM's writable directory on disk. */
+  vmRoot: string;
+  /** Its top-level directories (real ones, checked before the VM's programs run), each bound at `/<name>`. */
+  extraDirs: readonly string[];
+  /** Host files bound read-only over the image's placeholders: `/etc/hosts`, `/etc/resolv.conf`. */
+  etc: { hosts: string; resolvConf: string };
+  /** Host directory with init's code. */
+  initDir: string;
 }
 
 export function bubblewrapArgs(layout: SandboxLayout): string[] {
-  cachedSystemMounts ??= systemMounts();
+  const image: string[] = [];
+  for (const entry of layout.image.entries) {
+    if (!IMAGE_ENTRIES.has(entry.name)) continue;
+    if (entry.kind === "symlink") image.push("--symlink", entry.target!, `/${entry.name}`);
+    else image.push("--ro-bind", `${layout.image.root}/${entry.name}`, `/${entry.name}`);
+  }
+  for (const layer of layout.image.layers) image.push("--ro-bind", layer.dir, layer.mountAt);
   return [
     "--unshare-all",
     "--unshare-user",
-    "--disable-userns",
     "--die-with-parent",
     "--new-session",
-    "--cap-drop",
-    "ALL",
+    // Root inside the VM's own user namespace, never on the host: the VM's
+    // network namespace belongs to this user namespace, so init's capabilities
+    // there work on hosts without privileges too.
     "--uid",
-    String(GUEST_UID),
+    "0",
     "--gid",
-    String(GUEST_UID),
+    "0",
     "--hostname",
     "agentvm",
-    "--bind",
-    layout.root,
-    "/",
-    ...cachedSystemMounts,
-    // The runtime directory is a fresh read-only tmpfs holding only the binary: the
-    // VM root's own /opt/node would be writable (and is guest-controlled, so never a bind source).
+    "--cap-drop",
+    "ALL",
+    ...INIT_CAPABILITIES.flatMap((cap) => ["--cap-add", cap]),
+    ...image,
+    "--ro-bind",
+    layout.etc.hosts,
+    "/etc/hosts",
+    "--ro-bind",
+    layout.etc.resolvConf,
+    "/etc/resolv.conf",
+    "--ro-bind",
+    layout.initDir,
+    INIT_DIR,
+    ...layout.extraDirs.flatMap((name) => ["--bind", `${layout.vmRoot}/${name}`, `/${name}`]),
     "--tmpfs",
-    GUEST_NODE_DIR,
-    "--ro-bind",
-    layout.nodeBinary,
-    GUEST_NODE,
-    "--remount-ro",
-    GUEST_NODE_DIR,
-    "--ro-bind",
-    layout.preloadDir,
-    GUEST_PRELOAD_DIR,
+    "/run",
     "--proc",
-    "/proc",
-    // Read-only: a writable /proc/self/mem lets a guest patch its own code, outside Node's permission model.
-    "--remount-ro",
     "/proc",
     "--dev",
     "/dev",
+    // The root itself (a tmpfs bubblewrap made) holds only mount points: read-only.
+    "--remount-ro",
+    "/",
     "--chdir",
-    layout.cwd,
+    GUEST_HOME,
     "--clearenv",
   ];
 }

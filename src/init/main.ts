@@ -1,0 +1,109 @@
+/**
+ * init: the first program of a VM's sandbox (pid 2, under bubblewrap's reaper).
+ * The server drives it over the Node IPC channel on fd 3; it starts every
+ * program of the VM, hands connected sockets out, and sets up the VM's network
+ * namespace (port range, privileged ports) while it still holds the capability.
+ *
+ * It ends the VM when the channel closes: a VM never outlives its server.
+ */
+import { readFileSync, writeFileSync } from "node:fs";
+import type { Socket } from "node:net";
+import { connectToPort } from "./port-connector.ts";
+import type { FromInit, ToInit } from "./protocol.ts";
+import { SpawnError, Supervisor } from "./supervisor.ts";
+
+export interface InitConfig {
+  /** The range listen(0) allocates from (the VM's ip_local_port_range). */
+  portRange: [number, number];
+  /** Whether programs may bind ports below 1024 (ip_unprivileged_port_start 0). */
+  allowPrivileged: boolean;
+  /** setpriv inside the VM, used to start programs without capabilities. */
+  setpriv: string;
+}
+
+const config = JSON.parse(process.env.AGENTVM_INIT ?? "{}") as InitConfig;
+delete process.env.AGENTVM_INIT;
+
+const send = (message: FromInit, handle?: Socket, done?: () => void): void => {
+  if (!process.connected) return;
+  process.send!(message, handle, { keepOpen: false }, (error) => {
+    if (error) shutdown();
+    done?.();
+  });
+};
+
+configureNetwork();
+const supervisor = new Supervisor({ setpriv: config.setpriv, send: (message, done) => send(message as FromInit, undefined, done) });
+
+process.on("message", (message: ToInit) => {
+  switch (message.t) {
+    case "spawn":
+      supervisor.spawn(message).then(
+        (pid) => send({ t: "reply", id: message.id, ok: true, pid }),
+        (error: SpawnError) => send({ t: "reply", id: message.id, ok: false, code: error.code ?? "SPAWN_FAILED", message: error.message }),
+      );
+      return;
+    case "signal":
+      supervisor.signal(message.pid, message.signal);
+      return;
+    case "stdin":
+      supervisor.writeStdin(message.pid, Buffer.from(message.data, "base64")).then(
+        () => send({ t: "reply", id: message.id, ok: true }),
+        (error: SpawnError) => send({ t: "reply", id: message.id, ok: false, code: error.code, message: error.message }),
+      );
+      return;
+    case "stdin-end":
+      supervisor.endStdin(message.pid);
+      return;
+    case "ports":
+      send({ t: "reply", id: message.id, ok: true, ports: listeningPorts() });
+      return;
+    case "connect":
+      connectToPort(message.port).then(
+        (socket) => send({ t: "reply", id: message.id, ok: true }, socket),
+        (error: NodeJS.ErrnoException) => send({ t: "reply", id: message.id, ok: false, code: error.code ?? "ECONNREFUSED", message: error.message }),
+      );
+      return;
+  }
+});
+
+process.on("disconnect", shutdown);
+process.on("uncaughtException", (error) => {
+  // init failing ends this VM only; the server reports it to callers.
+  process.stderr.write(`agentvm init: ${error.stack ?? error}\n`);
+  process.exit(70);
+});
+send({ t: "ready", pid: process.pid });
+
+/**
+ * The VM's network namespace is its own, so these sysctls are per VM. The
+ * kernel wants the ephemeral range to start at or above the unprivileged
+ * start, hence the order.
+ */
+function configureNetwork(): void {
+  if (config.allowPrivileged) writeFileSync("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0");
+  writeFileSync("/proc/sys/net/ipv4/ip_local_port_range", `${config.portRange[0]} ${config.portRange[1]}`);
+}
+
+/** Ports in LISTEN state (st 0A) in /proc/net/tcp and tcp6: this namespace's, so the VM's. */
+function listeningPorts(): number[] {
+  const ports = new Set<number>();
+  for (const table of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    let text = "";
+    try {
+      text = readFileSync(table, "utf8");
+    } catch {
+      continue; // no IPv6 in this kernel
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const fields = line.trim().split(/\s+/);
+      if (fields[3] === "0A") ports.add(parseInt(fields[1]!.split(":")[1]!, 16));
+    }
+  }
+  return [...ports].sort((a, b) => a - b);
+}
+
+function shutdown(): void {
+  // bubblewrap's reaper (pid 1) ends with init, and the PID namespace with it.
+  process.exit(0);
+}

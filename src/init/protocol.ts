@@ -1,0 +1,55 @@
+/**
+ * The control channel between the server and a VM's init (Node IPC over the
+ * sandbox's fd 3, JSON serialization). One channel per VM; messages are small
+ * JSON objects, bytes travel base64-encoded, and connected sockets travel as
+ * handles beside a message (SCM_RIGHTS), never as bytes.
+ *
+ * Requests carry an `id` and get exactly one `reply` with the same id. Both
+ * sides validate every message they receive: init is inside the VM, so the
+ * server treats what it says as untrusted input.
+ */
+
+/** Server → init. */
+export type ToInit =
+  | { t: "spawn"; id: number; command: string; args: string[]; cwd: string; env: Record<string, string> }
+  | { t: "signal"; pid: number; signal: string }
+  | { t: "stdin"; id: number; pid: number; data: string }
+  | { t: "stdin-end"; pid: number }
+  /** Connect to a port on the VM's loopback; the reply carries the connected socket as its handle. */
+  | { t: "connect"; id: number; port: number }
+  /** TCP ports in LISTEN state on the VM's loopback (both families). */
+  | { t: "ports"; id: number }
+  /** Answer to init's egress request: the handle is the connected socket (ok) or absent (denied/failed). */
+  | { t: "egress"; id: number; ok: true }
+  | { t: "egress"; id: number; ok: false; code: string; message: string }
+  | { t: "resolved"; id: number; ok: true; addresses: string[] }
+  | { t: "resolved"; id: number; ok: false; code: string; message: string };
+
+/** Init → server. */
+export type FromInit =
+  | { t: "ready"; pid: number }
+  | { t: "reply"; id: number; ok: true; pid?: number; ports?: number[] }
+  | { t: "reply"; id: number; ok: false; code: string; message: string }
+  | { t: "output"; pid: number; fd: 1 | 2; data: string }
+  | { t: "exit"; pid: number; code: number | null; signal: string | null }
+  /** init asks the server for an outbound connection (its proxies decided nothing yet; the server's policy decides). */
+  | { t: "egress"; id: number; host: string; port: number; via: string }
+  | { t: "resolve"; id: number; name: string; family: 4 | 6 };
+
+/** Signals the API accepts by name, with their Linux numbers. */
+export const SIGNALS: Readonly<Record<string, number>> = {
+  SIGHUP: 1,
+  SIGINT: 2,
+  SIGQUIT: 3,
+  SIGKILL: 9,
+  SIGUSR1: 10,
+  SIGUSR2: 12,
+  SIGTERM: 15,
+  SIGCONT: 18,
+  SIGSTOP: 19,
+};
+
+/** Output init may have sent and not yet seen acknowledged before it pauses a process's pipes. */
+export const OUTPUT_WINDOW = 1 << 20;
+/** The largest base64 `data` the server accepts in one message (chunks are 64 KiB raw). */
+export const MAX_DATA_CHARS = 1 << 20;

@@ -1,0 +1,148 @@
+/**
+ * init's process supervisor: starts the VM's programs as its children, relays
+ * their output to the server with a bounded window, feeds their stdin, signals
+ * them, and reports each exit once its output has been sent.
+ *
+ * Every program starts through `setpriv`, which drops the capabilities init
+ * keeps for its own set-up (binding the DNS port, the VM's port sysctls) and
+ * sets no-new-privs, then execs the program: guests never hold a capability.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { accessSync, constants, statSync } from "node:fs";
+import { OUTPUT_WINDOW, SIGNALS } from "./protocol.ts";
+
+const DROP_PRIVILEGES = ["--no-new-privs", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"];
+/** After a program exits, how long its pipes may stay open (a background child holding them) before the exit is reported anyway. */
+const CLOSE_GRACE_MS = 50;
+
+export interface SupervisorOptions {
+  /** Path of setpriv inside the VM. */
+  setpriv: string;
+  send(message: object, done?: () => void): void;
+}
+
+export interface SpawnRequest {
+  command: string;
+  args: string[];
+  cwd: string;
+  env: Record<string, string>;
+}
+
+export class SpawnError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.code = code;
+  }
+}
+
+export class Supervisor {
+  readonly #options: SupervisorOptions;
+  readonly #children = new Map<number, ChildProcess>();
+
+  constructor(options: SupervisorOptions) {
+    this.#options = options;
+  }
+
+  /** Starts a program; resolves with its pid once it runs, rejects with ENOENT/EACCES/ENOTDIR naming what is wrong. */
+  spawn(request: SpawnRequest): Promise<number> {
+    const file = this.#findProgram(request.command, request.env.PATH ?? "/usr/bin:/bin");
+    checkDirectory(request.cwd);
+    const child = spawn(this.#options.setpriv, [...DROP_PRIVILEGES, file, ...request.args], {
+      cwd: request.cwd,
+      env: request.env,
+      argv0: request.command,
+      stdio: ["pipe", "pipe", "pipe"],
+    });
+    return new Promise((resolve, reject) => {
+      child.once("error", (error: NodeJS.ErrnoException) => reject(new SpawnError(error.code ?? "SPAWN_FAILED", `spawn ${request.command}: ${error.message}`)));
+      child.once("spawn", () => {
+        const pid = child.pid!;
+        this.#children.set(pid, child);
+        this.#relay(pid, child);
+        resolve(pid);
+      });
+    });
+  }
+
+  signal(pid: number, signal: string): void {
+    if (!(signal in SIGNALS) || !this.#children.has(pid)) return;
+    try {
+      process.kill(pid, signal as NodeJS.Signals);
+    } catch {
+      // It exited in the meantime; its exit report is on its way.
+    }
+  }
+
+  writeStdin(pid: number, data: Buffer): Promise<void> {
+    const stdin = this.#children.get(pid)?.stdin;
+    if (!stdin || stdin.writableEnded || stdin.destroyed) return Promise.reject(new SpawnError("EPIPE", `process ${pid} has no open stdin`));
+    return new Promise((resolve, reject) => stdin.write(data, (error) => (error ? reject(new SpawnError("EPIPE", `stdin of process ${pid}: ${error.message}`)) : resolve())));
+  }
+
+  endStdin(pid: number): void {
+    this.#children.get(pid)?.stdin?.end();
+  }
+
+  #relay(pid: number, child: ChildProcess): void {
+    // Output in flight (sent, not yet flushed to the channel): above the window both
+    // pipes pause, so a chatty program waits for the server instead of growing init.
+    let inFlight = 0;
+    const pipes = [child.stdout!, child.stderr!];
+    for (const [index, pipe] of pipes.entries()) {
+      const fd = (index + 1) as 1 | 2;
+      pipe.on("data", (chunk: Buffer) => {
+        inFlight += chunk.length;
+        if (inFlight > OUTPUT_WINDOW) for (const each of pipes) each.pause();
+        this.#options.send({ t: "output", pid, fd, data: chunk.toString("base64") }, () => {
+          inFlight -= chunk.length;
+          if (inFlight <= OUTPUT_WINDOW / 2) for (const each of pipes) each.resume();
+        });
+      });
+    }
+    child.stdin!.on("error", () => {}); // EPIPE from a program that closed its stdin: reported per write.
+    let closed = false;
+    child.once("close", () => (closed = true));
+    child.once("exit", (code, signal) => {
+      const report = () => {
+        this.#children.delete(pid);
+        this.#options.send({ t: "exit", pid, code, signal });
+      };
+      if (closed) return report();
+      const timer = setTimeout(report, CLOSE_GRACE_MS);
+      child.once("close", () => {
+        clearTimeout(timer);
+        report();
+      });
+    });
+  }
+
+  /** PATH lookup as execvp does it, so a missing program is ENOENT naming it, not setpriv's exit code. */
+  #findProgram(command: string, path: string): string {
+    const candidates = command.includes("/") ? [command] : path.split(":").filter(Boolean).map((dir) => `${dir}/${command}`);
+    for (const candidate of candidates) {
+      try {
+        accessSync(candidate, constants.X_OK);
+        if (statSync(candidate).isFile()) return candidate;
+      } catch {
+        // Not here; try the next directory.
+      }
+    }
+    throw new SpawnError(
+      "ENOENT",
+      command.includes("/")
+        ? `spawn ${command}: no such executable file in the VM`
+        : `spawn ${command}: program not found in the VM's PATH; add it with the VM's software option (agentvm/software) or install it in the VM (npm install -g …)`,
+    );
+  }
+}
+
+function checkDirectory(cwd: string): void {
+  let isDirectory: boolean;
+  try {
+    isDirectory = statSync(cwd).isDirectory();
+  } catch {
+    throw new SpawnError("ENOENT", `spawn: working directory ${cwd} does not exist in the VM; create it with mkdir first`);
+  }
+  if (!isDirectory) throw new SpawnError("ENOTDIR", `spawn: working directory ${cwd} is not a directory`);
+}

@@ -1,0 +1,137 @@
+/**
+ * The server's end of a VM's control channel (Node IPC to init, see
+ * init/protocol.ts). Requests get ids and exactly one reply; connected sockets
+ * arrive as handles beside replies.
+ *
+ * init runs inside the VM, so everything it says is untrusted: each message is
+ * checked against the protocol before anything acts on it, and a message that
+ * breaks it ends this VM's sandbox (never the server) through `onViolation`.
+ */
+import type { ChildProcess } from "node:child_process";
+import { Socket } from "node:net";
+import { AgentVmError } from "../errors.ts";
+import { MAX_DATA_CHARS, type FromInit, type ToInit } from "../init/protocol.ts";
+
+type Reply = Extract<FromInit, { t: "reply" }>;
+type Request = ToInit extends infer M ? (M extends { id: number } ? Omit<M, "id"> : never) : never;
+
+export interface ChannelEvents {
+  /** A message that is not a reply (output, exit, egress, resolve, ready), already validated. */
+  onEvent(message: Exclude<FromInit, Reply>): void;
+  /** init broke the protocol; the caller ends the sandbox. */
+  onViolation(reason: string): void;
+}
+
+/** Requests that may wait at once; more is a server bug or a stuck VM, not normal load. */
+const MAX_PENDING = 4096;
+
+export class ControlChannel {
+  readonly #child: ChildProcess;
+  readonly #events: ChannelEvents;
+  readonly #pending = new Map<number, { resolve(value: { reply: Reply; handle: Socket | undefined }): void; reject(error: Error): void }>();
+  #nextId = 1;
+  #closedError: AgentVmError | undefined;
+
+  constructor(child: ChildProcess, events: ChannelEvents) {
+    this.#child = child;
+    this.#events = events;
+    child.on("message", (message: unknown, handle: unknown) => this.#receive(message, handle));
+    child.on("disconnect", () => this.close(new AgentVmError("SANDBOX_EXITED", "the VM's init closed its control channel")));
+  }
+
+  get closed(): boolean {
+    return this.#closedError !== undefined;
+  }
+
+  /** Sends a request and resolves with init's reply; a failed reply rejects with its code. */
+  request(message: Request, handle?: Socket): Promise<{ reply: Reply & { ok: true }; handle: Socket | undefined }> {
+    if (this.#closedError) return Promise.reject(this.#closedError);
+    if (this.#pending.size >= MAX_PENDING) return Promise.reject(new AgentVmError("LIMIT_EXCEEDED", `too many requests waiting for the VM's init (${MAX_PENDING})`));
+    const id = this.#nextId++;
+    const { promise, resolve, reject } = Promise.withResolvers<{ reply: Reply; handle: Socket | undefined }>();
+    this.#pending.set(id, { resolve, reject });
+    this.#send({ ...message, id } as ToInit, handle);
+    return promise.then(({ reply, handle: received }) => {
+      if (!reply.ok) {
+        received?.destroy();
+        throw new AgentVmError(reply.code as never, reply.message);
+      }
+      return { reply, handle: received };
+    });
+  }
+
+  /** Sends a message that has no reply. */
+  notify(message: ToInit, handle?: Socket): void {
+    if (!this.#closedError) this.#send(message, handle);
+  }
+
+  close(error: AgentVmError): void {
+    if (this.#closedError) return;
+    this.#closedError = error;
+    for (const waiter of this.#pending.values()) waiter.reject(error);
+    this.#pending.clear();
+    if (this.#child.connected) this.#child.disconnect();
+  }
+
+  #send(message: ToInit, handle?: Socket): void {
+    if (!this.#child.connected) return;
+    this.#child.send(message, handle, { keepOpen: false }, (error) => {
+      if (error) this.close(new AgentVmError("SANDBOX_EXITED", `the VM's control channel failed: ${error.message}`));
+    });
+  }
+
+  #receive(message: unknown, handle: unknown): void {
+    const socket = handle instanceof Socket ? handle : undefined;
+    const problem = checkMessage(message);
+    if (problem !== undefined) {
+      socket?.destroy();
+      this.#events.onViolation(problem);
+      return;
+    }
+    const valid = message as FromInit;
+    if (valid.t !== "reply") {
+      socket?.destroy();
+      this.#events.onEvent(valid);
+      return;
+    }
+    const waiter = this.#pending.get(valid.id);
+    if (!waiter) {
+      socket?.destroy();
+      this.#events.onViolation(`a reply to request ${valid.id}, which is not waiting`);
+      return;
+    }
+    this.#pending.delete(valid.id);
+    waiter.resolve({ reply: valid, handle: socket });
+  }
+}
+
+const isInt = (value: unknown, min = 0, max = 2 ** 31 - 1): value is number => Number.isInteger(value) && (value as number) >= min && (value as number) <= max;
+const isText = (value: unknown, max = 4096): value is string => typeof value === "string" && value.length <= max;
+
+/** Returns what is wrong with a message from init, or undefined when it follows the protocol. */
+function checkMessage(message: unknown): string | undefined {
+  if (typeof message !== "object" || message === null || Array.isArray(message)) return "a message that is not an object";
+  const m = message as Record<string, unknown>;
+  switch (m.t) {
+    case "ready":
+      return isInt(m.pid, 1) ? undefined : "a malformed ready message";
+    case "reply":
+      if (!isInt(m.id, 1)) return "a reply without a valid id";
+      if (m.ok === true) {
+        if (m.pid !== undefined && !isInt(m.pid, 1)) return "a reply with a malformed pid";
+        if (m.ports !== undefined && !(Array.isArray(m.ports) && m.ports.length <= 65536 && m.ports.every((port) => isInt(port, 1, 65535)))) return "a reply with malformed ports";
+        return undefined;
+      }
+      return m.ok === false && isText(m.code, 64) && isText(m.message) ? undefined : "a malformed failure reply";
+    case "output":
+      return isInt(m.pid, 1) && (m.fd === 1 || m.fd === 2) && isText(m.data, MAX_DATA_CHARS) ? undefined : "a malformed output message";
+    case "exit":
+      return isInt(m.pid, 1) && (m.code === null || isInt(m.code, 0, 255)) && (m.signal === null || isText(m.signal, 16)) ? undefined : "a malformed exit message";
+    case "egress":
+      return isInt(m.id, 1) && isText(m.host, 255) && isInt(m.port, 1, 65535) && isText(m.via, 16) ? undefined : "a malformed egress request";
+    case "resolve":
+      return isInt(m.id, 1) && isText(m.name, 255) && (m.family === 4 || m.family === 6) ? undefined : "a malformed resolve request";
+    default:
+      return `an unknown message type ${JSON.stringify(String(m.t)).slice(0, 40)}`;
+  }
+}

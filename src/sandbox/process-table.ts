@@ -1,0 +1,240 @@
+/**
+ * One VM's processes as the API sees them: the programs started through
+ * `spawn`/`exec`, with their in-VM pids (the same `ps` shows inside), exit
+ * codes, stdin and signals, and the per-VM process cap. The sandbox starts on
+ * the first spawn and stays until the VM is disposed or it ends.
+ *
+ * Owns: the table of API-started processes and the sandbox handle. Programs
+ * those processes start themselves are the VM's business (init reaps them).
+ */
+import { AgentVmError } from "../errors.ts";
+import { SIGNALS } from "../init/protocol.ts";
+import { expectKnownKeys, expectObject, expectString, expectStringArray, expectStringRecord } from "../validate.ts";
+import { GUEST_HOME } from "./bubblewrap.ts";
+import type { VmSandbox } from "./vm-sandbox.ts";
+
+export interface SpawnOptions {
+  cwd?: string;
+  env?: Record<string, string>;
+}
+
+export interface ProcessInfo {
+  pid: number;
+  ppid: number;
+  command: string;
+  args: string[];
+  cwd: string;
+  running: boolean;
+  exitCode: number | null;
+  signal: string | null;
+  startedAt: number;
+}
+
+export type OutputStream = "stdout" | "stderr";
+
+export interface ProcessTableOptions {
+  vmName: string;
+  maxProcesses: number;
+  /** Environment every program starts with; a spawn's own `env` adds to it. */
+  env: Record<string, string>;
+  /** Starts the VM's sandbox, wired to this table's onOutput/onExit/onEnded. */
+  startSandbox(): Promise<VmSandbox>;
+  onOutput(pid: number, stream: OutputStream, data: Uint8Array): void;
+  onExit(pid: number, exitCode: number, signal: string | null): void;
+}
+
+/** Exited processes kept for listProcesses/waitProcess. */
+const EXITED_KEPT = 200;
+/** How long after a spawn vmFetch waits for a closed port to open (see VmFetcher). */
+const STARTUP_GRACE_MS = 3000;
+
+interface Entry {
+  info: ProcessInfo;
+  exited: PromiseWithResolvers<number>;
+  /** Output that arrived before spawn() returned, delivered right after its caller resumed. */
+  early: [OutputStream, Uint8Array][] | undefined;
+}
+
+export class ProcessTable {
+  readonly #options: ProcessTableOptions;
+  readonly #entries = new Map<number, Entry>();
+  #sandbox: Promise<VmSandbox> | undefined;
+  #starting = 0;
+  /**
+   * Output and exits for pids whose spawn reply is still on its way to spawn()'s
+   * caller (a program can print and exit before that continuation runs). Only
+   * kept while spawns are in flight, so it stays small.
+   */
+  readonly #unclaimed = new Map<number, { output: [OutputStream, Uint8Array][]; exit?: [number | null, string | null] }>();
+  #disposed = false;
+
+  constructor(options: ProcessTableOptions) {
+    this.#options = options;
+  }
+
+  get running(): number {
+    let count = 0;
+    for (const entry of this.#entries.values()) if (entry.info.running) count++;
+    return count;
+  }
+
+  /** The running sandbox, if one was started (vmFetch does not start one: nothing could listen). */
+  get sandbox(): Promise<VmSandbox> | undefined {
+    return this.#sandbox;
+  }
+
+  /** Milliseconds until the newest running process is STARTUP_GRACE_MS old (0 when none is that young). */
+  startupGraceMs(now = Date.now()): number {
+    let grace = 0;
+    for (const entry of this.#entries.values()) {
+      if (entry.info.running) grace = Math.max(grace, entry.info.startedAt + STARTUP_GRACE_MS - now);
+    }
+    return grace;
+  }
+
+  async spawn(command: unknown, args: unknown = [], options: unknown = {}): Promise<{ pid: number }> {
+    const name = expectString("command", command, { nonEmpty: true, max: 4096 });
+    const argv = expectStringArray("args", args);
+    const opts = expectObject("options", options ?? {});
+    expectKnownKeys("options", opts, ["cwd", "env"]);
+    const cwdOption = opts.cwd === undefined ? GUEST_HOME : expectString("options.cwd", opts.cwd, { nonEmpty: true, max: 4096 });
+    const cwd = cwdOption.startsWith("/") ? cwdOption : `${GUEST_HOME}/${cwdOption}`;
+    const env = { ...this.#options.env, ...(opts.env === undefined ? {} : expectStringRecord("options.env", opts.env)) };
+    if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed`);
+    // Counted before the first await, so concurrent spawns cannot all pass the cap.
+    if (this.running + this.#starting >= this.#options.maxProcesses) {
+      throw new AgentVmError("EAGAIN", `spawn: VM ${this.#options.vmName} already runs ${this.#options.maxProcesses} processes (limits.maxProcesses); wait for one to exit or kill one`);
+    }
+    this.#starting++;
+    let pid: number;
+    try {
+      const sandbox = await this.#ensureSandbox();
+      pid = await sandbox.spawn(name, argv, cwd, env);
+    } finally {
+      this.#starting--;
+    }
+    const info: ProcessInfo = { pid, ppid: 0, command: name, args: argv, cwd, running: true, exitCode: null, signal: null, startedAt: Date.now() };
+    const unclaimed = this.#unclaimed.get(pid);
+    this.#unclaimed.delete(pid);
+    const entry: Entry = { info, exited: Promise.withResolvers<number>(), early: unclaimed?.output ?? [] };
+    this.#entries.set(pid, entry);
+    if (unclaimed?.exit) this.exited(pid, ...unclaimed.exit);
+    // The caller subscribes to output when spawn() resolves; setImmediate runs after its continuation.
+    setImmediate(() => {
+      const early = entry.early ?? [];
+      entry.early = undefined;
+      for (const [stream, data] of early) this.#options.onOutput(pid, stream, data);
+      if (!entry.info.running) this.#options.onExit(pid, entry.info.exitCode!, entry.info.signal);
+    });
+    this.#trimExited();
+    return { pid };
+  }
+
+  async wait(pid: unknown): Promise<number> {
+    return this.#get(pid, "waitProcess").exited.promise;
+  }
+
+  list(): ProcessInfo[] {
+    return [...this.#entries.values()].map(({ info }) => ({ ...info, args: [...info.args] }));
+  }
+
+  async kill(pid: unknown, signal: unknown = "SIGTERM"): Promise<void> {
+    const entry = this.#get(pid, "killProcess");
+    const name = typeof signal === "number" ? Object.keys(SIGNALS).find((key) => SIGNALS[key] === signal) : signal;
+    if (typeof name !== "string" || !(name in SIGNALS)) {
+      throw new AgentVmError("INVALID_ARGUMENT", `killProcess: unknown signal ${String(signal)}; use one of ${Object.keys(SIGNALS).join(", ")}`);
+    }
+    if (!entry.info.running) return;
+    (await this.#sandbox)?.signal(entry.info.pid, name);
+  }
+
+  async writeStdin(pid: unknown, data: Uint8Array): Promise<void> {
+    const entry = this.#get(pid, "writeProcessStdin");
+    if (!entry.info.running) throw new AgentVmError("EPIPE", `writeProcessStdin: process ${entry.info.pid} has exited`);
+    await (await this.#sandbox)!.writeStdin(entry.info.pid, data);
+  }
+
+  closeStdin(pid: unknown): void {
+    const entry = this.#get(pid, "closeProcessStdin");
+    if (entry.info.running) void this.#sandbox?.then((sandbox) => sandbox.endStdin(entry.info.pid));
+  }
+
+  /** Called by the sandbox's events. */
+  output(pid: number, stream: OutputStream, data: Uint8Array): void {
+    const entry = this.#entries.get(pid);
+    if (!entry) return void this.#unclaimedFor(pid)?.output.push([stream, data]);
+    if (entry.early) entry.early.push([stream, data]);
+    else this.#options.onOutput(pid, stream, data);
+  }
+
+  exited(pid: number, code: number | null, signal: string | null): void {
+    const entry = this.#entries.get(pid);
+    if (!entry) {
+      const unclaimed = this.#unclaimedFor(pid);
+      if (unclaimed) unclaimed.exit = [code, signal];
+      return;
+    }
+    if (!entry.info.running) return;
+    this.#finish(entry, code ?? 128 + (signal ? (SIGNALS[signal] ?? 0) : 0), signal);
+  }
+
+  /** The sandbox ended under the processes (init died, or the VM was stopped): each is reported killed. */
+  sandboxEnded(): void {
+    this.#sandbox = undefined;
+    for (const entry of this.#entries.values()) if (entry.info.running) this.#finish(entry, 128 + SIGNALS.SIGKILL!, "SIGKILL");
+  }
+
+  async dispose(): Promise<void> {
+    this.#disposed = true;
+    const sandbox = this.#sandbox;
+    this.#sandbox = undefined;
+    if (sandbox) await (await sandbox.catch(() => undefined))?.stop();
+    this.sandboxEnded();
+  }
+
+  #finish(entry: Entry, exitCode: number, signal: string | null): void {
+    entry.info.running = false;
+    entry.info.exitCode = exitCode;
+    entry.info.signal = signal;
+    entry.exited.resolve(exitCode);
+    if (!entry.early) this.#options.onExit(entry.info.pid, exitCode, signal);
+  }
+
+  #unclaimedFor(pid: number) {
+    if (this.#starting === 0) return undefined;
+    let unclaimed = this.#unclaimed.get(pid);
+    if (!unclaimed) this.#unclaimed.set(pid, (unclaimed = { output: [] }));
+    return unclaimed;
+  }
+
+  #ensureSandbox(): Promise<VmSandbox> {
+    if (!this.#sandbox) {
+      const starting = this.#options.startSandbox();
+      this.#sandbox = starting;
+      // A sandbox that failed to start is not kept: the next spawn tries again.
+      starting.catch(() => {
+        if (this.#sandbox === starting) this.#sandbox = undefined;
+      });
+    }
+    return this.#sandbox;
+  }
+
+  #get(pid: unknown, operation: string): Entry {
+    const entry = typeof pid === "number" ? this.#entries.get(pid) : undefined;
+    if (!entry) {
+      if (typeof pid !== "number" || !Number.isInteger(pid)) {
+        throw new AgentVmError("INVALID_ARGUMENT", `${operation}: pid must be an integer, got ${JSON.stringify(pid)}`);
+      }
+      throw new AgentVmError("ESRCH", `${operation}: no process ${pid} in VM ${this.#options.vmName}; listProcesses() shows the pids`);
+    }
+    return entry;
+  }
+
+  #trimExited(): void {
+    if (this.#entries.size <= EXITED_KEPT) return;
+    for (const [pid, entry] of this.#entries) {
+      if (this.#entries.size <= EXITED_KEPT) break;
+      if (!entry.info.running) this.#entries.delete(pid);
+    }
+  }
+}

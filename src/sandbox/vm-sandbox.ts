@@ -1,0 +1,213 @@
+/**
+ * One VM's sandbox, host side: starts bubblewrap with init inside, waits for
+ * init to report ready, and offers what init does (spawn, signal, stdin,
+ * connect to a VM port) as promises. Events (output, exit, egress requests)
+ * go to the callbacks given at start.
+ *
+ * Owns: the bubblewrap process and the control channel. When either ends, the
+ * whole sandbox is gone (init is its first program; the PID namespace dies with
+ * it) and every waiting request fails with SANDBOX_EXITED.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import type { Socket } from "node:net";
+import type { Readable } from "node:stream";
+import { AgentVmError } from "../errors.ts";
+import type { FromInit } from "../init/protocol.ts";
+import { bubblewrapArgs, INIT_DIR, type SandboxLayout } from "./bubblewrap.ts";
+import { ControlChannel } from "./control-channel.ts";
+
+export interface SandboxEvents {
+  onOutput(pid: number, fd: 1 | 2, data: Buffer): void;
+  onExit(pid: number, code: number | null, signal: string | null): void;
+  /** init asks for an outbound connection; resolve with the connected socket or reject with a typed error. */
+  onEgress(host: string, port: number, via: string): Promise<Socket>;
+  onResolve(name: string, family: 4 | 6): Promise<string[]>;
+  /** The sandbox ended (init exited, crashed or broke the protocol); not called after stop(). */
+  onEnded(error: AgentVmError): void;
+}
+
+export interface SandboxStart {
+  bwrap: string;
+  layout: SandboxLayout;
+  /** Environment init starts with (PATH and the like); programs get their own from the caller. */
+  env: Record<string, string>;
+  init: { portRange: [number, number]; allowPrivileged: boolean };
+  /** OS limits applied to every process of the VM (prlimit on bubblewrap, inherited). */
+  rlimits: { dataBytes: number; openFiles: number };
+  events: SandboxEvents;
+}
+
+const READY_TIMEOUT_MS = 20_000;
+const SETPRIV = "/usr/bin/setpriv";
+
+export class VmSandbox {
+  readonly #child: ChildProcess;
+  readonly #channel: ControlChannel;
+  readonly #events: SandboxEvents;
+  readonly ended: Promise<void>;
+  #stopping = false;
+
+  private constructor(child: ChildProcess, events: SandboxEvents) {
+    this.#child = child;
+    this.#events = events;
+    this.#channel = new ControlChannel(child, {
+      onEvent: (message) => this.#onEvent(message),
+      onViolation: (reason) => this.#end(new AgentVmError("PROTOCOL_VIOLATION", `the VM's init sent ${reason}; the VM's processes were ended`)),
+    });
+    this.ended = new Promise((resolve) => child.once("close", () => resolve()));
+    child.once("exit", (code, signal) => this.#end(new AgentVmError("SANDBOX_EXITED", `the VM's sandbox exited (${signal ?? `code ${code}`})`)));
+  }
+
+  /** Starts the sandbox and resolves once init is ready for requests. */
+  static async start(options: SandboxStart): Promise<VmSandbox> {
+    const initEnv = {
+      ...options.env,
+      NODE_CHANNEL_FD: "3",
+      NODE_CHANNEL_SERIALIZATION_MODE: "json",
+      AGENTVM_INIT: JSON.stringify({ ...options.init, setpriv: SETPRIV }),
+    };
+    const command = [
+      ...hostWrappers(options.rlimits),
+      options.bwrap,
+      ...bubblewrapArgs(options.layout),
+      ...Object.entries(initEnv).flatMap(([key, value]) => ["--setenv", key, value]),
+      "--",
+      "/opt/node/bin/node",
+      // init is small and long-lived: a small young generation keeps its memory low.
+      "--max-semi-space-size=1",
+      "--max-old-space-size=64",
+      `${INIT_DIR}/main.js`,
+    ];
+    const child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc"], env: {} });
+    const sandbox = new VmSandbox(child, options.events);
+    let log = "";
+    const stderr = child.stderr as Readable;
+    stderr.setEncoding("utf8");
+    // Kept for the start-up error, then drained: init only writes here when it fails.
+    stderr.on("data", (text: string) => {
+      if (log.length < 8192) log += text;
+    });
+    const ready = new Promise<void>((resolve, reject) => {
+      sandbox.#readyWaiter = resolve;
+      child.once("error", (error) => reject(new AgentVmError("SANDBOX_UNAVAILABLE", `could not start bubblewrap: ${error.message}`)));
+      child.once("exit", (code, signal) => reject(new AgentVmError("SANDBOX_EXITED", `the VM's sandbox exited while starting (${signal ?? `code ${code}`}): ${log.trim() || "no output"}`)));
+    });
+    const timeout = setTimeout(() => sandbox.stop(), READY_TIMEOUT_MS);
+    try {
+      await ready;
+    } finally {
+      clearTimeout(timeout);
+    }
+    return sandbox;
+  }
+
+  #readyWaiter: (() => void) | undefined;
+
+  async spawn(command: string, args: string[], cwd: string, env: Record<string, string>): Promise<number> {
+    const { reply } = await this.#channel.request({ t: "spawn", command, args, cwd, env });
+    return reply.pid!;
+  }
+
+  signal(pid: number, signal: string): void {
+    this.#channel.notify({ t: "signal", pid, signal });
+  }
+
+  async writeStdin(pid: number, data: Uint8Array): Promise<void> {
+    await this.#channel.request({ t: "stdin", pid, data: Buffer.from(data).toString("base64") });
+  }
+
+  endStdin(pid: number): void {
+    this.#channel.notify({ t: "stdin-end", pid });
+  }
+
+  /** A TCP connection to a port on the VM's loopback, opened by init and handed over. */
+  async connect(port: number): Promise<Socket> {
+    const { handle } = await this.#channel.request({ t: "connect", port });
+    if (!handle) throw new AgentVmError("PROTOCOL_VIOLATION", `the VM's init answered a connection to port ${port} without a socket`);
+    return handle;
+  }
+
+  async listeningPorts(): Promise<number[]> {
+    const { reply } = await this.#channel.request({ t: "ports" });
+    return reply.ports ?? [];
+  }
+
+  get running(): boolean {
+    return !this.#channel.closed;
+  }
+
+  /** Ends every process of the VM at once and resolves when the sandbox is gone. */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    this.#channel.close(new AgentVmError("SANDBOX_EXITED", "the VM was stopped"));
+    // SIGKILL to bubblewrap: with --die-with-parent its pid 1, init and every
+    // program in the PID namespace die with it.
+    this.#child.kill("SIGKILL");
+    await this.ended;
+  }
+
+  #onEvent(message: Exclude<FromInit, { t: "reply" }>): void {
+    switch (message.t) {
+      case "ready":
+        this.#readyWaiter?.();
+        this.#readyWaiter = undefined;
+        return;
+      case "output":
+        this.#events.onOutput(message.pid, message.fd, Buffer.from(message.data, "base64"));
+        return;
+      case "exit":
+        this.#events.onExit(message.pid, message.code, message.signal);
+        return;
+      case "egress":
+        this.#events.onEgress(message.host, message.port, message.via).then(
+          (socket) => this.#channel.notify({ t: "egress", id: message.id, ok: true }, socket),
+          (error: unknown) => {
+            const shaped = AgentVmError.from(error);
+            this.#channel.notify({ t: "egress", id: message.id, ok: false, code: shaped.code, message: shaped.message });
+          },
+        );
+        return;
+      case "resolve":
+        this.#events.onResolve(message.name, message.family).then(
+          (addresses) => this.#channel.notify({ t: "resolved", id: message.id, ok: true, addresses }),
+          (error: unknown) => {
+            const shaped = AgentVmError.from(error);
+            this.#channel.notify({ t: "resolved", id: message.id, ok: false, code: shaped.code, message: shaped.message });
+          },
+        );
+        return;
+    }
+  }
+
+  #end(error: AgentVmError): void {
+    const wasRunning = !this.#channel.closed;
+    this.#channel.close(error);
+    this.#child.kill("SIGKILL");
+    if (wasRunning && !this.#stopping) this.#events.onEnded(error);
+  }
+}
+
+/**
+ * setpriv gives bubblewrap a parent-death signal (its --die-with-parent covers
+ * what it starts, not itself), and prlimit sets limits every process of the VM
+ * inherits. Both are util-linux; without them the VM still runs, with a warning.
+ */
+function hostWrappers(rlimits: SandboxStart["rlimits"]): string[] {
+  const setpriv = findTool("setpriv", "VMs may outlive a server that is killed with SIGKILL");
+  const prlimit = findTool("prlimit", "VM processes run without OS memory and open-file limits");
+  return [
+    ...(setpriv ? [setpriv, "--pdeathsig", "KILL"] : []),
+    ...(prlimit ? [prlimit, `--data=${rlimits.dataBytes}`, `--nofile=${rlimits.openFiles}`, "--core=0"] : []),
+  ];
+}
+
+const tools = new Map<string, string | null>();
+function findTool(name: string, without: string): string | null {
+  if (!tools.has(name)) {
+    const found = [`/usr/bin/${name}`, `/bin/${name}`].find((path) => existsSync(path)) ?? null;
+    if (!found) console.warn(`agentvm: ${name} (util-linux) not found; ${without}`);
+    tools.set(name, found);
+  }
+  return tools.get(name)!;
+}
