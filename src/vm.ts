@@ -25,6 +25,7 @@ import { VmFetcher, type VmFetchInit, type VmFetchResponse, type VmFetchStreamRe
 import { PreviewGateway } from "./net/gateway.ts";
 import { findBubblewrap, GUEST_HOME } from "./sandbox/bubblewrap.ts";
 import { EgressBroker } from "./sandbox/egress-broker.ts";
+import { EGRESS_PORTS } from "./init/protocol.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./sandbox/process-table.ts";
 import { VmSandbox } from "./sandbox/vm-sandbox.ts";
 import { describe, expectInteger, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
@@ -101,6 +102,22 @@ const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, op
  * room for Buffers and other memory outside the V8 heap.
  */
 const DATA_HEADROOM_MB = 768;
+/**
+ * The VM has no route out: programs reach the world through init's proxies,
+ * where the server's network policy decides each destination. Both spellings,
+ * because curl reads only the lowercase http_proxy.
+ */
+const EGRESS_ENV: Record<string, string> = (() => {
+  const http = `http://127.0.0.1:${EGRESS_PORTS.http}`;
+  const socks = `socks5h://127.0.0.1:${EGRESS_PORTS.socks5}`;
+  const local = "localhost,127.0.0.1,::1";
+  const env: Record<string, string> = { NODE_USE_ENV_PROXY: "1" };
+  for (const [name, value] of [["http_proxy", http], ["https_proxy", http], ["all_proxy", socks], ["no_proxy", local]]) {
+    env[name!] = value!;
+    env[name!.toUpperCase()] = value!;
+  }
+  return env;
+})();
 /** Top-level names of the VM's directory that are never mounted from it: the image, the kernel's, init's. */
 const NOT_FROM_VM_ROOT = new Set(["bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt", "proc", "dev", "sys", "run"]);
 /** init's built code (dist/init), self-contained with its one dependency. */
@@ -164,6 +181,7 @@ export class Vm extends EventEmitter<VmEvents> {
       // npm install -g lands in the VM's home, which is writable and survives sleep.
       NPM_CONFIG_PREFIX: `${GUEST_HOME}/.local`,
       NODE_OPTIONS: `--max-old-space-size=${init.limits.memoryMb}`,
+      ...EGRESS_ENV,
     };
     const root = this.root;
     this.#processes = new ProcessTable({

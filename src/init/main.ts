@@ -8,8 +8,9 @@
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import type { Socket } from "node:net";
+import { createDnsServer, createHttpProxy, createSocks5Proxy } from "./egress/index.ts";
 import { connectToPort } from "./port-connector.ts";
-import type { FromInit, ToInit } from "./protocol.ts";
+import { EGRESS_PORTS, type FromInit, type ToInit } from "./protocol.ts";
 import { SpawnError, Supervisor } from "./supervisor.ts";
 
 export interface InitConfig {
@@ -33,10 +34,44 @@ const send = (message: FromInit, handle?: Socket, done?: () => void): void => {
 };
 
 configureNetwork();
+/** init's own requests to the server (egress, names), by id. */
+const asked = new Map<number, { resolve(value: { message: ToInit; handle: Socket | undefined }): void }>();
+let nextAsk = 1;
+const ask = (message: Record<string, unknown>): Promise<{ message: ToInit; handle: Socket | undefined }> => {
+  const id = nextAsk++;
+  const { promise, resolve } = Promise.withResolvers<{ message: ToInit; handle: Socket | undefined }>();
+  asked.set(id, { resolve });
+  send({ ...message, id } as FromInit);
+  return promise;
+};
+const failure = (message: { code: string; message: string }) => Object.assign(new Error(message.message), { code: message.code });
+const openEgress = async (target: { host: string; port: number; via: string }) => {
+  const { message, handle } = await ask({ t: "egress", host: target.host, port: target.port, via: target.via });
+  if (message.t !== "egress" || !message.ok || !handle) throw failure(message.t === "egress" && !message.ok ? message : { code: "EIO", message: "no connection" });
+  return handle;
+};
+const resolveName = async (name: string, family: 4 | 6) => {
+  const { message } = await ask({ t: "resolve", name, family });
+  if (message.t !== "resolved" || !message.ok) throw failure(message.t === "resolved" && !message.ok ? message : { code: "EIO", message: "no answer" });
+  return message.addresses;
+};
+const egressReady = Promise.all([
+  createDnsServer(resolveName).listen(EGRESS_PORTS.dns, "127.0.0.1"),
+  listenOn(createHttpProxy(openEgress), EGRESS_PORTS.http),
+  listenOn(createSocks5Proxy(openEgress), EGRESS_PORTS.socks5),
+]);
 const supervisor = new Supervisor({ setpriv: config.setpriv, send: (message, done) => send(message as FromInit, undefined, done) });
 
-process.on("message", (message: ToInit) => {
+process.on("message", (message: ToInit, handle: Socket | undefined) => {
   switch (message.t) {
+    case "egress":
+    case "resolved": {
+      const waiter = asked.get(message.id);
+      asked.delete(message.id);
+      if (waiter) waiter.resolve({ message, handle });
+      else handle?.destroy();
+      return;
+    }
     case "spawn":
       supervisor.spawn(message).then(
         (pid) => send({ t: "reply", id: message.id, ok: true, pid }),
@@ -73,7 +108,13 @@ process.on("uncaughtException", (error) => {
   process.stderr.write(`agentvm init: ${error.stack ?? error}\n`);
   process.exit(70);
 });
-send({ t: "ready", pid: process.pid });
+egressReady.then(
+  () => send({ t: "ready", pid: process.pid }),
+  (error: Error) => {
+    process.stderr.write(`agentvm init: egress servers could not start: ${error.message}\n`);
+    process.exit(71);
+  },
+);
 
 /**
  * The VM's network namespace is its own, so these sysctls are per VM. The
@@ -101,6 +142,13 @@ function listeningPorts(): number[] {
     }
   }
   return [...ports].sort((a, b) => a - b);
+}
+
+function listenOn(server: import("node:net").Server, port: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, "127.0.0.1", () => resolve());
+  });
 }
 
 function shutdown(): void {

@@ -53,3 +53,9 @@ export const SIGNALS: Readonly<Record<string, number>> = {
 export const OUTPUT_WINDOW = 1 << 20;
 /** The largest base64 `data` the server accepts in one message (chunks are 64 KiB raw). */
 export const MAX_DATA_CHARS = 1 << 20;
+
+/**
+ * init's servers on the VM's loopback. Below 1024, so no program of a VM with
+ * the default listen policy can take them; DNS must be 53 for resolv.conf.
+ */
+export const EGRESS_PORTS = { dns: 53, http: 1003, socks5: 1004 } as const;
