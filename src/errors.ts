@@ -46,6 +46,8 @@ export const AGENTVM_CODES = [
   "SANDBOX_EXITED",
   /** The pinned guest Node.js binary could not be found. */
   "GUEST_RUNTIME_MISSING",
+  /** The VM image (the read-only userland) could not be built; the message says why and what to do. */
+  "IMAGE_BUILD_FAILED",
   /** A per-VM resource cap (processes, sockets, buffered bytes) was reached. */
   "LIMIT_EXCEEDED",
   /** A guest broke the kernel protocol; its stream or process was ended. */
