@@ -34,6 +34,7 @@ const send = (message: FromInit, handle?: Socket, done?: () => void): void => {
 };
 
 configureNetwork();
+const INIT_PORTS = new Set<number>(Object.values(EGRESS_PORTS));
 /** init's own requests to the server (egress, names), by id. */
 const asked = new Map<number, { resolve(value: { message: ToInit; handle: Socket | undefined }): void }>();
 let nextAsk = 1;
@@ -138,7 +139,8 @@ function listeningPorts(): number[] {
     }
     for (const line of text.split("\n").slice(1)) {
       const fields = line.trim().split(/\s+/);
-      if (fields[3] === "0A") ports.add(parseInt(fields[1]!.split(":")[1]!, 16));
+      const port = parseInt(fields[1]?.split(":")[1] ?? "", 16);
+      if (fields[3] === "0A" && !INIT_PORTS.has(port)) ports.add(port);
     }
   }
   return [...ports].sort((a, b) => a - b);

@@ -45,7 +45,7 @@ export class Supervisor {
   }
 
   /** Starts a program; resolves with its pid once it runs, rejects with ENOENT/EACCES/ENOTDIR naming what is wrong. */
-  spawn(request: SpawnRequest): Promise<number> {
+  async spawn(request: SpawnRequest): Promise<number> {
     const file = this.#findProgram(request.command, request.env.PATH ?? "/usr/bin:/bin");
     checkDirectory(request.cwd);
     const child = spawn(this.#options.setpriv, [...DROP_PRIVILEGES, file, ...request.args], {

@@ -10,8 +10,8 @@ import { promisify } from "node:util";
 import { AgentVmError } from "../errors.ts";
 
 export const GUEST_HOME = "/home/agentos";
-/** Where init's code is mounted in every VM. */
-export const INIT_DIR = "/opt/agentvm";
+/** Where init's code is mounted in every VM (on /run's tmpfs, so the image needs no mount point for it). */
+export const INIT_DIR = "/run/agentvm";
 /** Top-level entries of the image that the sandbox mounts; anything else in the image stays out. */
 const IMAGE_ENTRIES = new Set(["bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt"]);
 /**
@@ -92,12 +92,12 @@ export function bubblewrapArgs(layout: SandboxLayout): string[] {
     "--ro-bind",
     layout.etc.resolvConf,
     "/etc/resolv.conf",
-    "--ro-bind",
-    layout.initDir,
-    INIT_DIR,
     ...layout.extraDirs.flatMap((name) => ["--bind", `${layout.vmRoot}/${name}`, `/${name}`]),
     "--tmpfs",
     "/run",
+    "--ro-bind",
+    layout.initDir,
+    INIT_DIR,
     "--proc",
     "/proc",
     "--dev",

@@ -55,7 +55,8 @@ export class VmSandbox {
       onEvent: (message) => this.#onEvent(message),
       onViolation: (reason) => this.#end(new AgentVmError("PROTOCOL_VIOLATION", `the VM's init sent ${reason}; the VM's processes were ended`)),
     });
-    this.ended = new Promise((resolve) => child.once("close", () => resolve()));
+    // 'exit', not 'close': programs of the VM may hold inherited pipes a moment longer.
+    this.ended = new Promise((resolve) => child.once("exit", () => resolve()));
     child.once("exit", (code, signal) => this.#end(new AgentVmError("SANDBOX_EXITED", `the VM's sandbox exited (${signal ?? `code ${code}`})`)));
   }
 
@@ -67,19 +68,21 @@ export class VmSandbox {
       NODE_CHANNEL_SERIALIZATION_MODE: "json",
       AGENTVM_INIT: JSON.stringify({ ...options.init, setpriv: SETPRIV }),
     };
-    const command = [
-      ...hostWrappers(options.rlimits),
-      options.bwrap,
-      ...bubblewrapArgs(options.layout),
-      ...Object.entries(initEnv).flatMap(([key, value]) => ["--setenv", key, value]),
-      "--",
+    // bubblewrap reads its arguments from fd 4, so the VM's `ps` (which shows
+    // bubblewrap as pid 1) sees no host path.
+    const sandboxArgs = [...bubblewrapArgs(options.layout), ...Object.entries(initEnv).flatMap(([key, value]) => ["--setenv", key, value])];
+    const initCommand = [
       "/opt/node/bin/node",
       // init is small and long-lived: a small young generation keeps its memory low.
       "--max-semi-space-size=1",
       "--max-old-space-size=64",
       `${INIT_DIR}/main.js`,
     ];
-    const child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc"], env: {} });
+    const command = [...hostWrappers(options.rlimits), options.bwrap, "--args", "4", "--", ...initCommand];
+    const child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe"], env: {} });
+    const argsPipe = child.stdio[4] as import("node:stream").Writable;
+    argsPipe.on("error", () => {}); // bubblewrap that failed to start: reported by 'exit'
+    argsPipe.end(sandboxArgs.map((arg) => `${arg}\0`).join(""), () => argsPipe.destroy());
     const sandbox = new VmSandbox(child, options.events);
     let log = "";
     const stderr = child.stderr as Readable;
