@@ -27,11 +27,11 @@ export async function tempDataDir(prefix = "agentvm-test-"): Promise<string> {
 }
 
 /**
- * createVm with test defaults (`limits.poolSize: 1`); the VM is disposed when
+ * createVm for a test; the VM is disposed when
  * the file's tests end (dispose it earlier yourself if you like).
  */
 export async function testVm(dataDir: string, options: Partial<CreateVmOptions> = {}): Promise<Vm> {
-  const vm = await createVm({ ...options, dataDir, limits: { poolSize: 1, ...options.limits } });
+  const vm = await createVm({ ...options, dataDir });
   vms.push(vm);
   return vm;
 }

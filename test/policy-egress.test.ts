@@ -180,9 +180,7 @@ describe("large bodies and backpressure on real egress", () => {
     // Let whatever can flow flow; then the most the path holds is the sockets' buffers and one window.
     await new Promise((resolve) => setTimeout(resolve, 500));
     const flushed = slow.flushed[index]!;
-    const inFlight = vm.networkStats().inFlightBytes;
     assert.ok(flushed < HELD - 16 * MiB, `the host server could hand over only ${flushed} of ${HELD} bytes: the kernel does not read ahead without bound`);
-    assert.ok(inFlight <= 1 * MiB, `the kernel has ${inFlight} bytes in flight`);
     await vm.writeProcessStdin(pid, "go\n");
     assert.equal(await vm.waitProcess(pid), 0);
     output.stop();

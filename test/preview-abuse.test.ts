@@ -292,12 +292,12 @@ describe("the VM's socket table after dropped clients (same gateway, embedded VM
 
   before(async () => {
     const dataDir = await tempDir();
-    embedded = await createVm({ dataDir, name: "abuse-embedded", limits: { poolSize: 1 } });
+    embedded = await createVm({ dataDir, name: "abuse-embedded", });
     onCleanup(() => embedded.dispose());
     await installIntoVm(embedded.root, "home/agentos", ["ws"]);
     await embedded.writeFile("/home/agentos/guest.cjs", GUEST);
     await embedded.spawn("node", ["guest.cjs"]);
-    await waitFor(() => embedded.listeningPorts().includes(PORT), "the embedded guest to listen", 20_000);
+    await waitFor(async () => (await embedded.listeningPorts()).includes(PORT), "the embedded guest to listen", 20_000);
     const sqlite = new SqliteStore(dataDir);
     onCleanup(() => sqlite.close());
     const store = new PreviewStore(sqlite);

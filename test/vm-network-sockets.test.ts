@@ -89,7 +89,8 @@ describe("errors guests get from the socket table", () => {
     );
     assert.equal(result[0].error, "EADDRNOTAVAIL");
     assert.equal(result[1].error, "EADDRNOTAVAIL");
-    assert.ok(!vm.listeningPorts().includes(3400) && !vm.listeningPorts().includes(3401));
+    const ports = await vm.listeningPorts();
+    assert.ok(!ports.includes(3400) && !ports.includes(3401));
   });
 
   test("127.0.0.1, ::1, localhost, 0.0.0.0 and :: all bind the loopback and are reachable", async () => {
@@ -342,7 +343,6 @@ describe("TCP behaviour", () => {
     assert.equal(result.received, 50 * 1024 * 1024);
     assert.ok(result.writtenAtFirstFull > 0 && result.writtenAtFirstFull <= 4 * 1024 * 1024, `the writer was not held back early: ${result.writtenAtFirstFull}`);
     assert.ok(result.maxWritable <= 2 * 1024 * 1024, `the writer buffered ${result.maxWritable} bytes`);
-    assert.equal(vm.networkStats().inFlightBytes, 0);
   });
 
   test("server.close() frees the port: the same and another process can listen again", async () => {
@@ -445,7 +445,7 @@ describe("listen policy", () => {
   });
 
   test("allowPrivileged lets a guest listen on port 80", async () => {
-    const privileged = await testVm(dataDir, { name: "sockets-privileged", listen: { allowPrivileged: true }, limits: { poolSize: 0 } });
+    const privileged = await testVm(dataDir, { name: "sockets-privileged", listen: { allowPrivileged: true } });
     const server = await startGuest(privileged, `require("http").createServer((q, s) => s.end("port 80")).listen(80, () => console.log("up"));`, /up/);
     assert.equal(text((await privileged.vmFetch(80, "/")).body), "port 80");
     await privileged.killProcess(server.pid, "SIGKILL");

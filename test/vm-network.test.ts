@@ -25,7 +25,7 @@ describe("unmodified servers reached by vmFetch", () => {
     assert.equal(response.status, 200);
     assert.equal(response.headers["content-type"], "text/plain");
     assert.equal(text(response.body), "hello from GET /greet?who=host");
-    assert.deepEqual(vm.listeningPorts().includes(3000), true);
+    assert.deepEqual((await vm.listeningPorts()).includes(3000), true);
     await vm.killProcess(server.pid, "SIGKILL");
     await vm.waitProcess(server.pid);
   });
@@ -42,12 +42,13 @@ describe("unmodified servers reached by vmFetch", () => {
     );
     const port = Number(server.ready);
     assert.ok(port >= 1024 && port <= 65535, `auto port ${port} is outside 1024-65535`);
-    assert.ok(vm.listeningPorts().includes(port), `the socket table does not list ${port}: ${vm.listeningPorts()}`);
+    const ports = await vm.listeningPorts();
+    assert.ok(ports.includes(port), `listeningPorts() does not list ${port}: ${ports}`);
     const response = await vm.vmFetch(port, "/");
     assert.equal(text(response.body), `auto ${port}`);
     await vm.killProcess(server.pid, "SIGKILL");
     await vm.waitProcess(server.pid);
-    assert.ok(!vm.listeningPorts().includes(port), "the port stays bound after its process died");
+    assert.ok(!(await vm.listeningPorts()).includes(port), "the port stays bound after its process died");
   });
 
   test("listen(0): address() right after listen(), before 'listening', already reports the bound port (as supertest reads it)", async () => {

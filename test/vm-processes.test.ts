@@ -361,7 +361,7 @@ describe("vm dispose while a spawn is starting", () => {
   it("the spawn fails with VM_DISPOSED and dispose does not hang", async () => {
     // No pool: the guest boots on demand, so dispose lands while it is starting.
     for (const delayMs of [0, 5, 20]) {
-      const cold = await testVm(dataDir, { name: `cold-${delayMs}`, limits: { poolSize: 0 } });
+      const cold = await testVm(dataDir, { name: `cold-${delayMs}` });
       await cold.writeFile("/home/agentos/idle.js", "setInterval(() => {}, 1000);\n");
       const spawning = cold.spawn("node", ["idle.js"]);
       spawning.catch(() => {});

@@ -60,7 +60,7 @@ export interface PreviewServer {
 /** Starts a real server (`registry.start`) with one definition named `vm`. */
 export async function startPreviewServer(options: { config?: AgentOsConfig; preview?: PreviewOptions; dataDir?: string } = {}): Promise<PreviewServer> {
   const dataDir = options.dataDir ?? (await tempDir());
-  const registry = setup({ use: { vm: agentOS({ limits: { poolSize: 1 }, ...options.config }) } });
+  const registry = setup({ use: { vm: agentOS({ ...options.config }) } });
   const server = await registry.start({ port: 0, dataDir, handleSignals: false, ...(options.preview ? { preview: options.preview } : {}) });
   const client = createClient<TestRegistry>(server.url);
   let closed = false;
