@@ -15,7 +15,7 @@ import { AgentVmError, invalidArgument } from "./errors.ts";
 import { ensureImage, type VmImage } from "./image/index.ts";
 import { parseSoftware, type SoftwareEntry } from "./image/software.ts";
 import { VmFilesystem, type VmStat } from "./kernel/filesystem.ts";
-import { autoRange, parseListenPolicy, type ListenConfig, type ListenPolicy } from "./kernel/listen-policy.ts";
+import { autoRange, listenDenials, parseListenPolicy, type ListenConfig, type ListenPolicy } from "./kernel/listen-policy.ts";
 import { Egress, type Denial } from "./kernel/egress.ts";
 import { parseNetworkPolicy, type NetworkPermission, type NetworkPolicy } from "./kernel/network-policy.ts";
 import { parsePreviewConfig, PreviewTokens, type PreviewConfig, type PreviewInfo, type PreviewUrl, type ResolvedPreviewConfig } from "./net/previews.ts";
@@ -23,7 +23,7 @@ import { PreviewStore } from "./store/preview-store.ts";
 import { SqliteStore } from "./store/sqlite-store.ts";
 import { VmFetcher, type VmFetchInit, type VmFetchResponse, type VmFetchStreamResponse } from "./net/vm-fetch.ts";
 import { PreviewGateway } from "./net/gateway.ts";
-import { findBubblewrap, GUEST_HOME } from "./sandbox/bubblewrap.ts";
+import { findBubblewrap, GUEST_HOME, INIT_DIR } from "./sandbox/bubblewrap.ts";
 import { EgressBroker } from "./sandbox/egress-broker.ts";
 import { EGRESS_PORTS } from "./init/protocol.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./sandbox/process-table.ts";
@@ -105,21 +105,34 @@ const DATA_HEADROOM_MB = 768;
 /**
  * The VM has no route out: programs reach the world through init's proxies,
  * where the server's network policy decides each destination. Both spellings,
- * because curl reads only the lowercase http_proxy.
+ * because curl reads only the lowercase http_proxy. NODE_USE_ENV_PROXY stays
+ * unset: the Node preload routes every Node socket through the same policy
+ * itself, so a denial is EACCES on the socket rather than a proxy's 403.
  */
 const EGRESS_ENV: Record<string, string> = (() => {
   const http = `http://127.0.0.1:${EGRESS_PORTS.http}`;
   const socks = `socks5h://127.0.0.1:${EGRESS_PORTS.socks5}`;
   const local = "localhost,127.0.0.1,::1";
-  const env: Record<string, string> = { NODE_USE_ENV_PROXY: "1" };
+  const env: Record<string, string> = {};
   for (const [name, value] of [["http_proxy", http], ["https_proxy", http], ["all_proxy", socks], ["no_proxy", local]]) {
     env[name!] = value!;
     env[name!.toUpperCase()] = value!;
   }
   return env;
 })();
-/** Top-level names of the VM's directory that are never mounted from it: the image, the kernel's, init's. */
-const NOT_FROM_VM_ROOT = new Set(["bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt", "proc", "dev", "sys", "run"]);
+/** What the files API may not change, as in the VM: the image, the kernel's file systems, init's /run. */
+const READ_ONLY = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc", "/dev", "/sys", "/run"];
+
+/** The files API sees what the VM sees: the image's directories and the VM's own /etc files over them. */
+function imageMounts(image: VmImage, vmDir: string): Record<string, string> {
+  const mounts: Record<string, string> = {};
+  for (const entry of image.entries) mounts[`/${entry.name}`] = join(image.root, entry.name);
+  for (const layer of image.layers) mounts[layer.mountAt] = layer.dir;
+  mounts["/etc/hosts"] = join(vmDir, "etc/hosts");
+  mounts["/etc/resolv.conf"] = join(vmDir, "etc/resolv.conf");
+  return mounts;
+}
+
 /** init's built code (dist/init), self-contained with its one dependency. */
 const INIT_CODE = fileURLToPath(new URL(import.meta.url.endsWith(".ts") ? "../dist/init/" : "./init/", import.meta.url));
 
@@ -168,7 +181,7 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#previews = init.services.previews;
     this.#servedByRegistry = init.services.previews !== undefined;
     this.listenPolicy = init.listen;
-    this.#fs = new VmFilesystem(this.root);
+    this.#fs = new VmFilesystem(this.root, { readOnly: READ_ONLY, mounts: imageMounts(init.image, init.vmDir) });
     this.#egress = new EgressBroker(
       new Egress({ vmName: init.name, policy: init.network, hosts: init.hosts, onDenied: (denial) => this.#recordDenial(denial) }),
     );
@@ -180,7 +193,7 @@ export class Vm extends EventEmitter<VmEvents> {
       TZ: "UTC",
       // npm install -g lands in the VM's home, which is writable and survives sleep.
       NPM_CONFIG_PREFIX: `${GUEST_HOME}/.local`,
-      NODE_OPTIONS: `--max-old-space-size=${init.limits.memoryMb}`,
+      NODE_OPTIONS: `--require ${INIT_DIR}/node-preload.js --max-old-space-size=${init.limits.memoryMb}`,
       ...EGRESS_ENV,
     };
     const root = this.root;
@@ -194,8 +207,8 @@ export class Vm extends EventEmitter<VmEvents> {
           layout: {
             image: init.image,
             vmRoot: root,
-            extraDirs: await vmRootDirectories(root),
             etc: { hosts: join(init.vmDir, "etc/hosts"), resolvConf: join(init.vmDir, "etc/resolv.conf") },
+            guestConfig: await writeGuestConfig(init.vmDir, init.listen, init.network),
             initDir: INIT_CODE,
           },
           env: { PATH: init.image.path, HOME: GUEST_HOME, TZ: "UTC" },
@@ -512,6 +525,13 @@ export function parseLimits(value: unknown): Required<VmLimits> {
   return out;
 }
 
+/** What the Node preload reads at /run/agentvm-guest.json (see init/node-preload.ts). */
+async function writeGuestConfig(vmDir: string, listen: ListenPolicy, network: NetworkPolicy): Promise<string> {
+  const file = join(vmDir, "etc/agentvm-guest.json");
+  await writeFile(file, JSON.stringify({ listenDenials: listenDenials(listen, network) }));
+  return file;
+}
+
 /**
  * The VM's directory: `root/` holds what programs may write (`/home`, `/tmp`,
  * `/var`, and top-level directories the files API made), `etc/` the files the
@@ -524,13 +544,3 @@ async function prepareVmDirectory(vmDir: string): Promise<void> {
   await writeFile(join(vmDir, "etc/resolv.conf"), "nameserver 127.0.0.1\noptions ndots:0\n");
 }
 
-/** Real directories at the top of the VM's root, each bound at the same name (symlinks there are never followed). */
-async function vmRootDirectories(root: string): Promise<string[]> {
-  const names = await readdir(root);
-  const dirs: string[] = [];
-  for (const name of names) {
-    if (NOT_FROM_VM_ROOT.has(name)) continue;
-    if ((await lstat(join(root, name))).isDirectory()) dirs.push(name);
-  }
-  return dirs;
-}

@@ -142,7 +142,7 @@ export async function rejection(promise: Promise<unknown> | (() => unknown)): Pr
 export const text = (bytes: Uint8Array): string => Buffer.from(bytes).toString("utf8");
 
 /** Pids whose command line matches, plus all their descendants (read from /proc). */
-export function processTree(matches: (cmdline: string) => boolean, exclude: number): number[] {
+export function processTree(matches: (cmdline: string, pid: number) => boolean, exclude: number): number[] {
   const parents = new Map<number, number>();
   const roots: number[] = [];
   for (const entry of readdirSync("/proc")) {
@@ -153,7 +153,7 @@ export function processTree(matches: (cmdline: string) => boolean, exclude: numb
       if (stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z")) continue;
       parents.set(pid, Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]));
       const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ");
-      if (pid !== exclude && matches(cmdline)) roots.push(pid);
+      if (pid !== exclude && matches(cmdline, pid)) roots.push(pid);
     } catch {
       // exited while we looked
     }
@@ -169,4 +169,35 @@ export function processTree(matches: (cmdline: string) => boolean, exclude: numb
     }
   }
   return [...found];
+}
+
+/**
+ * Host pids of the bubblewrap processes that run VM sandboxes (their command
+ * line holds no host path: bubblewrap reads its arguments from a pipe). With
+ * `vmRoot`, only that VM's: its sandbox's mounts name the VM's directory.
+ */
+export function sandboxRoots(vmRoot?: string): number[] {
+  const roots: number[] = [];
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const argv = readFileSync(`/proc/${entry}/cmdline`, "utf8").split("\0");
+      if (!argv[0]?.endsWith("bwrap") || argv[1] !== "--args" || !argv.includes("/run/agentvm/main.js")) continue;
+      const children = readFileSync(`/proc/${entry}/task/${entry}/children`, "utf8").trim().split(/\s+/).filter(Boolean);
+      // The outer bubblewrap stays in the host's namespaces; its child is the sandbox.
+      if (children.length === 0) continue;
+      // mountinfo's fourth field is the mounted directory: the VM's root, or a directory below it.
+      if (vmRoot !== undefined && !readFileSync(`/proc/${children[0]}/mountinfo`, "utf8").split("\n").some((line) => line.split(" ")[3]?.startsWith(vmRoot))) continue;
+      roots.push(Number(entry));
+    } catch {
+      // exited while we looked
+    }
+  }
+  return roots;
+}
+
+/** Host pids of every process of the VM sandboxes under `ancestor` (or of one VM's, with `vmRoot`). */
+export function sandboxProcessTree(vmRoot?: string, exclude = process.pid): number[] {
+  const roots = new Set(sandboxRoots(vmRoot));
+  return processTree((_cmdline, pid) => roots.has(pid), exclude);
 }

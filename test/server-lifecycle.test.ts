@@ -17,7 +17,7 @@ import { DatabaseSync } from "node:sqlite";
 import { after, before, describe, it } from "node:test";
 import { agentOS, agentOs, setup, type RunningServer } from "agentvm";
 import { AgentVmError, createClient, type VmHandle } from "agentvm/client";
-import { processTree, waitFor, rejection, text } from "./helpers.ts";
+import { sandboxProcessTree, waitFor, rejection, text } from "./helpers.ts";
 
 const SLEEP_AFTER_MS = 200;
 const dirs: string[] = [];
@@ -36,8 +36,7 @@ async function tempDir(): Promise<string> {
 
 /** Host pids of the sandboxes (and their descendants) of VM `key` under `dataDir`; reads /proc only. */
 function guestPids(dataDir: string, key: string): number[] {
-  const marker = ` ${join(dataDir, "vms", key, "root")} `;
-  return processTree((cmdline) => ` ${cmdline} `.includes(marker), process.pid);
+  return sandboxProcessTree(join(dataDir, "vms", key, "root"));
 }
 
 /** Awake or asleep, as the server reports it (the status route does not wake the VM). */
@@ -336,7 +335,10 @@ describe("definition config", () => {
       preview: { defaultExpiresInSeconds: 3600, maxExpiresInSeconds: 86400 },
       options: { software: [common, pi] },
     });
-    assert.deepEqual(rivet.software, [common, pi]);
+    // Matched by name to the catalog of agentvm/software.
+    assert.deepEqual(rivet.software.map((entry) => entry.name), ["common", "pi"]);
+    assert.equal(rivet.software[0]?.kind, "agentvm-software");
+    assert.throws(() => agentOs({ options: { software: [{ name: "no-such-software" }] } }), { code: "INVALID_ARGUMENT", message: /software\[0\].*no-such-software.*common.*pi/s });
     assert.equal(rivet.preview.defaultExpiresInSeconds, 3600);
     assert.equal(rivet.preview.maxExpiresInSeconds, 86400);
     assert.ok(agentOS({ software: [] }));

@@ -22,7 +22,7 @@ import { after, before, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import type { Registry, VmDefinition } from "agentvm";
 import { createClient, type VmHandle } from "agentvm/client";
-import { processTree, waitFor } from "./helpers.ts";
+import { sandboxProcessTree, waitFor } from "./helpers.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
 const NODE = join(REPO, "node_modules/.bin/node");
@@ -146,7 +146,7 @@ class SeedServer {
 
   /** Host pids of this server's guests: sandboxes whose command line names its data dir, and their descendants. */
   guestPids(): number[] {
-    return processTree((cmdline) => cmdline.includes(join(this.dir, "data", "vms")), this.child.pid!);
+    return sandboxProcessTree(join(this.dir, "data", "vms"), this.child.pid!);
   }
 
   async stop(): Promise<void> {
@@ -334,8 +334,22 @@ describe("seed: Networking & Previews (RivetKit page)", () => {
     });
   });
 
-  it("server: agentOs({ options: { software: [common, pi] } }) starts and names the software it ignores", () => {
-    assert.match(server.stderr, /common, pi/);
+  it("server: agentOs({ options: { software: [common, pi] } }): a VM has the common commands and runs pi", async () => {
+    const exec = async (command: string, args: string[]) => {
+      const response = await fetch(`http://localhost:${server.port}/api/vm/software-check/actions/exec`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify([command, args]),
+      });
+      assert.equal(response.status, 200, await response.clone().text());
+      return ((await response.json()) as { value: { exitCode: number; stdout: string; stderr: string } }).value;
+    };
+    const common = await exec("sh", ["-c", "ls / | grep -c . && git --version && curl --version | head -1"]);
+    assert.equal(common.exitCode, 0, common.stderr);
+    assert.match(common.stdout, /git version/);
+    const pi = await exec("pi", ["--version"]);
+    assert.equal(pi.exitCode, 0, pi.stderr);
+    assert.match(pi.stdout, /\d+\.\d+\.\d+/);
   });
 
   it("client-fetch: writes /home/user/server.js, spawns it, vmFetch GET answers 'Hello from VM'", async () => {

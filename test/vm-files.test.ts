@@ -141,7 +141,7 @@ describe("vm files: host path escapes", () => {
     await assertRejects(vm.readFile(secretPath), "ENOENT");
     const passwd = text(await vm.readFile(`/home/../../../etc/passwd`));
     assert.notEqual(passwd, hostPasswd);
-    assert.match(passwd, /^agentos:x:1000:/m);
+    assert.match(passwd, /^root:x:0:0:root:\/home\/agentos:/m);
     await vm.writeFile(`${up}tmp/escaped.txt`, "stays inside");
     assert.equal(await hostReadFile(join(vm.root, "tmp/escaped.txt"), "utf8"), "stays inside");
     assert.ok(!(await hostReaddir(dataDir)).includes("escaped.txt"));
@@ -168,7 +168,7 @@ describe("vm files: host path escapes", () => {
     // An absolute target is the VM's own /etc/passwd, not the host's.
     const passwd = text(await vm.readFile("/home/agentos/links/passwd"));
     assert.notEqual(passwd, hostPasswd);
-    assert.match(passwd, /^agentos:x:1000:1000:agentos:\/home\/agentos:/m);
+    assert.match(passwd, /^root:x:0:0:root:\/home\/agentos:/m);
     assert.equal(text(await vm.readFile("/home/agentos/links/up-etc/passwd")), passwd);
 
     // A host path as the target names nothing inside the VM.

@@ -9,6 +9,7 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import { createDnsServer, createHttpProxy, createSocks5Proxy } from "./egress/index.ts";
+import { createGuestService } from "./guest-service.ts";
 import { connectToPort } from "./port-connector.ts";
 import { EGRESS_PORTS, type FromInit, type ToInit } from "./protocol.ts";
 import { SpawnError, Supervisor } from "./supervisor.ts";
@@ -60,6 +61,7 @@ const egressReady = Promise.all([
   createDnsServer(resolveName).listen(EGRESS_PORTS.dns, "127.0.0.1"),
   listenOn(createHttpProxy(openEgress), EGRESS_PORTS.http),
   listenOn(createSocks5Proxy(openEgress), EGRESS_PORTS.socks5),
+  listenOn(createGuestService(openEgress, resolveName), EGRESS_PORTS.node),
 ]);
 const supervisor = new Supervisor({ setpriv: config.setpriv, send: (message, done) => send(message as FromInit, undefined, done) });
 

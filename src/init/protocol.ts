@@ -58,4 +58,4 @@ export const MAX_DATA_CHARS = 1 << 20;
  * init's servers on the VM's loopback. Below 1024, so no program of a VM with
  * the default listen policy can take them; DNS must be 53 for resolv.conf.
  */
-export const EGRESS_PORTS = { dns: 53, http: 1003, socks5: 1004 } as const;
+export const EGRESS_PORTS = { dns: 53, http: 1003, socks5: 1004, node: 1005 } as const;

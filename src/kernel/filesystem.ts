@@ -68,17 +68,23 @@ export class VmFilesystem {
 
   readonly #root: string;
   readonly #readOnly: readonly string[];
+  /**
+   * Guest paths served from other host locations, as the sandbox mounts them
+   * (the image's directories, per-VM files over the image's placeholders),
+   * longest first. Each is read-only here: list it in `readOnly` too.
+   */
+  readonly #mounts: readonly [guest: string, host: string][];
   /** realpath of the root, so containment checks compare like with like. */
   #realRoot: string | undefined;
 
-  constructor(root: string, options?: { readOnly?: readonly string[] }) {
+  constructor(root: string, options?: { readOnly?: readonly string[]; mounts?: Readonly<Record<string, string>> }) {
     expectString("root", root, { nonEmpty: true, max: MAX_PATH });
     if (!path.isAbsolute(root)) throw invalidArgument(`root must be an absolute host directory, got ${describe(root)}`);
     this.#root = path.resolve(root);
     let readOnly = DEFAULT_READ_ONLY;
     if (options !== undefined) {
       const opts = expectObject("options", options);
-      expectKnownKeys("options", opts, ["readOnly"]);
+      expectKnownKeys("options", opts, ["readOnly", "mounts"]);
       if (opts.readOnly !== undefined) {
         readOnly = expectStringArray("options.readOnly", opts.readOnly).map((p, i) => {
           if (!p.startsWith("/")) {
@@ -89,6 +95,19 @@ export class VmFilesystem {
       }
     }
     this.#readOnly = readOnly;
+    this.#mounts = Object.entries(options?.mounts ?? {})
+      .map(([guest, host]): [string, string] => [normalise("options.mounts", guest), path.resolve(host)])
+      .sort((a, b) => b[0].length - a[0].length);
+  }
+
+  /** The host path of resolved guest components: under a mount when one covers them, else under the root. */
+  #hostOf(root: string, parts: readonly string[]): string {
+    const guest = `/${parts.join("/")}`;
+    for (const [prefix, host] of this.#mounts) {
+      if (guest === prefix) return host;
+      if (guest.startsWith(`${prefix}/`)) return path.join(host, guest.slice(prefix.length + 1));
+    }
+    return path.join(root, ...parts);
   }
 
   async writeFile(file: string, data: string | Uint8Array): Promise<void> {
@@ -351,7 +370,7 @@ export class VmFilesystem {
         parts.push(name);
         continue;
       }
-      const host = path.join(root, ...parts, name);
+      const host = this.#hostOf(root, [...parts, name]);
       let st: Stats;
       try {
         st = await fs.lstat(host);
@@ -390,7 +409,7 @@ export class VmFilesystem {
     }
     return {
       guest: `/${parts.join("/")}`,
-      host: path.join(root, ...parts),
+      host: this.#hostOf(root, parts),
       parts,
       existing: found.length - 1,
       stats: missing ? null : (found[found.length - 1] as Stats),
@@ -418,7 +437,8 @@ export class VmFilesystem {
       }
     }
     const full = path.join(real, ...tail);
-    if (!(full === root || root === "/" || full.startsWith(root + path.sep))) {
+    const within = (base: string) => full === base || base === "/" || full.startsWith(base + path.sep);
+    if (!within(root) && !this.#mounts.some(([, host]) => within(host))) {
       throw new AgentVmError(
         "PATH_OUTSIDE_VM",
         `${op} ${guest}: resolves to a location outside the VM (its files changed while being resolved, or a mount leads out); access refused, retry once the path is stable`,

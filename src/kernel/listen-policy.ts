@@ -4,6 +4,7 @@
  */
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
+import { decide, type NetworkPolicy } from "./network-policy.ts";
 
 export interface ListenConfig {
   portMin?: number;
@@ -63,4 +64,45 @@ export function checkListenPort(policy: ListenPolicy, port: number): void {
 export function autoRange(policy: ListenPolicy): [number, number] {
   const low = Math.max(policy.portMin, policy.allowPrivileged ? 1 : PRIVILEGED_BELOW);
   return [low, policy.portMax];
+}
+
+/**
+ * The whole listen decision as data, for the Node preload in the VM: ranges of
+ * refused ports, each with its message (`{port}` stands for the port asked
+ * for). Privileged ports and the range hold for every program through the
+ * VM's kernel settings; this gives Node programs the same answer with the
+ * rule named, and adds the network policy's listen rules.
+ */
+export function listenDenials(listen: ListenPolicy, network: NetworkPolicy): [from: number, to: number, message: string][] {
+  const out: [number, number, string][] = [];
+  const add = (from: number, to: number, message: string) => {
+    const last = out.at(-1);
+    if (last && last[2] === message && last[1] === from - 1) last[1] = to;
+    else if (from <= to) out.push([from, to, message]);
+  };
+  const messageOf = (port: number): string | undefined => {
+    try {
+      checkListenPort(listen, port);
+    } catch (error) {
+      return (error as Error).message.replace(`port ${port}`, "port {port}");
+    }
+    if (!hasListenRules) return undefined;
+    const decision = decide(network, { operation: "listen", host: "localhost", port });
+    return !decision.allow && decision.rule.startsWith("rules[") ? `listen on port {port}: denied by ${decision.rule} of permissions.network` : undefined;
+  };
+  const hasListenRules = network.rules.some((rule) => rule.operations.has("listen") || rule.operations.has("*"));
+  if (!hasListenRules) {
+    // Without listen rules the answer only changes at these ports: one check per stretch.
+    const bounds = [...new Set([1, PRIVILEGED_BELOW, listen.portMin, listen.portMax + 1, 65536])].sort((x, y) => x - y);
+    for (const [i, from] of bounds.slice(0, -1).entries()) {
+      const message = messageOf(from);
+      if (message) add(from, bounds[i + 1]! - 1, message);
+    }
+    return out;
+  }
+  for (let port = 1; port <= 65535; port++) {
+    const message = messageOf(port);
+    if (message) add(port, port, message);
+  }
+  return out;
 }

@@ -1,11 +1,13 @@
 /**
  * The bubblewrap command line for one VM's sandbox (DESIGN §1, §4 layer 3):
- * own user, PID, network, IPC, UTS, mount and cgroup namespaces; a read-only
- * root built from the VM image; the VM's own `/home` and `/tmp` from its
- * directory on disk; init as the first program. Nothing of the host's
+ * own user, PID, network, IPC, UTS, mount and cgroup namespaces; the VM's
+ * directory on disk as `/` (so `/home/agentos`, `/tmp` and whatever else the
+ * VM or the files API creates persist), with the image's system directories
+ * bound read-only over it; init as the first program. Nothing of the host's
  * filesystem is visible but the image and the VM's directory.
  */
 import { execFile } from "node:child_process";
+import { lstat, rename, unlink } from "node:fs/promises";
 import { promisify } from "node:util";
 import { AgentVmError } from "../errors.ts";
 
@@ -14,6 +16,8 @@ export const GUEST_HOME = "/home/agentos";
 export const INIT_DIR = "/run/agentvm";
 /** Top-level entries of the image that the sandbox mounts; anything else in the image stays out. */
 const IMAGE_ENTRIES = new Set(["bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt"]);
+/** Mount points bubblewrap makes in the VM's directory besides the image's: kernel file systems and init's tmpfs. */
+const SYSTEM_MOUNT_POINTS = ["proc", "dev", "run"];
 /**
  * What init keeps: binding the DNS port and writing the VM's port sysctls
  * (NET_BIND_SERVICE, NET_ADMIN in the VM's own namespaces only), and emptying
@@ -50,12 +54,12 @@ export interface SandboxImage {
 
 export interface SandboxLayout {
   image: SandboxImage;
-  /** The VM's writable directory on disk. */
+  /** The VM's writable directory on disk, its `/`; see prepareMountPoints. */
   vmRoot: string;
-  /** Its top-level directories (real ones, checked before the VM's programs run), each bound at `/<name>`. */
-  extraDirs: readonly string[];
   /** Host files bound read-only over the image's placeholders: `/etc/hosts`, `/etc/resolv.conf`. */
   etc: { hosts: string; resolvConf: string };
+  /** The VM's settings for the Node preload, at /run/agentvm-guest.json. */
+  guestConfig: string;
   /** Host directory with init's code. */
   initDir: string;
 }
@@ -85,6 +89,9 @@ export function bubblewrapArgs(layout: SandboxLayout): string[] {
     "--cap-drop",
     "ALL",
     ...INIT_CAPABILITIES.flatMap((cap) => ["--cap-add", cap]),
+    "--bind",
+    layout.vmRoot,
+    "/",
     ...image,
     "--ro-bind",
     layout.etc.hosts,
@@ -92,21 +99,43 @@ export function bubblewrapArgs(layout: SandboxLayout): string[] {
     "--ro-bind",
     layout.etc.resolvConf,
     "/etc/resolv.conf",
-    ...layout.extraDirs.flatMap((name) => ["--bind", `${layout.vmRoot}/${name}`, `/${name}`]),
     "--tmpfs",
     "/run",
     "--ro-bind",
     layout.initDir,
     INIT_DIR,
+    "--ro-bind",
+    layout.guestConfig,
+    "/run/agentvm-guest.json",
     "--proc",
     "/proc",
     "--dev",
     "/dev",
-    // The root itself (a tmpfs bubblewrap made) holds only mount points: read-only.
-    "--remount-ro",
-    "/",
     "--chdir",
     GUEST_HOME,
     "--clearenv",
   ];
+}
+
+/**
+ * Makes the VM directory's top-level mount points what bubblewrap expects,
+ * before it runs: real directories (or nothing) for binds, nothing for the
+ * image's symlinks (bubblewrap makes them and refuses existing ones).
+ * bubblewrap, not yet in the sandbox, would follow a symlink a guest left at
+ * such a name to a host path; no program of the VM runs while this checks
+ * (the sandbox is about to start), so what is checked is what is used.
+ * Symlinks are removed; anything else in the way is moved aside, never deleted.
+ */
+export async function prepareMountPoints(layout: Pick<SandboxLayout, "image" | "vmRoot">): Promise<void> {
+  const wanted = new Map<string, { kind: "dir" | "symlink"; target?: string }>();
+  for (const entry of layout.image.entries) if (IMAGE_ENTRIES.has(entry.name)) wanted.set(entry.name, entry);
+  for (const name of SYSTEM_MOUNT_POINTS) wanted.set(name, { kind: "dir" });
+  for (const [name, entry] of wanted) {
+    const path = `${layout.vmRoot}/${name}`;
+    const found = await lstat(path).catch(() => undefined);
+    if (found === undefined) continue;
+    if (entry.kind === "dir" && found.isDirectory()) continue;
+    if (found.isSymbolicLink()) await unlink(path);
+    else await rename(path, `${path}.moved-by-agentvm-${Date.now()}`);
+  }
 }

@@ -99,7 +99,10 @@ export class ProcessTable {
     expectKnownKeys("options", opts, ["cwd", "env"]);
     const cwdOption = opts.cwd === undefined ? GUEST_HOME : expectString("options.cwd", opts.cwd, { nonEmpty: true, max: 4096 });
     const cwd = cwdOption.startsWith("/") ? cwdOption : `${GUEST_HOME}/${cwdOption}`;
-    const env = { ...this.#options.env, ...(opts.env === undefined ? {} : expectStringRecord("options.env", opts.env)) };
+    const own = opts.env === undefined ? {} : expectStringRecord("options.env", opts.env);
+    const env = { ...this.#options.env, ...own };
+    // A program's NODE_OPTIONS adds to the VM's (which loads the Node preload) instead of replacing it.
+    if (own.NODE_OPTIONS !== undefined && this.#options.env.NODE_OPTIONS) env.NODE_OPTIONS = `${this.#options.env.NODE_OPTIONS} ${own.NODE_OPTIONS}`;
     if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed`);
     // Counted before the first await, so concurrent spawns cannot all pass the cap.
     if (this.running + this.#starting >= this.#options.maxProcesses) {
@@ -110,9 +113,13 @@ export class ProcessTable {
     try {
       const sandbox = await this.#ensureSandbox();
       pid = await sandbox.spawn(name, argv, cwd, env);
+    } catch (error) {
+      if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed while ${name} was starting`, { cause: error });
+      throw error;
     } finally {
       this.#starting--;
     }
+    if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed while ${name} was starting`);
     const info: ProcessInfo = { pid, ppid: 0, command: name, args: argv, cwd, running: true, exitCode: null, signal: null, startedAt: Date.now() };
     const unclaimed = this.#unclaimed.get(pid);
     this.#unclaimed.delete(pid);

@@ -14,7 +14,7 @@ import type { Socket } from "node:net";
 import type { Readable } from "node:stream";
 import { AgentVmError } from "../errors.ts";
 import type { FromInit } from "../init/protocol.ts";
-import { bubblewrapArgs, INIT_DIR, type SandboxLayout } from "./bubblewrap.ts";
+import { bubblewrapArgs, INIT_DIR, prepareMountPoints, type SandboxLayout } from "./bubblewrap.ts";
 import { ControlChannel } from "./control-channel.ts";
 
 export interface SandboxEvents {
@@ -48,8 +48,12 @@ export class VmSandbox {
   readonly ended: Promise<void>;
   #stopping = false;
 
-  private constructor(child: ChildProcess, events: SandboxEvents) {
+  /** Host pid of the sandbox's pid 1, once bubblewrap reports it. */
+  readonly #sandboxPid: Promise<number | undefined>;
+
+  private constructor(child: ChildProcess, events: SandboxEvents, sandboxPid: Promise<number | undefined>) {
     this.#child = child;
+    this.#sandboxPid = sandboxPid;
     this.#events = events;
     this.#channel = new ControlChannel(child, {
       onEvent: (message) => this.#onEvent(message),
@@ -62,6 +66,7 @@ export class VmSandbox {
 
   /** Starts the sandbox and resolves once init is ready for requests. */
   static async start(options: SandboxStart): Promise<VmSandbox> {
+    await prepareMountPoints(options.layout);
     const initEnv = {
       ...options.env,
       NODE_CHANNEL_FD: "3",
@@ -78,12 +83,12 @@ export class VmSandbox {
       "--max-old-space-size=64",
       `${INIT_DIR}/main.js`,
     ];
-    const command = [...hostWrappers(options.rlimits), options.bwrap, "--args", "4", "--", ...initCommand];
-    const child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe"], env: {} });
+    const command = [...hostWrappers(options.rlimits), options.bwrap, "--args", "4", "--info-fd", "5", "--", ...initCommand];
+    const child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe", "pipe"], env: {} });
     const argsPipe = child.stdio[4] as import("node:stream").Writable;
     argsPipe.on("error", () => {}); // bubblewrap that failed to start: reported by 'exit'
     argsPipe.end(sandboxArgs.map((arg) => `${arg}\0`).join(""), () => argsPipe.destroy());
-    const sandbox = new VmSandbox(child, options.events);
+    const sandbox = new VmSandbox(child, options.events, readChildPid((child.stdio as unknown as Readable[])[5]!));
     let log = "";
     const stderr = child.stderr as Readable;
     stderr.setEncoding("utf8");
@@ -144,10 +149,27 @@ export class VmSandbox {
   async stop(): Promise<void> {
     this.#stopping = true;
     this.#channel.close(new AgentVmError("SANDBOX_EXITED", "the VM was stopped"));
-    // SIGKILL to bubblewrap: with --die-with-parent its pid 1, init and every
-    // program in the PID namespace die with it.
-    this.#child.kill("SIGKILL");
+    await this.#kill();
     await this.ended;
+  }
+
+  /**
+   * SIGKILL to the sandbox's pid 1: the kernel ends every process of its PID
+   * namespace before pid 1 is gone, and bubblewrap exits once it is, so when
+   * `ended` resolves nothing of the VM runs. Killing bubblewrap alone would
+   * leave that to a parent-death signal, after `ended`.
+   */
+  async #kill(): Promise<void> {
+    const pid = this.#child.exitCode === null && this.#child.signalCode === null ? await this.#sandboxPid : undefined;
+    if (pid !== undefined && this.#child.exitCode === null && this.#child.signalCode === null) {
+      try {
+        process.kill(pid, "SIGKILL");
+        return;
+      } catch {
+        // Gone already; bubblewrap is about to exit.
+      }
+    }
+    this.#child.kill("SIGKILL");
   }
 
   #onEvent(message: Exclude<FromInit, { t: "reply" }>): void {
@@ -186,7 +208,7 @@ export class VmSandbox {
   #end(error: AgentVmError): void {
     const wasRunning = !this.#channel.closed;
     this.#channel.close(error);
-    this.#child.kill("SIGKILL");
+    void this.#kill();
     if (wasRunning && !this.#stopping) this.#events.onEnded(error);
   }
 }
@@ -213,4 +235,20 @@ function findTool(name: string, without: string): string | null {
     tools.set(name, found);
   }
   return tools.get(name)!;
+}
+
+/** bubblewrap's --info-fd JSON names the sandbox's pid 1 as seen from the host. */
+function readChildPid(info: Readable): Promise<number | undefined> {
+  return new Promise((resolve) => {
+    let text = "";
+    info.setEncoding("utf8");
+    info.on("data", (chunk: string) => {
+      text += chunk;
+      const match = /"child-pid"\s*:\s*(\d+)/.exec(text);
+      // Read to the end all the same: closing early would SIGPIPE bubblewrap.
+      if (match) resolve(Number(match[1]));
+    });
+    info.on("close", () => resolve(undefined));
+    info.on("error", () => resolve(undefined));
+  });
 }

@@ -11,13 +11,12 @@ import { describe, expectKnownKeys, expectObject } from "../validate.ts";
 import { parsePreviewConfig, type PreviewConfig, type ResolvedPreviewConfig } from "../net/previews.ts";
 import { parseHosts, parseLimits, type PermissionsConfig, type VmLimits } from "../vm.ts";
 import { parseNetworkPolicy } from "../kernel/network-policy.ts";
+import { parseSoftware, type SoftwareDescriptor, type SoftwareEntry } from "../image/software.ts";
 
 export type { PreviewConfig };
 
-export interface SoftwarePackage {
-  name?: string;
-  [key: string]: unknown;
-}
+/** A `software` entry: one from `agentvm/software`, or agentOS's own software packages (matched by package name). */
+export type SoftwarePackage = SoftwareEntry;
 
 interface VmOptions {
   software?: SoftwarePackage[];
@@ -38,7 +37,7 @@ export interface AgentOsConfig extends VmOptions {
 
 export interface VmDefinition {
   readonly kind: "agentvm.vm";
-  readonly software: readonly SoftwarePackage[];
+  readonly software: readonly SoftwareDescriptor[];
   readonly permissions: PermissionsConfig | undefined;
   readonly listen: ListenPolicy;
   readonly listenConfig: ListenConfig | undefined;
@@ -64,13 +63,7 @@ export function agentOS(config: AgentOsConfig = {}): VmDefinition {
   };
   const where = (key: string) => (top[key] !== undefined ? `config.${key}` : `config.options.${key}`);
 
-  const softwareRaw = pick("software") ?? [];
-  if (!Array.isArray(softwareRaw)) throw invalidArgument(`${where("software")} must be an array of software packages, got ${describe(softwareRaw)}`);
-  softwareRaw.forEach((item, index) => {
-    if (item === null || (typeof item !== "object" && typeof item !== "function")) {
-      throw invalidArgument(`${where("software")}[${index}] must be a software package object, got ${describe(item)}`);
-    }
-  });
+  const software = parseSoftware(pick("software") ?? [], where("software"));
   const permissions = pick("permissions");
   if (permissions !== undefined) {
     const record = expectObject(where("permissions"), permissions);
@@ -90,7 +83,7 @@ export function agentOS(config: AgentOsConfig = {}): VmDefinition {
 
   return Object.freeze({
     kind: "agentvm.vm" as const,
-    software: Object.freeze([...(softwareRaw as SoftwarePackage[])]),
+    software: Object.freeze([...software]),
     permissions: permissions as PermissionsConfig | undefined,
     listen,
     listenConfig,

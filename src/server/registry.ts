@@ -8,6 +8,7 @@ import { resolve } from "node:path";
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { SqliteStore } from "../store/sqlite-store.ts";
 import { findBubblewrap } from "../sandbox/bubblewrap.ts";
+import { ensureImage } from "../image/index.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
 import { handleApi, sendError } from "./http-api.ts";
@@ -102,11 +103,10 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const dataDir = resolve(options.dataDir ?? process.env.AGENTVM_DATA_DIR ?? ".agentvm");
   const maxBodyBytes = options.maxBodyBytes ?? 1024 ** 3;
 
+  // The image (and each definition's software) is built once per machine; start
+  // now, with progress on stderr, so the first VM does not wait for it.
   for (const [name, definition] of Object.entries(use)) {
-    const names = definition.software.map((item) => String(item.name ?? "unnamed"));
-    if (names.length > 0) {
-      console.warn(`agentvm: ${name}: software [${names.join(", ")}] is accepted for compatibility; agentvm guests run Node.js and include no other software`);
-    }
+    ensureImage({ software: definition.software }).catch((error: Error) => console.error(`agentvm: ${name}: ${error.message}`));
   }
 
   // Say it at start-up, not only on the first spawn: without bubblewrap no guest can run.

@@ -123,6 +123,7 @@ export class VmActor {
       {
         dataDir: this.#dataDir,
         name: this.key,
+        software: [...this.#definition.software],
         ...(this.#definition.permissions ? { permissions: this.#definition.permissions } : {}),
         ...(this.#definition.listenConfig ? { listen: this.#definition.listenConfig } : {}),
         ...(this.#definition.limits ? { limits: this.#definition.limits } : {}),

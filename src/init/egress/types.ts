@@ -11,7 +11,7 @@
 import type { Duplex } from "node:stream";
 
 /** Which of init's servers asked: the audit log and error pages tell them apart. */
-export type EgressVia = "http" | "connect" | "socks5";
+export type EgressVia = "http" | "connect" | "socks5" | "node";
 
 export interface EgressTarget {
   /** A name, an IPv4 address or an IPv6 address (without brackets), as the guest gave it. */
