@@ -58,6 +58,16 @@ export function npmSoftware(software: SoftwareDescriptor): NpmSoftware | undefin
   return (CATALOG[software.name] as CatalogEntry).npm;
 }
 
+/** Where a software layer mounts in the VM. */
+export function layerMountPoint(name: SoftwareName): string {
+  return `/opt/software/${name}`;
+}
+
+/** Mount points of every layer the catalog can add; the base image carries them empty. */
+export const LAYER_MOUNT_POINTS: readonly string[] = Object.freeze(
+  SOFTWARE_NAMES.filter((name) => (CATALOG[name] as CatalogEntry).npm).map(layerMountPoint),
+);
+
 /** Fields under which a package object may carry its npm name. */
 const NAME_FIELDS = ["packageName", "package", "name", "id"] as const;
 
