@@ -110,7 +110,7 @@ function describe(value: unknown): string {
  */
 export function parseSoftware(value: unknown, field = "software"): SoftwareDescriptor[] {
   if (value === undefined) return [];
-  if (!Array.isArray(value)) throw invalidArgument(`${field} must be an array of software entries, got ${describe(value)}`);
+  if (!Array.isArray(value)) throw invalidArgument(`${field} must be an array of software entries such as [common, pi] from "agentvm/software", got ${describe(value)}`);
   const found: SoftwareDescriptor[] = [];
   value.forEach((entry, index) => {
     const software = identify(entry);
