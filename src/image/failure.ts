@@ -18,7 +18,7 @@ export function fileSystemFailure(step: string, error: unknown): AgentVmError {
   if (code === "ENOSPC" || /No space left/.test(String(message))) {
     return buildFailed(`${step}: no space left on the device${path ? ` (${path})` : ""}; free some space or set AGENTVM_IMAGE_DIR to a disk with room (an image takes about 300 MB)`, error);
   }
-  if (code === "EACCES" || code === "EPERM" || code === "EROFS") {
+  if (code === "EACCES" || code === "EPERM" || code === "EROFS" || code === "ENOTDIR") {
     return buildFailed(`${step}: ${path ?? "the image cache"} is not writable; fix its permissions or set AGENTVM_IMAGE_DIR to a writable directory`, error);
   }
   return buildFailed(`${step}: ${message}`, error);

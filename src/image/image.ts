@@ -4,11 +4,11 @@
  * that, and memoized per process.
  *
  * The id hashes everything the content depends on (packages actually used, node
- * and npm versions, LAYOUT_VERSION), so a change to any of them builds a new
+ * and npm versions, LAYOUT_VERSION, the catalog's layer mount points), so a change to any of them builds a new
  * directory beside the old one; a failed build never touches an existing image.
  */
 import { createHash } from "node:crypto";
-import { lstat, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { lstat, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { buildOnce, exists, imageCacheDir } from "./cache.ts";
@@ -18,7 +18,7 @@ import { fileSystemFailure } from "./failure.ts";
 import { ensureLayer, type ImageLayer } from "./layers.ts";
 import { findNodeRuntime, installNodeRuntime, type NodeRuntime } from "./node-runtime.ts";
 import { pinnedPackages } from "./packages.ts";
-import { parseSoftware, type SoftwareEntry } from "./software.ts";
+import { LAYER_MOUNT_POINTS, parseSoftware, type SoftwareEntry } from "./software.ts";
 import { configure, extractPackages, mergeUsr, strip, topLevelEntries } from "./userland.ts";
 
 /** Bump when the build lays files out differently: every machine then rebuilds. */
@@ -65,7 +65,7 @@ interface BaseImage {
 }
 
 export function imageId(packages: readonly PinnedPackage[], runtime: Pick<NodeRuntime, "version" | "npmVersion">): string {
-  const input = JSON.stringify([packages.map((pkg) => `${pkg.name}=${pkg.version}`), runtime.version, runtime.npmVersion, LAYOUT_VERSION]);
+  const input = JSON.stringify([packages.map((pkg) => `${pkg.name}=${pkg.version}`), runtime.version, runtime.npmVersion, LAYOUT_VERSION, LAYER_MOUNT_POINTS]);
   return createHash("sha256").update(input).digest("hex").slice(0, 16);
 }
 
@@ -150,6 +150,8 @@ async function buildBase(root: string, runtime: NodeRuntime, progress: (line: st
   await strip(root);
   await configure(root);
   await installNodeRuntime(runtime, root);
+  // Empty mount points for the layers: bwrap cannot create them under the read-only /opt.
+  for (const mountPoint of LAYER_MOUNT_POINTS) await mkdir(join(root, mountPoint), { recursive: true });
   const manifest: Manifest = {
     id,
     layoutVersion: LAYOUT_VERSION,

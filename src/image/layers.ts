@@ -11,7 +11,7 @@ import { promisify } from "node:util";
 import { buildOnce, exists, imageCacheDir } from "./cache.ts";
 import { buildFailed } from "./failure.ts";
 import type { NodeRuntime } from "./node-runtime.ts";
-import { npmSoftware, type SoftwareDescriptor } from "./software.ts";
+import { layerMountPoint, npmSoftware, type SoftwareDescriptor } from "./software.ts";
 
 const run = promisify(execFile);
 
@@ -59,6 +59,6 @@ export async function ensureLayer(
       progress(`agentvm: software layer ${software.name} done in ${((performance.now() - started) / 1000).toFixed(1)} s`);
     });
   }
-  const mountAt = `/opt/software/${software.name}`;
+  const mountAt = layerMountPoint(software.name);
   return { name: software.name, dir, mountAt, path: [`${mountAt}/bin`] };
 }

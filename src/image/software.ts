@@ -58,6 +58,16 @@ export function npmSoftware(software: SoftwareDescriptor): NpmSoftware | undefin
   return (CATALOG[software.name] as CatalogEntry).npm;
 }
 
+/** Where a software layer mounts in the VM. */
+export function layerMountPoint(name: SoftwareName): string {
+  return `/opt/software/${name}`;
+}
+
+/** Mount points of every layer the catalog can add; the base image carries them empty. */
+export const LAYER_MOUNT_POINTS: readonly string[] = Object.freeze(
+  SOFTWARE_NAMES.filter((name) => (CATALOG[name] as CatalogEntry).npm).map(layerMountPoint),
+);
+
 /** Fields under which a package object may carry its npm name. */
 const NAME_FIELDS = ["packageName", "package", "name", "id"] as const;
 
@@ -100,7 +110,7 @@ function describe(value: unknown): string {
  */
 export function parseSoftware(value: unknown, field = "software"): SoftwareDescriptor[] {
   if (value === undefined) return [];
-  if (!Array.isArray(value)) throw invalidArgument(`${field} must be an array of software entries, got ${describe(value)}`);
+  if (!Array.isArray(value)) throw invalidArgument(`${field} must be an array of software entries such as [common, pi] from "agentvm/software", got ${describe(value)}`);
   const found: SoftwareDescriptor[] = [];
   value.forEach((entry, index) => {
     const software = identify(entry);
