@@ -96,12 +96,13 @@ const MAX_NAME = 256;
 const RECENT_DENIALS = 100;
 const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096 };
 /**
- * RLIMIT_DATA above the heap cap. Node 26 needs a fixed ~565 MiB of it to boot
- * whatever the heap cap (~590 MiB once WebAssembly loads: TypeScript stripping,
- * fetch's llhttp), so 512 broke every guest below memoryMb ≈ 70. The rest is
- * room for Buffers and other memory outside the V8 heap.
+ * RLIMIT_DATA above the heap cap, per process. Node 26 needs a fixed ~565 MiB
+ * of it to boot whatever the heap cap (~590 MiB once WebAssembly loads), and
+ * each worker thread reserves as much again for its own isolate; programs may
+ * use workers now. It is address space, not memory: the VM's memory cap is a
+ * cgroup's job.
  */
-const DATA_HEADROOM_MB = 768;
+const DATA_HEADROOM_MB = 4096;
 /**
  * The VM has no route out: programs reach the world through init's proxies,
  * where the server's network policy decides each destination. Both spellings,
@@ -217,8 +218,8 @@ export class Vm extends EventEmitter<VmEvents> {
           events: {
             onOutput: (pid, fd, data) => this.#processes.output(pid, fd === 1 ? "stdout" : "stderr", data),
             onExit: (pid, code, signal) => this.#processes.exited(pid, code, signal),
-            onEgress: (host, port) => this.#egress.open(host, port),
-            onResolve: (name, family) => this.#egress.resolve(name, family),
+            onEgress: async (host, port, via, pid) => (via === "udp" ? this.#egress.udp(host, port, pid) : this.#egress.open(host, port, pid)),
+            onResolve: (name, family, pid) => this.#egress.resolve(name, family, pid),
             onEnded: (error) => {
               console.warn(`agentvm: VM ${init.name}: ${error.message}`);
               this.#processes.sandboxEnded();
@@ -528,7 +529,7 @@ export function parseLimits(value: unknown): Required<VmLimits> {
 /** What the Node preload reads at /run/agentvm-guest.json (see init/node-preload.ts). */
 async function writeGuestConfig(vmDir: string, listen: ListenPolicy, network: NetworkPolicy): Promise<string> {
   const file = join(vmDir, "etc/agentvm-guest.json");
-  await writeFile(file, JSON.stringify({ listenDenials: listenDenials(listen, network) }));
+  await writeFile(file, JSON.stringify({ listenDenials: listenDenials(listen, network), autoRange: autoRange(listen) }));
   return file;
 }
 

@@ -237,11 +237,13 @@ const contained = (detail) => ({ escaped: false, detail });
     child.on("error", reject);
     child.on("close", (code) => resolve(out.includes("CONNECTED") ? escaped(out) : contained(out.trim() + " exit=" + code)));
   }));
-  await probe("child_process.spawn /bin/sh", () => new Promise((resolve, reject) => {
-    const child = require("node:child_process").spawn("/bin/sh", ["-c", "echo shell"]);
+  await probe("bash /dev/tcp to 127.0.0.1", () => new Promise((resolve, reject) => {
+    const child = require("node:child_process").spawn("bash", ["-c", "exec 3<>/dev/tcp/127.0.0.1/" + tcp + " && echo CONNECTED"]);
+    let out = "";
     child.on("error", reject);
-    child.stdout?.on("data", (c) => resolve(escaped(String(c))));
-    child.on("close", (code) => resolve(contained("exit " + code)));
+    child.stdout.on("data", (c) => (out += c));
+    child.stderr.on("data", (c) => (out += c));
+    child.on("close", (code) => resolve(out.includes("CONNECTED") ? escaped(out) : contained(out.trim() + " exit=" + code)));
   }));
   await probe("/proc/net/tcp shows the host's listeners", () => {
     const fs = require("node:fs");
@@ -252,6 +254,29 @@ const contained = (detail) => ({ escaped: false, detail });
   console.log("RESULT " + JSON.stringify(results));
   process.exit(0);
 })();
+`;
+
+/**
+ * Native programs from the image trying the routes Node cannot take: new
+ * namespaces, mounts, raw and netlink sockets, interface changes, direct TCP
+ * around the proxies. Each must fail; the host listeners must see nothing.
+ */
+const NATIVE_PROBES = String.raw`
+hostip="$1"; tcp="$2"; http="$3"
+try() { name="$1"; shift; if "$@" >/dev/null 2>&1; then echo "ESCAPED $name"; else echo "refused $name"; fi; }
+try "unshare a user namespace" unshare -r true
+try "unshare a network namespace" unshare -n true
+try "mount a tmpfs" busybox mount -t tmpfs none /tmp
+try "raw socket (ping)" busybox ping -c 1 -W 1 127.0.0.1
+try "netlink: add a link" busybox ip link add dummy0 type dummy
+try "netlink: add an address to lo" busybox ip addr add 10.9.9.9/32 dev lo
+try "netlink: add a default route" busybox ip route add default dev lo
+try "TCP to the host's interface address" busybox nc -w 1 "$hostip" "$tcp"
+try "bash /dev/tcp to the host's interface address" timeout 2 bash -c "exec 3<>/dev/tcp/$hostip/$tcp"
+try "curl around the proxy to 127.0.0.1" curl -sf --max-time 2 --noproxy '*' "http://127.0.0.1:$http/"
+try "curl around the proxy to the host's address" curl -sf --max-time 2 --noproxy '*' "http://$hostip:$http/"
+try "curl through the proxy to host.agentvm.internal" curl -sf --max-time 2 "http://host.agentvm.internal:$http/"
+try "curl through the proxy to the host's address" curl -sf --max-time 2 "http://$hostip:$http/"
 `;
 
 describe('escape routes under permissions.network: "allow"', () => {
@@ -294,6 +319,16 @@ describe('escape routes under permissions.network: "allow"', () => {
     assert.equal(vm.networkDenials().count, lines.length);
   });
 
+  test("native programs: namespaces, mounts, raw and netlink sockets, direct TCP — every one refused, zero arrivals", async () => {
+    const hostAddress = Object.values(os.networkInterfaces()).flat().find((info) => info && info.family === "IPv4" && !info.internal)?.address ?? "192.0.2.1";
+    await vm.writeFile("/tmp/native-probes.sh", NATIVE_PROBES);
+    const result = await vm.exec("sh", ["/tmp/native-probes.sh", hostAddress, String(ports.tcp), String(ports.http)]);
+    const lines = result.stdout.trim().split("\n");
+    assert.equal(lines.length, 13, result.stdout + result.stderr);
+    assert.deepEqual(lines.filter((line) => !line.startsWith("refused ")), [], result.stdout);
+    assert.equal(totalArrivals(), 0, `the host saw: ${arrivals.log.join("; ")}`);
+  });
+
   test("sandbox-level routes are refused too, with zero arrivals", async () => {
     const results = (await guestResult(vm, SANDBOX_PROBES, [String(ports.tcp), String(ports.http), String(ports.udp)])) as { name: string; escaped: boolean; detail: string }[];
     assert.equal(results.length, 10);
@@ -301,12 +336,14 @@ describe('escape routes under permissions.network: "allow"', () => {
     assert.deepEqual(escapedRoutes, [], JSON.stringify(results, null, 1));
     const detail = (name: string) => results.find((r) => r.name.startsWith(name))?.detail ?? "";
     // Each route was really tried and stopped where expected, not merely timed out.
-    assert.match(detail("process.binding"), /ERR_ACCESS_DENIED/);
-    assert.match(detail("new Worker"), /ERR_ACCESS_DENIED/);
-    assert.match(detail("c-ares"), /ERR_ACCESS_DENIED|ECONNREFUSED/);
+    // v1 stopped these in Node's permission model; v2 lets them run and the VM's own
+    // loopback answers: 127.0.0.1 in a VM is the VM's, where nothing listens on the host's ports.
+    assert.match(detail("process.binding"), /status -111/);
+    assert.match(detail("new Worker"), /ECONNREFUSED/);
+    assert.match(detail("c-ares"), /ECONNREFUSED/);
     assert.match(detail("net.connect with a custom lookup"), /ENOTFOUND|ECONNREFUSED|EACCES/);
     assert.match(detail("child guest"), /^ECONNREFUSED exit=0$/);
-    assert.match(detail("child_process.spawn /bin/sh"), /ENOENT/);
+    assert.match(detail("bash /dev/tcp"), /Connection refused/);
     assert.equal(detail("/proc/net/tcp"), "not visible");
     for (const result of results) assert.doesNotMatch(result.detail, /PROBE_TIMEOUT/, result.name);
     assert.equal(totalArrivals(), 0, `the host saw: ${arrivals.log.join("; ")}`);

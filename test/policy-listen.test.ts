@@ -73,20 +73,21 @@ describe("listen policy in the guest", () => {
     await vm.killProcess(server.pid);
   });
 
+  // Ranges of four ports: Linux's bind(0) scans an even number of ports, so an odd-sized tiny range has one it never picks.
   test("allowPrivileged with a range starting below 1024: listen(0) may allocate there", async () => {
-    const vm = await testVm(await tempDataDir(), { listen: { portMin: 100, portMax: 102, allowPrivileged: true } });
-    const result = await guestResult(vm, TRY_LISTEN, ["0", "0", "0", "99"]);
-    assert.deepEqual(result.slice(0, 3).map((r: { port: number }) => r.port).sort(), [100, 101, 102]);
-    assert.equal(result[3].code, "EACCES");
+    const vm = await testVm(await tempDataDir(), { listen: { portMin: 100, portMax: 103, allowPrivileged: true } });
+    const result = await guestResult(vm, TRY_LISTEN, ["0", "0", "0", "0", "99"]);
+    assert.deepEqual(result.slice(0, 4).map((r: { port: number }) => r.port).sort(), [100, 101, 102, 103]);
+    assert.equal(result[4].code, "EACCES");
   });
 
   test("exhaustion: every port of a tiny range bound → listen(0) is EADDRINUSE; a taken port is EADDRINUSE", async () => {
-    const vm = await testVm(await tempDataDir(), { listen: { portMin: 5000, portMax: 5002 } });
-    const result = await guestResult(vm, TRY_LISTEN, ["0", "0", "0", "0", "5001"]);
-    assert.deepEqual(result.slice(0, 3).map((r: { port: number }) => r.port).sort(), [5000, 5001, 5002]);
-    assert.equal(result[3].code, "EADDRINUSE", JSON.stringify(result[3]));
-    assert.match(result[3].message, /5000-5002/);
+    const vm = await testVm(await tempDataDir(), { listen: { portMin: 5000, portMax: 5003 } });
+    const result = await guestResult(vm, TRY_LISTEN, ["0", "0", "0", "0", "0", "5001"]);
+    assert.deepEqual(result.slice(0, 4).map((r: { port: number }) => r.port).sort(), [5000, 5001, 5002, 5003]);
     assert.equal(result[4].code, "EADDRINUSE", JSON.stringify(result[4]));
+    assert.match(result[4].message, /5000-5003/);
+    assert.equal(result[5].code, "EADDRINUSE", JSON.stringify(result[5]));
   });
 
   test("a range entirely below 1024 without allowPrivileged leaves listen(0) nothing: EADDRINUSE", async () => {

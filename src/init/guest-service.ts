@@ -22,6 +22,10 @@ const REQUEST_TIMEOUT_MS = 30_000;
 const RESERVATION_MS = 10_000;
 const MAX_RESERVATIONS = 1024;
 
+/** The asking program's pid in the VM, as it says (for the audit only). */
+const pidOf = (request: Record<string, unknown>): { pid?: number } =>
+  Number.isInteger(request.pid) && (request.pid as number) > 0 ? { pid: request.pid as number } : {};
+
 export function createGuestService(open: OpenConnection, resolve: ResolveName): Server {
   const reserved = new Map<string, { upstream: Duplex; timer: NodeJS.Timeout }>();
 
@@ -40,15 +44,21 @@ export function createGuestService(open: OpenConnection, resolve: ResolveName): 
   const answer = async (request: Record<string, unknown>): Promise<object> => {
     if (request.op === "connect" && typeof request.host === "string" && Number.isInteger(request.port)) {
       if (reserved.size >= MAX_RESERVATIONS) throw Object.assign(new Error("too many connections waiting to be claimed"), { code: "EAGAIN" });
-      const upstream = await open({ host: request.host, port: request.port as number, via: "node" });
+      const upstream = await open({ host: request.host, port: request.port as number, via: "node", ...pidOf(request) });
       upstream.on("error", () => {});
       return { ok: true, via: reserve(upstream) };
+    }
+    if (request.op === "udp" && typeof request.host === "string" && Number.isInteger(request.port)) {
+      // Asked so the server decides and audits it; it relays no UDP, so the answer is a refusal.
+      await open({ host: request.host, port: request.port as number, via: "udp", ...pidOf(request) });
+      throw Object.assign(new Error(`udp ${request.host}:${request.port}: not relayed beyond the VM`), { code: "EACCES" });
     }
     if (request.op === "resolve" && typeof request.name === "string" && (request.family === 0 || request.family === 4 || request.family === 6)) {
       // Family 0 is both, asked one after the other so a refused name is refused (and audited) once.
       const first = request.family === 6 ? 6 : 4;
-      const addresses = (await resolve(request.name, first)).map((address) => ({ address, family: first }));
-      if (request.family === 0) addresses.push(...(await resolve(request.name, 6).catch(() => [])).map((address) => ({ address, family: 6 })));
+      const { pid } = pidOf(request);
+      const addresses = (await resolve(request.name, first, pid)).map((address) => ({ address, family: first }));
+      if (request.family === 0) addresses.push(...(await resolve(request.name, 6, pid).catch(() => [])).map((address) => ({ address, family: 6 })));
       return { ok: true, addresses };
     }
     throw Object.assign(new Error("malformed request"), { code: "EINVAL" });

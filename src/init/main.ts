@@ -47,13 +47,13 @@ const ask = (message: Record<string, unknown>): Promise<{ message: ToInit; handl
   return promise;
 };
 const failure = (message: { code: string; message: string }) => Object.assign(new Error(message.message), { code: message.code });
-const openEgress = async (target: { host: string; port: number; via: string }) => {
-  const { message, handle } = await ask({ t: "egress", host: target.host, port: target.port, via: target.via });
+const openEgress = async (target: { host: string; port: number; via: string; pid?: number }) => {
+  const { message, handle } = await ask({ t: "egress", host: target.host, port: target.port, via: target.via, ...(target.pid ? { pid: target.pid } : {}) });
   if (message.t !== "egress" || !message.ok || !handle) throw failure(message.t === "egress" && !message.ok ? message : { code: "EIO", message: "no connection" });
   return handle;
 };
-const resolveName = async (name: string, family: 4 | 6) => {
-  const { message } = await ask({ t: "resolve", name, family });
+const resolveName = async (name: string, family: 4 | 6, pid?: number) => {
+  const { message } = await ask({ t: "resolve", name, family, ...(pid ? { pid } : {}) });
   if (message.t !== "resolved" || !message.ok) throw failure(message.t === "resolved" && !message.ok ? message : { code: "EIO", message: "no answer" });
   return message.addresses;
 };
@@ -126,7 +126,9 @@ egressReady.then(
  */
 function configureNetwork(): void {
   if (config.allowPrivileged) writeFileSync("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0");
-  writeFileSync("/proc/sys/net/ipv4/ip_local_port_range", `${config.portRange[0]} ${config.portRange[1]}`);
+  // An empty range (only privileged ports, not allowed) has no kernel form: Node
+  // programs get EADDRINUSE from the preload; others allocate from the default range.
+  if (config.portRange[0] <= config.portRange[1]) writeFileSync("/proc/sys/net/ipv4/ip_local_port_range", `${config.portRange[0]} ${config.portRange[1]}`);
 }
 
 /** Ports in LISTEN state (st 0A) in /proc/net/tcp and tcp6: this namespace's, so the VM's. */

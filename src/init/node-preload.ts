@@ -16,6 +16,7 @@
  *
  * Everything else about sockets is Node's own.
  */
+import dgram from "node:dgram";
 import dns from "node:dns";
 import { readFileSync } from "node:fs";
 import { syncBuiltinESMExports } from "node:module";
@@ -27,13 +28,15 @@ const CONFIG_FILE = "/run/agentvm-guest.json";
 
 interface GuestConfig {
   listenDenials: [number, number, string][];
+  /** Where listen(0) allocates (the VM's ip_local_port_range); empty when low > high. */
+  autoRange: [number, number];
 }
 
 const config: GuestConfig = (() => {
   try {
     return JSON.parse(readFileSync(CONFIG_FILE, "utf8")) as GuestConfig;
   } catch {
-    return { listenDenials: [] };
+    return { listenDenials: [], autoRange: [1024, 65535] };
   }
 })();
 
@@ -68,7 +71,7 @@ function ask(request: object): Promise<Record<string, unknown>> {
         reject(failure("connect", "ECONNRESET", target, "the VM's network service closed without an answer"));
       }
     });
-    socket.end(`${JSON.stringify(request)}\n`);
+    socket.end(`${JSON.stringify({ ...request, pid: process.pid })}\n`);
   });
 }
 
@@ -143,6 +146,25 @@ dns.promises.lookup = ((hostname: string, options?: dns.LookupOptions) =>
     ),
   )) as typeof dns.promises.lookup;
 
+const originalSend = dgram.Socket.prototype.send;
+/** UDP beyond the VM: the server decides (and audits) it, and relays none, so the send fails with its EACCES. */
+dgram.Socket.prototype.send = function send(this: dgram.Socket, ...args: unknown[]): void {
+  const portIndex = args.findIndex((arg, i) => i > 0 && typeof arg === "number" && typeof args[i + 1] === "string");
+  const host = portIndex === -1 ? undefined : (args[portIndex + 1] as string);
+  if (host === undefined || isLocal(host)) return (originalSend as (...a: unknown[]) => void).apply(this, args);
+  const port = args[portIndex] as number;
+  const callback = args.find((arg) => typeof arg === "function") as ((error: Error | null) => void) | undefined;
+  const refuse = (why: string, code = "EACCES") => {
+    const error = failure("send", code, `${host}:${port}`, why, { address: host, port });
+    if (callback) callback(error);
+    else this.emit("error", error);
+  };
+  ask({ op: "udp", host, port }).then(
+    (reply) => refuse(String(reply.message ?? "refused"), typeof reply.code === "string" ? reply.code : "EACCES"),
+    (error: Error) => refuse(error.message),
+  );
+};
+
 const originalListen = net.Server.prototype.listen;
 net.Server.prototype.listen = function listen(this: net.Server, ...args: unknown[]): net.Server {
   const [first] = args;
@@ -153,6 +175,20 @@ net.Server.prototype.listen = function listen(this: net.Server, ...args: unknown
     const message = denied[2].replaceAll("{port}", String(port));
     process.nextTick(() => this.emit("error", failure("listen", "EACCES", `port ${port}`, message, { port })));
     return this;
+  }
+  if (port === 0 || (port === undefined && typeof raw !== "string")) {
+    const [low, high] = config.autoRange;
+    const why = `every port of the VM's listen range ${low}-${high} is taken (listen.portMin/portMax)`;
+    if (low > high) {
+      process.nextTick(() => this.emit("error", failure("listen", "EADDRINUSE", "port 0", `the VM's listen range leaves no port for listen(0): ${low}-${high}`, { port: 0 })));
+      return this;
+    }
+    // The kernel allocates in the range; when it is full, say which range.
+    const explain = (error: NodeJS.ErrnoException) => {
+      if (error.code === "EADDRINUSE") error.message = `${error.message} (${why})`;
+    };
+    this.prependOnceListener("error", explain);
+    this.once("listening", () => this.off("error", explain));
   }
   return (originalListen as (...a: unknown[]) => net.Server).apply(this, args);
 };

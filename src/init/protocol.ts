@@ -33,8 +33,8 @@ export type FromInit =
   | { t: "output"; pid: number; fd: 1 | 2; data: string }
   | { t: "exit"; pid: number; code: number | null; signal: string | null }
   /** init asks the server for an outbound connection (its proxies decided nothing yet; the server's policy decides). */
-  | { t: "egress"; id: number; host: string; port: number; via: string }
-  | { t: "resolve"; id: number; name: string; family: 4 | 6 };
+  | { t: "egress"; id: number; host: string; port: number; via: string; pid?: number }
+  | { t: "resolve"; id: number; name: string; family: 4 | 6; pid?: number };
 
 /** Signals the API accepts by name, with their Linux numbers. */
 export const SIGNALS: Readonly<Record<string, number>> = {

@@ -128,9 +128,9 @@ function checkMessage(message: unknown): string | undefined {
     case "exit":
       return isInt(m.pid, 1) && (m.code === null || isInt(m.code, 0, 255)) && (m.signal === null || isText(m.signal, 16)) ? undefined : "a malformed exit message";
     case "egress":
-      return isInt(m.id, 1) && isText(m.host, 255) && isInt(m.port, 1, 65535) && isText(m.via, 16) ? undefined : "a malformed egress request";
+      return isInt(m.id, 1) && isText(m.host, 255) && isInt(m.port, 1, 65535) && isText(m.via, 16) && (m.pid === undefined || isInt(m.pid, 1)) ? undefined : "a malformed egress request";
     case "resolve":
-      return isInt(m.id, 1) && isText(m.name, 255) && (m.family === 4 || m.family === 6) ? undefined : "a malformed resolve request";
+      return isInt(m.id, 1) && isText(m.name, 255) && (m.family === 4 || m.family === 6) && (m.pid === undefined || isInt(m.pid, 1)) ? undefined : "a malformed resolve request";
     default:
       return `an unknown message type ${JSON.stringify(String(m.t)).slice(0, 40)}`;
   }

@@ -32,6 +32,11 @@ export class EgressBroker {
     return this.#egress.connect(normalizeHost(host, "egress.open host"), validPort(port), validPid(pid));
   }
 
+  /** UDP beyond the VM is not relayed: always EACCES, decided (and audited) like a connect. */
+  udp(host: unknown, port: unknown, pid: unknown = 0): never {
+    return this.#egress.checkUdp(normalizeHost(host, "egress.udp host"), validPort(port), validPid(pid));
+  }
+
   /** The addresses of `name` in `family`, when policy allows resolving it; [] when it has none there. */
   async resolve(name: unknown, family: unknown, pid: unknown = 0): Promise<string[]> {
     const host = normalizeHost(name, "egress.resolve name");

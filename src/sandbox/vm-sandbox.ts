@@ -21,8 +21,8 @@ export interface SandboxEvents {
   onOutput(pid: number, fd: 1 | 2, data: Buffer): void;
   onExit(pid: number, code: number | null, signal: string | null): void;
   /** init asks for an outbound connection; resolve with the connected socket or reject with a typed error. */
-  onEgress(host: string, port: number, via: string): Promise<Socket>;
-  onResolve(name: string, family: 4 | 6): Promise<string[]>;
+  onEgress(host: string, port: number, via: string, pid: number | undefined): Promise<Socket>;
+  onResolve(name: string, family: 4 | 6, pid: number | undefined): Promise<string[]>;
   /** The sandbox ended (init exited, crashed or broke the protocol); not called after stop(). */
   onEnded(error: AgentVmError): void;
 }
@@ -185,7 +185,7 @@ export class VmSandbox {
         this.#events.onExit(message.pid, message.code, message.signal);
         return;
       case "egress":
-        this.#events.onEgress(message.host, message.port, message.via).then(
+        this.#events.onEgress(message.host, message.port, message.via, message.pid).then(
           (socket) => this.#channel.notify({ t: "egress", id: message.id, ok: true }, socket),
           (error: unknown) => {
             const shaped = AgentVmError.from(error);
@@ -194,7 +194,7 @@ export class VmSandbox {
         );
         return;
       case "resolve":
-        this.#events.onResolve(message.name, message.family).then(
+        this.#events.onResolve(message.name, message.family, message.pid).then(
           (addresses) => this.#channel.notify({ t: "resolved", id: message.id, ok: true, addresses }),
           (error: unknown) => {
             const shaped = AgentVmError.from(error);

@@ -11,18 +11,21 @@
 import type { Duplex } from "node:stream";
 
 /** Which of init's servers asked: the audit log and error pages tell them apart. */
-export type EgressVia = "http" | "connect" | "socks5" | "node";
+export type EgressVia = "http" | "connect" | "socks5" | "node" | "udp";
 
 export interface EgressTarget {
   /** A name, an IPv4 address or an IPv6 address (without brackets), as the guest gave it. */
   host: string;
   port: number;
   via: EgressVia;
+  /** The VM pid that asked, when known (the Node preload says), for the audit. */
+  pid?: number;
 }
 
 export type OpenConnection = (target: EgressTarget) => Promise<Duplex>;
 
-export type ResolveName = (name: string, family: 4 | 6) => Promise<string[]>;
+/** `pid`: the VM pid that asked, when known, for the audit. */
+export type ResolveName = (name: string, family: 4 | 6, pid?: number) => Promise<string[]>;
 
 /** One line of what the egress servers did, for init's log; never required. */
 export interface EgressEvent {
