@@ -4,7 +4,8 @@
  *
  * Throughput runs the vmFetch bench's client loop (http.request, keep-alive
  * Agent, alternating rounds) against the gateway and against the baseline plain
- * Node server on 127.0.0.1. The download streams 1 GiB from a guest through the
+ * Node server on 127.0.0.1 — and, when /usr/sbin/nginx exists, against nginx
+ * proxying to that baseline server (nginx.ts). The download streams 1 GiB from a guest through the
  * gateway (and through the client's vmFetchStream route) and samples the server
  * process's RSS every 100 ms: a proxy with working backpressure stays flat.
  *
@@ -16,6 +17,8 @@ import { join } from "node:path";
 import { AgentVmError, createClient, type VmHandle } from "agentvm/client";
 import { directFetcher, newKeepAliveAgent, startBaselineServer, startNodeServer } from "./baseline-server.ts";
 import { GUEST_PORT, OK_SERVER } from "./guest.ts";
+import type { FetchOnce } from "./load.ts";
+import { nginxAvailable, startNginxProxy } from "./nginx.ts";
 import { readRssKb } from "./procfs.ts";
 import { startServerProcess, type BenchRegistry } from "./server-process.ts";
 import { now, sampleEvery, sleep } from "./stats.ts";
@@ -65,6 +68,8 @@ export interface DownloadResult {
 
 export interface PreviewsResult {
   throughput: ThroughputCase[];
+  /** nginx in front of the baseline server vs the baseline; empty when nginx is not installed. */
+  nginx: ThroughputCase[];
   download: { baseline: DownloadResult; preview: DownloadResult; vmFetchStream: DownloadResult };
   downloadChunks: number;
 }
@@ -103,6 +108,7 @@ export async function benchPreviews(options: PreviewsOptions): Promise<PreviewsR
       options.log(`preview gateway throughput, ${label}: ${options.rounds} alternating rounds per side`);
       throughput.push({ label, concurrency, ...(await compare(direct, viaPreview, concurrency, options)) });
     }
+    const nginx = nginxAvailable() ? await nginxThroughput(baseline.port, direct, options) : [];
 
     const size = (chunks: number) => `?chunks=${chunks}`;
     const gib = ((options.downloadChunks * CHUNK_BYTES) / MB / 1024).toFixed(2).replace(/\.00$/, "");
@@ -118,12 +124,31 @@ export async function benchPreviews(options: PreviewsOptions): Promise<PreviewsR
       results.push(await measureDownload(label, pid, options.downloadChunks, run));
       options.log(`download via ${label}: ${results.at(-1)!.mbPerSecond.toFixed(0)} MB/s, peak RSS growth ${results.at(-1)!.peakGrowthMb.toFixed(1)} MB`);
     }
-    return { throughput, download: { baseline: results[0]!, preview: results[1]!, vmFetchStream: results[2]! }, downloadChunks: options.downloadChunks };
+    return { throughput, nginx, download: { baseline: results[0]!, preview: results[1]!, vmFetchStream: results[2]! }, downloadChunks: options.downloadChunks };
   } finally {
     agent.destroy();
     await server.stop();
     await streamBaseline.stop();
     await baseline.stop();
+  }
+}
+
+/** nginx proxying to the baseline server, against the baseline server, in alternating rounds. */
+async function nginxThroughput(baselinePort: number, direct: FetchOnce, options: PreviewsOptions): Promise<ThroughputCase[]> {
+  const proxy = await startNginxProxy(baselinePort);
+  const agent = newKeepAliveAgent();
+  try {
+    const viaNginx = directFetcher(agent, proxy.port);
+    const cases: ThroughputCase[] = [];
+    for (const concurrency of options.concurrencies) {
+      const label = concurrency === 1 ? "sequential" : `${concurrency} concurrent`;
+      options.log(`nginx proxy throughput, ${label}: ${options.rounds} alternating rounds per side`);
+      cases.push({ label, concurrency, ...(await compare(direct, viaNginx, concurrency, options)) });
+    }
+    return cases;
+  } finally {
+    agent.destroy();
+    await proxy.stop();
   }
 }
 
