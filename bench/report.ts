@@ -82,16 +82,16 @@ export function nginxRows(previews: PreviewsResult, target: Target): Row[] {
 }
 
 export function downloadRows(previews: PreviewsResult, targets: { ratio: Target; rssGrowthMb: Target }): Row[] {
-  const { baseline, preview, vmFetchStream } = previews.download;
+  const { baseline, preview, vmFetchStream, vmFetchReadable } = previews.download;
   const gib = ((previews.downloadChunks * 64) / 1024 / 1024).toFixed(2).replace(/\.00$/, "");
   const one = (name: string, download: DownloadResult): Row[] => {
     const ratio = download.mbPerSecond / baseline.mbPerSecond;
     return [
       row(`${gib} GiB via ${name}, MB/s`, int(download.mbPerSecond), int(baseline.mbPerSecond), fixed(ratio, 2), targets.ratio, ratio),
-      row(`  server RSS growth MB (peak)`, fixed(download.peakGrowthMb), fixed(baseline.peakGrowthMb), EMPTY, targets.rssGrowthMb, download.peakGrowthMb),
+      row(`  serving process RSS growth MB (peak)`, fixed(download.peakGrowthMb), fixed(baseline.peakGrowthMb), EMPTY, targets.rssGrowthMb, download.peakGrowthMb),
     ];
   };
-  return [...one("vmFetchStream", vmFetchStream), ...one("preview", preview)];
+  return [...one("client vmFetchStream", vmFetchStream), ...one("vm.vmFetchReadable", vmFetchReadable), ...one("preview", preview)];
 }
 
 /** Baseline column: the same script spawned on the host. */

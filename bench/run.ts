@@ -138,7 +138,8 @@ function notes(spawns: SpawnSummary[], processes: string): string {
       ? `nginx: ${NGINX}, 1 worker, upstream keep-alive, no buffering, in front of the baseline; ratio = (preview ÷ direct) ÷ (nginx ÷ direct).`
       : `nginx: ${NGINX} is not installed, so the "≥ nginx as a proxy" row is skipped (the bench does not install it).`,
     `download: a guest writes ${previews.downloadChunks} × 64 KiB with backpressure; the client reads and discards it (warm-up ${previews.warmupChunks} × 64 KiB`,
-    `  per path first); server RSS sampled every 100 ms; baseline = the same stream server in plain Node, its own RSS.`,
+    `  per path first); RSS of the serving process sampled every 100 ms: the server child for client vmFetchStream (client →`,
+    `  server's fetch route → VM) and preview, this process for embedded vm.vmFetchReadable; baseline = the stream server in plain Node.`,
     `spawn: spawn("node", ["first.js"]) then vmFetch every ~1 ms while ECONNREFUSED; SIGKILL + waitProcess after each.`,
     `  warm = the VM's sandbox already runs (its first spawn is not counted); cold = a new VM, whose first spawn starts the sandbox.`,
     `  baseline = the same script started by child_process.spawn of the pinned Node on the host, polled with plain HTTP.`,
