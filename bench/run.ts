@@ -27,7 +27,7 @@ import { benchVmFetch } from "./vm-fetch.ts";
 
 const CONFIG = {
   fetch: { warmupMs: 1000, durationMs: 3000, rounds: 6, concurrencies: [1, 16] },
-  spawn: { warm: { iterations: 30, warmupIterations: 2 }, cold: { iterations: 10, warmupIterations: 1 }, host: { iterations: 15, warmupIterations: 1 } },
+  spawn: { warm: { iterations: 30, warmupIterations: 2 }, cold: { iterations: 20, warmupIterations: 1 }, host: { iterations: 20, warmupIterations: 1 } },
   memory: { vms: 5, requests: 20, settleMs: 1000 },
   exec: { warmupCalls: 10, calls: 100, rounds: 4 },
   // downloadChunks × 64 KiB: 16384 = 1 GiB; the warm-up transfer is 64 MiB.
@@ -140,7 +140,8 @@ function notes(spawns: SpawnSummary[], processes: string): string {
     `download: a guest writes ${previews.downloadChunks} × 64 KiB with backpressure; the client reads and discards it (warm-up ${previews.warmupChunks} × 64 KiB`,
     `  per path first); RSS of the serving process sampled every 100 ms: the server child for client vmFetchStream (client →`,
     `  server's fetch route → VM) and preview, this process for embedded vm.vmFetchReadable; baseline = the stream server in plain Node.`,
-    `spawn: spawn("node", ["first.js"]) then vmFetch every ~1 ms while ECONNREFUSED; SIGKILL + waitProcess after each.`,
+    `spawn: spawn("node", ["first.js"]) then vmFetch until 200 (vmFetch itself waits for a listener during a start-up grace`,
+    `  after a spawn, retrying every 10 ms; the bench retries ECONNREFUSED after that every ~1 ms); SIGKILL + waitProcess after each.`,
     `  warm = the VM's sandbox already runs (its first spawn is not counted); cold = a new VM, whose first spawn starts the sandbox.`,
     `  baseline = the same script started by child_process.spawn of the pinned Node on the host, polled with plain HTTP.`,
     `  guest milestones come from the server's own wall-clock stamps (node started = its performance.timeOrigin).`,
