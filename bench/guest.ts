@@ -6,7 +6,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { AgentVmError, createVm, type Vm, type VmLimits } from "agentvm";
-import { sleep, wallNow } from "./stats.ts";
+import { sleep } from "./stats.ts";
 
 export const GUEST_PORT = 3000;
 
@@ -38,39 +38,32 @@ export interface FirstResponse {
   body: Uint8Array;
   attempts: number;
   resets: number;
-  /** Wall-clock ms when the first attempt that was not refused began: the listener had become visible. */
-  listenerSeenAt: number;
 }
 
 /**
  * vmFetch `/` until it answers, retrying every ~1 ms while nothing listens yet
- * (ECONNREFUSED) — how a user waits for a freshly spawned server.
+ * (ECONNREFUSED) — how a user waits for a freshly spawned server. (vmFetch
+ * itself already waits out a start-up grace after a spawn, so the first call
+ * usually answers.)
  *
- * ECONNRESET is retried too but counted: a connection that arrives just after
- * the guest's listen() reached the kernel can be reset because the guest has
- * not registered its server yet (the listen reply and the accept event are
- * handled in the same tick; see the report). Any other error is thrown.
+ * ECONNRESET is retried too but counted: a server that accepts before its
+ * handler is ready resets, and the report says how often that happened. Any
+ * other error is thrown.
  */
 export async function firstResponse(vm: Vm, port: number, timeoutMs: number): Promise<FirstResponse> {
   const deadline = Date.now() + timeoutMs;
   let resets = 0;
-  let listenerSeenAt = Number.NaN;
   for (let attempts = 1; ; attempts++) {
-    const attemptAt = wallNow();
     try {
       const response = await vm.vmFetch(port, "/");
       if (response.status !== 200) throw new Error(`guest server answered ${response.status}`);
       firstResponseStats.waits++;
       if (resets > 0) firstResponseStats.withReset++;
-      if (Number.isNaN(listenerSeenAt)) listenerSeenAt = attemptAt;
-      return { body: response.body, attempts, resets, listenerSeenAt };
+      return { body: response.body, attempts, resets };
     } catch (error) {
       const code = error instanceof AgentVmError ? error.code : undefined;
       if (code !== "ECONNREFUSED" && code !== "ECONNRESET") throw error;
-      if (code === "ECONNRESET") {
-        resets++;
-        if (Number.isNaN(listenerSeenAt)) listenerSeenAt = attemptAt;
-      }
+      if (code === "ECONNRESET") resets++;
       if (Date.now() > deadline) throw new Error(`no answer on port ${port} in VM ${vm.name} after ${timeoutMs} ms`, { cause: error });
       await sleep(1);
     }

@@ -4,8 +4,10 @@
  *
  * Throughput runs the vmFetch bench's client loop (http.request, keep-alive
  * Agent, alternating rounds) against the gateway and against the baseline plain
- * Node server on 127.0.0.1. The download streams 1 GiB from a guest through the
- * gateway (and through the client's vmFetchStream route) and samples the server
+ * Node server on 127.0.0.1 — and, when /usr/sbin/nginx exists, against nginx
+ * proxying to that baseline server (nginx.ts). The download streams 1 GiB from a guest through the
+ * gateway, through the client's vmFetchStream route, and through an embedded
+ * VM's vmFetchReadable (this process is the server then), and samples the server
  * process's RSS every 100 ms: a proxy with working backpressure stays flat.
  *
  * The agentvm server runs in its own child process (server-process.ts), so the
@@ -15,7 +17,10 @@ import { request } from "node:http";
 import { join } from "node:path";
 import { AgentVmError, createClient, type VmHandle } from "agentvm/client";
 import { directFetcher, newKeepAliveAgent, startBaselineServer, startNodeServer } from "./baseline-server.ts";
-import { GUEST_PORT, OK_SERVER } from "./guest.ts";
+import type { Vm } from "agentvm";
+import { createBenchVm, GUEST_PORT, OK_SERVER } from "./guest.ts";
+import type { FetchOnce } from "./load.ts";
+import { nginxAvailable, startNginxProxy } from "./nginx.ts";
 import { readRssKb } from "./procfs.ts";
 import { startServerProcess, type BenchRegistry } from "./server-process.ts";
 import { now, sampleEvery, sleep } from "./stats.ts";
@@ -65,7 +70,9 @@ export interface DownloadResult {
 
 export interface PreviewsResult {
   throughput: ThroughputCase[];
-  download: { baseline: DownloadResult; preview: DownloadResult; vmFetchStream: DownloadResult };
+  /** nginx in front of the baseline server vs the baseline; empty when nginx is not installed. */
+  nginx: ThroughputCase[];
+  download: { baseline: DownloadResult; preview: DownloadResult; vmFetchStream: DownloadResult; vmFetchReadable: DownloadResult };
   downloadChunks: number;
 }
 
@@ -86,8 +93,10 @@ export async function benchPreviews(options: PreviewsOptions): Promise<PreviewsR
   const baseline = await startBaselineServer();
   const streamBaseline = await startNodeServer(streamServerSource(`server.listen(0, "127.0.0.1", () => console.log(server.address().port))`));
   const server = await startServerProcess(join(options.dataDir, "server-previews"));
+  const embedded = await createBenchVm(options.dataDir, "bench-download");
   const agent = newKeepAliveAgent();
   try {
+    await startEmbeddedStreamServer(embedded);
     const client = createClient<BenchRegistry>(`http://127.0.0.1:${server.port}`);
     const vm = client.vm.getOrCreate("bench-preview");
     await startServer(vm, "server.js", OK_SERVER, GUEST_PORT);
@@ -103,14 +112,16 @@ export async function benchPreviews(options: PreviewsOptions): Promise<PreviewsR
       options.log(`preview gateway throughput, ${label}: ${options.rounds} alternating rounds per side`);
       throughput.push({ label, concurrency, ...(await compare(direct, viaPreview, concurrency, options)) });
     }
+    const nginx = nginxAvailable() ? await nginxThroughput(baseline.port, direct, options) : [];
 
     const size = (chunks: number) => `?chunks=${chunks}`;
     const gib = ((options.downloadChunks * CHUNK_BYTES) / MB / 1024).toFixed(2).replace(/\.00$/, "");
-    options.log(`download ${gib} GiB: baseline, preview gateway, vmFetchStream`);
+    options.log(`download ${gib} GiB: baseline, preview gateway, client vmFetchStream, embedded vmFetchReadable`);
     const paths: [string, number, (chunks: number) => Promise<number>][] = [
       ["plain Node on 127.0.0.1", streamBaseline.pid, (chunks) => httpDownload(streamBaseline.port, `/${size(chunks)}`)],
       ["preview gateway", server.pid, (chunks) => httpDownload(server.port, `${streamPreview.path}${size(chunks)}`)],
       ["client vmFetchStream", server.pid, (chunks) => streamDownload(vm, `/${size(chunks)}`)],
+      ["embedded vmFetchReadable", process.pid, (chunks) => readableDownload(embedded, `/${size(chunks)}`)],
     ];
     const results: DownloadResult[] = [];
     for (const [label, pid, run] of paths) {
@@ -118,12 +129,32 @@ export async function benchPreviews(options: PreviewsOptions): Promise<PreviewsR
       results.push(await measureDownload(label, pid, options.downloadChunks, run));
       options.log(`download via ${label}: ${results.at(-1)!.mbPerSecond.toFixed(0)} MB/s, peak RSS growth ${results.at(-1)!.peakGrowthMb.toFixed(1)} MB`);
     }
-    return { throughput, download: { baseline: results[0]!, preview: results[1]!, vmFetchStream: results[2]! }, downloadChunks: options.downloadChunks };
+    return { throughput, nginx, download: { baseline: results[0]!, preview: results[1]!, vmFetchStream: results[2]!, vmFetchReadable: results[3]! }, downloadChunks: options.downloadChunks };
   } finally {
     agent.destroy();
+    await embedded.dispose();
     await server.stop();
     await streamBaseline.stop();
     await baseline.stop();
+  }
+}
+
+/** nginx proxying to the baseline server, against the baseline server, in alternating rounds. */
+async function nginxThroughput(baselinePort: number, direct: FetchOnce, options: PreviewsOptions): Promise<ThroughputCase[]> {
+  const proxy = await startNginxProxy(baselinePort);
+  const agent = newKeepAliveAgent();
+  try {
+    const viaNginx = directFetcher(agent, proxy.port);
+    const cases: ThroughputCase[] = [];
+    for (const concurrency of options.concurrencies) {
+      const label = concurrency === 1 ? "sequential" : `${concurrency} concurrent`;
+      options.log(`nginx proxy throughput, ${label}: ${options.rounds} alternating rounds per side`);
+      cases.push({ label, concurrency, ...(await compare(direct, viaNginx, concurrency, options)) });
+    }
+    return cases;
+  } finally {
+    agent.destroy();
+    await proxy.stop();
   }
 }
 
@@ -180,6 +211,32 @@ function httpDownload(port: number, path: string): Promise<number> {
     });
     req.end();
   });
+}
+
+/** The stream server in an embedded VM, waited for with vmFetch of one chunk. */
+async function startEmbeddedStreamServer(vm: Vm): Promise<void> {
+  await vm.writeFile("/home/agentos/stream.js", streamServerSource(`server.listen(${STREAM_PORT})`));
+  await vm.spawn("node", ["stream.js"]);
+  const deadline = now() + 10_000;
+  for (;;) {
+    try {
+      const response = await vm.vmFetch(STREAM_PORT, "/?chunks=1");
+      if (response.status !== 200) throw new Error(`embedded stream.js answered ${response.status}`);
+      return;
+    } catch (error) {
+      if (!(error instanceof AgentVmError && error.code === "ECONNREFUSED") || now() > deadline) throw error;
+      await sleep(5);
+    }
+  }
+}
+
+/** Vm.vmFetchReadable in this process: the body as a Node Readable, read to its end. */
+async function readableDownload(vm: Vm, path: string): Promise<number> {
+  const response = await vm.vmFetchReadable(STREAM_PORT, path);
+  if (response.status !== 200) throw new Error(`vmFetchReadable ${path}: status ${response.status}`);
+  let bytes = 0;
+  for await (const chunk of response.body) bytes += (chunk as Buffer).byteLength;
+  return bytes;
 }
 
 /** The client's vmFetchStream (the server's fetch route), reading the ReadableStream to its end. */

@@ -1,10 +1,11 @@
 /**
- * Just enough /proc to find guest process trees and read their memory.
+ * Just enough /proc to find VM sandboxes and read their memory.
  *
- * The VM API hides host pids on purpose, so the benchmark finds guests the way
- * an operator would: every guest is launched as a direct child of this process
- * (prlimit execs into bwrap, so its name reads "bwrap"), and the sandbox init
- * and the guest node hang below it by parent pid.
+ * The VM API hides host pids on purpose, so the benchmark finds sandboxes the
+ * way an operator would: each VM's sandbox is launched as a direct child of the
+ * process that runs the VM (setpriv and prlimit exec into bwrap, so its name
+ * reads "bwrap"), and bubblewrap's pid 1, init and every program of the VM hang
+ * below it by parent pid.
  */
 import { readdirSync, readFileSync } from "node:fs";
 
@@ -57,13 +58,13 @@ export function processTree(root: number, all: readonly ProcEntry[]): ProcEntry[
   return tree;
 }
 
-/** Guest sandboxes started by this process: its direct children named bwrap. */
+/** VM sandboxes started by this process (embedded VMs): its direct children named bwrap. */
 export function guestRoots(all: readonly ProcEntry[]): ProcEntry[] {
   return sandboxRootsOf(process.pid, all);
 }
 
 /**
- * Guest sandboxes started by process `parent` (a server child): its direct
+ * VM sandboxes started by process `parent` (a server child): its direct
  * children that are bwrap, or still setpriv/prlimit on their way to exec it.
  */
 export function sandboxRootsOf(parent: number, all: readonly ProcEntry[]): ProcEntry[] {

@@ -1,12 +1,15 @@
 /**
- * Turns benchmark results into the printed table. Targets are informational:
- * PASS/MISS is shown, never enforced, because a noisy machine must not turn a
- * benchmark run into a failed build.
+ * Turns benchmark results into the printed table: one row per number, the
+ * agentvm value beside its baseline from the same run, their ratio, the
+ * DESIGN §5 target and PASS/MISS. Targets are informational: a noisy machine
+ * must not turn a benchmark run into a failed build.
  */
+import type { ExecResult } from "./exec.ts";
+import type { ImageResult } from "./image.ts";
 import type { MemoryResult } from "./memory.ts";
-import type { PreviewsResult } from "./previews.ts";
-import type { IdleVmsResult, ServerActionsResult } from "./server-actions.ts";
+import type { DownloadResult, PreviewsResult } from "./previews.ts";
 import type { ProcMemory } from "./procfs.ts";
+import type { ServerActionsResult } from "./server-actions.ts";
 import type { SpawnSummary } from "./spawn.ts";
 import type { ThroughputCase } from "./vm-fetch.ts";
 
@@ -20,162 +23,120 @@ export interface Row {
   result: string;
 }
 
+/** `min-ratio`: agentvm ÷ baseline at least `limit`; `max-value`: agentvm's value at most `limit`. */
 export interface Target {
   kind: "min-ratio" | "max-value";
   limit: number;
+  unit?: string;
 }
 
 export function verdict(value: number, target: Target): "PASS" | "MISS" {
+  if (!Number.isFinite(value)) return "MISS";
   const ok = target.kind === "min-ratio" ? value >= target.limit : value <= target.limit;
   return ok ? "PASS" : "MISS";
 }
 
 const EMPTY = "—";
 
-function int(value: number): string {
+export function int(value: number): string {
   return Number.isFinite(value) ? Math.round(value).toLocaleString("en-US") : EMPTY;
 }
-function fixed(value: number, digits = 1): string {
+export function fixed(value: number, digits = 1): string {
   return Number.isFinite(value) ? value.toFixed(digits) : EMPTY;
 }
-function ratio(value: number, baseline: number): string {
-  return baseline > 0 && Number.isFinite(value) ? fixed(value / baseline, 2) : EMPTY;
+function ratioText(value: number, baseline: number): string {
+  return baseline > 0 && Number.isFinite(value) && Number.isFinite(baseline) ? fixed(value / baseline, 2) : EMPTY;
 }
-
-export function throughputRows(cases: ThroughputCase[], targets: Record<number, Target>, name = "vmFetch"): Row[] {
-  const rows: Row[] = [];
-  for (const c of cases) {
-    const target = targets[c.concurrency];
-    const r = c.vm.perSecond / c.baseline.perSecond;
-    rows.push({
-      metric: `${name} req/s, ${c.label}`,
-      agentvm: int(c.vm.perSecond),
-      baseline: int(c.baseline.perSecond),
-      ratio: fixed(r, 2),
-      target: target ? `ratio ≥ ${fixed(target.limit, 2)}` : EMPTY,
-      result: target ? verdict(r, target) : "",
-    });
-    rows.push({
-      metric: `  p50 latency ms, ${c.label}`,
-      agentvm: fixed(c.vm.p50Ms, 2),
-      baseline: fixed(c.baseline.p50Ms, 2),
-      ratio: ratio(c.vm.p50Ms, c.baseline.p50Ms),
-      target: EMPTY,
-      result: "",
-    });
-  }
-  return rows;
-}
-
-export function spawnRows(warm: SpawnSummary, cold: SpawnSummary, target: Target): Row[] {
-  const plain = (metric: string, value: string): Row => ({ metric, agentvm: value, baseline: EMPTY, ratio: EMPTY, target: EMPTY, result: "" });
-  return [
-    {
-      ...plain(`spawn → first response p50 ms, ${warm.label}`, fixed(warm.p50)),
-      target: `≤ ${target.limit} ms`,
-      result: verdict(warm.p50, target),
-    },
-    plain(`spawn → first response p95 ms, ${warm.label}`, fixed(warm.p95)),
-    plain(`spawn → first response p50 ms, ${cold.label}`, fixed(cold.p50)),
-  ];
-}
-
-export function memoryRows(pool0: MemoryResult, pool1: MemoryResult, baseline: ProcMemory | undefined, target: Target): Row[] {
-  const baselinePrivate = baseline ? baseline.privateKb / 1024 : Number.NaN;
-  const baselinePss = baseline ? baseline.pssKb / 1024 : Number.NaN;
-  const row = (metric: string, value: number, base = Number.NaN): Row => ({
-    metric,
-    agentvm: fixed(value),
-    baseline: Number.isFinite(base) ? fixed(base) : EMPTY,
-    ratio: ratio(value, base),
-    target: EMPTY,
-    result: "",
-  });
-  return [
-    { ...row("private MB per VM, 1 server, poolSize 0", pool0.privateMb, baselinePrivate), target: `≤ ${target.limit} MB`, result: verdict(pool0.privateMb, target) },
-    row("  of which the guest node process", pool0.nodePrivateMb, baselinePrivate),
-    row("Pss MB per VM, poolSize 0", pool0.pssMb, baselinePss),
-    row("host RSS growth MB per VM, poolSize 0", pool0.hostRssMb),
-    row("private MB per VM, 1 server, poolSize 1 (default)", pool1.privateMb),
-    row("Pss MB per VM, poolSize 1", pool1.pssMb),
-    row("host RSS growth MB per VM, poolSize 1", pool1.hostRssMb),
-    row("  warm pool cost, private MB per VM", pool1.privateMb - pool0.privateMb),
-  ];
-}
-
-function targetText(target: Target, unit = ""): string {
+function targetText(target: Target): string {
   if (target.kind === "min-ratio") return `ratio ≥ ${fixed(target.limit, 2)}`;
-  return target.limit === 0 ? "= 0" : `≤ ${target.limit}${unit}`;
+  return target.limit === 0 ? "= 0" : `≤ ${target.limit}${target.unit ?? ""}`;
 }
 
-function plainRow(metric: string, agentvm: string, baseline = EMPTY, ratioText = EMPTY): Row {
-  return { metric, agentvm, baseline, ratio: ratioText, target: EMPTY, result: "" };
+/** A row; with a target, `checked` is the number the target applies to (the ratio for min-ratio targets). */
+function row(metric: string, agentvm: string, baseline = EMPTY, ratio = EMPTY, target?: Target, checked = Number.NaN): Row {
+  return { metric, agentvm, baseline, ratio, target: target ? targetText(target) : EMPTY, result: target ? verdict(checked, target) : "" };
 }
 
-function targeted(row: Row, value: number, target: Target, unit = ""): Row {
-  return { ...row, target: targetText(target, unit), result: verdict(value, target) };
+export function throughputRows(name: string, cases: ThroughputCase[], targets: Record<number, Target>): Row[] {
+  return cases.flatMap((c) => {
+    const ratio = c.vm.perSecond / c.baseline.perSecond;
+    const target = targets[c.concurrency];
+    return [
+      row(`${name} req/s, ${c.label}`, int(c.vm.perSecond), int(c.baseline.perSecond), fixed(ratio, 2), target, ratio),
+      row(`  p50 latency ms`, fixed(c.vm.p50Ms, 2), fixed(c.baseline.p50Ms, 2), ratioText(c.vm.p50Ms, c.baseline.p50Ms)),
+    ];
+  });
 }
 
-export function downloadRows(result: PreviewsResult, growthTarget: Target): Row[] {
-  const { baseline, preview, vmFetchStream } = result.download;
-  const gib = ((result.downloadChunks * 64) / 1024 / 1024).toFixed(2).replace(/\.00$/, "");
-  const rows: Row[] = [];
-  for (const [name, download] of [["preview gateway", preview], ["client vmFetchStream", vmFetchStream]] as const) {
-    rows.push(plainRow(`${gib} GiB download MB/s, ${name}`, int(download.mbPerSecond), int(baseline.mbPerSecond), ratio(download.mbPerSecond, baseline.mbPerSecond)));
-    rows.push(targeted(plainRow(`  server peak RSS growth MB during it`, fixed(download.peakGrowthMb), fixed(baseline.peakGrowthMb)), download.peakGrowthMb, growthTarget, " MB"));
-  }
-  return rows;
+/**
+ * Preview gateway against nginx as a proxy: both were measured against the
+ * same direct baseline in alternating rounds, so their ratios to it compare.
+ */
+export function nginxRows(previews: PreviewsResult, target: Target): Row[] {
+  if (previews.nginx.length === 0) return [{ ...row("preview vs nginx proxy", "skipped", EMPTY, EMPTY, target), result: "SKIP" }];
+  return previews.nginx.map((nginx) => {
+    const preview = previews.throughput.find((c) => c.concurrency === nginx.concurrency)!;
+    const ratio = preview.vm.perSecond / preview.baseline.perSecond / (nginx.vm.perSecond / nginx.baseline.perSecond);
+    return row(`preview vs nginx proxy req/s, ${nginx.label}`, int(preview.vm.perSecond), `${int(nginx.vm.perSecond)} nginx`, fixed(ratio, 2), target, ratio);
+  });
 }
 
-export function serverActionRows(result: ServerActionsResult, targets: { createP50Ms: Target; sandboxes: Target }): Row[] {
-  const { writeFile, exists, create, idle, idlePool0, pooled } = result;
-  const latency = (metric: string, vm: number, base: number) => plainRow(metric, fixed(vm, 2), fixed(base, 2), ratio(vm, base));
-  const idleRows = (idleResult: IdleVmsResult, label: string): Row[] => [
-    plainRow(`server RSS growth KB per idle VM, ${idleResult.vms} VMs, ${label}`, int(idleResult.perVmKb)),
-    plainRow(`  server RSS growth MB, all ${idleResult.vms}`, fixed(idleResult.rssAfterMb - idleResult.rssBeforeMb)),
-    targeted(plainRow(`  sandboxes for those VMs (none spawned)`, int(idleResult.sandboxes)), idleResult.sandboxes, targets.sandboxes),
-    ...(idleResult.sandboxes > 0 ? [plainRow(`  their guests' private MB, total`, int(idleResult.sandboxPrivateMb))] : []),
-  ];
+export function downloadRows(previews: PreviewsResult, targets: { ratio: Target; rssGrowthMb: Target }): Row[] {
+  const { baseline, preview, vmFetchStream, vmFetchReadable } = previews.download;
+  const gib = ((previews.downloadChunks * 64) / 1024 / 1024).toFixed(2).replace(/\.00$/, "");
+  const one = (name: string, download: DownloadResult): Row[] => {
+    const ratio = download.mbPerSecond / baseline.mbPerSecond;
+    return [
+      row(`${gib} GiB via ${name}, MB/s`, int(download.mbPerSecond), int(baseline.mbPerSecond), fixed(ratio, 2), targets.ratio, ratio),
+      row(`  serving process RSS growth MB (peak)`, fixed(download.peakGrowthMb), fixed(baseline.peakGrowthMb), EMPTY, targets.rssGrowthMb, download.peakGrowthMb),
+    ];
+  };
+  return [...one("client vmFetchStream", vmFetchStream), ...one("vm.vmFetchReadable", vmFetchReadable), ...one("preview", preview)];
+}
+
+/** Baseline column: the same script spawned on the host. */
+export function spawnRows(warm: SpawnSummary, cold: SpawnSummary, host: SpawnSummary, targets: { warm: Target; cold: Target }): Row[] {
   return [
-    latency("action round trip p50 ms, writeFile 100 B", writeFile.vm.p50, writeFile.baseline.p50),
-    latency("  p95 ms, writeFile", writeFile.vm.p95, writeFile.baseline.p95),
-    latency("action round trip p50 ms, exists", exists.vm.p50, exists.baseline.p50),
-    latency("  p95 ms, exists", exists.vm.p95, exists.baseline.p95),
-    targeted(latency(`VM create + first action p50 ms, ${create.vms} new keys`, create.vm.p50, create.baseline.p50), create.vm.p50, targets.createP50Ms, " ms"),
-    latency("  p95 ms", create.vm.p95, create.baseline.p95),
-    latency("  p50 ms on a poolSize 0 server (no guest launch)", create.vmPool0.p50, create.baseline.p50),
-    latency("  p95 ms on a poolSize 0 server", create.vmPool0.p95, create.baseline.p95),
-    targeted(plainRow(`  sandboxes started for the ${create.vms} new VMs`, int(create.sandboxesForKeys)), create.sandboxesForKeys, targets.sandboxes),
-    ...idleRows(idle, "default (poolSize 1)"),
-    ...idleRows(idlePool0, "poolSize 0"),
-    plainRow(`exec node -e 0 p50 ms, ${pooled.vms} new VMs, poolIdleMs ${pooled.poolIdleMs}`, fixed(pooled.execP50Ms)),
-    plainRow(`  pooled guests alive at once, peak`, int(pooled.peakPooledGuests)),
-    plainRow(`  private MB per pooled guest`, fixed(pooled.peakPooledGuests > 0 ? pooled.peakPooledPrivateMb / pooled.peakPooledGuests : Number.NaN)),
-    plainRow(`  server RSS growth MB, peak while pooled`, fixed(pooled.rssPeakMb - pooled.rssBeforeMb)),
-    plainRow(`  pools drained, s after the last exec`, fixed(pooled.drainedAfterMs / 1000)),
-    targeted(plainRow(`  sandboxes after the drain`, int(pooled.sandboxesAfterDrain)), pooled.sandboxesAfterDrain, targets.sandboxes),
-    plainRow(`  server RSS growth MB after the drain`, fixed(pooled.rssAfterDrainMb - pooled.rssBeforeMb)),
+    row(`spawn → first response p50 ms, warm`, fixed(warm.p50), fixed(host.p50), ratioText(warm.p50, host.p50), targets.warm, warm.p50),
+    row(`  p95 ms, warm (${warm.iterations} spawns, one VM)`, fixed(warm.p95), fixed(host.p95), ratioText(warm.p95, host.p95)),
+    row(`spawn → first response p50 ms, cold`, fixed(cold.p50), fixed(host.p50), ratioText(cold.p50, host.p50), targets.cold, cold.p50),
+    row(`  p95 ms, cold (${cold.iterations} new VMs)`, fixed(cold.p95), fixed(host.p95), ratioText(cold.p95, host.p95)),
   ];
 }
 
-/** Where spawn → first response goes: p50 ms after the spawn() call, per milestone. */
-export function phaseRows(warm: SpawnSummary, cold: SpawnSummary): string[][] {
-  const names: [keyof SpawnSummary["phasesP50"], string][] = [
-    ["nodeStarted", "guest node process started (guest timeOrigin)"],
-    ["spawnReturned", "spawn() resolved (host)"],
-    ["programStarted", "first line of the server script ran (guest)"],
-    ["listening", "listen() callback (guest)"],
-    ["listenerSeen", "first vmFetch not refused began (host)"],
-    ["handled", "first request reached the handler (guest)"],
-    ["firstResponse", "first 200 received (host)"],
-  ];
-  // A pooled guest's node started before the spawn call: say so instead of printing a negative time.
-  const show = (value: number) => (value < 0 ? "pooled" : fixed(value));
+export function serverRows(server: ServerActionsResult, targets: { createP50Ms: Target; sandboxes: Target }): Row[] {
+  const { writeFile, exists, create, idle } = server;
+  const both = (p50: number, p95: number) => `${fixed(p50, 2)} / ${fixed(p95, 2)}`;
   return [
-    ["milestone, p50 ms after the spawn() call", warm.label, cold.label],
-    ...names.map(([key, name]) => [name, show(warm.phasesP50[key]), show(cold.phasesP50[key])]),
-    ["slowest spawn() call (pool empty if far above p50)", fixed(warm.spawnCallMaxMs), fixed(cold.spawnCallMaxMs)],
-    ["iterations that met ECONNRESET before 200", `${warm.iterationsWithReset}/${warm.iterations}`, `${cold.iterationsWithReset}/${cold.iterations}`],
+    row(`VM create + first action p50 ms`, fixed(create.vm.p50, 2), fixed(create.baseline.p50, 2), ratioText(create.vm.p50, create.baseline.p50), targets.createP50Ms, create.vm.p50),
+    row(`  p95 ms (${create.vms} new keys)`, fixed(create.vm.p95, 2), fixed(create.baseline.p95, 2), ratioText(create.vm.p95, create.baseline.p95)),
+    row(`  sandboxes started by creating them`, int(create.sandboxes), EMPTY, EMPTY, targets.sandboxes, create.sandboxes),
+    row(`action writeFile 100 B, p50 / p95 ms`, both(writeFile.vm.p50, writeFile.vm.p95), both(writeFile.baseline.p50, writeFile.baseline.p95), ratioText(writeFile.vm.p50, writeFile.baseline.p50)),
+    row(`action exists, p50 / p95 ms`, both(exists.vm.p50, exists.vm.p95), both(exists.baseline.p50, exists.baseline.p95), ratioText(exists.vm.p50, exists.baseline.p50)),
+    row(`idle VMs (${idle.vms}, one writeFile each): sandboxes`, int(idle.sandboxes), EMPTY, EMPTY, targets.sandboxes, idle.sandboxes),
+    row(`  server RSS growth KB per idle VM`, int(idle.perVmKb)),
+  ];
+}
+
+export function memoryRows(memory: MemoryResult, baseline: ProcMemory | undefined, target: Target): Row[] {
+  const basePrivate = baseline ? baseline.privateKb / 1024 : Number.NaN;
+  const basePss = baseline ? baseline.pssKb / 1024 : Number.NaN;
+  return [
+    row(`private MB per VM, one node server, incl. init`, fixed(memory.privateMb), fixed(basePrivate), ratioText(memory.privateMb, basePrivate), target, memory.privateMb),
+    row(`  of which init`, fixed(memory.initPrivateMb)),
+    row(`  of which the server's node`, fixed(memory.programPrivateMb), fixed(basePrivate), ratioText(memory.programPrivateMb, basePrivate)),
+    row(`  of which bubblewrap`, fixed(memory.bwrapPrivateMb)),
+    row(`  Pss MB per VM`, fixed(memory.pssMb), fixed(basePss), ratioText(memory.pssMb, basePss)),
+    row(`  host process RSS growth MB per VM`, fixed(memory.hostRssMb)),
+  ];
+}
+
+export function imageRows(image: ImageResult, exec: ExecResult): Row[] {
+  return [
+    row(`image: ensureImage() ms, ${image.mode}`, int(image.ms)),
+    row(`image: size MB (files, hard links once)`, int(image.sizeMb)),
+    row(`exec sh -c true p50 ms, warm VM`, fixed(exec.vm.p50, 2), fixed(exec.baseline.p50, 2), ratioText(exec.vm.p50, exec.baseline.p50)),
+    row(`  p95 ms`, fixed(exec.vm.p95, 2), fixed(exec.baseline.p95, 2), ratioText(exec.vm.p95, exec.baseline.p95)),
   ];
 }
 

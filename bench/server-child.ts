@@ -4,7 +4,7 @@
  * benchmark client's own heap never counts.
  *
  * argv: <dataDir> [agentOS config as JSON]. Prints the server URL on one line
- * once it listens; closes the server (ending every guest) and exits when its
+ * once it listens; closes the server (ending every VM's processes) and exits when its
  * stdin ends.
  */
 import { agentOS, setup, type AgentOsConfig } from "agentvm";

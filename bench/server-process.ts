@@ -1,14 +1,14 @@
 /**
  * An agentvm server in a separate child process (server-child.ts on the pinned
  * Node, from the TypeScript sources), plus what the benchmarks read about it
- * from /proc: its RSS, and the guest sandboxes it started (its direct bwrap
- * children). The benchmark process is only the client, as in production.
+ * from /proc: its RSS, and the VM sandboxes it started (its direct bwrap
+ * children, one per VM that has run a program). The benchmark process is only the client, as in production.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import type { AgentOsConfig, Registry, VmDefinition } from "agentvm";
 import { PINNED_NODE } from "./baseline-server.ts";
-import { listProcesses, processTree, readCmdline, readMemory, readRssKb, sandboxRootsOf, sumMemory, type ProcMemory } from "./procfs.ts";
+import { listProcesses, processTree, readMemory, readRssKb, sandboxRootsOf, sumMemory, type ProcMemory } from "./procfs.ts";
 
 /** The registry server-child.ts serves, for createClient's types. */
 export type BenchRegistry = Registry<{ vm: VmDefinition }>;
@@ -22,17 +22,11 @@ export interface ServerProcess {
   pid: number;
   /** The server process's VmRSS, KiB. */
   rssKb(): number;
-  /** Pids of the guest sandboxes (bwrap roots) the server runs now. */
+  /** Pids of the VM sandboxes (bwrap roots) the server runs now. */
   sandboxes(): number[];
-  /** Sandboxes whose VM directory is `<dataDir>/vms/<name>/root` (names that are safe directory names). */
-  sandboxesOf(names: readonly string[]): number[];
-  /**
-   * Private/Pss/Rss summed over every sandbox's process tree (bwrap, its init,
-   * node); `pooledOnly` counts only pooled guests (they run the boot entry; a
-   * spawned `node -e …` runs with --require instead).
-   */
-  sandboxMemory(pooledOnly?: boolean): ProcMemory & { sandboxes: number };
-  /** Closes the server (every guest ends) and waits for the process to exit. */
+  /** Private/Pss/Rss summed over every sandbox's process tree (bwrap, init, the VM's programs). */
+  sandboxMemory(): ProcMemory & { sandboxes: number };
+  /** Closes the server (every VM's processes end) and waits for the process to exit. */
   stop(): Promise<void>;
 }
 
@@ -49,23 +43,14 @@ export async function startServerProcess(dataDir: string, config: AgentOsConfig 
     pid,
     rssKb: () => readRssKb(pid),
     sandboxes,
-    sandboxesOf(names) {
-      const roots = names.map((name) => `/vms/${name}/root`);
-      return sandboxes().filter((sandbox) => readCmdline(sandbox).some((arg) => roots.some((root) => arg.endsWith(root))));
-    },
-    sandboxMemory(pooledOnly = false) {
+    sandboxMemory() {
       const all = listProcesses();
-      const roots = sandboxRootsOf(pid, all).filter((root) => !pooledOnly || isPooledGuest(root.pid));
+      const roots = sandboxRootsOf(pid, all);
       const processes = roots.flatMap((root) => processTree(root.pid, all));
       return { ...sumMemory(processes.map((entry) => readMemory(entry.pid))), sandboxes: roots.length };
     },
     stop: () => stopChild(child),
   };
-}
-
-/** A pooled guest's sandbox runs the guest boot entry (/opt/agentvm/boot.js) as its program. */
-function isPooledGuest(sandbox: number): boolean {
-  return readCmdline(sandbox).some((arg) => /\/boot\.[jt]s$/.test(arg));
 }
 
 function readUrl(child: ChildProcess): Promise<string> {

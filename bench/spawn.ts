@@ -2,31 +2,42 @@
  * spawn → first HTTP response: the wait a user sees between starting a server
  * in a VM and getting its first answer through vmFetch.
  *
+ * Warm: the VM's sandbox (bubblewrap + init) already runs, so a spawn is init
+ * starting one more program. Cold: a new VM, whose first spawn starts the
+ * sandbox before the program. createVm itself is not timed here (see the VM
+ * create row).
+ *
  * The guest server stamps its own timeline (program start, listen callback) on
  * the wall clock and returns it in the first response, so each iteration also
- * says where the time went: the spawn() call, handing the program to a booted
- * guest, the program's own start-up, and the first request. The "handled"
- * stamp is taken before s.end(), so the gap from it to the host's receipt is
- * the guest's first response path (its first Date header included).
+ * says where the time went. The "handled" stamp is taken before s.end().
  */
+import { spawn } from "node:child_process";
+import { mkdtemp, writeFile } from "node:fs/promises";
+import { request } from "node:http";
+import { createServer } from "node:net";
+import { join } from "node:path";
 import type { Vm } from "agentvm";
+import { PINNED_NODE } from "./baseline-server.ts";
 import { GUEST_PORT, createBenchVm, firstResponse, stopGuest } from "./guest.ts";
 import { percentile, sleep, wallNow } from "./stats.ts";
 
 /**
  * Tiny server that reports its own milestones as wall-clock ms: when its node
- * process started (performance.timeOrigin — long before the spawn for a pooled
- * guest), when the program's first line ran, when listen() completed, and when
- * the first request reached the handler.
+ * process started (performance.timeOrigin), when the program's first line ran,
+ * when listen() completed, and when the first request reached the handler.
  */
-const TIMELINE_SERVER = `
+function timelineServer(port: number): string {
+  return `
 const wall = () => performance.timeOrigin + performance.now();
 const started = wall();
 let listening = 0;
 require("node:http")
   .createServer((q, s) => s.end(JSON.stringify({ nodeStarted: performance.timeOrigin, started, listening, handled: wall() })))
-  .listen(${GUEST_PORT}, () => { listening = wall(); });
+  .listen(${port}, "127.0.0.1", () => { listening = wall(); });
 `;
+}
+
+const FILE = "/home/agentos/first.js";
 
 interface GuestTimeline {
   nodeStarted: number;
@@ -37,67 +48,151 @@ interface GuestTimeline {
 
 /** Milliseconds from the spawn() call to each milestone of one iteration. */
 export interface SpawnMilestones {
-  /** Negative when a pooled guest was used: its node had started before the spawn. */
-  nodeStarted: number;
   spawnReturned: number;
+  nodeStarted: number;
   programStarted: number;
   listening: number;
-  /** The host's first attempt that was not refused (the kernel knew the listener). */
-  listenerSeen: number;
   handled: number;
   firstResponse: number;
 }
 
 export interface SpawnSample extends SpawnMilestones {
   attempts: number;
-  /** ECONNRESETs met before the first 200 (the guest listen/accept race). */
+  /** ECONNRESETs met before the first 200. */
   resets: number;
 }
 
 export interface SpawnSummary {
-  label: string;
+  label: "warm" | "cold" | "host";
   iterations: number;
-  pauseMs: number;
-  samples: SpawnSample[];
   p50: number;
   p95: number;
   /** p50 of each milestone, ms after the spawn() call. */
   phasesP50: SpawnMilestones;
-  /** Slowest spawn() call: far above the p50 means an iteration found the pool empty. */
-  spawnCallMaxMs: number;
-  /** Iterations that met at least one ECONNRESET before their first 200. */
   iterationsWithReset: number;
 }
 
 export interface SpawnOptions {
   dataDir: string;
-  name: string;
-  poolSize: number;
   iterations: number;
   /** Discarded first iterations (host-side JIT, first file reads). */
   warmupIterations: number;
-  /** Pause after each kill so the pool can refill, as in steady state. */
-  pauseMs: number;
   log(message: string): void;
 }
 
-export async function benchSpawn(options: SpawnOptions): Promise<SpawnSummary> {
-  const vm = await createBenchVm(options.dataDir, options.name, { poolSize: options.poolSize });
+/** One VM; its first spawn starts the sandbox and is not counted; every later one is warm. */
+export async function benchSpawnWarm(options: SpawnOptions): Promise<SpawnSummary> {
+  const vm = await createBenchVm(options.dataDir, "bench-spawn-warm");
   try {
-    await vm.writeFile("/home/agentos/first.js", TIMELINE_SERVER);
-    // createVm starts the pool in the background; give it time to boot once.
-    await sleep(options.pauseMs);
+    await vm.writeFile(FILE, timelineServer(GUEST_PORT));
     const samples: SpawnSample[] = [];
-    for (let i = 0; i < options.warmupIterations + options.iterations; i++) {
+    // Iteration 0 starts the sandbox (a cold spawn); the warm-up ones follow it.
+    for (let i = 0; i < 1 + options.warmupIterations + options.iterations; i++) {
       const sample = await spawnOnce(vm);
-      if (i >= options.warmupIterations) samples.push(sample);
-      await sleep(options.pauseMs);
+      if (i > options.warmupIterations) samples.push(sample);
+      // Let the killed server's teardown finish before the next spawn.
+      await sleep(20);
     }
-    options.log(`spawn → first response, ${options.name}: ${samples.length} iterations done`);
-    return summarize(options, samples);
+    options.log(`spawn → first response, warm: ${samples.length} iterations in one VM`);
+    return summarize("warm", samples);
   } finally {
     await vm.dispose();
   }
+}
+
+/** A new VM per iteration: the spawn starts its sandbox, then the program. */
+export async function benchSpawnCold(options: SpawnOptions): Promise<SpawnSummary> {
+  const samples: SpawnSample[] = [];
+  for (let i = 0; i < options.warmupIterations + options.iterations; i++) {
+    const vm = await createBenchVm(options.dataDir, `bench-spawn-cold-${i}`);
+    try {
+      await vm.writeFile(FILE, timelineServer(GUEST_PORT));
+      const sample = await spawnOnce(vm);
+      if (i >= options.warmupIterations) samples.push(sample);
+    } finally {
+      await vm.dispose();
+    }
+  }
+  options.log(`spawn → first response, cold: ${samples.length} new VMs`);
+  return summarize("cold", samples);
+}
+
+/**
+ * The baseline: the same script run by the pinned Node with child_process.spawn
+ * on the host (no sandbox), polled with plain HTTP on 127.0.0.1 every ~1 ms
+ * until it answers.
+ */
+export async function benchSpawnHost(options: SpawnOptions): Promise<SpawnSummary> {
+  const dir = await mkdtemp(join(options.dataDir, "spawn-host-"));
+  const samples: SpawnSample[] = [];
+  for (let i = 0; i < options.warmupIterations + options.iterations; i++) {
+    const port = await freePort();
+    const file = join(dir, `first-${i}.js`);
+    await writeFile(file, timelineServer(port));
+    const t0 = wallNow();
+    const child = spawn(PINNED_NODE, [file], { stdio: "ignore", cwd: dir });
+    const spawnReturned = wallNow();
+    try {
+      const { body, attempts } = await pollHttp(port, 10_000);
+      const done = wallNow();
+      const guest = JSON.parse(body) as GuestTimeline;
+      if (i >= options.warmupIterations) samples.push({ ...milestonesOf(guest, t0, spawnReturned, done), attempts, resets: 0 });
+    } finally {
+      await new Promise<void>((resolve) => {
+        if (child.exitCode !== null || child.signalCode !== null) return resolve();
+        child.once("exit", () => resolve());
+        child.kill("SIGKILL");
+      });
+    }
+  }
+  options.log(`spawn → first response, host baseline: ${samples.length} spawns`);
+  return summarize("host", samples);
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** GET / on 127.0.0.1:`port` (fresh connection) until it answers 200; ECONNREFUSED is retried every ~1 ms. */
+async function pollHttp(port: number, timeoutMs: number): Promise<{ body: string; attempts: number }> {
+  const deadline = Date.now() + timeoutMs;
+  for (let attempts = 1; ; attempts++) {
+    try {
+      const body = await new Promise<string>((resolve, reject) => {
+        const req = request({ agent: false, host: "127.0.0.1", port, path: "/" }, (response) => {
+          let text = "";
+          response.setEncoding("utf8");
+          response.on("data", (chunk: string) => (text += chunk));
+          response.once("end", () => (response.statusCode === 200 ? resolve(text) : reject(new Error(`status ${response.statusCode}`))));
+          response.once("error", reject);
+        });
+        req.once("error", reject);
+        req.end();
+      });
+      return { body, attempts };
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "ECONNREFUSED" || Date.now() > deadline) throw error;
+      await sleep(1);
+    }
+  }
+}
+
+function milestonesOf(guest: GuestTimeline, t0: number, spawnReturned: number, done: number): SpawnMilestones {
+  return {
+    spawnReturned: spawnReturned - t0,
+    nodeStarted: guest.nodeStarted - t0,
+    programStarted: guest.started - t0,
+    listening: guest.listening - t0,
+    handled: guest.handled - t0,
+    firstResponse: done - t0,
+  };
 }
 
 async function spawnOnce(vm: Vm): Promise<SpawnSample> {
@@ -108,33 +203,27 @@ async function spawnOnce(vm: Vm): Promise<SpawnSample> {
   const done = wallNow();
   const guest = JSON.parse(Buffer.from(first.body).toString("utf8")) as GuestTimeline;
   await stopGuest(vm, pid);
-  return {
-    nodeStarted: guest.nodeStarted - t0,
-    spawnReturned: spawnReturned - t0,
-    programStarted: guest.started - t0,
-    listening: guest.listening - t0,
-    listenerSeen: first.listenerSeenAt - t0,
-    handled: guest.handled - t0,
-    firstResponse: done - t0,
-    attempts: first.attempts,
-    resets: first.resets,
-  };
+  return { ...milestonesOf(guest, t0, spawnReturned, done), attempts: first.attempts, resets: first.resets };
 }
 
-const MILESTONES: (keyof SpawnMilestones)[] = ["nodeStarted", "spawnReturned", "programStarted", "listening", "listenerSeen", "handled", "firstResponse"];
+export const MILESTONES: [keyof SpawnMilestones, string][] = [
+  ["spawnReturned", "spawn() resolved"],
+  ["nodeStarted", "node started"],
+  ["programStarted", "script ran"],
+  ["listening", "listening"],
+  ["handled", "request handled"],
+  ["firstResponse", "first 200"],
+];
 
-function summarize(options: SpawnOptions, samples: SpawnSample[]): SpawnSummary {
+function summarize(label: SpawnSummary["label"], samples: SpawnSample[]): SpawnSummary {
   const totals = samples.map((sample) => sample.firstResponse);
-  const phasesP50 = Object.fromEntries(MILESTONES.map((key) => [key, percentile(samples.map((sample) => sample[key]), 50)])) as unknown as SpawnMilestones;
+  const phasesP50 = Object.fromEntries(MILESTONES.map(([key]) => [key, percentile(samples.map((sample) => sample[key]), 50)])) as unknown as SpawnMilestones;
   return {
-    label: options.poolSize === 0 ? "cold (poolSize 0)" : `warm (poolSize ${options.poolSize})`,
+    label,
     iterations: samples.length,
-    pauseMs: options.pauseMs,
-    samples,
-    spawnCallMaxMs: Math.max(...samples.map((sample) => sample.spawnReturned)),
-    iterationsWithReset: samples.filter((sample) => sample.resets > 0).length,
     p50: percentile(totals, 50),
     p95: percentile(totals, 95),
     phasesP50,
+    iterationsWithReset: samples.filter((sample) => sample.resets > 0).length,
   };
 }
