@@ -194,6 +194,9 @@ export class Vm extends EventEmitter<VmEvents> {
       TZ: "UTC",
       // npm install -g lands in the VM's home, which is writable and survives sleep.
       NPM_CONFIG_PREFIX: `${GUEST_HOME}/.local`,
+      // npm 12 holds back install scripts on a workstation; in a VM the sandbox is the
+      // boundary, and `npm install` runs them as users of E2B or Daytona expect.
+      NPM_CONFIG_DANGEROUSLY_ALLOW_ALL_SCRIPTS: "true",
       NODE_OPTIONS: `--require ${INIT_DIR}/node-preload.js --max-old-space-size=${init.limits.memoryMb}`,
       ...EGRESS_ENV,
     };

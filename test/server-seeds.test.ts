@@ -349,7 +349,7 @@ describe("seed: Networking & Previews (RivetKit page)", () => {
     assert.match(common.stdout, /git version/);
     const pi = await exec("pi", ["--version"]);
     assert.equal(pi.exitCode, 0, pi.stderr);
-    assert.match(pi.stdout, /\d+\.\d+\.\d+/);
+    assert.match(pi.stdout + pi.stderr, /\d+\.\d+\.\d+/); // pi prints its version on stderr
   });
 
   it("client-fetch: writes /home/user/server.js, spawns it, vmFetch GET answers 'Hello from VM'", async () => {

@@ -16,7 +16,7 @@ const dataDir = await tempDataDir("agentvm-processes-");
 const vm = await testVm(dataDir, { name: "procs" });
 /** Variables the VM itself sets (TZ: guests run in UTC unless told otherwise). */
 /** What every program of a VM starts with: home, path, locale, and where egress goes (init's proxies). */
-const GUEST_ENV_KEYS = new Set(["HOME", "USER", "PATH", "LANG", "PWD", "TZ", "NPM_CONFIG_PREFIX", "NODE_OPTIONS", "SHLVL", "_",
+const GUEST_ENV_KEYS = new Set(["HOME", "USER", "PATH", "LANG", "PWD", "TZ", "NPM_CONFIG_PREFIX", "NPM_CONFIG_DANGEROUSLY_ALLOW_ALL_SCRIPTS", "NODE_OPTIONS", "SHLVL", "_",
   ...["http_proxy", "https_proxy", "all_proxy", "no_proxy"].flatMap((name) => [name, name.toUpperCase()])]);
 
 /** Runs a program to completion and returns its exit code and output. */
@@ -126,7 +126,8 @@ describe("vm processes", () => {
 
     // A relative cwd is under /home/agentos; a guest-provided HOME/PATH wins over the defaults.
     await vm.mkdir("/home/agentos/sub", { recursive: true });
-    const relative = await run(["-e", "console.log(process.cwd(), process.env.PATH)"], { cwd: "sub", env: { PATH: "/custom/bin" } });
+    // The program is found on the PATH it is given, as with execvp: name node by its path here.
+    const relative = await vm.exec("/opt/node/bin/node", ["-e", "console.log(process.cwd(), process.env.PATH)"], { cwd: "sub", env: { PATH: "/custom/bin" } });
     assert.equal(relative.stdout, "/home/agentos/sub /custom/bin\n", relative.stderr);
   });
 

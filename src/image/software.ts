@@ -71,6 +71,17 @@ export const LAYER_MOUNT_POINTS: readonly string[] = Object.freeze(
 /** Fields under which a package object may carry its npm name. */
 const NAME_FIELDS = ["packageName", "package", "name", "id"] as const;
 
+/** An unknown entry as a user would recognise it: by the name it carries, if any. */
+function describeEntry(entry: unknown): string {
+  if (entry && typeof entry === "object") {
+    for (const field of NAME_FIELDS) {
+      const named = (entry as Record<string, unknown>)[field];
+      if (typeof named === "string") return `${describe(entry)} (${field} ${JSON.stringify(named.slice(0, 100))})`;
+    }
+  }
+  return describe(entry);
+}
+
 /** Finds the catalog entry an unknown value names, or undefined. */
 function identify(value: unknown, depth = 0): SoftwareDescriptor | undefined {
   if (typeof value === "string") return BY_NAME.get(value);
@@ -116,7 +127,7 @@ export function parseSoftware(value: unknown, field = "software"): SoftwareDescr
     const software = identify(entry);
     if (!software) {
       throw invalidArgument(
-        `${field}[${index}] is not known software: ${describe(entry)}. Available: ${SOFTWARE_NAMES.map((name) => `${name} (import { ${name} } from "agentvm/software", or ${CATALOG[name].aliases.join(", ")})`).join("; ")}. ` +
+        `${field}[${index}] is not known software: ${describeEntry(entry)}. Available: ${SOFTWARE_NAMES.map((name) => `${name} (import { ${name} } from "agentvm/software", or ${CATALOG[name].aliases.join(", ")})`).join("; ")}. ` +
           "Anything else can be installed inside the VM with npm or added to the catalog in src/image/software.ts",
       );
     }

@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { agentOS, setup, type AgentOsConfig, type Registry, type RunningServer, type StartOptions, type VmDefinition } from "agentvm";
 import { createClient, type VmConnection, type VmHandle } from "agentvm/client";
+import { sandboxProcessTree } from "../helpers.ts";
 
 export const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const CHROMIUM = "/usr/bin/chromium";
@@ -244,20 +245,7 @@ export async function launchChromium(): Promise<import("playwright-core").Browse
   return browser;
 }
 
-/** Host pids whose command line names `root` (a VM's sandboxes: bwrap and the guests in it). */
+/** Host pids of the sandbox of the VM whose directory is `root`: bubblewrap and every process in it. */
 export async function sandboxPids(root: string): Promise<number[]> {
-  const { readdir } = await import("node:fs/promises");
-  const pids: number[] = [];
-  for (const entry of await readdir("/proc")) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      const stat = await readFile(`/proc/${entry}/stat`, "utf8");
-      if (stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z")) continue;
-      const cmdline = (await readFile(`/proc/${entry}/cmdline`, "utf8")).replaceAll("\0", " ");
-      if (cmdline.includes(root)) pids.push(Number(entry));
-    } catch {
-      // exited while we looked
-    }
-  }
-  return pids;
+  return sandboxProcessTree(root);
 }
