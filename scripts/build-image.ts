@@ -1,13 +1,15 @@
 // Builds the VM image (and software layers) into the image cache, with progress:
-//   npm run image [-- --software pi]
+//   npm run image [-- --software pi] [--quiet]
+// --quiet (npm start/test/bench run it first) prints only the build's progress, and only when it builds.
 import { parseArgs } from "node:util";
 import { ensureImage, imageCacheDir } from "../src/image/index.ts";
 import { treeSize } from "../src/image/image.ts";
 
-const { values } = parseArgs({ options: { software: { type: "string", multiple: true } } });
+const { values } = parseArgs({ options: { software: { type: "string", multiple: true }, quiet: { type: "boolean" } } });
 const started = performance.now();
 try {
   const image = await ensureImage({ software: values.software ?? [] });
+  if (values.quiet) process.exit(0);
   const seconds = ((performance.now() - started) / 1000).toFixed(1);
   console.log(`id      ${image.id}`);
   console.log(`path    ${image.root}`);
