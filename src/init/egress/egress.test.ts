@@ -409,11 +409,29 @@ describe("EgressBroker", () => {
     await assert.rejects(broker.open("evil\r\nhost", 80), invalid);
     await assert.rejects(broker.open("x".repeat(254), 80), invalid);
     await assert.rejects(broker.open("[not-v6]", 80), invalid);
+    await assert.rejects(broker.open("a..b", 80), invalid);
+    await assert.rejects(broker.open("a/b@c", 80), invalid);
+    await assert.rejects(broker.open("", 80), invalid);
     await assert.rejects(broker.open(HOST_ALIAS, 0), invalid);
     await assert.rejects(broker.open(HOST_ALIAS, 65536), invalid);
     await assert.rejects(broker.open(HOST_ALIAS, 80.5), invalid);
     await assert.rejects(broker.open(42, 80), invalid);
     await assert.rejects(broker.resolve("db.test", 5), invalid);
+  });
+
+  test("a trailing dot does not step around a deny rule (nor send the name to a resolver)", async () => {
+    const egress = new Egress({
+      vmName: "trailing-dot",
+      policy: parseNetworkPolicy({ default: "allow", rules: [{ mode: "deny", patterns: ["denied.test", "*.denied.test"] }] }),
+      hosts: new Map(),
+      onDenied: () => {},
+    });
+    const denied = { code: "EACCES", message: /by rules\[0\]/ };
+    for (const name of ["denied.test.", "DENIED.test..", "www.denied.test."]) {
+      await assert.rejects(egress.connect(name, 443, 1), denied, name);
+      await assert.rejects(egress.lookup(name, 1), denied, name);
+      await assert.rejects(new EgressBroker(egress).open(name, 443), denied, name);
+    }
   });
 
   test("IPv6 literals with and without brackets are decided, not rejected", async () => {
