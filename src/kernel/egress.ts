@@ -71,6 +71,16 @@ function isHostInterfaceAddress(address: string, family: "ipv4" | "ipv6"): boole
   return own.check(address, family);
 }
 
+/**
+ * The spelling rules are matched against: lowercased, without IPv6 brackets,
+ * without trailing dots. `evil.com.` is the same name to a resolver as
+ * `evil.com`, so it must be the same name to the policy, or a deny rule (and a
+ * `*.suffix`) would be stepped around by adding a dot.
+ */
+export function normalizeHostname(hostname: string): string {
+  return hostname.toLowerCase().replace(/^\[|\]$/g, "").replace(/\.+$/, "");
+}
+
 export interface Denial {
   time: number;
   vm: string;
@@ -99,7 +109,7 @@ export class Egress {
 
   /** Answers a guest's dns.lookup for a name outside the VM. */
   async lookup(hostname: string, pid: number): Promise<{ address: string; family: 4 | 6 }[]> {
-    const host = hostname.toLowerCase();
+    const host = normalizeHostname(hostname);
     if (host === HOST_ALIAS) {
       // Resolving the alias reveals nothing; it is answered when some rule names the alias with a port.
       if (!namesHostAndPort(this.#options.policy, HOST_ALIAS)) {
@@ -120,7 +130,7 @@ export class Egress {
 
   /** Opens a real TCP connection for a guest, after policy, resolution and floor checks. */
   async connect(hostname: string, port: number, pid: number): Promise<net.Socket> {
-    const host = hostname.toLowerCase().replace(/^\[|\]$/g, "");
+    const host = normalizeHostname(hostname);
     const where = `${host}:${port}`;
     if (host === HOST_ALIAS || host === HOST_ALIAS_ADDRESS) {
       this.#check({ operation: "connect", host: HOST_ALIAS, port }, pid, "connect", () => namesHostAndPort(this.#options.policy, HOST_ALIAS, port), `${HOST_ALIAS} is reachable only on ports a rule names, e.g. patterns: ["${HOST_ALIAS}:${port}"]`);
@@ -157,7 +167,7 @@ export class Egress {
 
   /** UDP beyond the VM: decided like connect; relaying it is not supported yet. */
   checkUdp(hostname: string, port: number, pid: number): never {
-    const host = hostname.toLowerCase();
+    const host = normalizeHostname(hostname);
     this.#check({ operation: "connect", host, port }, pid, "udp");
     throw new AgentVmError("ENOTSUP", `send to ${host}:${port}: UDP to destinations outside the VM is not supported; use TCP`);
   }

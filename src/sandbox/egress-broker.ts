@@ -12,8 +12,8 @@ import { invalidArgument } from "../errors.ts";
 import type { Egress } from "../kernel/egress.ts";
 
 const MAX_NAME = 253;
-// Controls, space, and the characters that would end or split a name in a URL, a log line or a CONNECT line.
-const FORBIDDEN = /[\u0000-\u0020\u007f/\\@#?%\[\]]/;
+// LDH labels (and `_`, which real names use) of 1-63 characters: no controls, spaces, empty labels or URL delimiters.
+const HOST_NAME = /^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$/;
 
 export class EgressBroker {
   readonly #egress: Egress;
@@ -46,7 +46,7 @@ export class EgressBroker {
   }
 }
 
-/** Lowercased, brackets and one trailing dot removed: the spelling the policy's patterns use. */
+/** Lowercased, brackets and trailing dots removed: the spelling the policy's patterns use (Egress normalizes the same way). */
 function normalizeHost(value: unknown, field: string): string {
   if (typeof value !== "string") throw invalidArgument(`${field} must be a string, got ${typeof value}`);
   const bracketed = /^\[([^\]]*)\]$/.exec(value);
@@ -55,9 +55,10 @@ function normalizeHost(value: unknown, field: string): string {
     return bracketed[1]!.toLowerCase();
   }
   if (isIP(value) === 6) return value.toLowerCase();
-  const host = value.toLowerCase().replace(/\.$/, "");
+  const host = value.toLowerCase().replace(/\.+$/, "");
   if (host.length === 0 || host.length > MAX_NAME) throw invalidArgument(`${field} must be 1-${MAX_NAME} characters, got ${value.length}`);
-  if (FORBIDDEN.test(host)) throw invalidArgument(`${field} ${JSON.stringify(value.slice(0, 80))} contains a control character, a space or a URL delimiter`);
+  if (isIP(host) === 4) return host;
+  if (!HOST_NAME.test(host)) throw invalidArgument(`${field} ${JSON.stringify(value.slice(0, 80))} is not a host name (letters, digits, - and _ in dot-separated labels of up to 63)`);
   return host;
 }
 

@@ -61,9 +61,10 @@ export function createDnsServer(resolve: ResolveName, options: DnsServerOptions 
         bound(socket);
       });
       socket.on("message", (message, remote) => {
-        void answer(message, UDP_MAX).then((reply) => {
-          if (reply) socket.send(reply, remote.port, remote.address);
-        });
+        void answer(message, UDP_MAX).then(
+          (reply) => reply && socket.send(reply, remote.port, remote.address),
+          () => {},
+        );
       });
     });
 
@@ -94,6 +95,7 @@ export function createDnsServer(resolve: ResolveName, options: DnsServerOptions 
   };
 }
 
+/** Never trusted to be total: a query dns-packet decodes but cannot re-encode makes it reject, and the query goes unanswered. */
 type Answerer = (query: Buffer, maxBytes: number) => Promise<Buffer | undefined>;
 
 function createAnswerer(resolve: ResolveName, options: DnsServerOptions): Answerer {
@@ -192,7 +194,7 @@ function serveTcp(socket: net.Socket, answer: Answerer, idleMs: number): void {
       buffered = buffered.subarray(2 + length);
       busy = true;
       socket.pause();
-      const reply = await answer(query, 0xffff);
+      const reply = await answer(query, 0xffff).catch(() => undefined);
       if (socket.destroyed) return;
       if (reply) {
         const frame = Buffer.alloc(2 + reply.length);

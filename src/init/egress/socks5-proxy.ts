@@ -58,15 +58,13 @@ function handle(client: net.Socket, open: OpenConnection, log: EgressLog | undef
   client.on("close", () => clearTimeout(timer));
 
   const onData = (chunk: Buffer) => {
-    // After a refusal was written, whatever else the client sends is ignored.
-    if (client.writableEnded || client.destroyed) return;
     buffered = buffered.length === 0 ? chunk : Buffer.concat([buffered, chunk]);
     if (state === "greeting") {
       const greeting = parseGreeting(buffered);
       if ("error" in greeting) return void client.destroy();
       if (!greeting.done) return void overflowCheck();
       buffered = greeting.rest;
-      if (!greeting.value.includes(NO_AUTH)) return void client.end(Buffer.from([VERSION, NO_ACCEPTABLE_METHOD]));
+      if (!greeting.value.includes(NO_AUTH)) return refuse(Buffer.from([VERSION, NO_ACCEPTABLE_METHOD]));
       client.write(Buffer.from([VERSION, NO_AUTH]));
       state = "request";
     }
@@ -74,7 +72,7 @@ function handle(client: net.Socket, open: OpenConnection, log: EgressLog | undef
       const request = parseRequest(buffered);
       if ("error" in request) {
         if (request.error === "malformed") return void client.destroy();
-        return void client.end(replyBytes(request.error === "unsupported-command" ? REPLY.commandNotSupported : REPLY.addressTypeNotSupported));
+        return refuse(replyBytes(request.error === "unsupported-command" ? REPLY.commandNotSupported : REPLY.addressTypeNotSupported));
       }
       if (!request.done) return void overflowCheck();
       // From here the client's bytes are the destination's: hold them in the socket until the tunnel exists.
@@ -84,6 +82,19 @@ function handle(client: net.Socket, open: OpenConnection, log: EgressLog | undef
       state = "connecting";
       void connect(request.value, request.rest);
     }
+  };
+  /**
+   * The reply goes out with a FIN; whatever the client still sends is read and
+   * dropped (a paused socket would hold a half-open connection forever), and
+   * the socket is destroyed if the client has not closed within the timeout.
+   */
+  const refuse = (reply: Buffer): void => {
+    client.off("data", onData);
+    client.on("data", () => {});
+    client.resume();
+    client.end(reply);
+    clearTimeout(timer);
+    setTimeout(() => client.destroy(), timeoutMs).unref();
   };
   const overflowCheck = () => {
     if (buffered.length > MAX_HANDSHAKE_BYTES) client.destroy();
@@ -96,7 +107,7 @@ function handle(client: net.Socket, open: OpenConnection, log: EgressLog | undef
     } catch (error) {
       const code = errorCode(error);
       log?.({ ...target, via: "socks5", outcome: code === "EACCES" ? "denied" : "failed", code, message: errorMessage(error) });
-      if (!client.destroyed) client.end(replyBytes(replyFor(code)));
+      if (!client.destroyed) refuse(replyBytes(replyFor(code)));
       return;
     }
     log?.({ ...target, via: "socks5", outcome: "opened" });
