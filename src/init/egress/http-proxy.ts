@@ -106,6 +106,10 @@ async function forward(open: OpenConnection, log: EgressLog | undefined, request
     createConnection: () => socket as Socket,
     setHost: false,
   });
+  // Opened connections come paused (so none of their bytes is read before a
+  // handover); HTTP speaks first from this side, so nothing arrives before the
+  // client's listeners do.
+  socket.resume();
   const abort = () => {
     outgoing.destroy();
     socket.destroy();
