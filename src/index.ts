@@ -3,9 +3,9 @@
  */
 export { createVm, Vm } from "./vm.ts";
 export type { CreateVmOptions, VmLimits, PermissionsConfig, ProcessOutputEvent, ProcessExitEvent, VmEvents } from "./vm.ts";
-export type { VmStat } from "./kernel/filesystem.ts";
+export type { VmStat } from "./sandbox/filesystem.ts";
 export type { ProcessInfo } from "./sandbox/process-table.ts";
-export type { ListenConfig } from "./kernel/listen-policy.ts";
+export type { ListenConfig } from "./policy/listen-policy.ts";
 export type { VmFetchInit, VmFetchResponse, VmFetchStreamResponse, VmFetchBody } from "./net/vm-fetch.ts";
 export { AgentVmError, AGENTVM_CODES, POSIX_CODES } from "./errors.ts";
 export type { ErrorCode, AgentVmCode, PosixCode } from "./errors.ts";

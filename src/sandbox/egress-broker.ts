@@ -4,12 +4,12 @@
  * port }` or `{ type: "egress.resolve", name, family }`. Every request from the
  * VM is untrusted input, so it is validated here, before Egress decides and
  * before any socket or DNS query exists; the decision, the one resolution, the
- * egress floor and the host alias stay Egress's (src/kernel/egress.ts).
+ * egress floor and the host alias stay Egress's (src/net/egress.ts).
  */
 import type net from "node:net";
 import { isIP } from "node:net";
 import { invalidArgument } from "../errors.ts";
-import type { Egress } from "../kernel/egress.ts";
+import type { Egress } from "../net/egress.ts";
 
 const MAX_NAME = 253;
 // LDH labels (and `_`, which real names use) of 1-63 characters: no controls, spaces, empty labels or URL delimiters.

@@ -6,11 +6,11 @@
  * of surfacing later inside a guest.
  */
 import { invalidArgument } from "../errors.ts";
-import { parseListenPolicy, type ListenConfig, type ListenPolicy } from "../kernel/listen-policy.ts";
+import { parseListenPolicy, type ListenConfig, type ListenPolicy } from "../policy/listen-policy.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
 import { parsePreviewConfig, type PreviewConfig, type ResolvedPreviewConfig } from "../net/previews.ts";
 import { parseHosts, parseLimits, type PermissionsConfig, type VmLimits } from "../vm.ts";
-import { parseNetworkPolicy } from "../kernel/network-policy.ts";
+import { parseNetworkPolicy } from "../policy/network-policy.ts";
 import { parseSoftware, type SoftwareDescriptor, type SoftwareEntry } from "../image/software.ts";
 
 export type { PreviewConfig };

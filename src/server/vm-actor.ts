@@ -1,6 +1,6 @@
 /**
  * A VM actor: one key's VM on the server, awake while it is used and asleep
- * otherwise. Awake means a live `Vm` (kernel, pool, processes); asleep means
+ * otherwise. Awake means a live `Vm` (its sandbox and processes); asleep means
  * only its directory and its SQLite rows exist.
  *
  * It stays awake while any of these hold: a request or stream is in flight, a

@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { networkInterfaces } from "node:os";
 import { describe, test } from "node:test";
-import { isFloorAddress } from "./egress.ts";
+import { isFloorAddress } from "../net/egress.ts";
 import { decide, mayAllowByAddress, namesAddressExplicitly, namesHostAndPort, parseNetworkPolicy, parsePattern, type NetworkPermission } from "./network-policy.ts";
 
 const connect = (host: string, port?: number, address?: string) => ({ operation: "connect" as const, host, ...(port === undefined ? {} : { port }), ...(address === undefined ? {} : { address }) });

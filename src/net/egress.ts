@@ -16,12 +16,12 @@ import { promises as dns } from "node:dns";
 import net, { BlockList, isIP } from "node:net";
 import { networkInterfaces } from "node:os";
 import { AgentVmError } from "../errors.ts";
-import { canonicalAddress, decide, mayAllowByAddress, namesAddressExplicitly, namesHostAndPort, type NetworkPolicy, type Operation } from "./network-policy.ts";
+import { canonicalAddress, decide, mayAllowByAddress, namesAddressExplicitly, namesHostAndPort, type NetworkPolicy, type Operation } from "../policy/network-policy.ts";
 
 export const HOST_ALIAS = "host.agentvm.internal";
 /**
  * What `dns.lookup("host.agentvm.internal")` answers inside a VM. It is in the
- * benchmarking range (198.18.0.0/15), never routed; the kernel maps it back to
+ * benchmarking range (198.18.0.0/15), never routed; the server maps it back to
  * the host's loopback on connect.
  */
 export const HOST_ALIAS_ADDRESS = "198.18.0.254";
