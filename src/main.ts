@@ -40,7 +40,7 @@ The demo VM answered vmFetch(3000, "/"): ${greeting}
 Try next:
   curl ${api}/fetch/3000/hello                       # vmFetch into the demo VM
   curl -X POST ${api}/actions/readdir -d '["/home/agentos"]'
-  curl -X POST ${api}/actions/exec -d '["node", ["-e", "console.log(process.version)"]]'
+  curl -X POST ${api}/actions/exec -d '["sh", ["-c", "uname -a; node --version; git --version"]]'
   curl -N ${api}/events                              # process output as Server-Sent Events
 
 From TypeScript: createClient<typeof registry>("${server.url}").vm.getOrCreate("demo")

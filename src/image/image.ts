@@ -44,6 +44,8 @@ export interface EnsureImageOptions {
   software?: readonly SoftwareEntry[];
   /** Where build progress goes; default process.stderr. Silent when nothing is built. */
   onProgress?: (line: string) => void;
+  /** Another Node ≥ 26 binary for /opt/node/bin/node (also AGENTVM_GUEST_NODE); an image of its own. */
+  node?: string;
 }
 
 interface Manifest {
@@ -69,7 +71,8 @@ export function imageId(packages: readonly PinnedPackage[], runtime: Pick<NodeRu
   return createHash("sha256").update(input).digest("hex").slice(0, 16);
 }
 
-let base: Promise<BaseImage> | undefined;
+/** Base images by the Node binary asked for ("" for the pinned one), and their layers. */
+const bases = new Map<string, Promise<BaseImage>>();
 const layers = new Map<string, Promise<ImageLayer | undefined>>();
 
 const stderrProgress = (line: string): void => void process.stderr.write(`${line}\n`);
@@ -78,16 +81,22 @@ const stderrProgress = (line: string): void => void process.stderr.write(`${line
 export async function ensureImage(options: EnsureImageOptions = {}): Promise<VmImage> {
   const software = parseSoftware(options.software ?? [], "software");
   const progress = options.onProgress ?? stderrProgress;
-  base ??= ensureBase(progress);
-  base.catch(() => (base = undefined));
+  const node = options.node ?? "";
+  let base = bases.get(node);
+  if (!base) {
+    const building = ensureBase(progress, options.node);
+    bases.set(node, (base = building));
+    building.catch(() => bases.delete(node));
+  }
   const image = await base;
   const built: ImageLayer[] = [];
   for (const entry of software) {
-    let layer = layers.get(entry.name);
+    const key = `${image.id}\0${entry.name}`;
+    let layer = layers.get(key);
     if (!layer) {
       layer = ensureLayer(entry, image.root, image.runtime, progress);
-      layers.set(entry.name, layer);
-      layer.catch(() => layers.delete(entry.name));
+      layers.set(key, layer);
+      layer.catch(() => layers.delete(key));
     }
     const found = await layer;
     if (found) built.push(found);
@@ -96,8 +105,8 @@ export async function ensureImage(options: EnsureImageOptions = {}): Promise<VmI
   return { id: image.id, root: image.root, entries: image.entries, layers: built, path: path.join(":") };
 }
 
-async function ensureBase(progress: (line: string) => void): Promise<BaseImage> {
-  const runtime = await findNodeRuntime();
+async function ensureBase(progress: (line: string) => void, node?: string): Promise<BaseImage> {
+  const runtime = await findNodeRuntime(node);
   const cache = imageCacheDir();
   // Named by the pinned set; a host that had to fall back records its real id in the manifest.
   const root = join(cache, imageId(pinnedPackages(), runtime));

@@ -16,8 +16,8 @@ export interface NodeRuntime {
 }
 
 /** Finds the pinned node (the `node` package) and the pinned npm (the `npm` package). */
-export async function findNodeRuntime(): Promise<NodeRuntime> {
-  const { binary, version } = await resolveGuestRuntime();
+export async function findNodeRuntime(configured?: string): Promise<NodeRuntime> {
+  const { binary, version } = await resolveGuestRuntime(configured);
   const require = createRequire(import.meta.url);
   const npmManifest = require.resolve("npm/package.json");
   const npmVersion = (require(npmManifest) as { version: string }).version;

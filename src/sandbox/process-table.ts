@@ -131,7 +131,11 @@ export class ProcessTable {
       const early = entry.early ?? [];
       entry.early = undefined;
       for (const [stream, data] of early) this.#options.onOutput(pid, stream, data);
-      if (!entry.info.running) this.#options.onExit(pid, entry.info.exitCode!, entry.info.signal);
+      // An exit that came with the early output is reported after it, waiters included.
+      if (!entry.info.running) {
+        entry.exited.resolve(entry.info.exitCode!);
+        this.#options.onExit(pid, entry.info.exitCode!, entry.info.signal);
+      }
     });
     this.#trimExited();
     return { pid };
@@ -203,8 +207,9 @@ export class ProcessTable {
     entry.info.running = false;
     entry.info.exitCode = exitCode;
     entry.info.signal = signal;
+    if (entry.early) return; // reported with its early output, see spawn()
     entry.exited.resolve(exitCode);
-    if (!entry.early) this.#options.onExit(entry.info.pid, exitCode, signal);
+    this.#options.onExit(entry.info.pid, exitCode, signal);
   }
 
   #unclaimedFor(pid: number) {
