@@ -309,9 +309,14 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#alive();
     return this.#processes.kill(pid, signal);
   }
-  listProcesses(): ProcessInfo[] {
+  /** Processes started through the API (exited ones too) and every other process running in the VM. */
+  async listProcesses(): Promise<ProcessInfo[]> {
     this.#alive();
     return this.#processes.list();
+  }
+  /** How many processes started through the API run now (what keeps a server's VM awake). */
+  runningProcessCount(): number {
+    return this.#processes.running;
   }
   async writeProcessStdin(pid: number, data: string | Uint8Array): Promise<void> {
     this.#alive();

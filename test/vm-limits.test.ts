@@ -117,10 +117,10 @@ describe("busy guests", () => {
       const { pid } = await vm.spawn("node", ["spin.js"]);
       await waitForOutput(vm, pid, /spinning/);
       await neighbourAnswers(`spin-${signal}`);
-      assert.equal(vm.listProcesses().find((process) => process.pid === pid)?.running, true);
+      assert.equal((await vm.listProcesses()).find((process) => process.pid === pid)?.running, true);
       await vm.killProcess(pid, signal);
       assert.equal(await vm.waitProcess(pid), signal === "SIGKILL" ? 137 : 143);
-      const info = vm.listProcesses().find((process) => process.pid === pid);
+      const info = (await vm.listProcesses()).find((process) => process.pid === pid);
       assert.equal(info?.running, false);
       assert.equal(info?.signal, signal);
       await neighbourAnswers(`after-spin-${signal}`);
@@ -135,7 +135,7 @@ describe("busy guests", () => {
       await vm.killProcess(pid, "SIGTERM");
       // Still running: the handler is queued behind the loop.
       await neighbourAnswers("spin-handler");
-      assert.equal(vm.listProcesses().find((process) => process.pid === pid)?.running, true);
+      assert.equal((await vm.listProcesses()).find((process) => process.pid === pid)?.running, true);
       await vm.killProcess(pid, "SIGKILL");
       assert.equal(await vm.waitProcess(pid), 137);
       assert.doesNotMatch(output.stdout, /never/);
@@ -149,7 +149,7 @@ describe("limits.maxProcesses", () => {
   let vm: Vm;
   afterEach(async () => {
     // A failed test must not leave processes that make the next one fail too.
-    const running = vm.listProcesses().filter((process) => process.running);
+    const running = (await vm.listProcesses()).filter((process) => process.running);
     await Promise.all(running.map((process) => vm.killProcess(process.pid, "SIGKILL")));
     await Promise.all(running.map((process) => vm.waitProcess(process.pid)));
   });
@@ -172,7 +172,7 @@ describe("limits.maxProcesses", () => {
     assert.match(error.message, /limits\.maxProcesses/);
     assert.match(error.message, /\b2\b/);
     // A refused spawn takes no pid and leaves no entry behind.
-    assert.equal(vm.listProcesses().length, 2);
+    assert.equal((await vm.listProcesses()).length, 2);
 
     // When one exits, there is room again.
     vm.closeProcessStdin(first.pid);
@@ -184,7 +184,7 @@ describe("limits.maxProcesses", () => {
     // Exited processes do not count: two at once again.
     const a = await vm.spawn("node", ["wait.js"]);
     const b = await vm.spawn("node", ["wait.js"]);
-    await waitFor(() => vm.listProcesses().filter((process) => process.running).length === 2, "two running processes");
+    await waitFor(async () => (await vm.listProcesses()).filter((process) => process.running).length === 2, "two running processes");
     for (const { pid } of [a, b]) vm.closeProcessStdin(pid);
     for (const { pid } of [a, b]) assert.equal(await vm.waitProcess(pid), 0);
   });
@@ -196,7 +196,7 @@ describe("limits.maxProcesses", () => {
     try {
       assert.equal(started.length, 2, `started ${started.length}: ${JSON.stringify(refused)}`);
       assert.deepEqual(refused, ["EAGAIN", "EAGAIN"]);
-      assert.equal(vm.listProcesses().filter((process) => process.running).length, 2);
+      assert.equal((await vm.listProcesses()).filter((process) => process.running).length, 2);
     } finally {
       for (const pid of started) vm.closeProcessStdin(pid);
       for (const pid of started) await vm.waitProcess(pid);

@@ -63,7 +63,7 @@ describe("vm processes", () => {
     const { pid } = await pidVm.spawn("sleep", ["30"]);
     const ps = await pidVm.exec("ps", ["-o", "pid=,comm="]);
     assert.match(ps.stdout, new RegExp(`^\\s*${pid} sleep$`, "m"), ps.stdout);
-    assert.ok(pidVm.listProcesses().some((info) => info.pid === pid && info.running));
+    assert.ok((await pidVm.listProcesses()).some((info) => info.pid === pid && info.running));
     await pidVm.killProcess(pid, "SIGKILL");
   });
 
@@ -193,7 +193,7 @@ describe("vm processes", () => {
     await waitForOutput(vm, killed.pid, /ready/);
     await vm.killProcess(killed.pid, 9);
     assert.equal(await vm.waitProcess(killed.pid), 137);
-    const info = vm.listProcesses().find((process) => process.pid === killed.pid);
+    const info = (await vm.listProcesses()).find((process) => process.pid === killed.pid);
     assert.equal(info?.signal, "SIGKILL");
 
     await assertRejects(vm.killProcess(killed.pid, "SIGNOPE"), "INVALID_ARGUMENT", "SIGNOPE");
@@ -205,7 +205,7 @@ describe("vm processes", () => {
     const runner = await vm.spawn("node", ["idle.js"], { env: { ROLE: "runner" } });
     await waitForOutput(vm, runner.pid, /ready/);
     const done = await run(["-e", "process.exit(5)"]);
-    const list = vm.listProcesses();
+    const list = (await vm.listProcesses());
     const running = list.find((process) => process.pid === runner.pid);
     const exited = list.find((process) => process.pid === done.pid);
     assert.ok(running && exited, JSON.stringify(list));
@@ -218,11 +218,11 @@ describe("vm processes", () => {
     assert.equal(exited.exitCode, 5);
     // A copy: changing it does not change the table.
     running.args.push("mutated");
-    assert.deepEqual(vm.listProcesses().find((process) => process.pid === runner.pid)?.args, ["idle.js"]);
+    assert.deepEqual((await vm.listProcesses()).find((process) => process.pid === runner.pid)?.args, ["idle.js"]);
 
     await vm.killProcess(runner.pid, "SIGKILL");
     await vm.waitProcess(runner.pid);
-    const after = vm.listProcesses().find((process) => process.pid === runner.pid);
+    const after = (await vm.listProcesses()).find((process) => process.pid === runner.pid);
     assert.equal(after?.running, false);
     assert.equal(after?.exitCode, 137);
   });
@@ -292,7 +292,7 @@ describe("vm dispose", () => {
     const response = await waitForPort(doomed, 8080);
     assert.equal(text(response.body), "alive");
     assert.deepEqual(
-      doomed.listProcesses().filter((process) => process.running).map((process) => process.pid).sort(),
+      (await doomed.listProcesses()).filter((process) => process.running).map((process) => process.pid).sort(),
       [server.pid, beat.pid].sort(),
     );
     const hostPids = await sandboxProcesses(doomed.root);
@@ -327,6 +327,7 @@ describe("vm dispose", () => {
       ["vmFetch", () => doomed.vmFetch(8080, "/")],
       ["vmFetchStream", () => doomed.vmFetchStream(8080, "/")],
       ["listeningPorts", () => doomed.listeningPorts()],
+      ["listProcesses", () => doomed.listProcesses()],
     ];
     for (const [name, call] of calls) {
       let result: unknown;
@@ -340,7 +341,6 @@ describe("vm dispose", () => {
       assert.match(error.message, /doomed/, `${name} should name the VM`);
     }
     for (const [name, call] of [
-      ["listProcesses", () => doomed.listProcesses()],
       ["closeProcessStdin", () => doomed.closeProcessStdin(server.pid)],
     ] as const) {
       assert.throws(call, { code: "VM_DISPOSED" }, name);

@@ -6,12 +6,12 @@
  *
  * It ends the VM when the channel closes: a VM never outlives its server.
  */
-import { readFileSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import { createDnsServer, createHttpProxy, createSocks5Proxy } from "./egress/index.ts";
 import { createGuestService } from "./guest-service.ts";
 import { connectToPort } from "./port-connector.ts";
-import { EGRESS_PORTS, type FromInit, type ToInit } from "./protocol.ts";
+import { EGRESS_PORTS, type FromInit, type ToInit, type VmProcess } from "./protocol.ts";
 import { SpawnError, Supervisor } from "./supervisor.ts";
 
 export interface InitConfig {
@@ -96,6 +96,9 @@ process.on("message", (message: ToInit, handle: Socket | undefined) => {
     case "ports":
       send({ t: "reply", id: message.id, ok: true, ports: listeningPorts() });
       return;
+    case "ps":
+      send({ t: "reply", id: message.id, ok: true, processes: vmProcesses() });
+      return;
     case "connect":
       connectToPort(message.port).then(
         (socket) => send({ t: "reply", id: message.id, ok: true }, socket),
@@ -155,6 +158,34 @@ function listenOn(server: import("node:net").Server, port: number): Promise<void
     server.once("error", reject);
     server.listen(port, "127.0.0.1", () => resolve());
   });
+}
+
+/** The VM's processes from its own /proc (pid 1 is bubblewrap's reaper, this is init): what `ps` shows. */
+function vmProcesses(): VmProcess[] {
+  const bootMs = Number(/^btime (\d+)$/m.exec(readFileSync("/proc/stat", "utf8"))?.[1]) * 1000;
+  const out: VmProcess[] = [];
+  for (const entry of readdirSync("/proc")) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid <= 2) continue;
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+      // Fields after the command name, which may itself hold spaces and parentheses.
+      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (fields[0] === "Z") continue;
+      const argv = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").slice(0, -1);
+      let cwd = "";
+      try {
+        cwd = readlinkSync(`/proc/${pid}/cwd`);
+      } catch {
+        // Exited meanwhile, or a kernel thread: no working directory to show.
+      }
+      // Clock ticks are 100 per second on Linux.
+      out.push({ pid, ppid: Number(fields[1]), argv: argv.map((arg) => arg.slice(0, 4096)).slice(0, 256), cwd, startedAt: bootMs + Number(fields[19]) * 10 });
+    } catch {
+      // Exited while we looked.
+    }
+  }
+  return out;
 }
 
 function shutdown(): void {

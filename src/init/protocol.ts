@@ -19,6 +19,8 @@ export type ToInit =
   | { t: "connect"; id: number; port: number }
   /** TCP ports in LISTEN state on the VM's loopback (both families). */
   | { t: "ports"; id: number }
+  /** Every process of the VM but bubblewrap's reaper and init, as `ps` sees them. */
+  | { t: "ps"; id: number }
   /** Answer to init's egress request: the handle is the connected socket (ok) or absent (denied/failed). */
   | { t: "egress"; id: number; ok: true }
   | { t: "egress"; id: number; ok: false; code: string; message: string }
@@ -28,13 +30,23 @@ export type ToInit =
 /** Init → server. */
 export type FromInit =
   | { t: "ready"; pid: number }
-  | { t: "reply"; id: number; ok: true; pid?: number; ports?: number[] }
+  | { t: "reply"; id: number; ok: true; pid?: number; ports?: number[]; processes?: VmProcess[] }
   | { t: "reply"; id: number; ok: false; code: string; message: string }
   | { t: "output"; pid: number; fd: 1 | 2; data: string }
   | { t: "exit"; pid: number; code: number | null; signal: string | null }
   /** init asks the server for an outbound connection (its proxies decided nothing yet; the server's policy decides). */
   | { t: "egress"; id: number; host: string; port: number; via: string; pid?: number }
   | { t: "resolve"; id: number; name: string; family: 4 | 6; pid?: number };
+
+/** A process of the VM as init reads it from /proc. */
+export interface VmProcess {
+  pid: number;
+  ppid: number;
+  argv: string[];
+  cwd: string;
+  /** Milliseconds since the epoch. */
+  startedAt: number;
+}
 
 /** Signals the API accepts by name, with their Linux numbers. */
 export const SIGNALS: Readonly<Record<string, number>> = {

@@ -41,7 +41,7 @@ export type PortConnector = (port: number) => Promise<Socket>;
 
 const METHOD = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 /** How often a connection to a closed port is retried while a just-started program may still be starting. */
-const RETRY_MS = 10;
+const RETRY_MS = 3;
 
 export class VmFetcher {
   readonly #connectToPort: PortConnector;

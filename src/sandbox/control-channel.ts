@@ -105,6 +105,23 @@ export class ControlChannel {
   }
 }
 
+/** More than a VM could run: pid_max is 4 million, but no VM gets near this many. */
+const MAX_PROCESSES = 65536;
+
+function isVmProcess(value: unknown): boolean {
+  if (typeof value !== "object" || value === null) return false;
+  const p = value as Record<string, unknown>;
+  return (
+    isInt(p.pid, 1, 2 ** 22) &&
+    isInt(p.ppid, 0, 2 ** 22) &&
+    Array.isArray(p.argv) &&
+    p.argv.length <= 256 &&
+    p.argv.every((arg) => isText(arg)) &&
+    isText(p.cwd) &&
+    Number.isFinite(p.startedAt)
+  );
+}
+
 const isInt = (value: unknown, min = 0, max = 2 ** 31 - 1): value is number => Number.isInteger(value) && (value as number) >= min && (value as number) <= max;
 const isText = (value: unknown, max = 4096): value is string => typeof value === "string" && value.length <= max;
 
@@ -120,6 +137,7 @@ function checkMessage(message: unknown): string | undefined {
       if (m.ok === true) {
         if (m.pid !== undefined && !isInt(m.pid, 1)) return "a reply with a malformed pid";
         if (m.ports !== undefined && !(Array.isArray(m.ports) && m.ports.length <= 65536 && m.ports.every((port) => isInt(port, 1, 65535)))) return "a reply with malformed ports";
+        if (m.processes !== undefined && !(Array.isArray(m.processes) && m.processes.length <= MAX_PROCESSES && m.processes.every(isVmProcess))) return "a reply with malformed processes";
         return undefined;
       }
       return m.ok === false && isText(m.code, 64) && isText(m.message) ? undefined : "a malformed failure reply";

@@ -145,8 +145,29 @@ export class ProcessTable {
     return this.#get(pid, "waitProcess").exited.promise;
   }
 
-  list(): ProcessInfo[] {
-    return [...this.#entries.values()].map(({ info }) => ({ ...info, args: [...info.args] }));
+  /**
+   * The processes the API started (exited ones too, the most recent 200), and
+   * every other process running in the VM — what they started themselves — as
+   * `ps` inside sees it. API-started ones have ppid 0.
+   */
+  async list(): Promise<ProcessInfo[]> {
+    const started = [...this.#entries.values()].map(({ info }) => ({ ...info, args: [...info.args] }));
+    const sandbox = await this.#sandbox?.catch(() => undefined);
+    const running = sandbox?.running ? await sandbox.processes().catch(() => []) : [];
+    const others: ProcessInfo[] = running
+      .filter((process) => !this.#entries.has(process.pid))
+      .map(({ pid, ppid, argv, cwd, startedAt }) => ({
+        pid,
+        ppid,
+        command: argv[0] ?? "",
+        args: argv.slice(1),
+        cwd,
+        running: true,
+        exitCode: null,
+        signal: null,
+        startedAt,
+      }));
+    return [...started, ...others].sort((a, b) => a.pid - b.pid);
   }
 
   async kill(pid: unknown, signal: unknown = "SIGTERM"): Promise<void> {

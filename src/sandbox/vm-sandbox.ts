@@ -13,7 +13,7 @@ import { existsSync } from "node:fs";
 import type { Socket } from "node:net";
 import type { Readable } from "node:stream";
 import { AgentVmError } from "../errors.ts";
-import type { FromInit } from "../init/protocol.ts";
+import type { FromInit, VmProcess } from "../init/protocol.ts";
 import { bubblewrapArgs, INIT_DIR, prepareMountPoints, type SandboxLayout } from "./bubblewrap.ts";
 import { ControlChannel } from "./control-channel.ts";
 
@@ -134,6 +134,11 @@ export class VmSandbox {
     const { handle } = await this.#channel.request({ t: "connect", port });
     if (!handle) throw new AgentVmError("PROTOCOL_VIOLATION", `the VM's init answered a connection to port ${port} without a socket`);
     return handle;
+  }
+
+  async processes(): Promise<VmProcess[]> {
+    const { reply } = await this.#channel.request({ t: "ps" });
+    return reply.processes ?? [];
   }
 
   async listeningPorts(): Promise<number[]> {

@@ -58,7 +58,7 @@ export class VmActor {
     const record = this.#store.getVm(this.definitionName, this.key);
     return {
       awake: this.awake,
-      runningProcesses: this.#vm ? this.#vm.listProcesses().filter((process) => process.running).length : 0,
+      runningProcesses: this.#vm ? this.#vm.runningProcessCount() : 0,
       createdAt: record?.createdAt ?? null,
       lastActiveAt: record?.lastActiveAt ?? null,
       wakeCount: record?.wakeCount ?? 0,
@@ -154,11 +154,11 @@ export class VmActor {
     this.#cancelSleep();
     const vm = this.#vm;
     if (!vm || this.#holds > 0 || this.#closed) return;
-    if (vm.listProcesses().some((process) => process.running)) return;
+    if (vm.runningProcessCount() > 0) return;
     this.#sleepTimer = setTimeout(() => {
       this.#sleepTimer = undefined;
       // Re-check: a process may have started since the timer was set.
-      if (this.#holds === 0 && !this.#vm?.listProcesses().some((process) => process.running)) {
+      if (this.#holds === 0 && !this.#vm?.runningProcessCount()) {
         void this.sleep();
       }
     }, this.#definition.sleepAfterMs);
