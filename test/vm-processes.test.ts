@@ -275,6 +275,25 @@ describe("vm processes", () => {
   });
 });
 
+describe("the VM's init", () => {
+  it("init killed from inside the VM ends that VM's processes only; the next spawn starts a new sandbox", async () => {
+    const fragile = await testVm(dataDir, { name: "fragile" });
+    const bystander = await testVm(dataDir, { name: "bystander" });
+    const calm = await bystander.spawn("sleep", ["30"]);
+    const sleeper = await fragile.spawn("sleep", ["30"]);
+    const before = sandboxProcessTree(fragile.root);
+    assert.ok(before.length > 0);
+    // Root of the VM's user namespace may signal init; it only ends its own VM.
+    await fragile.spawn("sh", ["-c", "kill -9 2"]);
+    assert.equal(await fragile.waitProcess(sleeper.pid), 128 + 9);
+    await waitFor(() => sandboxProcessTree(fragile.root).length === 0, "the old sandbox to be gone", 5_000);
+    const again = await fragile.exec("sh", ["-c", "echo back"]);
+    assert.equal(again.stdout, "back\n");
+    assert.ok((await bystander.listProcesses()).some((info) => info.pid === calm.pid && info.running), "another VM's process was touched");
+    await bystander.killProcess(calm.pid, "SIGKILL");
+  });
+});
+
 describe("vm dispose", () => {
   it("ends every guest, and every method then fails with VM_DISPOSED", async () => {
     const doomed = await testVm(dataDir, { name: "doomed" });
