@@ -284,7 +284,8 @@ describe("the VM's init", () => {
     const before = sandboxProcessTree(fragile.root);
     assert.ok(before.length > 0);
     // Root of the VM's user namespace may signal init; it only ends its own VM.
-    await fragile.spawn("sh", ["-c", "kill -9 2"]);
+    // (A moment first, so the spawn's own reply is out before init goes.)
+    await fragile.spawn("sh", ["-c", "sleep 0.2; kill -9 2"]);
     assert.equal(await fragile.waitProcess(sleeper.pid), 128 + 9);
     await waitFor(() => sandboxProcessTree(fragile.root).length === 0, "the old sandbox to be gone", 5_000);
     const again = await fragile.exec("sh", ["-c", "echo back"]);

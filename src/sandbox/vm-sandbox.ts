@@ -47,6 +47,8 @@ export class VmSandbox {
   readonly #events: SandboxEvents;
   readonly ended: Promise<void>;
   #stopping = false;
+  /** Set once, by whichever comes first: init's channel closing, bubblewrap exiting, a protocol violation, stop(). */
+  #ended = false;
 
   /** Host pid of the sandbox's pid 1, once bubblewrap reports it. */
   readonly #sandboxPid: Promise<number | undefined>;
@@ -62,6 +64,7 @@ export class VmSandbox {
     // 'exit', not 'close': programs of the VM may hold inherited pipes a moment longer.
     this.ended = new Promise((resolve) => child.once("exit", () => resolve()));
     child.once("exit", (code, signal) => this.#end(new AgentVmError("SANDBOX_EXITED", `the VM's sandbox exited (${signal ?? `code ${code}`})`)));
+    child.once("disconnect", () => this.#end(new AgentVmError("SANDBOX_EXITED", "the VM's init exited; its processes were ended")));
   }
 
   /** Starts the sandbox and resolves once init is ready for requests. */
@@ -147,7 +150,7 @@ export class VmSandbox {
   }
 
   get running(): boolean {
-    return !this.#channel.closed;
+    return !this.#ended;
   }
 
   /** Ends every process of the VM at once and resolves when the sandbox is gone. */
@@ -211,10 +214,11 @@ export class VmSandbox {
   }
 
   #end(error: AgentVmError): void {
-    const wasRunning = !this.#channel.closed;
+    if (this.#ended) return;
+    this.#ended = true;
     this.#channel.close(error);
     void this.#kill();
-    if (wasRunning && !this.#stopping) this.#events.onEnded(error);
+    if (!this.#stopping) this.#events.onEnded(error);
   }
 }
 
