@@ -5,7 +5,7 @@
  */
 import { createHash } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { lstat, mkdir, readdir, writeFile } from "node:fs/promises";
+import { mkdir, writeFile } from "node:fs/promises";
 import { createServer as createHttpServer, type ClientRequest, type OutgoingHttpHeaders } from "node:http";
 import { isIP, type Socket } from "node:net";
 import { join, resolve } from "node:path";
