@@ -8,8 +8,7 @@
  */
 import { readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
 import type { Socket } from "node:net";
-import { createDnsServer, createHttpProxy, createSocks5Proxy } from "./egress/index.ts";
-import { createGuestService } from "./guest-service.ts";
+import { startEgressServers } from "./egress-servers.ts";
 import { connectToPort } from "./port-connector.ts";
 import { EGRESS_PORTS, type FromInit, type ToInit, type VmProcess } from "./protocol.ts";
 import { SpawnError, Supervisor } from "./supervisor.ts";
@@ -57,12 +56,7 @@ const resolveName = async (name: string, family: 4 | 6, pid?: number) => {
   if (message.t !== "resolved" || !message.ok) throw failure(message.t === "resolved" && !message.ok ? message : { code: "EIO", message: "no answer" });
   return message.addresses;
 };
-const egressReady = Promise.all([
-  createDnsServer(resolveName).listen(EGRESS_PORTS.dns, "127.0.0.1"),
-  listenOn(createHttpProxy(openEgress), EGRESS_PORTS.http),
-  listenOn(createSocks5Proxy(openEgress), EGRESS_PORTS.socks5),
-  listenOn(createGuestService(openEgress, resolveName), EGRESS_PORTS.node),
-]);
+const egressReady = startEgressServers(openEgress, resolveName);
 const supervisor = new Supervisor({ setpriv: config.setpriv, send: (message, done) => send(message as FromInit, undefined, done) });
 
 process.on("message", (message: ToInit, handle: Socket | undefined) => {
@@ -153,12 +147,6 @@ function listeningPorts(): number[] {
   return [...ports].sort((a, b) => a - b);
 }
 
-function listenOn(server: import("node:net").Server, port: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(port, "127.0.0.1", () => resolve());
-  });
-}
 
 /** The VM's processes from its own /proc (pid 1 is bubblewrap's reaper, this is init): what `ps` shows. */
 function vmProcesses(): VmProcess[] {
