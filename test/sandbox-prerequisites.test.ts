@@ -41,7 +41,7 @@ describe("sandbox prerequisites", () => {
     assert.match(error.message, /\/nonexistent\/node/);
   });
 
-  it("a guest Node older than 26 (no network permission model): GUEST_RUNTIME_MISSING", async (t) => {
+  it("a guest Node older than 26: GUEST_RUNTIME_MISSING", async (t) => {
     const { stdout } = await run("sh", ["-c", "command -v node || true"], { env: { PATH: "/usr/local/bin:/usr/bin:/bin" } });
     const systemNode = stdout.trim();
     const version = systemNode ? (await run(systemNode, ["--version"])).stdout.trim() : "";

@@ -1,8 +1,9 @@
 /**
- * Finds the Node.js binary guests run: the pinned `node` package from the npm
- * registry (which installs `node-<platform>-<arch>` with the real binary), unless
- * config or AGENTVM_GUEST_NODE names another. Guests need Node ≥ 26: older
- * permission models do not refuse network access.
+ * Finds the Node.js binary the VM image carries as /opt/node/bin/node: the
+ * pinned `node` package from the npm registry (which installs
+ * `node-<platform>-<arch>` with the real binary), unless config or
+ * AGENTVM_GUEST_NODE names another. It must be Node ≥ 26, the version VMs
+ * promise their programs (and the Node preload and init are written for).
  */
 import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
@@ -68,7 +69,7 @@ async function probe(binary: string | undefined): Promise<GuestRuntime> {
   if (!(major >= MIN_GUEST_NODE_MAJOR)) {
     throw new AgentVmError(
       "GUEST_RUNTIME_MISSING",
-      `guest Node.js ${binary} is ${version}; guests need Node ≥ ${MIN_GUEST_NODE_MAJOR} for its network permission model`,
+      `guest Node.js ${binary} is ${version}; guests need Node ≥ ${MIN_GUEST_NODE_MAJOR} (the version VMs promise their programs)`,
     );
   }
   return { binary, version };
