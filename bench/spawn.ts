@@ -14,12 +14,11 @@
 import { spawn } from "node:child_process";
 import { mkdtemp, writeFile } from "node:fs/promises";
 import { request } from "node:http";
-import { createServer } from "node:net";
 import { join } from "node:path";
 import type { Vm } from "agentvm";
 import { PINNED_NODE } from "./baseline-server.ts";
 import { GUEST_PORT, createBenchVm, firstResponse, stopGuest } from "./guest.ts";
-import { percentile, sleep, wallNow } from "./stats.ts";
+import { freePort, percentile, sleep, wallNow } from "./stats.ts";
 
 /**
  * Tiny server that reports its own milestones as wall-clock ms: when its node
@@ -149,16 +148,6 @@ export async function benchSpawnHost(options: SpawnOptions): Promise<SpawnSummar
   return summarize("host", samples);
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 /** GET / on 127.0.0.1:`port` (fresh connection) until it answers 200; ECONNREFUSED is retried every ~1 ms. */
 async function pollHttp(port: number, timeoutMs: number): Promise<{ body: string; attempts: number }> {

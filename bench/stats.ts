@@ -1,7 +1,8 @@
 /**
- * Small numeric helpers shared by the benchmarks: percentiles, sleeping, and
- * the clock every benchmark reads (one clock, so numbers compare).
+ * Small helpers shared by the benchmarks: percentiles, sleeping, the clock
+ * every benchmark reads (one clock, so numbers compare), a free port.
  */
+import { createServer } from "node:net";
 import { performance } from "node:perf_hooks";
 
 /** Milliseconds on a monotonic clock. */
@@ -49,4 +50,16 @@ export function sampleEvery<T>(intervalMs: number, read: () => T): { stop(): T[]
       return readings;
     },
   };
+}
+
+/** A TCP port free on 127.0.0.1 right now (for a baseline server that must be told its port). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
 }

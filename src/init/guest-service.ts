@@ -15,6 +15,7 @@
  */
 import { createServer, type Server, type Socket } from "node:net";
 import type { Duplex } from "node:stream";
+import { splice } from "./egress/splice.ts";
 import { errorCode, errorMessage, type OpenConnection, type ResolveName } from "./egress/types.ts";
 
 const MAX_REQUEST = 4096;
@@ -97,19 +98,9 @@ export function createGuestService(open: OpenConnection, resolve: ResolveName): 
     reserved.delete(socket.remoteAddress!);
     clearTimeout(claim.timer);
     const { upstream } = claim;
-    // Both ways with backpressure and half-close, as one TCP connection would be:
-    // an end is passed on as an end, a reset as a reset.
+    // Half-open both ways: an end from either side is passed on, not answered with one.
     (upstream as Socket).allowHalfOpen = true;
-    socket.pipe(upstream);
-    upstream.pipe(socket);
-    const fail = (other: Duplex) => (error: NodeJS.ErrnoException) => {
-      if (error.code === "ECONNRESET" && "resetAndDestroy" in other) (other as Socket).resetAndDestroy();
-      else other.destroy();
-    };
-    socket.on("error", fail(upstream));
-    upstream.on("error", fail(socket));
-    socket.once("close", () => upstream.destroy());
-    upstream.once("close", () => socket.destroy());
+    splice(socket, upstream);
   });
   return server;
 }

@@ -17,6 +17,7 @@ import type * as Http from "node:http";
 import { createRequire } from "node:module";
 import { isIP, type Socket } from "node:net";
 import type { Duplex } from "node:stream";
+import { splice } from "./splice.ts";
 import { errorCode, errorMessage, type EgressLog, type EgressVia, type OpenConnection } from "./types.ts";
 
 /**
@@ -66,23 +67,6 @@ async function tunnel(open: OpenConnection, log: EgressLog | undefined, request:
   client.write("HTTP/1.1 200 Connection Established\r\n\r\n");
   if (head.length > 0) upstream.write(head);
   splice(client, upstream);
-}
-
-/**
- * Both directions piped (so each side's backpressure holds the other), an end
- * passed on as a half-close, and the first error or full close ending both.
- */
-function splice(a: Duplex, b: Duplex): void {
-  const close = () => {
-    a.destroy();
-    b.destroy();
-  };
-  for (const stream of [a, b]) {
-    stream.on("error", close);
-    stream.on("close", close);
-  }
-  a.pipe(b);
-  b.pipe(a);
 }
 
 async function forward(open: OpenConnection, log: EgressLog | undefined, request: Http.IncomingMessage, response: Http.ServerResponse): Promise<void> {

@@ -12,6 +12,7 @@
  */
 import net from "node:net";
 import type { Duplex } from "node:stream";
+import { splice } from "./splice.ts";
 import { errorCode, errorMessage, type EgressLog, type OpenConnection } from "./types.ts";
 
 export interface Socks5Options {
@@ -114,16 +115,7 @@ function handle(client: net.Socket, open: OpenConnection, log: EgressLog | undef
     if (client.destroyed) return void upstream.destroy();
     client.write(replyBytes(REPLY.succeeded));
     if (early.length > 0) upstream.write(early);
-    const close = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    for (const stream of [client, upstream]) {
-      stream.on("error", close);
-      stream.on("close", close);
-    }
-    client.pipe(upstream);
-    upstream.pipe(client);
+    splice(client, upstream);
   };
 
   client.on("data", onData);
