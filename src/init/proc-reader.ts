@@ -1,0 +1,56 @@
+/**
+ * What init reads of the VM from its own /proc: the namespace is the VM's, so
+ * these are the VM's sockets and processes, nothing of the host's.
+ */
+import { readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { EGRESS_PORTS, type VmProcess } from "./protocol.ts";
+
+const INIT_PORTS = new Set<number>(Object.values(EGRESS_PORTS));
+
+/** Ports in LISTEN state (st 0A) in /proc/net/tcp and tcp6, but init's own egress ports. */
+export function listeningPorts(): number[] {
+  const ports = new Set<number>();
+  for (const table of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    let text = "";
+    try {
+      text = readFileSync(table, "utf8");
+    } catch {
+      continue; // no IPv6 in this kernel
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const fields = line.trim().split(/\s+/);
+      const port = parseInt(fields[1]?.split(":")[1] ?? "", 16);
+      if (fields[3] === "0A" && !INIT_PORTS.has(port)) ports.add(port);
+    }
+  }
+  return [...ports].sort((a, b) => a - b);
+}
+
+
+/** The VM's processes from its own /proc (pid 1 is bubblewrap's reaper, this is init): what `ps` shows. */
+export function vmProcesses(): VmProcess[] {
+  const bootMs = Number(/^btime (\d+)$/m.exec(readFileSync("/proc/stat", "utf8"))?.[1]) * 1000;
+  const out: VmProcess[] = [];
+  for (const entry of readdirSync("/proc")) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid <= 2) continue;
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+      // Fields after the command name, which may itself hold spaces and parentheses.
+      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (fields[0] === "Z") continue;
+      const argv = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").slice(0, -1);
+      let cwd = "";
+      try {
+        cwd = readlinkSync(`/proc/${pid}/cwd`);
+      } catch {
+        // Exited meanwhile, or a kernel thread: no working directory to show.
+      }
+      // Clock ticks are 100 per second on Linux.
+      out.push({ pid, ppid: Number(fields[1]), argv: argv.map((arg) => arg.slice(0, 4096)).slice(0, 256), cwd, startedAt: bootMs + Number(fields[19]) * 10 });
+    } catch {
+      // Exited while we looked.
+    }
+  }
+  return out;
+}
