@@ -21,6 +21,7 @@ export const VM_ACTIONS = [
   "writeProcessStdin",
   "closeProcessStdin",
   "listeningPorts",
+  "usage",
   "createSignedPreviewUrl",
   "expireSignedPreviewUrl",
   "listPreviewUrls",

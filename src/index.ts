@@ -2,7 +2,7 @@
  * agentvm — the server and embedded API. `agentvm/client` is the typed client.
  */
 export { createVm, Vm } from "./vm.ts";
-export type { CreateVmOptions, VmLimits, PermissionsConfig, ProcessOutputEvent, ProcessExitEvent, VmEvents } from "./vm.ts";
+export type { CreateVmOptions, VmLimits, VmUsage, PermissionsConfig, ProcessOutputEvent, ProcessExitEvent, VmEvents } from "./vm.ts";
 export type { VmStat } from "./sandbox/filesystem.ts";
 export type { ProcessInfo } from "./sandbox/process-table.ts";
 export type { ListenConfig } from "./policy/listen-policy.ts";

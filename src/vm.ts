@@ -8,7 +8,7 @@ import { EventEmitter } from "node:events";
 import { mkdir, writeFile } from "node:fs/promises";
 import { createServer as createHttpServer, type ClientRequest, type OutgoingHttpHeaders } from "node:http";
 import { isIP, type Socket } from "node:net";
-import { join, resolve } from "node:path";
+import { basename, join, resolve } from "node:path";
 import type { Readable } from "node:stream";
 import { fileURLToPath } from "node:url";
 import { AgentVmError, invalidArgument } from "./errors.ts";
@@ -28,6 +28,7 @@ import { EgressBroker } from "./sandbox/egress-broker.ts";
 import { EGRESS_PORTS } from "./init/protocol.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./sandbox/process-table.ts";
 import { VmSandbox } from "./sandbox/vm-sandbox.ts";
+import { VmCgroup } from "./sandbox/cgroup.ts";
 import { describe, expectInteger, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
 
 export interface VmLimits {
@@ -37,6 +38,24 @@ export interface VmLimits {
   memoryMb?: number;
   /** Open files per process (default 4096). */
   openFiles?: number;
+  /** Memory of all the VM's processes together, tmpfs (/dev/shm, /run) and page cache included, in MiB (default 2048). */
+  totalMemoryMb?: number;
+  /** Processes and threads of the VM together (default 2048). */
+  maxTasks?: number;
+  /** The VM's CPU weight against other VMs (default 1024; 512 is half as much when CPU is scarce). */
+  cpuShares?: number;
+}
+
+/** What a VM uses now; `caps` is false where the host gives no per-VM control groups (then only processes is known). */
+export interface VmUsage {
+  caps: boolean;
+  memoryBytes?: number;
+  memoryPeakBytes?: number;
+  /** Processes the kernel killed because the VM reached totalMemoryMb (since its sandbox started). */
+  oomKills?: number;
+  tasks?: number;
+  /** Processes started through the API running now. */
+  processes: number;
 }
 
 export interface PermissionsConfig {
@@ -94,7 +113,7 @@ export interface VmEvents {
 const SAFE_DIRECTORY = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const MAX_NAME = 256;
 const RECENT_DENIALS = 100;
-const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096 };
+const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096, totalMemoryMb: 2048, maxTasks: 2048, cpuShares: 1024 };
 /**
  * RLIMIT_DATA above the heap cap, per process. Node 26 needs a fixed ~565 MiB
  * of it to boot whatever the heap cap (~590 MiB once WebAssembly loads), and
@@ -154,6 +173,8 @@ export class Vm extends EventEmitter<VmEvents> {
   #ownStore: SqliteStore | undefined;
   readonly #servedByRegistry: boolean;
   readonly #previewServers = new Set<() => Promise<void>>();
+  /** The running (or last) sandbox's control groups, for usage(). */
+  #cgroup: VmCgroup | undefined;
   /** Connections handed out of the VM that are still open (vmFetch, previews). */
   #openConnections = 0;
   #disposed = false;
@@ -205,8 +226,13 @@ export class Vm extends EventEmitter<VmEvents> {
       vmName: init.name,
       maxProcesses: init.limits.maxProcesses,
       env,
-      startSandbox: async () =>
-        VmSandbox.start({
+      startSandbox: async () => {
+        const cgroup = await VmCgroup.create(basename(init.vmDir), {
+          memoryBytes: init.limits.totalMemoryMb * 1024 * 1024,
+          tasks: init.limits.maxTasks,
+          cpuShares: init.limits.cpuShares,
+        });
+        const started = VmSandbox.start({
           bwrap: init.bwrap,
           layout: {
             image: init.image,
@@ -218,6 +244,7 @@ export class Vm extends EventEmitter<VmEvents> {
           env: { PATH: init.image.path, HOME: GUEST_HOME, TZ: "UTC" },
           init: { portRange: autoRange(init.listen), allowPrivileged: init.listen.allowPrivileged },
           rlimits: { dataBytes: (init.limits.memoryMb + DATA_HEADROOM_MB) * 1024 * 1024, openFiles: init.limits.openFiles },
+          cgroup,
           events: {
             onOutput: (pid, fd, data) => this.#processes.output(pid, fd === 1 ? "stdout" : "stderr", data),
             onExit: (pid, code, signal) => this.#processes.exited(pid, code, signal),
@@ -228,7 +255,14 @@ export class Vm extends EventEmitter<VmEvents> {
               this.#processes.sandboxEnded();
             },
           },
-        }),
+        });
+        this.#cgroup = cgroup;
+        started.then(
+          (sandbox) => void sandbox.ended.then(() => cgroup?.remove()),
+          () => void cgroup?.remove(),
+        );
+        return started;
+      },
       onOutput: (pid, stream, data) => this.emit("processOutput", { pid, stream, data }),
       onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),
     });
@@ -313,6 +347,18 @@ export class Vm extends EventEmitter<VmEvents> {
   async listProcesses(): Promise<ProcessInfo[]> {
     this.#alive();
     return this.#processes.list();
+  }
+  /** Memory, tasks and processes the VM uses now (memory and tasks need per-VM control groups, see docs/security.md). */
+  async usage(): Promise<VmUsage> {
+    this.#alive();
+    const processes = this.#processes.running;
+    const sandbox = await this.#processes.sandbox?.catch(() => undefined);
+    if (!sandbox?.running || !this.#cgroup) {
+      const caps = await VmCgroup.available();
+      return caps ? { caps, memoryBytes: 0, memoryPeakBytes: 0, oomKills: 0, tasks: 0, processes } : { caps, processes };
+    }
+    const used = await this.#cgroup.usage();
+    return { caps: true, memoryBytes: used.memoryBytes, memoryPeakBytes: used.memoryPeakBytes, oomKills: used.oomKills, tasks: used.tasks, processes };
   }
   /** How many processes started through the API run now (what keeps a server's VM awake). */
   runningProcessCount(): number {
@@ -522,7 +568,7 @@ export function parseLimits(value: unknown): Required<VmLimits> {
   const limits = expectObject("limits", value);
   expectKnownKeys("limits", limits, Object.keys(DEFAULT_LIMITS));
   const out = { ...DEFAULT_LIMITS };
-  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, memoryMb: 32, openFiles: 64 };
+  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, memoryMb: 32, openFiles: 64, totalMemoryMb: 64, maxTasks: 16, cpuShares: 2 };
   for (const key of Object.keys(DEFAULT_LIMITS) as (keyof VmLimits)[]) {
     const raw = limits[key];
     if (raw === undefined) continue;

@@ -204,6 +204,48 @@ describe("limits.maxProcesses", () => {
   });
 });
 
+/** Per-VM control groups exist where the server may write cgroup v1 memory, pids and cpu (a root server; CI runs as root). */
+const noCgroups = await (async () => {
+  const probe = await testVm(dataDir, { name: "cgroup-probe" });
+  return (await probe.usage()).caps ? false : "this host gives the server no writable cgroup v1 memory, pids and cpu controllers";
+})();
+
+describe("per-VM caps: all of a VM's processes together", { skip: noCgroups }, () => {
+  it("totalMemoryMb: a process past the VM's memory is killed, the VM and its neighbour keep working, usage() says so", async () => {
+    const small = await testVm(dataDir, { name: "small-total", limits: { totalMemoryMb: 128 } });
+    const hog = await small.exec("node", ["-e", "const held = []; for (;;) held.push(Buffer.alloc(16 << 20, 1));"]);
+    assert.equal(hog.exitCode, 128 + 9, hog.stderr);
+    const used = await small.usage();
+    assert.equal(used.caps, true);
+    assert.ok(used.memoryPeakBytes! <= 128 * 1024 * 1024 && used.memoryPeakBytes! > 100 * 1024 * 1024, `peak ${used.memoryPeakBytes}`);
+    assert.ok(used.oomKills! >= 1, JSON.stringify(used));
+    assert.equal((await small.exec("echo", ["still here"])).stdout, "still here\n");
+    await neighbourAnswers("total-memory");
+  });
+
+  it("tmpfs counts: filling /dev/shm cannot take more than the VM's memory", async () => {
+    const shm = await testVm(dataDir, { name: "shm-total", limits: { totalMemoryMb: 96 } });
+    // The kernel kills a process of the VM (possibly its init, which ends that sandbox); the host keeps its memory.
+    const filled = await shm.exec("sh", ["-c", "dd if=/dev/zero of=/dev/shm/fill bs=1M count=512 2>/dev/null; ls -l /dev/shm/fill"]).catch((error: { code?: string }) => error);
+    if ("exitCode" in filled) {
+      const size = Number(/\s(\d+)\s+\w+\s+\d+\s+[\d:]+\s+\/dev\/shm\/fill/.exec(filled.stdout)?.[1] ?? 0);
+      assert.ok(filled.exitCode !== 0 || size <= 96 * 1024 * 1024, `wrote ${size} bytes: ${filled.stdout} ${filled.stderr}`);
+    } else {
+      assert.equal(filled.code, "SANDBOX_EXITED");
+    }
+    assert.equal((await shm.exec("echo", ["after"])).stdout, "after\n");
+    await neighbourAnswers("shm");
+  });
+
+  it("maxTasks: processes and threads a VM's programs start themselves are capped too", async () => {
+    const few = await testVm(dataDir, { name: "few-tasks", limits: { maxTasks: 48 } });
+    const forked = await few.exec("sh", ["-c", "for i in $(seq 100); do sleep 2 & done; wait; echo done"]);
+    assert.match(forked.stderr, /fork/i);
+    assert.ok((await few.usage()).tasks! <= 48);
+    await neighbourAnswers("tasks");
+  });
+});
+
 describe("limits validation", () => {
   const cases: [string, unknown, RegExp][] = [
     ["memoryMb as a string", { memoryMb: "x" }, /limits\.memoryMb/],

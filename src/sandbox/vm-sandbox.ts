@@ -15,6 +15,7 @@ import type { Readable } from "node:stream";
 import { AgentVmError } from "../errors.ts";
 import type { FromInit, VmProcess } from "../init/protocol.ts";
 import { bubblewrapArgs, INIT_DIR, prepareMountPoints, type SandboxLayout } from "./bubblewrap.ts";
+import type { VmCgroup } from "./cgroup.ts";
 import { ControlChannel } from "./control-channel.ts";
 
 export interface SandboxEvents {
@@ -35,6 +36,8 @@ export interface SandboxStart {
   init: { portRange: [number, number]; allowPrivileged: boolean };
   /** OS limits applied to every process of the VM (prlimit on bubblewrap, inherited). */
   rlimits: { dataBytes: number; openFiles: number };
+  /** The VM's control groups, joined before bubblewrap starts so every process of the VM is in them. */
+  cgroup: VmCgroup | undefined;
   events: SandboxEvents;
 }
 
@@ -89,7 +92,7 @@ export class VmSandbox {
       "--max-old-space-size=64",
       `${INIT_DIR}/main.js`,
     ];
-    const command = [...hostWrappers(options.rlimits), options.bwrap, "--args", "4", "--info-fd", "5", "--", ...initCommand];
+    const command = [...joinCgroup(options.cgroup), ...hostWrappers(options.rlimits), options.bwrap, "--args", "4", "--info-fd", "5", "--", ...initCommand];
     const child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe", "pipe"], env: {} });
     const argsPipe = child.stdio[4] as import("node:stream").Writable;
     argsPipe.on("error", () => {}); // bubblewrap that failed to start: reported by 'exit'
@@ -223,6 +226,17 @@ export class VmSandbox {
     void this.#kill();
     if (!this.#stopping) this.#events.onEnded(error);
   }
+}
+
+/**
+ * A shell that writes its own pid into the VM's groups, then execs the rest:
+ * the groups hold the sandbox from its first instruction, so nothing of the
+ * VM runs outside them even for a moment.
+ */
+function joinCgroup(cgroup: VmCgroup | undefined): string[] {
+  if (!cgroup) return [];
+  const script = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"';
+  return ["/bin/sh", "-c", script, "agentvm-cgroup", ...cgroup.procsFiles, "--"];
 }
 
 /**
