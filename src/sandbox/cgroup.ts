@@ -12,7 +12,7 @@
  * Owns: the VM's group directories, from creation to removal.
  */
 import { constants } from "node:fs";
-import { access, mkdir, readFile, rmdir, writeFile } from "node:fs/promises";
+import { access, mkdir, readdir, readFile, rmdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 
 const ROOT = "/sys/fs/cgroup";
@@ -41,22 +41,35 @@ export class VmCgroup {
     this.#dirs = dirs;
   }
 
-  /** Makes the VM's groups with their limits, or undefined where the host offers none. */
+  /**
+   * Makes groups for one start of the VM's sandbox, with its limits, or
+   * undefined where the host offers none. Each start gets groups of its own:
+   * the last sandbox's may still hold memory (its tmpfs) while it is torn down.
+   */
   static async create(name: string, limits: CgroupLimits): Promise<VmCgroup | undefined> {
     const bases = await writableBases();
     if (!bases) return undefined;
     const dirs = {} as Record<Controller, string>;
-    for (const controller of CONTROLLERS) {
-      dirs[controller] = join(bases[controller], `agentvm-${name}`);
-      // A group left by a server that was killed is reused: it is empty once its sandbox is gone.
-      await mkdir(dirs[controller], { recursive: true });
-    }
     const group = new VmCgroup(dirs);
-    await group.#write("memory", "memory.limit_in_bytes", String(limits.memoryBytes));
-    // Swap would let a VM past its cap where the host has swap; memsw exists only with swap accounting.
-    await group.#write("memory", "memory.memsw.limit_in_bytes", String(limits.memoryBytes)).catch(() => {});
-    await group.#write("pids", "pids.max", String(limits.tasks));
-    await group.#write("cpu", "cpu.shares", String(limits.cpuShares));
+    const id = `agentvm-${name}@${process.pid}-${++started}`;
+    try {
+      for (const controller of CONTROLLERS) {
+        // "@" cannot be in a VM's directory name, so one VM's prefix never matches another's groups.
+        await removeStale(bases[controller], `agentvm-${name}@`);
+        dirs[controller] = join(bases[controller], id);
+        await mkdir(dirs[controller]);
+      }
+      await group.#write("memory", "memory.limit_in_bytes", String(limits.memoryBytes));
+      // Swap would let a VM past its cap where the host has swap; memsw exists only with swap accounting.
+      await group.#write("memory", "memory.memsw.limit_in_bytes", String(limits.memoryBytes)).catch(() => {});
+      await group.#write("pids", "pids.max", String(limits.tasks));
+      await group.#write("cpu", "cpu.shares", String(limits.cpuShares));
+    } catch (error) {
+      // The server's own groups changed under it: this VM runs without caps, and says so.
+      await group.remove();
+      console.warn(`agentvm: VM ${name} runs without per-VM caps this time: ${(error as Error).message}`);
+      return undefined;
+    }
     return group;
   }
 
@@ -80,9 +93,9 @@ export class VmCgroup {
     };
   }
 
-  /** Removes the groups once the sandbox is gone (a group with tasks cannot be removed; that is retried by the next create). */
+  /** Removes the groups once the sandbox is gone (one still holding tasks stays; the VM's next start removes it). */
   async remove(): Promise<void> {
-    for (const controller of CONTROLLERS) await rmdir(this.#dirs[controller]).catch(() => {});
+    for (const dir of Object.values(this.#dirs)) await rmdir(dir).catch(() => {});
   }
 
   #write(controller: Controller, file: string, value: string): Promise<void> {
@@ -91,6 +104,14 @@ export class VmCgroup {
 }
 
 let bases: Promise<Record<Controller, string> | undefined> | undefined;
+let started = 0;
+
+/** Empty groups of earlier starts of the VM (a server that was killed leaves them): removed; busy ones stay. */
+async function removeStale(base: string, prefix: string): Promise<void> {
+  for (const name of await readdir(base).catch(() => [] as string[])) {
+    if (name.startsWith(prefix)) await rmdir(join(base, name)).catch(() => {});
+  }
+}
 
 /** The server's own group of each controller, when all three are cgroup v1 directories it may write. */
 function writableBases(): Promise<Record<Controller, string> | undefined> {
