@@ -534,7 +534,7 @@ describe("wire", () => {
     assert.equal(read.status, 200);
     assert.match(read.headers.get("content-type") ?? "", /application\/json/);
     assert.deepEqual(await read.json(), { value: { $base64: "aGVsbG8=" } });
-    for (const headers of [{ "content-type": "application/x-www-form-urlencoded" }, {}]) {
+    for (const headers of [{ "content-type": "application/x-www-form-urlencoded" }, {}] as Record<string, string>[]) {
       const refused = await rawAction("curl", "readdir", '["/home/agentos"]', headers);
       assert.equal(refused.status, 415);
       const body = (await refused.json()) as { error: { code: string; message: string } };
