@@ -68,6 +68,18 @@ export const AGENTVM_CODES = [
   "MALFORMED_REQUEST",
   /** A request body is larger than the server accepts. */
   "PAYLOAD_TOO_LARGE",
+  /** The request carries no valid API key or token (missing, unknown, revoked, expired or badly signed). */
+  "UNAUTHENTICATED",
+  /** The request's token does not cover this VM or action, or the route needs an API key. */
+  "FORBIDDEN",
+  /** The request's Host header is not in the server's allowedHosts (DNS rebinding defence). */
+  "HOST_NOT_ALLOWED",
+  /** The request comes from a browser page on an origin the server does not trust. */
+  "ORIGIN_NOT_ALLOWED",
+  /** The request body's content type is not one the route accepts (cross-site form defence). */
+  "UNSUPPORTED_MEDIA_TYPE",
+  /** registry.start() on a non-loopback host without an API key. */
+  "AUTH_NOT_CONFIGURED",
   /** The server is shutting down; retry against a running server. */
   "SERVER_CLOSING",
   /** The client could not reach the server. */

@@ -9,6 +9,7 @@ export type { ListenConfig } from "./policy/listen-policy.ts";
 export type { VmFetchInit, VmFetchResponse, VmFetchStreamResponse, VmFetchBody } from "./net/vm-fetch.ts";
 export { AgentVmError, AGENTVM_CODES, POSIX_CODES } from "./errors.ts";
 export type { ErrorCode, AgentVmCode, PosixCode } from "./errors.ts";
-export { agentOS, agentOs, setup, Registry } from "./server/index.ts";
+export { agentOS, agentOs, setup, Registry, generateApiKey, hashApiKey, TOKEN_ACTIONS } from "./server/index.ts";
+export type { AuthOptions, MintedToken, TokenAction, TokenRequest } from "./server/index.ts";
 export type { AgentOsConfig, PreviewConfig, SoftwarePackage, VmDefinition, StartOptions, RunningServer } from "./server/index.ts";
 export type { ExecResult } from "./vm.ts";

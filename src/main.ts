@@ -8,7 +8,8 @@ import { agentOS, setup } from "./index.ts";
 
 const registry = setup({ use: { vm: agentOS() } });
 const server = await registry.start();
-const client = createClient<typeof registry>(server.url);
+// A token for the demo VM works whether or not API keys are set (AGENTVM_API_KEYS).
+const client = createClient<typeof registry>({ endpoint: server.url, token: server.createToken({ key: "demo", expiresInSeconds: 600 }).token });
 const demo = client.vm.getOrCreate("demo");
 
 await demo.writeFile(
@@ -33,14 +34,15 @@ for (let attempt = 0; attempt < 500 && !greeting; attempt++) {
 }
 
 const api = `${server.url}/api/vm/demo`;
+const auth = server.authRequired ? `\nAPI keys are set: add -H "authorization: Bearer <key>" to each curl below.\n` : "";
 console.log(`agentvm server listening on ${server.url} (data in ${server.dataDir})
 
 The demo VM answered vmFetch(3000, "/"): ${greeting}
-
+${auth}
 Try next:
   curl ${api}/fetch/3000/hello                       # vmFetch into the demo VM
-  curl -X POST ${api}/actions/readdir -d '["/home/agentos"]'
-  curl -X POST ${api}/actions/exec -d '["sh", ["-c", "uname -a; node --version; git --version"]]'
+  curl -X POST ${api}/actions/readdir -H 'content-type: application/json' -d '["/home/agentos"]'
+  curl -X POST ${api}/actions/exec -H 'content-type: application/json' -d '["sh", ["-c", "uname -a; node --version; git --version"]]'
   curl -N ${api}/events                              # process output as Server-Sent Events
 
 From TypeScript: createClient<typeof registry>("${server.url}").vm.getOrCreate("demo")

@@ -30,6 +30,13 @@ export const FORWARD_HEADERS = "x-agentvm-forward-headers";
  * this name, so fetch hands the client the guest's bytes as they were sent.
  */
 export const CONTENT_ENCODING = "x-agentvm-content-encoding";
+/**
+ * The caller's credential for the server when `Authorization` belongs to the
+ * guest: the client sends its token here on the vmFetch route, so a guest's own
+ * `Authorization` header passes through. Never forwarded. Takes precedence
+ * over `Authorization` on every route.
+ */
+export const AUTH_HEADER = "x-agentvm-authorization";
 /** On the vmFetch route: the request's `timeoutMs` (not forwarded to the guest). */
 export const FETCH_TIMEOUT = "x-agentvm-timeout-ms";
 

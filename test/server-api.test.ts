@@ -526,16 +526,21 @@ describe("vmFetch", () => {
 });
 
 describe("wire", () => {
-  it("curl-style JSON with {\"$base64\": …} works via raw fetch (curl -d sends form content-type)", async () => {
-    const write = await rawAction("curl", "writeFile", '["/home/agentos/hi.txt", {"$base64": "aGVsbG8="}]', { "content-type": "application/x-www-form-urlencoded" });
+  it("curl-style JSON with {\"$base64\": …} works via raw fetch; form and text bodies (what curl -d and cross-site forms send) → 415", async () => {
+    const write = await rawAction("curl", "writeFile", '["/home/agentos/hi.txt", {"$base64": "aGVsbG8="}]');
     assert.equal(write.status, 200);
     assert.deepEqual(await write.json(), { value: null });
     const read = await rawAction("curl", "readFile", '{"value": ["/home/agentos/hi.txt"]}');
     assert.equal(read.status, 200);
     assert.match(read.headers.get("content-type") ?? "", /application\/json/);
     assert.deepEqual(await read.json(), { value: { $base64: "aGVsbG8=" } });
-    const list = await rawAction("curl", "readdir", '["/home/agentos"]', {});
-    assert.deepEqual(await list.json(), { value: ["hi.txt"] });
+    for (const headers of [{ "content-type": "application/x-www-form-urlencoded" }, {}] as Record<string, string>[]) {
+      const refused = await rawAction("curl", "readdir", '["/home/agentos"]', headers);
+      assert.equal(refused.status, 415);
+      const body = (await refused.json()) as { error: { code: string; message: string } };
+      assert.equal(body.error.code, "UNSUPPORTED_MEDIA_TYPE");
+      assert.match(body.error.message, /content-type: application\/json/);
+    }
     const exec = await rawAction("curl", "exec", '["node", ["-e", "console.log(40 + 2)"]]');
     const result = (await exec.json()) as { value: { exitCode: number; stdout: string } };
     assert.equal(result.value.exitCode, 0);

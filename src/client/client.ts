@@ -8,7 +8,7 @@
  */
 import { isVmAction } from "../actions.ts";
 import { AgentVmError, invalidArgument } from "../errors.ts";
-import { CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, fromBase64 } from "../wire.ts";
+import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, fromBase64 } from "../wire.ts";
 import type { AgentVmClient, ClientFetchInit, ClientOptions, VmConnection, VmConnectionEvents, VmHandle } from "./types.ts";
 
 /** Response headers that describe our hop, not the guest's answer. */
@@ -55,18 +55,28 @@ export function canonicalKey(key: unknown): string {
 class Transport {
   readonly base: string;
   readonly #headers: Record<string, string>;
+  readonly #authorization: string | undefined;
   readonly #fetch: typeof fetch;
 
   constructor(base: string, options: ClientOptions) {
     this.base = base;
-    this.#headers = options.headers ?? {};
+    if (options.token !== undefined && typeof options.token !== "string") throw invalidArgument(`createClient: token must be a string, got ${typeof options.token}`);
+    const headers = { ...options.headers };
+    const custom = Object.keys(headers).find((name) => name.toLowerCase() === "authorization");
+    // An explicit token wins over headers; AGENTVM_TOKEN only fills in when headers have no Authorization.
+    if (custom !== undefined && options.token !== undefined) delete headers[custom];
+    const token = options.token ?? (custom === undefined ? environmentToken() : undefined);
+    this.#authorization = token ? `Bearer ${token}` : undefined;
+    this.#headers = headers;
     this.#fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
   }
 
-  async request(url: string, init: RequestInit & { duplex?: "half" }): Promise<Response> {
+  /** `credentialHeader`: where the token goes; the vmFetch route uses AUTH_HEADER so the guest's own Authorization passes. */
+  async request(url: string, init: RequestInit & { duplex?: "half" }, credentialHeader = "authorization"): Promise<Response> {
     let response: Response;
+    const credential = this.#authorization ? { [credentialHeader]: this.#authorization } : {};
     try {
-      response = await this.#fetch(url, { ...init, headers: { ...this.#headers, ...(init.headers as Record<string, string>) } });
+      response = await this.#fetch(url, { ...init, headers: { ...this.#headers, ...(init.headers as Record<string, string>), ...credential } });
     } catch (error) {
       if ((error as Error).name === "AbortError") throw error;
       const cause = (error as { cause?: { code?: string; message?: string } }).cause;
@@ -75,6 +85,13 @@ class Transport {
     if (response.headers.get("x-agentvm-error")) throw await errorFrom(response);
     return response;
   }
+}
+
+/** AGENTVM_TOKEN in Node (and runtimes with its `process.env`); nothing in a browser. */
+function environmentToken(): string | undefined {
+  const env = (globalThis as { process?: { env?: Record<string, string | undefined> } }).process?.env;
+  const token = env?.AGENTVM_TOKEN;
+  return typeof token === "string" && token.length > 0 ? token : undefined;
 }
 
 async function errorFrom(response: Response): Promise<AgentVmError> {
@@ -118,7 +135,7 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
       body: body as RequestInit["body"],
       signal: init.signal ?? null,
       ...(body instanceof ReadableStream ? { duplex: "half" as const } : {}),
-    });
+    }, AUTH_HEADER);
   }
 
   function head(response: Response): { status: number; statusText: string; headers: Record<string, string> } {

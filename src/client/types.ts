@@ -55,6 +55,11 @@ export type AgentVmClient<R> = R extends Registry<infer Use> ? { readonly [K in 
 export interface ClientOptions {
   /** Server URL, e.g. http://localhost:6420 */
   endpoint: string;
+  /**
+   * An API key or a scoped token, sent as `Authorization: Bearer <token>`.
+   * Default: AGENTVM_TOKEN from the environment (in Node); "" sends none.
+   */
+  token?: string;
   /** Extra headers on every request (e.g. an auth token for a proxy in front of the server). */
   headers?: Record<string, string>;
   /** A fetch implementation (default: the global fetch). */

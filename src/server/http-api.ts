@@ -5,7 +5,8 @@
  *   ANY  /api/:definition/:key/fetch/:port/*     vmFetch, streamed both ways
  *   GET  /api/:definition/:key/events            processOutput / processExit as Server-Sent Events
  *   GET  /api/:definition/:key/status            awake or asleep, without waking it
- *   GET  /health
+ *   POST /api/tokens                             mint a scoped token (API key holders)
+ *   GET  /health                                 no credentials needed
  *
  * Every failure is `{ "error": { "code", "message" } }` with a status derived
  * from the code and the `x-agentvm-error: 1` header, so a client can tell our
@@ -15,7 +16,9 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import { pipeline } from "node:stream";
 import { isVmAction } from "../actions.ts";
 import { AgentVmError, type ErrorCode } from "../errors.ts";
-import { CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
+import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
+import type { Authenticator, TokenRequest } from "./auth.ts";
+import { refuseFormPost, requireBodyType, type OriginPolicy } from "./request-origin.ts";
 import type { VmActor } from "./vm-actor.ts";
 
 export const MAX_KEY_LENGTH = 256;
@@ -27,6 +30,11 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   PREVIEW_TTL_INVALID: 400,
   PREVIEW_TTL_TOO_LONG: 400,
   PREVIEW_TOKEN_LIMIT: 429,
+  UNAUTHENTICATED: 401,
+  FORBIDDEN: 403,
+  HOST_NOT_ALLOWED: 403,
+  ORIGIN_NOT_ALLOWED: 403,
+  UNSUPPORTED_MEDIA_TYPE: 415,
   PATH_OUTSIDE_VM: 403,
   EACCES: 403,
   EPERM: 403,
@@ -71,8 +79,13 @@ export const HOP_BY_HOP = new Set([
 export interface ApiContext {
   /** Finds (or creates) the actor for a definition and key; undefined when the definition is unknown. */
   actor(definition: string, key: string): VmActor | undefined;
+  hasDefinition(definition: string): boolean;
+  auth: Authenticator;
+  origins: OriginPolicy;
   maxBodyBytes: number;
 }
+
+const TOKEN_BODY_LIMIT = 64 * 1024;
 
 /** The HTTP status an error code is answered with (docs/errors.md lists them). */
 export function httpStatus(code: ErrorCode): number {
@@ -126,25 +139,110 @@ function decodeKey(raw: string): string {
   return key;
 }
 
-/** Handles /api/… requests; returns false when the path is not an API path. */
-export async function handleApi(context: ApiContext, request: IncomingMessage, response: ServerResponse, url: URL): Promise<boolean> {
-  const match = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status)(\/.*)?$/.exec(url.pathname);
-  if (!match) return false;
+type Route =
+  | { kind: "health" }
+  | { kind: "tokens" }
+  | {
+      kind: "vm";
+      definition: string;
+      key: string;
+      route: "actions" | "fetch" | "events" | "status";
+      /** The action name or the port ("" for events and status). */
+      segment: string;
+      /** What a token's actions list must hold for this request. */
+      action: string;
+      /** The path after the route (the guest's path on the fetch route). */
+      rest: string | undefined;
+    };
+
+const VM_ROUTE = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status)(\/.*)?$/;
+
+function decodeDefinition(raw: string): string {
   try {
-    const definition = decodeURIComponent(match[1]!);
-    const key = decodeKey(match[2]!);
-    const actor = context.actor(definition, key);
-    if (!actor) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(definition)} in this registry`);
-    const [kind, name] = match[3]!.split("/") as [string, string | undefined];
-    if (kind === "actions" && match[4] === undefined) await callAction(context, actor, name!, request, response);
-    else if (kind === "fetch") await proxyFetch(actor, name!, `${match[4] ?? "/"}${url.search}`, request, response);
-    else if (kind === "events" && match[4] === undefined) await streamEvents(actor, request, response);
-    else if (kind === "status" && match[4] === undefined && request.method === "GET") sendJson(response, actor.status());
+    return decodeURIComponent(raw);
+  } catch {
+    throw new AgentVmError("UNKNOWN_ACTION", "the definition name in the URL is not valid percent-encoding");
+  }
+}
+
+function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): Route {
+  if (url.pathname === "/health") return { kind: "health" };
+  if (url.pathname === "/api/tokens") {
+    if (request.method !== "POST") throw new AgentVmError("UNKNOWN_ACTION", `tokens are minted with POST, not ${request.method}`);
+    return { kind: "tokens" };
+  }
+  const match = VM_ROUTE.exec(url.pathname);
+  if (!match) throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}; see docs/http-api.md`);
+  const definition = decodeDefinition(match[1]!);
+  if (!context.hasDefinition(definition)) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(definition)} in this registry`);
+  const key = decodeKey(match[2]!);
+  const [route, segment = ""] = match[3]!.split("/") as ["actions" | "fetch" | "events" | "status", string | undefined];
+  const action = route === "actions" ? segment : route === "fetch" ? "vmFetch" : route === "events" ? "connect" : "status";
+  return { kind: "vm", definition, key, route, segment, action, rest: match[4] };
+}
+
+/**
+ * The request dispatcher for everything that is not a preview: the one place
+ * where Host, origin, credentials and content type are checked, in that order,
+ * before any route does work (or creates a VM actor).
+ */
+export async function handleApi(context: ApiContext, request: IncomingMessage, response: ServerResponse): Promise<void> {
+  try {
+    context.origins.checkHost(request);
+    context.origins.checkOrigin(request);
+    const url = new URL(request.url ?? "/", "http://localhost");
+    // Credentials first (401 before 404), except for the health probe.
+    const credentialHeader = request.headers[AUTH_HEADER] !== undefined ? AUTH_HEADER : "authorization";
+    const credential = url.pathname === "/health" ? undefined : context.auth.authenticate(headerText(request.headers[credentialHeader]));
+    const route = resolveRoute(context, request, url);
+    if (route.kind === "health") {
+      sendRaw(response, { ok: true });
+      return;
+    }
+    if (route.kind === "tokens") {
+      context.auth.requireApiKey(credential!, "minting a token (POST /api/tokens)");
+      requireBodyType(request, "POST /api/tokens");
+      await mintToken(context, request, response);
+      return;
+    }
+    context.auth.authorize(credential!, route.definition, route.key, route.action);
+    if (route.route === "actions" && request.method === "POST") requireBodyType(request, `action ${route.segment}`);
+    if (route.route === "fetch") refuseFormPost(request);
+    const actor = context.actor(route.definition, route.key);
+    if (!actor) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(route.definition)} in this registry`);
+    if (route.route === "actions" && route.rest === undefined) await callAction(context, actor, route.segment, request, response);
+    else if (route.route === "fetch") {
+      // The credential is ours, not the guest's: it is not forwarded.
+      const consumed = credential!.kind === "open" ? AUTH_HEADER : credentialHeader;
+      await proxyFetch(actor, route.segment, `${route.rest ?? "/"}${url.search}`, request, response, consumed);
+    }
+    else if (route.route === "events" && route.rest === undefined) await streamEvents(actor, request, response);
+    else if (route.route === "status" && route.rest === undefined && request.method === "GET") sendJson(response, actor.status());
     else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
   } catch (error) {
     sendError(response, error);
   }
-  return true;
+}
+
+async function mintToken(context: ApiContext, request: IncomingMessage, response: ServerResponse): Promise<void> {
+  const body = await readBody(request, TOKEN_BODY_LIMIT);
+  let input: unknown;
+  try {
+    input = JSON.parse(Buffer.from(body).toString("utf8"));
+  } catch (error) {
+    throw new AgentVmError("MALFORMED_REQUEST", `POST /api/tokens: the body is not JSON (${(error as Error).message})`);
+  }
+  sendJson(response, context.auth.mintToken(input as TokenRequest));
+}
+
+function headerText(value: string | string[] | undefined): string | undefined {
+  return Array.isArray(value) ? value.join(", ") : value;
+}
+
+function sendRaw(response: ServerResponse, value: unknown): void {
+  const body = JSON.stringify(value);
+  response.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
+  response.end(body);
 }
 
 function sendJson(response: ServerResponse, value: unknown): void {
@@ -173,7 +271,7 @@ async function callAction(context: ApiContext, actor: VmActor, action: string, r
   response.end(encoded.body);
 }
 
-async function proxyFetch(actor: VmActor, portText: string, path: string, request: IncomingMessage, response: ServerResponse): Promise<void> {
+async function proxyFetch(actor: VmActor, portText: string, path: string, request: IncomingMessage, response: ServerResponse, credentialHeader: string): Promise<void> {
   const port = Number(portText);
   const forwardList = request.headers[FORWARD_HEADERS];
   let forward: Set<string> | undefined;
@@ -187,7 +285,7 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   }
   const headers: Record<string, string> = {};
   for (const [name, value] of Object.entries(request.headers)) {
-    if (value === undefined || HOP_BY_HOP.has(name) || name === "host" || name === FORWARD_HEADERS || name === FETCH_TIMEOUT) continue;
+    if (value === undefined || HOP_BY_HOP.has(name) || name === "host" || name === FORWARD_HEADERS || name === FETCH_TIMEOUT || name === AUTH_HEADER || name === credentialHeader) continue;
     if (forward && !forward.has(name)) continue;
     if (name === "content-length" && request.headers["transfer-encoding"]) continue;
     headers[name] = Array.isArray(value) ? value.join(", ") : value;

@@ -12,6 +12,8 @@ import { ensureImage } from "../image/index.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
 import { handleApi, sendError } from "./http-api.ts";
+import { apiKeysFromEnv, Authenticator, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
+import { isLoopbackHost, OriginPolicy } from "./request-origin.ts";
 import { VmActor } from "./vm-actor.ts";
 import { PreviewGateway } from "../net/gateway.ts";
 import { PreviewStore } from "../store/preview-store.ts";
@@ -28,6 +30,19 @@ export interface StartOptions {
   maxBodyBytes?: number;
   /** Shut down cleanly on SIGINT/SIGTERM and exit (default true). */
   handleSignals?: boolean;
+  /**
+   * Who may call the API. Without any API key (here or in AGENTVM_API_KEYS) the
+   * API is open, which start() allows only on a loopback host.
+   */
+  auth?: AuthOptions;
+  /**
+   * Host header names the API answers besides localhost, *.localhost, IP
+   * addresses and `host` (DNS rebinding defence): exact names or ".example.com"
+   * for a domain and its subdomains; true accepts any name.
+   */
+  allowedHosts?: readonly string[] | true;
+  /** Browser origins (e.g. "https://app.example.com") allowed to call the API besides its own. */
+  allowedOrigins?: readonly string[];
   /** Preview gateway settings. */
   preview?: {
     /** Host suffix for subdomain previews, `<token>.<host>` (default "preview.localhost"). */
@@ -46,6 +61,14 @@ export interface RunningServer {
   readonly url: string;
   readonly port: number;
   readonly dataDir: string;
+  /** False while the API is open (loopback, no API key configured). */
+  readonly authRequired: boolean;
+  /** Mints a short-lived token scoped to one VM and a set of actions. */
+  createToken(request: TokenRequest): MintedToken;
+  /** Accepts another API key from now on. */
+  addApiKey(key: string | { sha256: string }): void;
+  /** Refuses an API key from now on; true when it was known. */
+  revokeApiKey(key: string | { sha256: string }): boolean;
   /** Stops accepting requests, ends every guest and closes SQLite. */
   close(): Promise<void>;
 }
@@ -68,7 +91,13 @@ export class Registry<Use extends Record<string, VmDefinition>> {
         if (this.#running === running) this.#running = undefined;
       };
       const running: Promise<RunningServer> = startServer(this.use, options).then(
-        (server) => ({ ...server, close: () => server.close().finally(forget) }),
+        (server) => ({
+          ...server,
+          get authRequired() {
+            return server.authRequired;
+          },
+          close: () => server.close().finally(forget),
+        }),
         (error) => {
           forget();
           throw error;
@@ -77,6 +106,15 @@ export class Registry<Use extends Record<string, VmDefinition>> {
       this.#running = running;
     }
     return this.#running;
+  }
+
+  /**
+   * Mints a token for a browser or an agent: one VM, some actions, a short
+   * lifetime. Needs the server started (its secret lives in the data directory).
+   */
+  async createToken(request: TokenRequest): Promise<MintedToken> {
+    if (!this.#running) throw new AgentVmError("INVALID_ARGUMENT", "createToken needs a started server: await registry.start() first (or POST /api/tokens with an API key)");
+    return (await this.#running).createToken(request);
   }
 }
 
@@ -94,7 +132,11 @@ export function setup<Use extends Record<string, VmDefinition>>(input: { use: Us
 
 async function startServer(use: Record<string, VmDefinition>, options: StartOptions): Promise<RunningServer> {
   const config = expectObject("start options", options);
-  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "handleSignals", "preview"]);
+  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "handleSignals", "preview", "auth", "allowedHosts", "allowedOrigins"]);
+  const authOptions = config.auth === undefined ? {} : expectObject("start options.auth", config.auth);
+  expectKnownKeys("start options.auth", authOptions, ["apiKeys", "maxTokenTtlSeconds"]);
+  if (authOptions.apiKeys !== undefined && !Array.isArray(authOptions.apiKeys)) throw invalidArgument(`start options.auth.apiKeys must be an array of keys, got ${describe(authOptions.apiKeys)}`);
+  const apiKeys = [...((authOptions.apiKeys as AuthOptions["apiKeys"]) ?? []), ...apiKeysFromEnv(process.env.AGENTVM_API_KEYS)];
   const previewOptions = config.preview === undefined ? {} : expectObject("start options.preview", config.preview);
   expectKnownKeys("start options.preview", previewOptions, ["host", "responseTimeoutMs", "maxBodyBytes", "sweepIntervalMs"]);
   const port = options.port ?? (process.env.PORT ? Number(process.env.PORT) : 6420);
@@ -102,6 +144,17 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const host = options.host ?? process.env.HOST ?? "localhost";
   const dataDir = resolve(options.dataDir ?? process.env.AGENTVM_DATA_DIR ?? ".agentvm");
   const maxBodyBytes = options.maxBodyBytes ?? 1024 ** 3;
+  const origins = new OriginPolicy({
+    host,
+    ...(options.allowedHosts !== undefined ? { allowedHosts: options.allowedHosts } : {}),
+    ...(options.allowedOrigins !== undefined ? { allowedOrigins: options.allowedOrigins } : {}),
+  });
+  if (apiKeys.length === 0 && !isLoopbackHost(host)) {
+    throw new AgentVmError(
+      "AUTH_NOT_CONFIGURED",
+      `refusing to serve the API on ${host} without an API key: anyone who can reach it could run code in every VM. Set AGENTVM_API_KEYS=<key> (comma-separated for several) or start({ auth: { apiKeys: [key] } }); make a key with \`openssl rand -hex 32\`. Or listen on localhost.`,
+    );
+  }
 
   // The image (and each definition's software) is built once per machine; start
   // now, with progress on stderr, so the first VM does not wait for it.
@@ -112,11 +165,26 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   // Say it at start-up, not only on the first spawn: without bubblewrap no guest can run.
   findBubblewrap().catch((error: Error) => console.error(`agentvm: ${error.message}`));
   const store = new SqliteStore(dataDir);
+  let auth: Authenticator;
+  try {
+    auth = new Authenticator({
+      apiKeys,
+      secret: loadTokenSecret(dataDir),
+      definitions: Object.keys(use),
+      ...(authOptions.maxTokenTtlSeconds !== undefined ? { maxTokenTtlSeconds: authOptions.maxTokenTtlSeconds as number } : {}),
+    });
+  } catch (error) {
+    store.close();
+    throw error;
+  }
   const previews = new PreviewStore(store);
   const actors = new Map<string, VmActor>();
   let closing = false;
   const context = {
     maxBodyBytes,
+    auth,
+    origins,
+    hasDefinition: (name: string) => Object.hasOwn(use, name),
     actor(definitionName: string, key: string): VmActor | undefined {
       const definition = Object.hasOwn(use, definitionName) ? use[definitionName] : undefined;
       if (!definition) return undefined;
@@ -152,18 +220,9 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   sweep.unref();
 
   const handler = (request: IncomingMessage, response: ServerResponse) => {
+    // Previews first: their token is their credential, and they keep their own CORS.
     if (gateway.handleRequest(request, response)) return;
-    const url = new URL(request.url ?? "/", "http://localhost");
-    handleApi(context, request, response, url)
-      .then((handled) => {
-        if (handled) return;
-        if (url.pathname === "/health") {
-          response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ ok: true }));
-          return;
-        }
-        sendError(response, new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}; see docs/http-api.md`));
-      })
-      .catch((error) => sendError(response, error));
+    handleApi(context, request, response).catch((error) => sendError(response, error));
   };
 
   let servers: Server[];
@@ -186,6 +245,11 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   }
   const boundPort = (servers[0]!.address() as { port: number }).port;
   const url = `http://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
+  if (auth.open) {
+    console.warn(
+      `agentvm: the API on ${url} is OPEN: no API key is set, so any program on this machine can run code in every VM. Set AGENTVM_API_KEYS or start({ auth: { apiKeys } }) to require one.`,
+    );
+  }
 
   let closed: Promise<void> | undefined;
   const close = () =>
@@ -222,7 +286,18 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     process.once("SIGINT", onSignal);
     process.once("SIGTERM", onSignal);
   }
-  return { url, port: boundPort, dataDir, close };
+  return {
+    url,
+    port: boundPort,
+    dataDir,
+    get authRequired() {
+      return !auth.open;
+    },
+    createToken: (request: TokenRequest) => auth.mintToken(request),
+    addApiKey: (key: string | { sha256: string }) => auth.addApiKey(key),
+    revokeApiKey: (key: string | { sha256: string }) => auth.revokeApiKey(key),
+    close,
+  };
 }
 
 /** "localhost" means both loopback families, as browsers and fetch may try either. */

@@ -6,7 +6,7 @@
  *
  * Imports use the package names a user would (`agentvm`, `agentvm/client`).
  */
-import { agentOS, agentOs, setup, type ProcessInfo, type VmStat } from "agentvm";
+import { agentOS, agentOs, setup, type MintedToken, type ProcessInfo, type TokenRequest, type VmStat } from "agentvm";
 import { AgentVmError, createClient, type ErrorCode, type VmConnection, type VmHandle } from "agentvm/client";
 
 const registry = setup({ use: { vm: agentOS({ software: [] }), other: agentOs({ options: { software: [] } }) } });
@@ -96,6 +96,17 @@ export async function correctlyTyped(): Promise<void> {
   void [bytes, written, names, size, isFile, exists, exitCode, stdout, waited, running, ports, status, statusText, headers, body, stream, path, token, expiresAt];
 }
 
+/** Credentials: the client's token, and tokens minted by the registry. */
+export async function credentials(): Promise<void> {
+  const scoped = createClient<typeof registry>({ endpoint: "http://localhost:6420", token: "avt_…" });
+  const handle: VmHandle = scoped.vm.getOrCreate("k");
+  const minted: MintedToken = await registry.createToken({ key: "k", actions: ["readFile", "vmFetch"], expiresInSeconds: 60 });
+  const tokenText: string = minted.token;
+  const until: number = minted.expiresAt;
+  const everything: TokenRequest = { definition: "other", key: ["k"], actions: "*" };
+  void [handle, tokenText, until, everything];
+}
+
 /** The seed client code (RivetKit page, vmFetch sections) type-checks as written. */
 export async function seedClient(): Promise<void> {
   const client = createClient<typeof registry>("http://localhost:6420");
@@ -115,6 +126,10 @@ export async function seedClient(): Promise<void> {
 }
 
 export async function wronglyTyped(): Promise<void> {
+  // @ts-expect-error a token is a string
+  createClient<typeof registry>({ endpoint: "http://localhost:6420", token: 42 });
+  // @ts-expect-error token actions are action names or "*"
+  await registry.createToken({ key: "k", actions: ["formatDisk"] });
   // @ts-expect-error a path is a string
   await h.writeFile(123, "x");
   // @ts-expect-error content is a string or bytes
