@@ -247,6 +247,26 @@ describe("vm processes", () => {
     assert.match(status.stdout, /^NoNewPrivs:\s+1$/m, status.stdout);
   });
 
+  it("the syscall filter: no setuid or setgid files, no new namespaces, no ptrace; ordinary programs unaffected", async () => {
+    const probe = await vm.exec("sh", [
+      "-c",
+      [
+        "grep -E '^Seccomp:' /proc/self/status",
+        "touch setid && chmod u+s setid; echo chmod-u+s=$?",
+        "chmod g+s setid; echo chmod-g+s=$?",
+        "stat -c %a setid",
+        "unshare -U true 2>/dev/null; echo unshare=$?",
+        "node -e \"try { require('fs').chmodSync('setid', 0o4755); console.log('node-chmod=ok') } catch (e) { console.log('node-chmod=' + e.code) }\"",
+        "echo ok | sha256sum | cut -c1-8",
+      ].join("; "),
+    ]);
+    assert.equal(
+      probe.stdout,
+      ["Seccomp:\t2", "chmod-u+s=1", "chmod-g+s=1", "644", "unshare=1", "node-chmod=EPERM", "dc51b8c9"].join("\n") + "\n",
+      probe.stderr,
+    );
+  });
+
   it("bad arguments are typed errors", async () => {
     const loose = vm as unknown as { spawn(...args: unknown[]): Promise<unknown> };
     await assertRejects(loose.spawn(42), "INVALID_ARGUMENT", "command");

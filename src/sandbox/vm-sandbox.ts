@@ -17,6 +17,7 @@ import type { FromInit, VmProcess } from "../init/protocol.ts";
 import { bubblewrapArgs, INIT_DIR, prepareMountPoints, type SandboxLayout } from "./bubblewrap.ts";
 import type { VmCgroup } from "./cgroup.ts";
 import { ControlChannel } from "./control-channel.ts";
+import { seccompProgram, seccompSupported } from "./seccomp.ts";
 
 export interface SandboxEvents {
   onOutput(pid: number, fd: 1 | 2, data: Buffer): void;
@@ -92,11 +93,18 @@ export class VmSandbox {
       "--max-old-space-size=64",
       `${INIT_DIR}/main.js`,
     ];
-    const command = [...joinCgroup(options.cgroup), ...hostWrappers(options.rlimits), options.bwrap, "--args", "4", "--info-fd", "5", "--", ...initCommand];
-    const child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe", "pipe"], env: {} });
-    const argsPipe = child.stdio[4] as import("node:stream").Writable;
-    argsPipe.on("error", () => {}); // bubblewrap that failed to start: reported by 'exit'
-    argsPipe.end(sandboxArgs.map((arg) => `${arg}\0`).join(""), () => argsPipe.destroy());
+    // The syscall filter (seccomp.ts) goes in on fd 6; bubblewrap installs it last, on init and so on everything.
+    const filter = seccompSupported() ? ["--seccomp", "6"] : [];
+    const command = [...joinCgroup(options.cgroup), ...hostWrappers(options.rlimits), options.bwrap, "--args", "4", "--info-fd", "5", ...filter, "--", ...initCommand];
+    const child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe", "pipe", "pipe"], env: {} });
+    const feed = (fd: number, bytes: string | Buffer) => {
+      const pipe = (child.stdio as unknown as import("node:stream").Writable[])[fd]!;
+      pipe.on("error", () => {}); // bubblewrap that failed to start: reported by 'exit'
+      pipe.end(bytes, () => pipe.destroy());
+    };
+    feed(4, sandboxArgs.map((arg) => `${arg}\0`).join(""));
+    if (filter.length > 0) feed(6, seccompProgram());
+    else (child.stdio as unknown as import("node:stream").Writable[])[6]!.destroy();
     const sandbox = new VmSandbox(child, options.events, readChildPid((child.stdio as unknown as Readable[])[5]!));
     let log = "";
     const stderr = child.stderr as Readable;
