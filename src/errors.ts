@@ -78,6 +78,10 @@ export const AGENTVM_CODES = [
   "ORIGIN_NOT_ALLOWED",
   /** The request body's content type is not one the route accepts (cross-site form defence). */
   "UNSUPPORTED_MEDIA_TYPE",
+  /** exec ran longer than its timeoutMs; the process was killed and `details` holds what it printed. */
+  "EXEC_TIMEOUT",
+  /** exec printed more than its maxOutputBytes; the process was killed and `details` holds the output up to the cap. */
+  "EXEC_OUTPUT_LIMIT",
   /** registry.start() on a non-loopback host without an API key. */
   "AUTH_NOT_CONFIGURED",
   /** The server is shutting down; retry against a running server. */
@@ -101,27 +105,34 @@ export function isErrorCode(value: unknown): value is ErrorCode {
 export interface ErrorShape {
   code: ErrorCode;
   message: string;
+  /** What the failed operation had got that far (exec's captured output), when it has anything. */
+  details?: Record<string, unknown>;
 }
 
 export class AgentVmError extends Error {
   readonly code: ErrorCode;
+  readonly details: Record<string, unknown> | undefined;
 
-  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; details?: Record<string, unknown> }) {
     super(message, options);
     this.name = "AgentVmError";
     this.code = code;
+    this.details = options?.details;
   }
 
   toJSON(): ErrorShape {
-    return { code: this.code, message: this.message };
+    return this.details ? { code: this.code, message: this.message, details: this.details } : { code: this.code, message: this.message };
   }
 
   /** Rebuilds an error from its wire shape, or wraps anything else as INTERNAL. */
   static from(value: unknown): AgentVmError {
     if (value instanceof AgentVmError) return value;
     if (value && typeof value === "object") {
-      const { code, message } = value as { code?: unknown; message?: unknown };
-      if (isErrorCode(code)) return new AgentVmError(code, String(message ?? code));
+      const { code, message, details } = value as { code?: unknown; message?: unknown; details?: unknown };
+      if (isErrorCode(code)) {
+        const withDetails = details && typeof details === "object" && !Array.isArray(details) ? { details: details as Record<string, unknown> } : {};
+        return new AgentVmError(code, String(message ?? code), withDetails);
+      }
       if (typeof message === "string") return new AgentVmError("INTERNAL", message, { cause: value });
     }
     return new AgentVmError("INTERNAL", String(value));

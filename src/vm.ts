@@ -97,6 +97,15 @@ export interface ProcessExitEvent {
   exitCode: number;
 }
 
+export interface ExecOptions {
+  cwd?: string;
+  env?: Record<string, string>;
+  /** Kill the program and fail with EXEC_TIMEOUT after this long (default 600000: 10 minutes). */
+  timeoutMs?: number;
+  /** Kill the program and fail with EXEC_OUTPUT_LIMIT past this much stdout and stderr together (default 64 MiB). */
+  maxOutputBytes?: number;
+}
+
 export interface ExecResult {
   pid: number;
   exitCode: number;
@@ -113,6 +122,8 @@ export interface VmEvents {
 const SAFE_DIRECTORY = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const MAX_NAME = 256;
 const RECENT_DENIALS = 100;
+const EXEC_TIMEOUT_MS = 600_000;
+const EXEC_MAX_OUTPUT = 64 * 1024 * 1024;
 const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096, totalMemoryMb: 2048, maxTasks: 2048, cpuShares: 1024 };
 /**
  * RLIMIT_DATA above the heap cap, per process. Node 26 needs a fixed ~565 MiB
@@ -314,24 +325,49 @@ export class Vm extends EventEmitter<VmEvents> {
     return this.#processes.spawn(command, args, options);
   }
   /** Runs a program to completion and returns its exit code and output. */
-  async exec(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<ExecResult> {
+  /**
+   * Runs a program to completion and returns its exit code and output. Bounded:
+   * past `timeoutMs` (default 10 minutes) or `maxOutputBytes` of output (default
+   * 64 MiB) the program is killed and the error (EXEC_TIMEOUT,
+   * EXEC_OUTPUT_LIMIT) carries what it had printed in `details`.
+   */
+  async exec(command: string, args: string[] = [], options: ExecOptions = {}): Promise<ExecResult> {
     this.#alive();
-    const stdout: Uint8Array[] = [];
-    const stderr: Uint8Array[] = [];
+    const opts = expectObject("options", options ?? {});
+    const { timeoutMs: rawTimeout, maxOutputBytes: rawCap, ...spawnOptions } = opts;
+    const timeoutMs = rawTimeout === undefined ? EXEC_TIMEOUT_MS : expectInteger("options.timeoutMs", rawTimeout, 1, 7 * 24 * 3600 * 1000);
+    const maxOutputBytes = rawCap === undefined ? EXEC_MAX_OUTPUT : expectInteger("options.maxOutputBytes", rawCap, 0, Number.MAX_SAFE_INTEGER);
+    const output = { stdout: [] as Uint8Array[], stderr: [] as Uint8Array[], bytes: 0 };
     let pid = -1;
+    let exceeded: "EXEC_TIMEOUT" | "EXEC_OUTPUT_LIMIT" | undefined;
+    const stop = (why: "EXEC_TIMEOUT" | "EXEC_OUTPUT_LIMIT") => {
+      if (exceeded) return;
+      exceeded = why;
+      void this.#processes.kill(pid, "SIGKILL").catch(() => {});
+    };
     const early: ProcessOutputEvent[] = [];
     const collect = (event: ProcessOutputEvent) => {
-      if (pid === -1) early.push(event);
-      else if (event.pid === pid) (event.stream === "stdout" ? stdout : stderr).push(event.data);
+      if (pid === -1) return void early.push(event);
+      if (event.pid !== pid || exceeded === "EXEC_OUTPUT_LIMIT") return;
+      const room = maxOutputBytes - output.bytes;
+      output[event.stream].push(event.data.byteLength > room ? event.data.subarray(0, room) : event.data);
+      output.bytes += Math.min(room, event.data.byteLength);
+      if (event.data.byteLength > room) stop("EXEC_OUTPUT_LIMIT");
     };
     this.on("processOutput", collect);
+    let timer: NodeJS.Timeout | undefined;
     try {
-      pid = (await this.#processes.spawn(command, args, options)).pid;
-      for (const event of early) collect(event);
+      pid = (await this.#processes.spawn(command, args, spawnOptions)).pid;
+      for (const event of early.splice(0)) collect(event);
+      timer = setTimeout(() => stop("EXEC_TIMEOUT"), timeoutMs);
       const exitCode = await this.#processes.wait(pid);
       const text = (parts: Uint8Array[]) => Buffer.concat(parts).toString("utf8");
-      return { pid, exitCode, stdout: text(stdout), stderr: text(stderr) };
+      const result = { pid, exitCode, stdout: text(output.stdout), stderr: text(output.stderr) };
+      if (exceeded === "EXEC_TIMEOUT") throw new AgentVmError(exceeded, `exec ${command}: still running after ${timeoutMs} ms (options.timeoutMs); it was killed`, { details: result });
+      if (exceeded) throw new AgentVmError(exceeded, `exec ${command}: printed more than ${maxOutputBytes} bytes (options.maxOutputBytes); it was killed — use spawn and processOutput events for large output`, { details: result });
+      return result;
     } finally {
+      clearTimeout(timer);
       this.off("processOutput", collect);
     }
   }

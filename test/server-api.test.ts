@@ -288,6 +288,27 @@ describe("errors keep code and message across the wire", () => {
     assert.deepEqual(await raw.json(), { error: { code: "ENOENT", message: error.message } });
   });
 
+  it("exec past its timeout or output cap: the program is killed and the error carries what it printed", async () => {
+    const slow = await rejection(vm.exec("sh", ["-c", "echo started; sleep 30"], { timeoutMs: 500 }));
+    assert.equal(slow.code, "EXEC_TIMEOUT");
+    assert.match(slow.message, /timeoutMs/);
+    const details = (slow as AgentVmError).details as { pid: number; exitCode: number; stdout: string };
+    assert.equal(details.stdout, "started\n");
+    assert.equal(details.exitCode, 128 + 9);
+    assert.equal((await vm.listProcesses()).find((info) => info.pid === details.pid)?.running, false);
+    const chatty = await rejection(vm.exec("sh", ["-c", "yes | head -c 5000000; echo never-here"], { maxOutputBytes: 100_000 }));
+    assert.equal(chatty.code, "EXEC_OUTPUT_LIMIT");
+    const captured = (chatty as AgentVmError).details as { stdout: string; stderr: string };
+    assert.equal(captured.stdout.length + captured.stderr.length, 100_000);
+    assert.match(captured.stdout, /^(y\n)+/);
+    const raw = await rawAction("errors", "exec", JSON.stringify(["sleep", ["5"], { timeoutMs: 100 }]));
+    assert.equal(raw.status, 504);
+    assert.equal(((await raw.json()) as { error: { details: { exitCode: number } } }).error.details.exitCode, 137);
+    const bad = await rejection(vm.exec("true", [], { timeoutMs: -1 }));
+    assert.equal(bad.code, "INVALID_ARGUMENT");
+    assert.match(bad.message, /timeoutMs/);
+  });
+
   it("spawn('python') → ENOENT", async () => {
     const error = await rejection(vm.spawn("python", ["-c", "print(1)"]));
     assert.equal(error.code, "ENOENT");

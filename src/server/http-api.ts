@@ -57,6 +57,8 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   FETCH_FAILED: 502,
   SANDBOX_UNAVAILABLE: 503,
   SANDBOX_EXITED: 503,
+  EXEC_TIMEOUT: 504,
+  EXEC_OUTPUT_LIMIT: 413,
   IMAGE_BUILD_FAILED: 503,
   GUEST_RUNTIME_MISSING: 503,
   SERVER_CLOSING: 503,
@@ -98,7 +100,7 @@ export function sendError(response: ServerResponse, error: unknown, extraHeaders
     response.destroy(shaped);
     return;
   }
-  const body = JSON.stringify({ error: { code: shaped.code, message: shaped.message } });
+  const body = JSON.stringify({ error: shaped.toJSON() });
   response.writeHead(httpStatus(shaped.code), {
     "content-type": "application/json",
     "content-length": Buffer.byteLength(body),
