@@ -8,6 +8,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { connect } from "node:net";
 import { after, before, describe, it } from "node:test";
 import { agentOS, setup, type RunningServer } from "agentvm";
 import { AgentVmError, createClient, type VmHandle } from "agentvm/client";
@@ -250,6 +251,30 @@ describe("processes", () => {
     await connection.ready;
     await connection.dispose();
     await connection.closed;
+  });
+
+  it("an event subscriber that stops reading is cut off with EVENTS_TOO_SLOW; the server holds a bounded amount for it", async () => {
+    const key = "slow-reader";
+    await client.vm.getOrCreate(key).writeFile("/home/agentos/x", "x"); // the VM exists
+    const url = new URL(server.url);
+    const socket = connect(Number(url.port), url.hostname);
+    await new Promise((resolve) => socket.once("connect", resolve));
+    socket.write(`GET /api/vm/${key}/events HTTP/1.1\r\nHost: ${url.host}\r\nAccept: text/event-stream\r\n\r\n`);
+    socket.pause(); // a subscriber that never reads
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    const rssBefore = process.memoryUsage().rss;
+    const vm = client.vm.getOrCreate(key);
+    const { pid } = await vm.spawn("sh", ["-c", "head -c 60000000 /dev/zero | tr '\\0' x"]);
+    assert.equal(await vm.waitProcess(pid), 0);
+    assert.ok(process.memoryUsage().rss - rssBefore < 200 * 1024 * 1024, "the server's memory grew with the unread stream");
+    // Reading now: what was kept is bounded, and the last event says why the stream ended.
+    let received = "";
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk: string) => (received += chunk));
+    socket.resume();
+    await new Promise((resolve) => socket.once("close", resolve));
+    assert.ok(received.length < 40 * 1024 * 1024, `the server kept ${received.length} characters for one subscriber`);
+    assert.match(received, /event: error\ndata: \{"code":"EVENTS_TOO_SLOW"/);
   });
 
   it("off() stops delivery to a listener", async () => {

@@ -213,6 +213,8 @@ function openConnection(transport: Transport, url: string): VmConnection {
   ready.catch(() => {});
 
   const dispatch = (event: string, data: string) => {
+    // The server's last word on a stream it closes (EVENTS_TOO_SLOW): the connection fails with it.
+    if (event === "error") throw AgentVmError.from(JSON.parse(data));
     if (event !== "processOutput" && event !== "processExit") return;
     const payload = JSON.parse(data) as Record<string, unknown>;
     if (event === "processOutput") {

@@ -325,13 +325,31 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   }
 }
 
+/** How far an event subscriber may fall behind before it is cut off, and how long its last words wait to be read. */
+const EVENTS_BUFFER_BYTES = 8 * 1024 * 1024;
+const EVENTS_DRAIN_MS = 5_000;
+
 async function streamEvents(actor: VmActor, request: IncomingMessage, response: ServerResponse): Promise<void> {
   if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `events are read with GET, not ${request.method}`);
   await actor.wake();
   const release = actor.hold();
   response.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", "x-accel-buffering": "no" });
   response.flushHeaders();
-  const send = (event: string, data: unknown) => response.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+  let cutOff = false;
+  const send = (event: string, data: unknown) => {
+    if (cutOff) return;
+    // A subscriber that does not read would make the server hold every event for it.
+    if (response.writableLength > EVENTS_BUFFER_BYTES) {
+      cutOff = true;
+      unsubscribe();
+      const reason = new AgentVmError("EVENTS_TOO_SLOW", `this event stream fell more than ${EVENTS_BUFFER_BYTES} bytes behind and was closed; read events as they come, or reconnect`);
+      response.end(`event: error\ndata: ${JSON.stringify(reason.toJSON())}\n\n`);
+      // If it never reads again, let go of what is buffered for it.
+      setTimeout(() => response.destroy(), EVENTS_DRAIN_MS).unref();
+      return;
+    }
+    response.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+  };
   const unsubscribe = actor.subscribe({
     processOutput: (event) => send("processOutput", { pid: event.pid, stream: event.stream, data: { $base64: toBase64(event.data) } }),
     processExit: (event) => send("processExit", event),
