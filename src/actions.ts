@@ -18,6 +18,7 @@ export const VM_ACTIONS = [
   "waitProcess",
   "killProcess",
   "listProcesses",
+  "getProcessLogs",
   "writeProcessStdin",
   "closeProcessStdin",
   "listeningPorts",

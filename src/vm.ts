@@ -44,6 +44,8 @@ export interface VmLimits {
   maxTasks?: number;
   /** The VM's CPU weight against other VMs (default 1024; 512 is half as much when CPU is scarce). */
   cpuShares?: number;
+  /** Recent output each process keeps for getProcessLogs and late subscribers, in bytes (default 262144). */
+  logBytes?: number;
 }
 
 /** What a VM uses now; `caps` is false where the host gives no per-VM control groups (then only processes is known). */
@@ -90,6 +92,15 @@ export interface ProcessOutputEvent {
   pid: number;
   stream: OutputStream;
   data: Uint8Array;
+  /** Its position in the VM's output (see getProcessLogs and connect({ since })). */
+  seq: number;
+}
+
+export interface ProcessLogs {
+  pid: number;
+  /** Older output of this process fell out of its log (limits.logBytes). */
+  dropped: boolean;
+  output: { seq: number; stream: OutputStream; data: Uint8Array }[];
 }
 
 export interface ProcessExitEvent {
@@ -124,7 +135,7 @@ const MAX_NAME = 256;
 const RECENT_DENIALS = 100;
 const EXEC_TIMEOUT_MS = 600_000;
 const EXEC_MAX_OUTPUT = 64 * 1024 * 1024;
-const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096, totalMemoryMb: 2048, maxTasks: 2048, cpuShares: 1024 };
+const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096, totalMemoryMb: 2048, maxTasks: 2048, cpuShares: 1024, logBytes: 256 * 1024 };
 /**
  * RLIMIT_DATA above the heap cap, per process. Node 26 needs a fixed ~565 MiB
  * of it to boot whatever the heap cap (~590 MiB once WebAssembly loads), and
@@ -274,7 +285,8 @@ export class Vm extends EventEmitter<VmEvents> {
         );
         return started;
       },
-      onOutput: (pid, stream, data) => this.emit("processOutput", { pid, stream, data }),
+      onOutput: (pid, stream, data, seq) => this.emit("processOutput", { pid, stream, data, seq }),
+      logBytes: init.limits.logBytes,
       onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),
     });
     this.#fetcher = new VmFetcher((port) => this.#connect(port), init.name, () => this.#processes.startupGraceMs());
@@ -395,6 +407,24 @@ export class Vm extends EventEmitter<VmEvents> {
     }
     const used = await this.#cgroup.usage();
     return { caps: true, memoryBytes: used.memoryBytes, memoryPeakBytes: used.memoryPeakBytes, oomKills: used.oomKills, tasks: used.tasks, processes };
+  }
+  /**
+   * A process's recent output (the last limits.logBytes of it), after position
+   * `since` or the last `tail` bytes: nothing printed before anyone listened is lost.
+   */
+  async getProcessLogs(pid: number, options: { since?: number; tail?: number } = {}): Promise<ProcessLogs> {
+    this.#alive();
+    const opts = expectObject("options", options ?? {});
+    expectKnownKeys("options", opts, ["since", "tail"]);
+    const since = opts.since === undefined ? undefined : expectInteger("options.since", opts.since, 0, Number.MAX_SAFE_INTEGER);
+    const tail = opts.tail === undefined ? undefined : expectInteger("options.tail", opts.tail, 0, Number.MAX_SAFE_INTEGER);
+    const logs = this.#processes.logs(pid, { ...(since !== undefined ? { since } : {}), ...(tail !== undefined ? { tail } : {}) });
+    return { pid: logs.pid, dropped: logs.dropped, output: logs.output.map(({ seq, stream, data }) => ({ seq, stream, data })) };
+  }
+  /** Output events after position `since`, from the processes' logs (for a subscriber that starts late). */
+  outputSince(since: number): ProcessOutputEvent[] {
+    this.#alive();
+    return this.#processes.outputSince(since).map(({ seq, pid, stream, data }) => ({ seq, pid, stream, data }));
   }
   /** How many processes started through the API run now (what keeps a server's VM awake). */
   runningProcessCount(): number {
@@ -604,7 +634,7 @@ export function parseLimits(value: unknown): Required<VmLimits> {
   const limits = expectObject("limits", value);
   expectKnownKeys("limits", limits, Object.keys(DEFAULT_LIMITS));
   const out = { ...DEFAULT_LIMITS };
-  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, memoryMb: 32, openFiles: 64, totalMemoryMb: 64, maxTasks: 16, cpuShares: 2 };
+  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, memoryMb: 32, openFiles: 64, totalMemoryMb: 64, maxTasks: 16, cpuShares: 2, logBytes: 0 };
   for (const key of Object.keys(DEFAULT_LIMITS) as (keyof VmLimits)[]) {
     const raw = limits[key];
     if (raw === undefined) continue;

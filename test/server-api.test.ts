@@ -277,6 +277,24 @@ describe("processes", () => {
     assert.match(received, /event: error\ndata: \{"code":"EVENTS_TOO_SLOW"/);
   });
 
+  it("connect({ since: 0 }) replays output printed before the subscriber came, in order, then goes on live", async () => {
+    const vm = client.vm.getOrCreate("late-subscriber");
+    const done = await vm.exec("sh", ["-c", "echo before-anyone-listened"]);
+    const connection = vm.connect({ since: 0 });
+    const seen: { pid: number; seq: number; text: string }[] = [];
+    connection.on("processOutput", (event) => seen.push({ pid: event.pid, seq: event.seq, text: text(event.data) }));
+    await connection.ready;
+    await vm.exec("sh", ["-c", "echo live"]);
+    await waitFor(() => seen.some((event) => event.text === "live\n"), "the live output");
+    assert.equal(seen[0]?.pid, done.pid);
+    assert.equal(seen[0]?.text, "before-anyone-listened\n");
+    assert.ok(seen.every((event, i) => i === 0 || event.seq > seen[i - 1]!.seq), JSON.stringify(seen));
+    const logs = await vm.getProcessLogs(done.pid);
+    assert.equal(text(logs.output[0]!.data), "before-anyone-listened\n");
+    await connection.dispose();
+    assert.throws(() => vm.connect({ since: -1 }), { code: "INVALID_ARGUMENT" });
+  });
+
   it("off() stops delivery to a listener", async () => {
     const connection = vm.connect();
     try {

@@ -295,6 +295,33 @@ describe("vm processes", () => {
   });
 });
 
+describe("process logs", () => {
+  it("a process's output stays readable after the fact: since, tail, and dropped once past limits.logBytes", async () => {
+    const logged = await testVm(dataDir, { name: "logged", limits: { logBytes: 1000 } });
+    const early = await logged.exec("sh", ["-c", "echo one; echo two >&2; echo three"]);
+    const logs = await logged.getProcessLogs(early.pid);
+    assert.equal(logs.dropped, false);
+    // The two pipes are read independently, so only each stream's own order is kept.
+    const streamText = (stream: string) => logs.output.filter((chunk) => chunk.stream === stream).map((chunk) => Buffer.from(chunk.data).toString()).join("");
+    assert.equal(streamText("stdout"), "one\nthree\n");
+    assert.equal(streamText("stderr"), "two\n");
+    const seqs = logs.output.map((chunk) => chunk.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
+    const after = await logged.getProcessLogs(early.pid, { since: seqs[0]! });
+    assert.equal(after.output.length, logs.output.length - 1);
+    const big = await logged.exec("sh", ["-c", "for i in $(seq 300); do echo line-$i; done"]);
+    const kept = await logged.getProcessLogs(big.pid);
+    assert.equal(kept.dropped, true);
+    const text = kept.output.map((chunk) => Buffer.from(chunk.data).toString()).join("");
+    assert.ok(text.length <= 1000 && text.endsWith("line-300\n"), text.slice(-40));
+    const tail = await logged.getProcessLogs(big.pid, { tail: 20 });
+    assert.ok(tail.output.reduce((n, chunk) => n + chunk.data.byteLength, 0) <= 20);
+    assert.equal((await logged.listProcesses()).find((info) => info.pid === big.pid)?.logDropped, true);
+    await assert.rejects(logged.getProcessLogs(big.pid, { tail: -1 }), { code: "INVALID_ARGUMENT" });
+    await assert.rejects(logged.getProcessLogs(424242), { code: "ESRCH" });
+  });
+});
+
 describe("the VM's init", () => {
   it("init killed from inside the VM ends that VM's processes only; the next spawn starts a new sandbox", async () => {
     const fragile = await testVm(dataDir, { name: "fragile" });

@@ -180,8 +180,12 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
       });
       return { ...head(response), body };
     },
-    connect(): VmConnection {
-      return openConnection(transport, `${prefix}/events`);
+    connect(options: { since?: number } = {}): VmConnection {
+      const since = options?.since;
+      if (since !== undefined && !(Number.isSafeInteger(since) && since >= 0)) {
+        throw new AgentVmError("INVALID_ARGUMENT", `connect: since must be an output position (an integer ≥ 0), got ${String(since)}`);
+      }
+      return openConnection(transport, since === undefined ? `${prefix}/events` : `${prefix}/events?since=${since}`);
     },
   };
 

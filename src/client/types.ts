@@ -41,8 +41,12 @@ export type VmHandle = VmActions & {
   readonly key: string;
   vmFetch(port: number, path: string, init?: ClientFetchInit): Promise<VmFetchResponse>;
   vmFetchStream(port: number, path: string, init?: ClientFetchInit): Promise<VmFetchStreamResponse>;
-  /** Opens a connection that delivers processOutput and processExit events. */
-  connect(): VmConnection;
+  /**
+   * Opens a connection that delivers processOutput and processExit events.
+   * With `since` (an output position, e.g. 0 or the `seq` of the last event
+   * seen), output the processes' logs still hold after it comes first.
+   */
+  connect(options?: { since?: number }): VmConnection;
 };
 
 export interface VmAccessor {

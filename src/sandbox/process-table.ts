@@ -28,6 +28,17 @@ export interface ProcessInfo {
   exitCode: number | null;
   signal: string | null;
   startedAt: number;
+  /** Whether older output of this process fell out of its log (limits.logBytes); only for processes started through the API. */
+  logDropped?: boolean;
+}
+
+/** One chunk of a process's output, as kept in its log and sent to subscribers. */
+export interface LoggedOutput {
+  /** Position in the VM's output: increases by one per chunk, across all its processes. */
+  seq: number;
+  pid: number;
+  stream: OutputStream;
+  data: Uint8Array;
 }
 
 export type OutputStream = "stdout" | "stderr";
@@ -39,8 +50,10 @@ export interface ProcessTableOptions {
   env: Record<string, string>;
   /** Starts the VM's sandbox, wired to this table's onOutput/onExit/onEnded. */
   startSandbox(): Promise<VmSandbox>;
-  onOutput(pid: number, stream: OutputStream, data: Uint8Array): void;
+  onOutput(pid: number, stream: OutputStream, data: Uint8Array, seq: number): void;
   onExit(pid: number, exitCode: number, signal: string | null): void;
+  /** Bytes of recent output each process keeps for getProcessLogs and late subscribers. */
+  logBytes: number;
 }
 
 /** Exited processes kept for listProcesses/waitProcess. */
@@ -53,6 +66,9 @@ interface Entry {
   exited: PromiseWithResolvers<number>;
   /** Output that arrived before spawn() returned, delivered right after its caller resumed. */
   early: [OutputStream, Uint8Array][] | undefined;
+  /** Its most recent output, oldest first, at most logBytes. */
+  log: LoggedOutput[];
+  logSize: number;
 }
 
 export class ProcessTable {
@@ -60,6 +76,8 @@ export class ProcessTable {
   readonly #entries = new Map<number, Entry>();
   #sandbox: Promise<VmSandbox> | undefined;
   #starting = 0;
+  /** Position of the last output chunk delivered (see LoggedOutput.seq). */
+  #seq = 0;
   /**
    * Output and exits for pids whose spawn reply is still on its way to spawn()'s
    * caller (a program can print and exit before that continuation runs). Only
@@ -123,14 +141,14 @@ export class ProcessTable {
     const info: ProcessInfo = { pid, ppid: 0, command: name, args: argv, cwd, running: true, exitCode: null, signal: null, startedAt: Date.now() };
     const unclaimed = this.#unclaimed.get(pid);
     this.#unclaimed.delete(pid);
-    const entry: Entry = { info, exited: Promise.withResolvers<number>(), early: unclaimed?.output ?? [] };
+    const entry: Entry = { info: { ...info, logDropped: false }, exited: Promise.withResolvers<number>(), early: unclaimed?.output ?? [], log: [], logSize: 0 };
     this.#entries.set(pid, entry);
     if (unclaimed?.exit) this.exited(pid, ...unclaimed.exit);
     // The caller subscribes to output when spawn() resolves; setImmediate runs after its continuation.
     setImmediate(() => {
       const early = entry.early ?? [];
       entry.early = undefined;
-      for (const [stream, data] of early) this.#options.onOutput(pid, stream, data);
+      for (const [stream, data] of early) this.#deliver(entry, stream, data);
       // An exit that came with the early output is reported after it, waiters included.
       if (!entry.info.running) {
         entry.exited.resolve(entry.info.exitCode!);
@@ -196,7 +214,50 @@ export class ProcessTable {
     const entry = this.#entries.get(pid);
     if (!entry) return void this.#unclaimedFor(pid)?.output.push([stream, data]);
     if (entry.early) entry.early.push([stream, data]);
-    else this.#options.onOutput(pid, stream, data);
+    else this.#deliver(entry, stream, data);
+  }
+
+  /**
+   * A process's logged output: chunks after position `since` (exclusive), or
+   * the last `tail` bytes' worth of chunks. `dropped` says older output is gone.
+   */
+  logs(pid: unknown, options: { since?: number; tail?: number } = {}): { pid: number; dropped: boolean; output: LoggedOutput[] } {
+    const entry = this.#get(pid, "getProcessLogs");
+    let output = entry.log.filter((chunk) => options.since === undefined || chunk.seq > options.since);
+    if (options.tail !== undefined) {
+      let bytes = 0;
+      let first = output.length;
+      while (first > 0 && bytes + output[first - 1]!.data.byteLength <= options.tail) bytes += output[--first]!.data.byteLength;
+      output = output.slice(first);
+    }
+    return { pid: entry.info.pid, dropped: entry.info.logDropped ?? false, output };
+  }
+
+  /** Every logged chunk of the VM after position `since`, in order: what a subscriber missed. */
+  outputSince(since: number): LoggedOutput[] {
+    const all: LoggedOutput[] = [];
+    for (const entry of this.#entries.values()) for (const chunk of entry.log) if (chunk.seq > since) all.push(chunk);
+    return all.sort((a, b) => a.seq - b.seq);
+  }
+
+  /** The position of the newest output (0 before any). */
+  get outputPosition(): number {
+    return this.#seq;
+  }
+
+  #deliver(entry: Entry, stream: OutputStream, data: Uint8Array): void {
+    const seq = ++this.#seq;
+    // A chunk larger than the whole log keeps its end, as the log would.
+    const limit = this.#options.logBytes;
+    const kept = data.byteLength > limit ? data.subarray(data.byteLength - limit) : data;
+    if (kept !== data) entry.info.logDropped = true;
+    entry.log.push({ seq, pid: entry.info.pid, stream, data: kept });
+    entry.logSize += kept.byteLength;
+    while (entry.logSize > this.#options.logBytes && entry.log.length > 0) {
+      entry.logSize -= entry.log.shift()!.data.byteLength;
+      entry.info.logDropped = true;
+    }
+    this.#options.onOutput(entry.info.pid, stream, data, seq);
   }
 
   exited(pid: number, code: number | null, signal: string | null): void {

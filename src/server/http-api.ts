@@ -20,6 +20,7 @@ import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE,
 import type { Authenticator, TokenRequest } from "./auth.ts";
 import { refuseFormPost, requireBodyType, type OriginPolicy } from "./request-origin.ts";
 import type { VmActor } from "./vm-actor.ts";
+import type { ProcessOutputEvent } from "../vm.ts";
 
 export const MAX_KEY_LENGTH = 256;
 
@@ -331,7 +332,12 @@ const EVENTS_DRAIN_MS = 5_000;
 
 async function streamEvents(actor: VmActor, request: IncomingMessage, response: ServerResponse): Promise<void> {
   if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `events are read with GET, not ${request.method}`);
-  await actor.wake();
+  const sinceParam = new URL(request.url ?? "/", "http://x").searchParams.get("since");
+  const since = sinceParam === null ? undefined : Number(sinceParam);
+  if (since !== undefined && !(Number.isSafeInteger(since) && since >= 0)) {
+    throw new AgentVmError("INVALID_ARGUMENT", `events: since must be an output position (an integer ≥ 0), got ${JSON.stringify(sinceParam)}`);
+  }
+  const vm = await actor.wake();
   const release = actor.hold();
   response.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", "x-accel-buffering": "no" });
   response.flushHeaders();
@@ -350,11 +356,16 @@ async function streamEvents(actor: VmActor, request: IncomingMessage, response: 
     }
     response.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
   };
+  const output = (event: ProcessOutputEvent) => send("processOutput", { pid: event.pid, stream: event.stream, seq: event.seq, data: { $base64: toBase64(event.data) } });
+  // `?since=<seq>` first replays what the processes' logs hold after that position. Read and
+  // subscribe in the same turn, so no event falls between the replay and the live ones.
+  const backlog = since === undefined ? [] : vm.outputSince(since);
   const unsubscribe = actor.subscribe({
-    processOutput: (event) => send("processOutput", { pid: event.pid, stream: event.stream, data: { $base64: toBase64(event.data) } }),
+    processOutput: output,
     processExit: (event) => send("processExit", event),
   });
   response.write(": connected\n\n");
+  for (const event of backlog) output(event);
   const heartbeat = setInterval(() => response.write(": keep-alive\n\n"), 15_000);
   heartbeat.unref();
   response.once("close", () => {
