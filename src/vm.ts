@@ -249,7 +249,8 @@ export class Vm extends EventEmitter<VmEvents> {
       maxProcesses: init.limits.maxProcesses,
       env,
       startSandbox: async () => {
-        const cgroup = await VmCgroup.create(basename(init.vmDir), {
+        // Named by the VM's directory: VMs of the same name in other data directories never share one.
+        const cgroup = await VmCgroup.create(`${basename(init.vmDir).slice(0, 40)}-${createHash("sha256").update(init.vmDir).digest("hex").slice(0, 12)}`, {
           memoryBytes: init.limits.totalMemoryMb * 1024 * 1024,
           tasks: init.limits.maxTasks,
           cpuShares: init.limits.cpuShares,
