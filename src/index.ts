@@ -13,3 +13,4 @@ export { agentOS, agentOs, setup, Registry, generateApiKey, hashApiKey, TOKEN_AC
 export type { AuthOptions, MintedToken, TokenAction, TokenRequest } from "./server/index.ts";
 export type { AgentOsConfig, PreviewConfig, SoftwarePackage, VmDefinition, StartOptions, RunningServer } from "./server/index.ts";
 export type { ExecResult } from "./vm.ts";
+export type { PreviewUrl, PreviewInfo } from "./net/previews.ts";
