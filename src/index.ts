@@ -12,4 +12,5 @@ export type { ErrorCode, AgentVmCode, PosixCode } from "./errors.ts";
 export { agentOS, agentOs, setup, Registry, generateApiKey, hashApiKey, TOKEN_ACTIONS } from "./server/index.ts";
 export type { AuthOptions, MintedToken, TokenAction, TokenRequest } from "./server/index.ts";
 export type { AgentOsConfig, PreviewConfig, SoftwarePackage, VmDefinition, StartOptions, RunningServer } from "./server/index.ts";
-export type { ExecOptions, ExecResult } from "./vm.ts";
+export type { ExecOptions, ExecResult, ProcessLogs } from "./vm.ts";
+export type { PreviewUrl, PreviewInfo } from "./net/previews.ts";

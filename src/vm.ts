@@ -195,6 +195,9 @@ export class Vm extends EventEmitter<VmEvents> {
   #ownStore: SqliteStore | undefined;
   readonly #servedByRegistry: boolean;
   readonly #previewServers = new Set<() => Promise<void>>();
+  /** Each running servePreviews() server's origin, in start order. */
+  readonly #previewOrigins = new Map<() => Promise<void>, string>();
+  #previewOrigin: string | undefined;
   /** The running (or last) sandbox's control groups, for usage(). */
   #cgroup: VmCgroup | undefined;
   /** Connections handed out of the VM that are still open (vmFetch, previews). */
@@ -505,7 +508,7 @@ export class Vm extends EventEmitter<VmEvents> {
     const config = expectObject("options", options);
     expectKnownKeys("options", config, ["port", "host", "previewHost"]);
     if (this.#servedByRegistry) {
-      throw new AgentVmError("INVALID_ARGUMENT", `servePreviews: VM ${this.name} belongs to a registry server, which serves its previews at /preview/`);
+      throw new AgentVmError("INVALID_ARGUMENT", `servePreviews: VM ${this.name} belongs to a registry server, which serves its previews on its own preview origin (server.previewUrl)`);
     }
     const port = options.port === undefined ? 0 : expectInteger("options.port", options.port, 0, 65535);
     const host = options.host === undefined ? "127.0.0.1" : expectString("options.host", options.host, { nonEmpty: true });
@@ -526,15 +529,21 @@ export class Vm extends EventEmitter<VmEvents> {
       server.once("error", (error) => reject(new AgentVmError("EADDRINUSE", `servePreviews: cannot listen on ${host}:${port}: ${error.message}`)));
       server.listen(port, host, () => resolve());
     });
+    const bound = (server.address() as { port: number }).port;
+    const url = `http://${host.includes(":") ? `[${host}]` : host}:${bound}`;
     const close = () =>
       new Promise<void>((resolve) => {
         this.#previewServers.delete(close);
+        this.#previewOrigins.delete(close);
+        if (this.#previewOrigin === url && !this.#disposed) this.#setPreviewOrigin([...this.#previewOrigins.values()].at(-1));
         server.close(() => resolve());
         server.closeAllConnections();
       });
     this.#previewServers.add(close);
-    const bound = (server.address() as { port: number }).port;
-    return { url: `http://${host.includes(":") ? `[${host}]` : host}:${bound}`, close };
+    this.#previewOrigins.set(close, url);
+    // createSignedPreviewUrl's `url` names the most recently started preview server.
+    this.#setPreviewOrigin(url);
+    return { url, close };
   }
 
   get disposed(): boolean {
@@ -558,6 +567,11 @@ export class Vm extends EventEmitter<VmEvents> {
       this.#previews = new PreviewTokens(new PreviewStore(this.#ownStore), this.#previewConfig, { definition: "", key: this.name });
     }
     return this.#previews;
+  }
+
+  #setPreviewOrigin(origin: string | undefined): void {
+    this.#previewOrigin = origin;
+    this.#previewTokens().setOrigin(origin);
   }
 
   /** Network denials: how many since the VM started, and the most recent ones. */

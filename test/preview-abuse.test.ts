@@ -85,7 +85,7 @@ let path = "";
 let token = "";
 
 async function stats(): Promise<Stats> {
-  const response = await fetch(`${server.url}${path}stats`);
+  const response = await fetch(`${server.previewUrl}${path}stats`);
   assert.equal(response.status, 200);
   return (await response.json()) as Stats;
 }
@@ -141,21 +141,21 @@ describe("malformed requests", () => {
       "/preview/;drop%20table%20previews;/",
     ];
     for (const at of paths) {
-      const response = await rawRequest(server.port, { path: at });
+      const response = await rawRequest(server.previewPort, { path: at });
       assert.equal(response.status, 403, `${at.slice(0, 80)}: ${response.text.slice(0, 200)}`);
       assert.equal(response.text, FORBIDDEN_BODY);
       assert.equal(response.headers["access-control-allow-origin"], "*");
     }
     // Subdomain look-alikes.
     for (const host of [`${token.slice(1)}.preview.localhost`, `x.${token}.preview.localhost`, ".preview.localhost", `${"z".repeat(63)}.preview.localhost`]) {
-      const response = await rawRequest(server.port, { path: "/", headers: { host: `${host}:${server.port}` } });
+      const response = await rawRequest(server.previewPort, { path: "/", headers: { host: `${host}:${server.previewPort}` } });
       assert.equal(response.status, 403, host);
       assert.equal(response.text, FORBIDDEN_BODY);
     }
   });
 
   test("a path under a valid token stays inside the guest, whatever dots it holds", async () => {
-    const response = await rawRequest(server.port, { path: `${path}../../api/vm/abuse/actions/listProcesses` });
+    const response = await rawRequest(server.previewPort, { path: `${path}../../api/vm/abuse/actions/listProcesses` });
     assert.equal(response.status, 200);
     assert.deepEqual(JSON.parse(response.text), { url: "/../../api/vm/abuse/actions/listProcesses", method: "GET" });
   });
@@ -163,7 +163,7 @@ describe("malformed requests", () => {
   test("request lines the HTTP parser refuses are answered with 400 and the connection closed", async () => {
     for (const line of ["GET /preview/\u0000bad/ HTTP/1.1", "GET /preview/ x y HTTP/1.1", `GET ${path} HTTP/9.9`]) {
       const reply = await new Promise<string>((resolve, reject) => {
-        const socket = connect(server.port, "127.0.0.1");
+        const socket = connect(server.previewPort, "127.0.0.1");
         let text = "";
         socket.on("data", (chunk) => (text += chunk.toString("latin1")));
         socket.on("error", reject);
@@ -176,25 +176,25 @@ describe("malformed requests", () => {
 
   test("an over-long path or header block is refused (414/431/403), not a crash", async () => {
     // Just over Node's 16 KiB header limit, so the server has read the whole request and its answer is not lost to a reset.
-    const longPath = await rawRequest(server.port, { path: `${path}${"p".repeat(20 * 1024)}` });
+    const longPath = await rawRequest(server.previewPort, { path: `${path}${"p".repeat(20 * 1024)}` });
     assert.ok([414, 431, 403].includes(longPath.status), `long path: ${longPath.status}`);
-    const longHeader = await rawRequest(server.port, { path: `${path}echo`, headers: { "x-big": "h".repeat(20 * 1024) } });
+    const longHeader = await rawRequest(server.previewPort, { path: `${path}echo`, headers: { "x-big": "h".repeat(20 * 1024) } });
     assert.ok([431, 403].includes(longHeader.status), `long header: ${longHeader.status}`);
     // Far over: the server stops reading, so the client may see its 431 or only the reset after it.
     for (const options of [{ path: `${path}${"p".repeat(1024 * 1024)}` }, { path: `${path}echo`, headers: { "x-big": "h".repeat(1024 * 1024) } }]) {
-      const outcome = await rawRequest(server.port, options).then(
+      const outcome = await rawRequest(server.previewPort, options).then(
         (response) => response.status,
         (error: NodeJS.ErrnoException) => error.code,
       );
       assert.ok([414, 431, 403, "ECONNRESET", "EPIPE"].includes(outcome ?? ""), `1 MiB: ${outcome}`);
     }
-    assert.equal((await rawRequest(server.port, { path: `${path}still-up` })).status, 200);
+    assert.equal((await rawRequest(server.previewPort, { path: `${path}still-up` })).status, 200);
   });
 });
 
 describe("bodies over preview.maxBodyBytes", () => {
   test("a declared Content-Length over the cap is 413 before anything reaches the guest", async () => {
-    const response = await rawRequest(server.port, { method: "POST", path: `${path}upload?declared-too-big`, body: Buffer.alloc(MAX_BODY + 1, 7) });
+    const response = await rawRequest(server.previewPort, { method: "POST", path: `${path}upload?declared-too-big`, body: Buffer.alloc(MAX_BODY + 1, 7) });
     assert.equal(response.status, 413);
     assert.equal(response.headers["access-control-allow-origin"], "*");
     assert.match(response.text, new RegExp(String(MAX_BODY)));
@@ -203,7 +203,7 @@ describe("bodies over preview.maxBodyBytes", () => {
   });
 
   test("a chunked body that grows past the cap is cut off with 413 and the guest's side is closed", async () => {
-    const req = request({ host: "127.0.0.1", port: server.port, method: "POST", path: `${path}upload?chunked-too-big`, agent: false, headers: { "transfer-encoding": "chunked" } });
+    const req = request({ host: "127.0.0.1", port: server.previewPort, method: "POST", path: `${path}upload?chunked-too-big`, agent: false, headers: { "transfer-encoding": "chunked" } });
     const answered = responseOf(req).then(
       (response) => response.statusCode,
       (error: NodeJS.ErrnoException) => error.code,
@@ -223,7 +223,7 @@ describe("bodies over preview.maxBodyBytes", () => {
   });
 
   test("a body exactly at the cap passes", async () => {
-    const response = await rawRequest(server.port, { method: "POST", path: `${path}upload`, body: Buffer.alloc(MAX_BODY, 9) });
+    const response = await rawRequest(server.previewPort, { method: "POST", path: `${path}upload`, body: Buffer.alloc(MAX_BODY, 9) });
     assert.equal(response.status, 200);
     assert.deepEqual(JSON.parse(response.text), { bytes: MAX_BODY });
   });
@@ -231,21 +231,21 @@ describe("bodies over preview.maxBodyBytes", () => {
 
 describe("clients that go away, guests that do not answer", () => {
   test("a client dropping a streaming download ends the guest's response", async () => {
-    const download = await startDownload(server.port, `${path}stream`);
+    const download = await startDownload(server.previewPort, `${path}stream`);
     assert.equal((await stats()).streams, 1);
     download.destroy();
     await settled("streams");
   });
 
   test("a client dropping mid-upload ends the guest's request", async () => {
-    const upload = await startUpload(server.port, `${path}upload`);
+    const upload = await startUpload(server.previewPort, `${path}upload`);
     await waitFor(async () => (await stats()).uploads === 1, "the upload to reach the guest");
     upload.destroy();
     await settled("uploads");
   });
 
   test("a client dropping a WebSocket closes the guest's end", async () => {
-    const socket = new WebSocket(`ws://127.0.0.1:${server.port}${path}ws`);
+    const socket = new WebSocket(`ws://127.0.0.1:${server.previewPort}${path}ws`);
     await new Promise((resolve, reject) => socket.once("open", resolve).once("error", reject));
     await waitFor(async () => (await stats()).sockets === 1, "the guest to see the WebSocket");
     socket.terminate();
@@ -253,7 +253,7 @@ describe("clients that go away, guests that do not answer", () => {
   });
 
   test("a guest that never answers gets a 504 page after responseTimeoutMs, and its request is closed", async () => {
-    const response = await fetch(`${server.url}${path}hang`);
+    const response = await fetch(`${server.previewUrl}${path}hang`);
     assert.equal(response.status, 504);
     assert.equal(response.headers.get("access-control-allow-origin"), "*");
     assert.match(response.headers.get("content-type") ?? "", /^text\/html/);
@@ -263,7 +263,7 @@ describe("clients that go away, guests that do not answer", () => {
 
   test("a client that gives up on a hung request does not leave it open in the guest", async () => {
     const controller = new AbortController();
-    const pending = fetch(`${server.url}${path}hang?abandoned`, { signal: controller.signal }).catch((error: Error) => error);
+    const pending = fetch(`${server.previewUrl}${path}hang?abandoned`, { signal: controller.signal }).catch((error: Error) => error);
     await waitFor(async () => (await stats()).hanging === 1, "the request to reach the guest");
     controller.abort();
     assert.ok((await pending) instanceof Error);
@@ -271,10 +271,10 @@ describe("clients that go away, guests that do not answer", () => {
   });
 
   test("after all of the above the gateway still serves HTTP and WebSockets", async () => {
-    const response = await fetch(`${server.url}${path}after/all?ok=1`);
+    const response = await fetch(`${server.previewUrl}${path}after/all?ok=1`);
     assert.equal(response.status, 200);
     assert.deepEqual(await response.json(), { url: "/after/all?ok=1", method: "GET" });
-    const socket = new WebSocket(`ws://127.0.0.1:${server.port}${path}ws`);
+    const socket = new WebSocket(`ws://127.0.0.1:${server.previewPort}${path}ws`);
     await new Promise((resolve, reject) => socket.once("open", resolve).once("error", reject));
     const echoed = new Promise<string>((resolve) => socket.once("message", (data: Buffer) => resolve(data.toString())));
     socket.send("still here");
@@ -353,7 +353,7 @@ describe("shutdown", () => {
     await installIntoVm(other.root("shutdown"), "home/agentos", ["ws"]);
     await startGuestServer(guestVm, await GuestOutput.open(guestVm), GUEST, PORT);
     const preview = await guestVm.createSignedPreviewUrl(PORT);
-    const socket = new WebSocket(`ws://127.0.0.1:${other.port}${preview.path}ws`);
+    const socket = new WebSocket(`ws://127.0.0.1:${other.previewPort}${preview.path}ws`);
     socket.on("error", () => {});
     await new Promise((resolve, reject) => socket.once("open", resolve).once("error", reject));
     const socketClosed = new Promise((resolve) => socket.once("close", resolve));

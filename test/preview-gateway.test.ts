@@ -42,7 +42,7 @@ before(async () => {
   const output = await GuestOutput.open(vm);
   await startGuestServer(vm, output, guestApp(PORT), PORT);
   main = await preview();
-  subdomainHost = `${main.token}.preview.localhost:${server.port}`;
+  subdomainHost = `${main.token}.preview.localhost:${server.previewPort}`;
 });
 
 interface Echo {
@@ -57,30 +57,30 @@ describe("HTTP through a preview (path mode)", () => {
   test("every method, sub-path and query string reaches the guest, with its body", async () => {
     for (const method of ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"]) {
       const body = ["GET", "OPTIONS"].includes(method) ? undefined : `body of ${method}`;
-      const response = await rawRequest(server.port, { method, path: `${main.path}echo/a/b%20c/?q=1&q=2&x=%2F`, headers: { host: `localhost:${server.port}` }, ...(body ? { body } : {}) });
+      const response = await rawRequest(server.previewPort, { method, path: `${main.path}echo/a/b%20c/?q=1&q=2&x=%2F`, headers: { host: `localhost:${server.previewPort}` }, ...(body ? { body } : {}) });
       assert.equal(response.status, 200, `${method}: ${response.text}`);
       const echo = JSON.parse(response.text) as Echo;
       assert.equal(echo.method, method);
       assert.equal(echo.url, "/echo/a/b%20c/?q=1&q=2&x=%2F");
       assert.equal(echo.body, body ?? "");
     }
-    const head = await rawRequest(server.port, { method: "HEAD", path: `${main.path}echo/head?z=9` });
+    const head = await rawRequest(server.previewPort, { method: "HEAD", path: `${main.path}echo/head?z=9` });
     assert.equal(head.status, 200);
     assert.equal(head.headers["content-type"], "application/json");
     assert.equal(head.body.byteLength, 0);
     // The preview root, with and without the trailing slash.
     for (const path of [main.path, main.path.slice(0, -1), `${main.path.slice(0, -1)}?only=query`]) {
-      const echo = JSON.parse((await rawRequest(server.port, { path })).text) as Echo;
+      const echo = JSON.parse((await rawRequest(server.previewPort, { path })).text) as Echo;
       assert.equal(echo.url, path.includes("?") ? "/?only=query" : "/");
     }
   });
 
   test("headers pass through; the guest sees Host: localhost:<port> and X-Forwarded-Host/-Proto/-Prefix/-For", async () => {
-    const response = await rawRequest(server.port, {
+    const response = await rawRequest(server.previewPort, {
       method: "POST",
       path: `${main.path}echo/headers`,
       headers: {
-        host: `localhost:${server.port}`,
+        host: `localhost:${server.previewPort}`,
         "x-custom-one": "value 1",
         "x-multi": ["first", "second"],
         authorization: "Bearer abc.def",
@@ -101,7 +101,7 @@ describe("HTTP through a preview (path mode)", () => {
     assert.equal(h.cookie, "session=s1; theme=dark");
     assert.equal(h["content-type"], "text/plain; charset=utf-8");
     assert.equal(h["user-agent"], "preview-test/1");
-    assert.equal(h["x-forwarded-host"], `localhost:${server.port}`, "the gateway's own host, not the client's claim");
+    assert.equal(h["x-forwarded-host"], `localhost:${server.previewPort}`, "the gateway's own host, not the client's claim");
     assert.equal(h["x-forwarded-proto"], "http");
     assert.match(h["x-forwarded-for"] ?? "", /^203\.0\.113\.9, (127\.0\.0\.1|::1|::ffff:127\.0\.0\.1)$/);
     assert.ok(h["x-forwarded-prefix"]?.startsWith("/preview/"), `x-forwarded-prefix: ${h["x-forwarded-prefix"]}`);
@@ -112,9 +112,9 @@ describe("HTTP through a preview (path mode)", () => {
   test("Origin and Referer that carry the token are rewritten to the guest's own view", async () => {
     const echo = JSON.parse(
       (
-        await rawRequest(server.port, {
+        await rawRequest(server.previewPort, {
           path: `${main.path}echo/ref`,
-          headers: { origin: `http://localhost:${server.port}`, referer: `http://localhost:${server.port}${main.path}page/one?tab=2` },
+          headers: { origin: `http://localhost:${server.previewPort}`, referer: `http://localhost:${server.previewPort}${main.path}page/one?tab=2` },
         })
       ).text,
     ) as Echo;
@@ -122,14 +122,14 @@ describe("HTTP through a preview (path mode)", () => {
     assert.equal(echo.headers.referer, `http://localhost:${PORT}/page/one?tab=2`);
     // A Referer from another preview must not reach this guest at all.
     const other = await preview(4999);
-    const cross = JSON.parse((await rawRequest(server.port, { path: `${main.path}echo/ref`, headers: { referer: `http://localhost:${server.port}${other.path}x` } })).text) as Echo;
+    const cross = JSON.parse((await rawRequest(server.previewPort, { path: `${main.path}echo/ref`, headers: { referer: `http://localhost:${server.previewPort}${other.path}x` } })).text) as Echo;
     assert.equal(cross.headers.referer, undefined);
     await vm.expireSignedPreviewUrl(other.token);
   });
 
   test("a large upload streams to the guest and a large download streams back, byte for byte", async () => {
     const size = 16 * 1024 * 1024;
-    const upload = request({ host: "127.0.0.1", port: server.port, method: "POST", path: `${main.path}upload`, agent: false, headers: { "content-type": "application/octet-stream" } });
+    const upload = request({ host: "127.0.0.1", port: server.previewPort, method: "POST", path: `${main.path}upload`, agent: false, headers: { "content-type": "application/octet-stream" } });
     const answered = responseOf(upload);
     const hash = createHash("sha256");
     for (let offset = 0; offset < size; offset += 256 * 1024) {
@@ -144,7 +144,7 @@ describe("HTTP through a preview (path mode)", () => {
     assert.equal(uploadResponse.statusCode, 200);
     assert.deepEqual(JSON.parse(Buffer.concat(chunks).toString()), { bytes: size, sha256: hash.digest("hex") });
 
-    const download = await fetch(`${server.url}${main.path}download?bytes=${size}`);
+    const download = await fetch(`${server.previewUrl}${main.path}download?bytes=${size}`);
     assert.equal(download.status, 200);
     assert.equal(download.headers.get("content-length"), String(size));
     const body = Buffer.from(await download.arrayBuffer());
@@ -153,7 +153,7 @@ describe("HTTP through a preview (path mode)", () => {
   });
 
   test("request and response bodies stream at the same time (each echo arrives before the next chunk is sent)", async () => {
-    const req = request({ host: "127.0.0.1", port: server.port, method: "POST", path: `${main.path}duplex`, agent: false, headers: { "content-type": "text/plain" } });
+    const req = request({ host: "127.0.0.1", port: server.previewPort, method: "POST", path: `${main.path}duplex`, agent: false, headers: { "content-type": "text/plain" } });
     const responding = responseOf(req);
     req.write("ping-0\n");
     const response = await responding;
@@ -169,7 +169,7 @@ describe("HTTP through a preview (path mode)", () => {
   });
 
   test("Server-Sent Events are not buffered: the first event arrives while the response is still open", async () => {
-    const response = await fetch(`${server.url}${main.path}sse`, { headers: { accept: "text/event-stream" } });
+    const response = await fetch(`${server.previewUrl}${main.path}sse`, { headers: { accept: "text/event-stream" } });
     assert.equal(response.status, 200);
     assert.equal(response.headers.get("content-type"), "text/event-stream");
     const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
@@ -181,7 +181,7 @@ describe("HTTP through a preview (path mode)", () => {
     }
     // The guest holds the response open until released, so the event above came through unbuffered.
     assert.ok(!text.includes("last"));
-    const released = (await (await fetch(`${server.url}${main.path}sse-release`)).json()) as { released: number };
+    const released = (await (await fetch(`${server.previewUrl}${main.path}sse-release`)).json()) as { released: number };
     assert.equal(released.released, 1);
     for (;;) {
       const { value, done } = await reader.read();
@@ -201,20 +201,20 @@ describe("HTTP through a preview (path mode)", () => {
       ["//cdn.example/x", "//cdn.example/x"],
     ];
     for (const [to, expected] of cases) {
-      const response = await rawRequest(server.port, { path: `${main.path}redirect?to=${encodeURIComponent(to)}` });
+      const response = await rawRequest(server.previewPort, { path: `${main.path}redirect?to=${encodeURIComponent(to)}` });
       assert.equal(response.status, 302);
       assert.equal(response.headers.location, expected, `Location ${to}`);
     }
-    const cookies = await rawRequest(server.port, { path: `${main.path}cookies` });
+    const cookies = await rawRequest(server.previewPort, { path: `${main.path}cookies` });
     assert.deepEqual(cookies.headers["set-cookie"], [`a=1; Path=${prefix}/; HttpOnly`, `b=2; Path=${prefix}/app`, "c=3"]);
   });
 
   test("Referrer-Policy: no-referrer, and guest CORS headers are replaced by the gateway's, not duplicated", async () => {
-    const plain = await rawRequest(server.port, { path: `${main.path}echo/x`, headers: { origin: "http://elsewhere.example" } });
+    const plain = await rawRequest(server.previewPort, { path: `${main.path}echo/x`, headers: { origin: "http://elsewhere.example" } });
     assert.equal(plain.headers["access-control-allow-origin"], "*");
     assert.equal(plain.headers["referrer-policy"], "no-referrer");
 
-    const cors = await rawRequest(server.port, { path: `${main.path}cors`, headers: { origin: "http://elsewhere.example" } });
+    const cors = await rawRequest(server.previewPort, { path: `${main.path}cors`, headers: { origin: "http://elsewhere.example" } });
     assert.equal(cors.status, 200);
     assert.equal(headerCount(cors, "access-control-allow-origin"), 1);
     assert.equal(cors.headers["access-control-allow-origin"], "*");
@@ -226,7 +226,7 @@ describe("HTTP through a preview (path mode)", () => {
 
   test("a CORS preflight is answered by the gateway (204, PATCH, the requested headers, max-age) and never reaches the guest", async () => {
     const marker = `preflight-${Date.now()}`;
-    const response = await rawRequest(server.port, {
+    const response = await rawRequest(server.previewPort, {
       method: "OPTIONS",
       path: `${main.path}${marker}`,
       headers: { origin: "http://elsewhere.example", "access-control-request-method": "PATCH", "access-control-request-headers": "x-custom-one, content-type" },
@@ -238,14 +238,14 @@ describe("HTTP through a preview (path mode)", () => {
     const allowed = String(response.headers["access-control-allow-headers"]).toLowerCase();
     assert.ok(allowed.includes("x-custom-one") && allowed.includes("content-type"), `allow-headers ${allowed}`);
     assert.ok(Number(response.headers["access-control-max-age"]) > 0, `max-age ${response.headers["access-control-max-age"]}`);
-    const log = (await (await fetch(`${server.url}${main.path}log`)).json()) as string[];
+    const log = (await (await fetch(`${server.previewUrl}${main.path}log`)).json()) as string[];
     assert.ok(!log.some((line) => line.includes(marker)), `the preflight reached the guest: ${log.filter((line) => line.startsWith("OPTIONS"))}`);
   });
 });
 
 describe("subdomain mode", () => {
   test("<token>.preview.localhost:<port> serves the guest at /, with the token out of Host, Origin and Referer", async () => {
-    const response = await rawRequest(server.port, {
+    const response = await rawRequest(server.previewPort, {
       method: "POST",
       path: "/echo/sub?k=v",
       headers: { host: subdomainHost, origin: `http://${subdomainHost}`, referer: `http://${subdomainHost}/from/here?a=1`, "x-custom-one": "sub" },
@@ -260,20 +260,20 @@ describe("subdomain mode", () => {
     assert.equal(echo.headers.origin, `http://localhost:${PORT}`);
     assert.equal(echo.headers.referer, `http://localhost:${PORT}/from/here?a=1`);
     assert.equal(echo.headers["x-custom-one"], "sub");
-    assert.equal(echo.headers["x-forwarded-host"], `preview.localhost:${server.port}`);
+    assert.equal(echo.headers["x-forwarded-host"], `preview.localhost:${server.previewPort}`);
     assert.equal(echo.headers["x-forwarded-prefix"], "/");
   });
 
-  test("root-relative Location and cookie paths are left alone: they already work on the subdomain", async () => {
-    const redirect = await rawRequest(server.port, { path: `/redirect?to=${encodeURIComponent("/login")}`, headers: { host: subdomainHost } });
+  test("root-relative Location and cookie paths are left alone; cookies lose Domain= so they stay host-only (one preview's cookie never reaches another's)", async () => {
+    const redirect = await rawRequest(server.previewPort, { path: `/redirect?to=${encodeURIComponent("/login")}`, headers: { host: subdomainHost } });
     assert.equal(redirect.status, 302);
     assert.equal(redirect.headers.location, "/login");
-    const cookies = await rawRequest(server.port, { path: "/cookies", headers: { host: subdomainHost } });
-    assert.deepEqual(cookies.headers["set-cookie"], ["a=1; Path=/; HttpOnly", "b=2; Path=/app; Domain=localhost", "c=3"]);
+    const cookies = await rawRequest(server.previewPort, { path: "/cookies", headers: { host: subdomainHost } });
+    assert.deepEqual(cookies.headers["set-cookie"], ["a=1; Path=/; HttpOnly", "b=2; Path=/app", "c=3"]);
   });
 
   test("an unknown subdomain token gets the same 403 as path mode", async () => {
-    const response = await rawRequest(server.port, { path: "/", headers: { host: `${"a".repeat(32)}.preview.localhost:${server.port}` } });
+    const response = await rawRequest(server.previewPort, { path: "/", headers: { host: `${"a".repeat(32)}.preview.localhost:${server.previewPort}` } });
     assert.equal(response.status, 403);
     assert.equal(response.text, FORBIDDEN_BODY);
     assert.equal(response.headers["access-control-allow-origin"], "*");
@@ -317,12 +317,12 @@ describe("WebSocket upgrades", () => {
   }
 
   test("path mode: the upgrade reaches the guest with its path and query, Host localhost:<port>, and echoes text and binary", async (t) => {
-    const { socket, hello, next } = await open(`ws://127.0.0.1:${server.port}${main.path}socket/path?room=7`, { origin: `http://localhost:${server.port}` });
+    const { socket, hello, next } = await open(`ws://127.0.0.1:${server.previewPort}${main.path}socket/path?room=7`, { origin: `http://localhost:${server.previewPort}` });
     t.after(() => socket.terminate());
     assert.equal(hello.url, "/socket/path?room=7");
     assert.equal(hello.headers.host, `localhost:${PORT}`);
     assert.equal(hello.headers.origin, `http://localhost:${PORT}`);
-    assert.equal(hello.headers["x-forwarded-host"], `127.0.0.1:${server.port}`, "the Host the client used");
+    assert.equal(hello.headers["x-forwarded-host"], `127.0.0.1:${server.previewPort}`, "the Host the client used");
     assert.ok(["ws", "http"].includes(hello.headers["x-forwarded-proto"] ?? ""), `x-forwarded-proto ${hello.headers["x-forwarded-proto"]}`);
     assert.ok(hello.headers["x-forwarded-for"], "x-forwarded-for");
     assert.ok(hello.headers["x-forwarded-prefix"]?.startsWith("/preview/"));
@@ -340,7 +340,7 @@ describe("WebSocket upgrades", () => {
   });
 
   test("subdomain mode: the upgrade reaches the guest with Host localhost:<port>", async (t) => {
-    const { socket, hello, next } = await open(`ws://127.0.0.1:${server.port}/sub-socket`, { host: subdomainHost, origin: `http://${subdomainHost}` });
+    const { socket, hello, next } = await open(`ws://127.0.0.1:${server.previewPort}/sub-socket`, { host: subdomainHost, origin: `http://${subdomainHost}` });
     t.after(() => socket.terminate());
     assert.equal(hello.url, "/sub-socket");
     assert.equal(hello.headers.host, `localhost:${PORT}`);
@@ -354,7 +354,7 @@ describe("WebSocket upgrades", () => {
     const revoked = await preview();
     await vm.expireSignedPreviewUrl(revoked.token);
     for (const path of [`/preview/${"b".repeat(32)}/`, revoked.path, "/preview/not-a-token/"]) {
-      const error = await open(`ws://127.0.0.1:${server.port}${path}`).then(
+      const error = await open(`ws://127.0.0.1:${server.previewPort}${path}`).then(
         () => undefined,
         (failure: Error) => failure,
       );
@@ -371,7 +371,7 @@ describe("refusals", () => {
     tokens.push(expired.token);
     await waitFor(() => Date.now() > expired.expiresAt + 20, "the token to expire", 5_000);
     const paths = [`/preview/${"c".repeat(32)}/`, revoked.path, `${expired.path}x?y=1`, "/preview/short/", `/preview/${main.token.toUpperCase()}/`, "/preview//", `/preview/${main.token}x/`];
-    const responses = await Promise.all(paths.map((path) => rawRequest(server.port, { method: "POST", path, body: "ignored" })));
+    const responses = await Promise.all(paths.map((path) => rawRequest(server.previewPort, { method: "POST", path, body: "ignored" })));
     for (const [index, response] of responses.entries()) {
       assert.equal(response.status, 403, `${paths[index]}`);
       assert.equal(response.text, FORBIDDEN_BODY, `${paths[index]}`);
@@ -382,7 +382,7 @@ describe("refusals", () => {
 
   test("nothing listening on the port is a 502 page that says so, with CORS", async () => {
     const idle = await preview(3999);
-    const response = await fetch(`${server.url}${idle.path}some/page`);
+    const response = await fetch(`${server.previewUrl}${idle.path}some/page`);
     assert.equal(response.status, 502);
     assert.match(response.headers.get("content-type") ?? "", /^text\/html/);
     assert.equal(response.headers.get("access-control-allow-origin"), "*");

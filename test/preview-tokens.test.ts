@@ -53,14 +53,15 @@ const server = await startPreviewServer({ config: { preview: { maxExpiresInSecon
 describe("createSignedPreviewUrl", () => {
   const vm = server.vm("tokens");
 
-  test("returns { path, token, port, expiresAt }: a 160-bit URL-safe token under /preview/, default TTL when omitted or 0", async () => {
+  test("returns { url, path, token, port, expiresAt }: a 160-bit URL-safe token under /preview/, default TTL when omitted or 0", async () => {
     await vm.expireAllPreviewUrls();
     const before = Date.now();
     const omitted = await vm.createSignedPreviewUrl(3000);
     const zero = await vm.createSignedPreviewUrl(3000, 0);
     const short = await vm.createSignedPreviewUrl(8080, 120);
     const after = Date.now();
-    assert.deepEqual(Object.keys(omitted).sort(), ["expiresAt", "path", "port", "token"]);
+    assert.deepEqual(Object.keys(omitted).sort(), ["expiresAt", "path", "port", "token", "url"]);
+    assert.equal(omitted.url, `${server.previewUrl}${omitted.path}`, "url is on the preview origin");
     for (const preview of [omitted, zero, short]) {
       // 32 base32 characters are 160 bits; lowercase so that it survives as a DNS label.
       assert.match(preview.token, TOKEN);

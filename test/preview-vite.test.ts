@@ -52,7 +52,7 @@ describe("Vite dev server in a VM through a preview", { skip: browserSkip }, () 
       `${APP}/vite.config.mjs`,
       `export default {
   clearScreen: false,
-  server: { port: ${VITE_PORT}, strictPort: true, hmr: { clientPort: ${server.port} } },
+  server: { port: ${VITE_PORT}, strictPort: true, hmr: { clientPort: ${server.previewPort} } },
 };
 `,
     );
@@ -72,7 +72,7 @@ describe("Vite dev server in a VM through a preview", { skip: browserSkip }, () 
   });
 
   test("the page loads through <token>.preview.localhost, with TypeScript compiled by esbuild-wasm inside the VM", async () => {
-    const response = await page.goto(`http://${token}.preview.localhost:${server.port}/`);
+    const response = await page.goto(`http://${token}.preview.localhost:${server.previewPort}/`);
     assert.equal(response?.status(), 200, `vite output: ${output.of(vitePid)}`);
     await page.locator("#app", { hasText: "version one" }).waitFor();
     // A browser cannot run `: string` annotations: the module it ran came out of esbuild.
@@ -85,7 +85,7 @@ describe("Vite dev server in a VM through a preview", { skip: browserSkip }, () 
   });
 
   test("Vite's HMR WebSocket connects through the preview", async () => {
-    await waitFor(() => sockets.some((url) => url.startsWith(`ws://${token}.preview.localhost:${server.port}/`)), () => `the HMR socket (seen: ${sockets})`, 20_000);
+    await waitFor(() => sockets.some((url) => url.startsWith(`ws://${token}.preview.localhost:${server.previewPort}/`)), () => `the HMR socket (seen: ${sockets})`, 20_000);
     await page.evaluate(`window.__beforeEdit = "still here"`);
   });
 

@@ -8,10 +8,18 @@ import type { Registry } from "../server/registry.ts";
 import type { VmDefinition } from "../server/definition.ts";
 import type { ProcessExitEvent, ProcessOutputEvent, Vm } from "../vm.ts";
 import type { VmFetchInit, VmFetchResponse, VmFetchStreamResponse } from "../net/vm-fetch.ts";
+import type { PreviewUrl } from "../net/previews.ts";
 
 type Remote<F> = F extends (...args: infer A) => infer R ? (...args: A) => Promise<Awaited<R>> : never;
 
-export type VmActions = { [K in VmActionName]: Remote<Vm[K]> };
+/** A preview URL from the server: `url` is always set, on the server's preview origin. */
+export type ServerPreviewUrl = PreviewUrl & { url: string };
+
+type RemoteActions = { [K in VmActionName]: Remote<Vm[K]> };
+
+export type VmActions = Omit<RemoteActions, "createSignedPreviewUrl"> & {
+  createSignedPreviewUrl(...args: Parameters<Vm["createSignedPreviewUrl"]>): Promise<ServerPreviewUrl>;
+};
 
 /** vmFetch options on the client: what fetch accepts, minus what only the host has. */
 export type ClientFetchInit = Omit<VmFetchInit, "body"> & {

@@ -61,6 +61,11 @@ export class PreviewGateway {
     this.#timeoutMs = options.responseTimeoutMs ?? 60_000;
   }
 
+  /** The subdomain-mode host suffix, lowercased (e.g. "preview.localhost"). */
+  get previewHost(): string {
+    return this.#previewHost;
+  }
+
   /** True when the request is for the gateway (and it has been answered). */
   handleRequest(request: IncomingMessage, response: ServerResponse): boolean {
     const target = this.#target(request);
@@ -71,6 +76,21 @@ export class PreviewGateway {
       this.#page(response, 502, "Preview error", `The gateway could not pass this request on: ${AgentVmError.from(error).message}`);
     });
     return true;
+  }
+
+  /**
+   * The URL this request names on the preview origin (`origin`, e.g.
+   * http://localhost:6421), or undefined when it is not a preview request.
+   * Path mode keeps the path; subdomain mode keeps the `<token>.<previewHost>`
+   * name and takes the origin's scheme and port. For the API origin, which
+   * redirects there instead of serving previews itself.
+   */
+  previewLocation(request: IncomingMessage, origin: URL): string | undefined {
+    const target = this.#target(request);
+    if (!target) return undefined;
+    const rawUrl = request.url?.startsWith("/") ? request.url : "/";
+    if (target.prefix) return `${origin.origin}${rawUrl}`;
+    return `${origin.protocol}//${target.token}.${this.#previewHost}${origin.port ? `:${origin.port}` : ""}${rawUrl}`;
   }
 
   handleUpgrade(request: IncomingMessage, socket: Duplex, head: Buffer): boolean {
@@ -263,11 +283,14 @@ export class PreviewGateway {
     headers["access-control-allow-origin"] = "*";
     headers["access-control-expose-headers"] = "*";
     headers["referrer-policy"] = "no-referrer";
+    const cookies = headers["set-cookie"];
     if (target.prefix) {
       const location = headers.location;
       if (typeof location === "string") headers.location = this.#rewriteLocation(location, target);
-      const cookies = headers["set-cookie"];
       if (Array.isArray(cookies)) headers["set-cookie"] = cookies.map((cookie) => this.#rewriteCookie(cookie, target.prefix));
+    } else if (Array.isArray(cookies)) {
+      // Host-only cookies: a `Domain=preview.localhost` cookie would reach every other VM's preview.
+      headers["set-cookie"] = cookies.map((cookie) => withoutDomain(cookie));
     }
     return headers;
   }
@@ -280,9 +303,8 @@ export class PreviewGateway {
   }
 
   #rewriteCookie(cookie: string, prefix: string): string {
-    return cookie
+    return withoutDomain(cookie)
       .split(";")
-      .filter((part) => !/^\s*domain=/i.test(part))
       .map((part) => part.replace(/^(\s*path=)(\/.*)$/i, (_all, key: string, path: string) => `${key}${prefix}${path}`))
       .join(";");
   }
@@ -318,4 +340,12 @@ export class PreviewGateway {
       `HTTP/1.1 ${status} ${reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\naccess-control-allow-origin: *\r\nconnection: close\r\n\r\n${body}`,
     );
   }
+}
+
+/** A Set-Cookie value without its Domain attribute (so the cookie is host-only). */
+function withoutDomain(cookie: string): string {
+  return cookie
+    .split(";")
+    .filter((part) => !/^\s*domain=/i.test(part))
+    .join(";");
 }

@@ -29,7 +29,12 @@ export interface ResolvedPreviewConfig {
 }
 
 export interface PreviewUrl {
-  /** Relative to the server endpoint: `/preview/<token>/`. */
+  /**
+   * The full preview URL on the preview origin, e.g. `http://localhost:6421/preview/<token>/`.
+   * Always set by a registry server; on an embedded VM, once `servePreviews()` runs.
+   */
+  url?: string;
+  /** `/preview/<token>/`: relative to the preview origin (the API origin redirects it there). */
   path: string;
   token: string;
   port: number;
@@ -112,12 +117,20 @@ export class PreviewTokens {
   readonly #config: ResolvedPreviewConfig;
   readonly #definition: string;
   readonly #key: string;
+  #origin: string | undefined;
 
-  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string }) {
+  /** `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known. */
+  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string }) {
     this.#store = store;
     this.#config = config;
     this.#definition = scope.definition;
     this.#key = scope.key;
+    this.#origin = scope.origin;
+  }
+
+  /** Sets (or clears) the origin `url`s are built on: an embedded VM learns it from servePreviews(). */
+  setOrigin(origin: string | undefined): void {
+    this.#origin = origin;
   }
 
   create(portArg: unknown, ttlArg?: unknown): PreviewUrl {
@@ -141,7 +154,8 @@ export class PreviewTokens {
       createdAt: now,
       expiresAt,
     });
-    return { path: `/preview/${token}/`, token, port, expiresAt };
+    const path = `/preview/${token}/`;
+    return { ...(this.#origin !== undefined ? { url: `${this.#origin}${path}` } : {}), path, token, port, expiresAt };
   }
 
   /** Revokes a token of this VM; returns whether it was active. */

@@ -1,7 +1,9 @@
 /**
- * `setup({ use: { vm } })` and `registry.start()`: the agentvm server. One HTTP
- * server (http://localhost:6420 by default) in front of VM actors, with state in
- * SQLite under the data directory (default ./.agentvm).
+ * `setup({ use: { vm } })` and `registry.start()`: the agentvm server. The API
+ * (http://localhost:6420 by default) in front of VM actors, with state in
+ * SQLite under the data directory (default ./.agentvm), and a second listener,
+ * the preview origin (http://localhost:6421 by default), for preview URLs: a
+ * preview page never shares the API's origin (DESIGN §3).
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { resolve } from "node:path";
@@ -9,13 +11,14 @@ import { AgentVmError, invalidArgument } from "../errors.ts";
 import { SqliteStore } from "../store/sqlite-store.ts";
 import { findBubblewrap } from "../sandbox/bubblewrap.ts";
 import { ensureImage } from "../image/index.ts";
-import { describe, expectKnownKeys, expectObject } from "../validate.ts";
+import { describe, expectKnownKeys, expectObject, expectString } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
 import { handleApi, sendError } from "./http-api.ts";
 import { apiKeysFromEnv, Authenticator, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
 import { isLoopbackHost, OriginPolicy } from "./request-origin.ts";
 import { VmActor } from "./vm-actor.ts";
 import { PreviewGateway } from "../net/gateway.ts";
+import { PreviewRedirect } from "../net/preview-redirect.ts";
 import { PreviewStore } from "../store/preview-store.ts";
 import type { Duplex } from "node:stream";
 
@@ -43,8 +46,15 @@ export interface StartOptions {
   allowedHosts?: readonly string[] | true;
   /** Browser origins (e.g. "https://app.example.com") allowed to call the API besides its own. */
   allowedOrigins?: readonly string[];
-  /** Preview gateway settings. */
+  /** Preview gateway settings. Previews are served on their own listener, never on the API's. */
   preview?: {
+    /**
+     * Port of the preview listener (default: AGENTVM_PREVIEW_PORT, else the API
+     * port + 1, or a free port when the API port is 0).
+     */
+    port?: number;
+    /** Address the preview listener binds (default: the API's `host`). */
+    listenHost?: string;
     /** Host suffix for subdomain previews, `<token>.<host>` (default "preview.localhost"). */
     host?: string;
     /** A guest that has not started answering by then gets a 504 (default 60000 ms). */
@@ -57,9 +67,12 @@ export interface StartOptions {
 }
 
 export interface RunningServer {
-  /** e.g. http://localhost:6420 */
+  /** The API, e.g. http://localhost:6420 */
   readonly url: string;
   readonly port: number;
+  /** The preview origin, e.g. http://localhost:6421: `previewUrl + preview.path` (the API origin redirects there). */
+  readonly previewUrl: string;
+  readonly previewPort: number;
   readonly dataDir: string;
   /** False while the API is open (loopback, no API key configured). */
   readonly authRequired: boolean;
@@ -138,10 +151,17 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   if (authOptions.apiKeys !== undefined && !Array.isArray(authOptions.apiKeys)) throw invalidArgument(`start options.auth.apiKeys must be an array of keys, got ${describe(authOptions.apiKeys)}`);
   const apiKeys = [...((authOptions.apiKeys as AuthOptions["apiKeys"]) ?? []), ...apiKeysFromEnv(process.env.AGENTVM_API_KEYS)];
   const previewOptions = config.preview === undefined ? {} : expectObject("start options.preview", config.preview);
-  expectKnownKeys("start options.preview", previewOptions, ["host", "responseTimeoutMs", "maxBodyBytes", "sweepIntervalMs"]);
+  expectKnownKeys("start options.preview", previewOptions, ["port", "listenHost", "host", "responseTimeoutMs", "maxBodyBytes", "sweepIntervalMs"]);
   const port = options.port ?? (process.env.PORT ? Number(process.env.PORT) : 6420);
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw invalidArgument(`port must be an integer from 0 to 65535, got ${describe(port)}`);
   const host = options.host ?? process.env.HOST ?? "localhost";
+  const previewHost = previewOptions.listenHost === undefined ? host : expectString("start options.preview.listenHost", previewOptions.listenHost, { nonEmpty: true });
+  const envPreviewPort = process.env.AGENTVM_PREVIEW_PORT ? Number(process.env.AGENTVM_PREVIEW_PORT) : undefined;
+  const previewPort = previewOptions.port ?? envPreviewPort ?? (port === 0 ? 0 : port + 1);
+  if (!Number.isInteger(previewPort) || (previewPort as number) < 0 || (previewPort as number) > 65535) {
+    throw invalidArgument(`preview.port must be an integer from 0 to 65535 (it defaults to the API port + 1), got ${describe(previewPort)}`);
+  }
+  if (port !== 0 && previewPort === port && previewHost === host) throw invalidArgument(`preview.port must differ from the API port ${port}: previews are served on their own origin`);
   const dataDir = resolve(options.dataDir ?? process.env.AGENTVM_DATA_DIR ?? ".agentvm");
   const maxBodyBytes = options.maxBodyBytes ?? 1024 ** 3;
   const origins = new OriginPolicy({
@@ -180,6 +200,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const previews = new PreviewStore(store);
   const actors = new Map<string, VmActor>();
   let closing = false;
+  /** Set once the preview listener is bound, before the API takes requests. */
+  let previewUrl = "";
   const context = {
     maxBodyBytes,
     auth,
@@ -192,7 +214,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       const id = `${definitionName}\u0000${key}`;
       let actor = actors.get(id);
       if (!actor) {
-        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews });
+        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewOrigin: previewUrl });
         actors.set(id, actor);
       }
       return actor;
@@ -219,32 +241,56 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const sweep = setInterval(() => previews.sweep(Date.now()), Number(previewOptions.sweepIntervalMs ?? 60_000));
   sweep.unref();
 
-  const handler = (request: IncomingMessage, response: ServerResponse) => {
-    // Previews first: their token is their credential, and they keep their own CORS.
-    if (gateway.handleRequest(request, response)) return;
+  let redirect: PreviewRedirect | undefined;
+  const apiHandler = (request: IncomingMessage, response: ServerResponse) => {
+    // A preview URL sent to the API origin goes to the preview origin: it is never served here.
+    if (redirect!.handleRequest(request, response)) return;
     handleApi(context, request, response).catch((error) => sendError(response, error));
+  };
+  const previewHandler = (request: IncomingMessage, response: ServerResponse) => {
+    if (gateway.handleRequest(request, response)) return;
+    const body = `Not a preview URL. Previews are /preview/<token>/… or <token>.${gateway.previewHost}; the API is on another origin.\n`;
+    response.writeHead(404, { "content-type": "text/plain; charset=utf-8", "content-length": Buffer.byteLength(body), "access-control-allow-origin": "*" });
+    response.end(body);
   };
 
   let servers: Server[];
+  let previewServers: Server[];
   try {
-    servers = await listenAll(host, port, handler);
+    servers = await listenAll(host, port, apiHandler);
+    try {
+      previewServers = await listenAll(previewHost, previewPort as number, previewHandler, "preview.port / AGENTVM_PREVIEW_PORT");
+    } catch (error) {
+      for (const server of servers) server.close();
+      throw error;
+    }
   } catch (error) {
     clearInterval(sweep);
     store.close();
     throw error;
   }
+  const boundPort = (servers[0]!.address() as { port: number }).port;
+  const url = `http://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
+  const boundPreviewPort = (previewServers[0]!.address() as { port: number }).port;
+  previewUrl = `http://${previewHost.includes(":") ? `[${previewHost}]` : previewHost}:${boundPreviewPort}`;
+  redirect = new PreviewRedirect(gateway, previewUrl);
   // Upgraded sockets (preview WebSockets) leave the HTTP server's bookkeeping, so
   // closeAllConnections does not end them and server.close would wait for them forever.
   const upgraded = new Set<Duplex>();
   for (const server of servers) {
+    // The API has no WebSocket route; a preview's WebSocket is told where previews are.
+    server.on("upgrade", (request: IncomingMessage, socket: Duplex) => {
+      if (closing || !redirect!.handleUpgrade(request, socket)) socket.destroy();
+    });
+  }
+  for (const server of previewServers) {
     server.on("upgrade", (request: IncomingMessage, socket: Duplex, head: Buffer) => {
       if (closing || !gateway.handleUpgrade(request, socket, head)) return void socket.destroy();
       upgraded.add(socket);
       socket.once("close", () => upgraded.delete(socket));
     });
   }
-  const boundPort = (servers[0]!.address() as { port: number }).port;
-  const url = `http://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
+  console.log(`agentvm: API on ${url}; previews on ${previewUrl} (${previewUrl}/preview/<token>/, or http://<token>.${gateway.previewHost}:${boundPreviewPort}/)`);
   if (auth.open) {
     console.warn(
       `agentvm: the API on ${url} is OPEN: no API key is set, so any program on this machine can run code in every VM. Set AGENTVM_API_KEYS or start({ auth: { apiKeys } }) to require one.`,
@@ -260,7 +306,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       process.off("SIGTERM", onSignal);
       for (const socket of upgraded) socket.destroy();
       await Promise.all(
-        servers.map(
+        [...servers, ...previewServers].map(
           (server) =>
             new Promise<void>((done) => {
               server.close(() => done());
@@ -289,6 +335,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   return {
     url,
     port: boundPort,
+    previewUrl,
+    previewPort: boundPreviewPort,
     dataDir,
     get authRequired() {
       return !auth.open;
@@ -301,7 +349,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
 }
 
 /** "localhost" means both loopback families, as browsers and fetch may try either. */
-async function listenAll(host: string, port: number, handler: (request: IncomingMessage, response: ServerResponse) => void): Promise<Server[]> {
+async function listenAll(host: string, port: number, handler: (request: IncomingMessage, response: ServerResponse) => void, portOption = "start({ port }) / PORT"): Promise<Server[]> {
   const hosts = host === "localhost" ? ["127.0.0.1", "::1"] : [host];
   const servers: Server[] = [];
   let chosenPort = port;
@@ -322,7 +370,7 @@ async function listenAll(host: string, port: number, handler: (request: Incoming
       const code = (error as NodeJS.ErrnoException).code;
       throw new AgentVmError(
         code === "EADDRINUSE" ? "EADDRINUSE" : "INTERNAL",
-        code === "EADDRINUSE" ? `port ${chosenPort} on ${address} is already in use; stop the other server or pass start({ port }) / PORT` : `cannot listen on ${address}:${chosenPort}: ${(error as Error).message}`,
+        code === "EADDRINUSE" ? `port ${chosenPort} on ${address} is already in use; stop the other server or pass ${portOption}` : `cannot listen on ${address}:${chosenPort}: ${(error as Error).message}`,
       );
     }
     chosenPort = (server.address() as { port: number }).port;

@@ -39,9 +39,12 @@ export class VmActor {
   #closed = false;
 
   readonly #previews: PreviewStore;
+  /** Where the server's preview listener answers; preview `url`s are built on it. */
+  readonly #previewOrigin: string;
 
-  constructor(init: { definitionName: string; key: string; definition: VmDefinition; dataDir: string; store: SqliteStore; previews: PreviewStore }) {
+  constructor(init: { definitionName: string; key: string; definition: VmDefinition; dataDir: string; store: SqliteStore; previews: PreviewStore; previewOrigin: string }) {
     this.#previews = init.previews;
+    this.#previewOrigin = init.previewOrigin;
     this.definitionName = init.definitionName;
     this.key = init.key;
     this.#definition = init.definition;
@@ -129,7 +132,7 @@ export class VmActor {
         ...(this.#definition.limits ? { limits: this.#definition.limits } : {}),
         ...(this.#definition.hosts ? { hosts: this.#definition.hosts } : {}),
       },
-      { previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key }) },
+      { previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, origin: this.#previewOrigin }) },
     );
     vm.on("processOutput", (event) => {
       for (const listener of this.#listeners) listener.processOutput(event);

@@ -49,9 +49,12 @@ export interface PreviewServer {
   readonly registry: TestRegistry;
   readonly server: RunningServer;
   readonly dataDir: string;
-  /** e.g. http://localhost:40123 */
+  /** The API, e.g. http://localhost:40123 */
   readonly url: string;
   readonly port: number;
+  /** The preview origin, e.g. http://localhost:40124 */
+  readonly previewUrl: string;
+  readonly previewPort: number;
   vm(key: string): VmHandle;
   /** The host directory that is the VM's `/` (keys here are safe directory names). */
   root(key: string): string;
@@ -77,6 +80,8 @@ export async function startPreviewServer(options: { config?: AgentOsConfig; prev
     dataDir,
     url: server.url,
     port: server.port,
+    previewUrl: server.previewUrl,
+    previewPort: server.previewPort,
     vm: (key) => client.vm.getOrCreate(key),
     root: (key) => join(dataDir, "vms", key, "root"),
     close,

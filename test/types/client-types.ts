@@ -63,6 +63,10 @@ export async function correctlyTyped(): Promise<void> {
   const preview = await h.createSignedPreviewUrl(3000);
   const short = await h.createSignedPreviewUrl(3000, 300);
   const path: string = preview.path;
+  const previewUrl: string = preview.url;
+  const server = await registry.start({ port: 0, preview: { port: 0, listenHost: "127.0.0.1" } });
+  const previewOrigin: string = server.previewUrl;
+  const previewPort: number = server.previewPort;
   const token: string = short.token;
   const expiresAt: number = preview.expiresAt;
   await h.expireSignedPreviewUrl(preview.token);
