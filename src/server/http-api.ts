@@ -349,9 +349,11 @@ async function streamEvents(actor: VmActor, request: IncomingMessage, response: 
       cutOff = true;
       unsubscribe();
       const reason = new AgentVmError("EVENTS_TOO_SLOW", `this event stream fell more than ${EVENTS_BUFFER_BYTES} bytes behind and was closed; read events as they come, or reconnect`);
-      response.end(`event: error\ndata: ${JSON.stringify(reason.toJSON())}\n\n`);
-      // If it never reads again, let go of what is buffered for it.
-      setTimeout(() => response.destroy(), EVENTS_DRAIN_MS).unref();
+      // The connection ends with the stream (not kept alive), and if the reader never reads
+      // again, what is buffered for it is let go.
+      const socket = response.socket;
+      response.end(`event: error\ndata: ${JSON.stringify(reason.toJSON())}\n\n`, () => socket?.end());
+      setTimeout(() => socket?.destroy(), EVENTS_DRAIN_MS).unref();
       return;
     }
     response.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
