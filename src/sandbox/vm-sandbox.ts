@@ -53,6 +53,8 @@ export class VmSandbox {
   #stopping = false;
   /** Set once, by whichever comes first: init's channel closing, bubblewrap exiting, a protocol violation, stop(). */
   #ended = false;
+  /** Resolves start() when init says it is ready. */
+  #readyWaiter: (() => void) | undefined;
 
   /** Host pid of the sandbox's pid 1, once bubblewrap reports it. */
   readonly #sandboxPid: Promise<number | undefined>;
@@ -126,8 +128,6 @@ export class VmSandbox {
     }
     return sandbox;
   }
-
-  #readyWaiter: (() => void) | undefined;
 
   async spawn(command: string, args: string[], cwd: string, env: Record<string, string>): Promise<number> {
     const { reply } = await this.#channel.request({ t: "spawn", command, args, cwd, env });
