@@ -1,6 +1,6 @@
 /**
  * Preview URLs as a browser uses them: plain HTTP to the server's gateway at
- * `${server.url}${preview.path}`, which proxies into one port of one VM.
+ * the preview URL (`preview.url`, on the server's preview origin), which proxies into one port of one VM.
  *
  * Throughput runs the vmFetch bench's client loop (http.request, keep-alive
  * Agent, alternating rounds) against the gateway and against the baseline plain
@@ -104,8 +104,10 @@ export async function benchPreviews(options: PreviewsOptions): Promise<PreviewsR
     const preview = await vm.createSignedPreviewUrl(GUEST_PORT);
     const streamPreview = await vm.createSignedPreviewUrl(STREAM_PORT);
 
+    // Previews are served on their own origin (the preview listener), not the API's.
+    const previewPort = Number(new URL(preview.url).port);
     const direct = directFetcher(agent, baseline.port);
-    const viaPreview = directFetcher(agent, server.port, preview.path);
+    const viaPreview = directFetcher(agent, previewPort, preview.path);
     const throughput: ThroughputCase[] = [];
     for (const concurrency of options.concurrencies) {
       const label = concurrency === 1 ? "sequential" : `${concurrency} concurrent`;
@@ -119,7 +121,7 @@ export async function benchPreviews(options: PreviewsOptions): Promise<PreviewsR
     options.log(`download ${gib} GiB: baseline, preview gateway, client vmFetchStream, embedded vmFetchReadable`);
     const paths: [string, number, (chunks: number) => Promise<number>][] = [
       ["plain Node on 127.0.0.1", streamBaseline.pid, (chunks) => httpDownload(streamBaseline.port, `/${size(chunks)}`)],
-      ["preview gateway", server.pid, (chunks) => httpDownload(server.port, `${streamPreview.path}${size(chunks)}`)],
+      ["preview gateway", server.pid, (chunks) => httpDownload(previewPort, `${streamPreview.path}${size(chunks)}`)],
       ["client vmFetchStream", server.pid, (chunks) => streamDownload(vm, `/${size(chunks)}`)],
       ["embedded vmFetchReadable", process.pid, (chunks) => readableDownload(embedded, `/${size(chunks)}`)],
     ];

@@ -133,7 +133,7 @@ function notes(spawns: SpawnSummary[], processes: string): string {
     `baseline: the same program in a plain Node child on 127.0.0.1 (no sandbox), same client (http.request, keep-alive Agent, same loop);`,
     `  per side ${fetch.warmupMs} ms warm-up, then ${fetch.durationMs} ms in ${fetch.rounds} slices alternating baseline and agentvm.`,
     `vmFetch: embedded Vm.vmFetch in this process into a guest http.createServer((q,s)=>s.end("ok")) on VM port 3000.`,
-    `preview: the same loop against \${server.url}\${preview.path} on a server in a child process (gateway → VM port 3000).`,
+    `preview: the same loop against preview.url (the server's preview origin) on a server in a child process (gateway → VM port 3000).`,
     nginxAvailable()
       ? `nginx: ${NGINX}, 1 worker, upstream keep-alive, no buffering, in front of the baseline; ratio = (preview ÷ direct) ÷ (nginx ÷ direct).`
       : `nginx: ${NGINX} is not installed, so the "≥ nginx as a proxy" row is skipped (the bench does not install it).`,
