@@ -84,6 +84,10 @@ export const AGENTVM_CODES = [
   "EXEC_TIMEOUT",
   /** exec printed more than its maxOutputBytes; the process was killed and `details` holds the output up to the cap. */
   "EXEC_OUTPUT_LIMIT",
+  /** A VM destroy without `confirm` equal to the VM's key; nothing was changed. */
+  "DESTROY_NOT_CONFIRMED",
+  /** A VM destroy stopped midway (its files could not all be removed); destroying it again finishes. Until then the VM does not wake. */
+  "VM_DESTROY_FAILED",
   /** registry.start() on a non-loopback host without an API key. */
   "AUTH_NOT_CONFIGURED",
   /** The server is shutting down; retry against a running server. */

@@ -11,6 +11,6 @@ export { AgentVmError, AGENTVM_CODES, POSIX_CODES } from "./errors.ts";
 export type { ErrorCode, AgentVmCode, PosixCode } from "./errors.ts";
 export { agentOS, agentOs, setup, Registry, generateApiKey, hashApiKey, TOKEN_ACTIONS } from "./server/index.ts";
 export type { AuthOptions, MintedToken, TokenAction, TokenRequest } from "./server/index.ts";
-export type { AgentOsConfig, PreviewConfig, SoftwarePackage, VmDefinition, StartOptions, RunningServer } from "./server/index.ts";
+export type { AgentOsConfig, PreviewConfig, SoftwarePackage, VmDefinition, StartOptions, RunningServer, DestroyResult, VmSummary } from "./server/index.ts";
 export type { ExecOptions, ExecResult, ProcessLogs } from "./vm.ts";
 export type { PreviewUrl, PreviewInfo } from "./net/previews.ts";

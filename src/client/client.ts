@@ -9,7 +9,7 @@
 import { isVmAction } from "../actions.ts";
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, fromBase64 } from "../wire.ts";
-import type { AgentVmClient, ClientFetchInit, ClientOptions, VmConnection, VmConnectionEvents, VmHandle } from "./types.ts";
+import type { AgentVmClient, ClientFetchInit, ClientOptions, DestroyResult, VmConnection, VmConnectionEvents, VmHandle, VmSummary } from "./types.ts";
 
 /** Response headers that describe our hop, not the guest's answer. */
 const HOP_HEADERS = new Set(["connection", "keep-alive", "transfer-encoding", "date"]);
@@ -30,6 +30,7 @@ export function createClient<R>(options: string | ClientOptions): AgentVmClient<
       if (typeof definition !== "string" || definition === "then") return undefined;
       return {
         getOrCreate: (key: string | readonly string[]) => createHandle(transport, definition, canonicalKey(key)),
+        list: (options?: { after?: string; limit?: number }) => listVms(transport, definition, options),
       };
     },
   });
@@ -92,6 +93,25 @@ function environmentToken(): string | undefined {
   const env = (globalThis as { process?: { env?: Record<string, string | undefined> } }).process?.env;
   const token = env?.AGENTVM_TOKEN;
   return typeof token === "string" && token.length > 0 ? token : undefined;
+}
+
+/** The `value` of a JSON answer from a route that is not an action. */
+async function jsonValue<T>(response: Response, what: string): Promise<T> {
+  try {
+    return ((await response.json()) as { value: T }).value;
+  } catch (error) {
+    throw new AgentVmError("INTERNAL", `${what}: the server's answer (${response.status}) is not JSON: ${(error as Error).message}`, { cause: error });
+  }
+}
+
+async function listVms(transport: Transport, definition: string, options: { after?: string; limit?: number } = {}): Promise<VmSummary[]> {
+  if (options === null || typeof options !== "object") throw invalidArgument(`list: options must be an object, got ${String(options)}`);
+  const query = new URLSearchParams();
+  if (options.after !== undefined) query.set("after", String(options.after));
+  if (options.limit !== undefined) query.set("limit", String(options.limit));
+  const search = query.size > 0 ? `?${query}` : "";
+  const response = await transport.request(`${transport.base}/api/${encodeURIComponent(definition)}/vms${search}`, { method: "GET" });
+  return jsonValue<VmSummary[]>(response, "list");
 }
 
 async function errorFrom(response: Response): Promise<AgentVmError> {
@@ -186,6 +206,12 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
         throw new AgentVmError("INVALID_ARGUMENT", `connect: since must be an output position (an integer ≥ 0), got ${String(since)}`);
       }
       return openConnection(transport, since === undefined ? `${prefix}/events` : `${prefix}/events?since=${since}`);
+    },
+    async destroy(options: { confirm: string | readonly string[] }): Promise<DestroyResult> {
+      // An absent or wrong confirmation goes to the server, which refuses it with DESTROY_NOT_CONFIRMED and the way to confirm.
+      const confirm = options?.confirm === undefined ? undefined : canonicalKey(options.confirm);
+      const response = await transport.request(confirm === undefined ? prefix : `${prefix}?confirm=${encodeURIComponent(confirm)}`, { method: "DELETE" });
+      return jsonValue<DestroyResult>(response, "destroy");
     },
   };
 

@@ -9,6 +9,9 @@ import type { VmDefinition } from "../server/definition.ts";
 import type { ProcessExitEvent, ProcessOutputEvent, Vm } from "../vm.ts";
 import type { VmFetchInit, VmFetchResponse, VmFetchStreamResponse } from "../net/vm-fetch.ts";
 import type { PreviewUrl } from "../net/previews.ts";
+import type { DestroyResult, VmSummary } from "../server/vm-actor.ts";
+
+export type { DestroyResult, VmSummary };
 
 type Remote<F> = F extends (...args: infer A) => infer R ? (...args: A) => Promise<Awaited<R>> : never;
 
@@ -55,11 +58,24 @@ export type VmHandle = VmActions & {
    * seen), output the processes' logs still hold after it comes first.
    */
   connect(options?: { since?: number }): VmConnection;
+  /**
+   * Destroys the VM for good: ends its processes, deletes its files, rows and
+   * preview URLs. `confirm` must be this VM's key (DESTROY_NOT_CONFIRMED
+   * otherwise, and nothing changes). The key then starts a fresh, empty VM.
+   * Needs an API key or a token that lists "destroy".
+   */
+  destroy(options: { confirm: string | readonly string[] }): Promise<DestroyResult>;
 };
 
 export interface VmAccessor {
   /** The VM for `key`, created on first use. `["key"]` and `"key"` name the same VM. */
   getOrCreate(key: string | readonly string[]): VmHandle;
+  /**
+   * This definition's VMs in key order, awake or asleep, without waking any:
+   * at most `limit` (default and maximum 1000); pass the last key seen as
+   * `after` for the next page. Needs an API key.
+   */
+  list(options?: { after?: string; limit?: number }): Promise<VmSummary[]>;
 }
 
 export type AgentVmClient<R> = R extends Registry<infer Use> ? { readonly [K in keyof Use]: Use[K] extends VmDefinition ? VmAccessor : never } : never;

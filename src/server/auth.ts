@@ -27,8 +27,13 @@ import { canonicalKey } from "../client/client.ts";
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
 
-/** What a token can allow: every VM action, plus the routes that are not actions. */
-export const TOKEN_ACTIONS = [...VM_ACTIONS, "vmFetch", "connect", "status"] as const;
+/**
+ * What a token can allow: every VM action, plus the routes that are not actions.
+ * `destroy` cannot be undone, so "*" does not include it: a token must list it.
+ */
+export const TOKEN_ACTIONS = [...VM_ACTIONS, "vmFetch", "connect", "status", "destroy"] as const;
+/** Actions a "*" token does not cover. */
+const EXPLICIT_ONLY: ReadonlySet<string> = new Set(["destroy"]);
 export type TokenAction = (typeof TOKEN_ACTIONS)[number];
 const TOKEN_ACTION_SET: ReadonlySet<string> = new Set(TOKEN_ACTIONS);
 
@@ -54,7 +59,7 @@ export interface TokenRequest {
   definition?: string;
   /** The VM key the token is bound to (`["a"]` and `"a"` are the same VM). */
   key: string | readonly string[];
-  /** The actions it allows (VM actions, "vmFetch", "connect", "status"), or "*" (default). */
+  /** The actions it allows (VM actions, "vmFetch", "connect", "status", "destroy"), or "*" (default: every one but "destroy"). */
   actions?: readonly TokenAction[] | "*";
   /** Lifetime in seconds (default 900, at most auth.maxTokenTtlSeconds). */
   expiresInSeconds?: number;
@@ -185,8 +190,9 @@ export class Authenticator {
     if (credential.definition !== definition || credential.key !== key) {
       throw new AgentVmError("FORBIDDEN", `this token is for VM ${JSON.stringify(credential.key)} (${credential.definition}), not ${JSON.stringify(key)} (${definition})`);
     }
-    if (credential.actions !== "*" && !credential.actions.includes(action)) {
-      throw new AgentVmError("FORBIDDEN", `this token does not allow ${JSON.stringify(action)}; it allows ${credential.actions.join(", ") || "nothing"}`);
+    if (credential.actions === "*" ? EXPLICIT_ONLY.has(action) : !credential.actions.includes(action)) {
+      const allowed = credential.actions === "*" ? `every action but ${[...EXPLICIT_ONLY].join(", ")}, which a token must list` : credential.actions.join(", ") || "nothing";
+      throw new AgentVmError("FORBIDDEN", `this token does not allow ${JSON.stringify(action)}; it allows ${allowed}`);
     }
   }
 

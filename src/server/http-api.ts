@@ -5,6 +5,8 @@
  *   ANY  /api/:definition/:key/fetch/:port/*     vmFetch, streamed both ways
  *   GET  /api/:definition/:key/events            processOutput / processExit as Server-Sent Events
  *   GET  /api/:definition/:key/status            awake or asleep, without waking it
+ *   GET  /api/:definition/vms                    list a definition's VMs (API key holders)
+ *   DELETE /api/:definition/:key?confirm=:key    destroy a VM: processes, files, rows, previews
  *   POST /api/tokens                             mint a scoped token (API key holders)
  *   GET  /health                                 no credentials needed
  *
@@ -19,7 +21,7 @@ import { AgentVmError, type ErrorCode } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
 import type { Authenticator, TokenRequest } from "./auth.ts";
 import { refuseFormPost, requireBodyType, type OriginPolicy } from "./request-origin.ts";
-import type { VmActor } from "./vm-actor.ts";
+import type { DestroyResult, VmActor, VmSummary } from "./vm-actor.ts";
 import type { ProcessOutputEvent } from "../vm.ts";
 
 export const MAX_KEY_LENGTH = 256;
@@ -31,6 +33,8 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   PREVIEW_TTL_INVALID: 400,
   PREVIEW_TTL_TOO_LONG: 400,
   PREVIEW_TOKEN_LIMIT: 429,
+  DESTROY_NOT_CONFIRMED: 400,
+  VM_DESTROY_FAILED: 500,
   UNAUTHENTICATED: 401,
   FORBIDDEN: 403,
   HOST_NOT_ALLOWED: 403,
@@ -83,6 +87,9 @@ export interface ApiContext {
   /** Finds (or creates) the actor for a definition and key; undefined when the definition is unknown. */
   actor(definition: string, key: string): VmActor | undefined;
   hasDefinition(definition: string): boolean;
+  /** A definition's VMs in key order, after `after`, at most `limit`. */
+  listVms(definition: string, options: { after?: string; limit?: number }): VmSummary[];
+  destroyVm(definition: string, key: string): Promise<DestroyResult>;
   auth: Authenticator;
   origins: OriginPolicy;
   maxBodyBytes: number;
@@ -145,11 +152,12 @@ function decodeKey(raw: string): string {
 type Route =
   | { kind: "health" }
   | { kind: "tokens" }
+  | { kind: "list"; definition: string }
   | {
       kind: "vm";
       definition: string;
       key: string;
-      route: "actions" | "fetch" | "events" | "status";
+      route: "actions" | "fetch" | "events" | "status" | "destroy";
       /** The action name or the port ("" for events and status). */
       segment: string;
       /** What a token's actions list must hold for this request. */
@@ -159,6 +167,11 @@ type Route =
     };
 
 const VM_ROUTE = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status)(\/.*)?$/;
+/** `/api/{definition}/{key}`: GET /api/{definition}/vms lists, DELETE destroys the VM `key` (which may be "vms"). */
+const VM_ITEM = /^\/api\/([^/]+)\/([^/]+)$/;
+
+/** Largest page of GET /api/{definition}/vms. */
+export const MAX_LIST_LIMIT = 1000;
 
 function decodeDefinition(raw: string): string {
   try {
@@ -173,6 +186,13 @@ function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): 
   if (url.pathname === "/api/tokens") {
     if (request.method !== "POST") throw new AgentVmError("UNKNOWN_ACTION", `tokens are minted with POST, not ${request.method}`);
     return { kind: "tokens" };
+  }
+  const item = VM_ITEM.exec(url.pathname);
+  if (item && (request.method === "DELETE" || (request.method === "GET" && item[2] === "vms"))) {
+    const definition = decodeDefinition(item[1]!);
+    if (!context.hasDefinition(definition)) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(definition)} in this registry`);
+    if (request.method === "GET") return { kind: "list", definition };
+    return { kind: "vm", definition, key: decodeKey(item[2]!), route: "destroy", segment: "", action: "destroy", rest: undefined };
   }
   const match = VM_ROUTE.exec(url.pathname);
   if (!match) throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}; see docs/http-api.md`);
@@ -208,7 +228,17 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
       await mintToken(context, request, response);
       return;
     }
+    if (route.kind === "list") {
+      context.auth.requireApiKey(credential!, `listing VMs (GET /api/${route.definition}/vms)`);
+      sendJson(response, context.listVms(route.definition, listOptions(url)));
+      return;
+    }
     context.auth.authorize(credential!, route.definition, route.key, route.action);
+    if (route.route === "destroy") {
+      requireConfirmation(route.definition, route.key, url);
+      sendJson(response, await context.destroyVm(route.definition, route.key));
+      return;
+    }
     if (route.route === "actions" && request.method === "POST") requireBodyType(request, `action ${route.segment}`);
     if (route.route === "fetch") refuseFormPost(request);
     const actor = context.actor(route.definition, route.key);
@@ -225,6 +255,29 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
   } catch (error) {
     sendError(response, error);
   }
+}
+
+function listOptions(url: URL): { after?: string; limit: number } {
+  const after = url.searchParams.get("after");
+  const limitText = url.searchParams.get("limit");
+  const limit = limitText === null ? MAX_LIST_LIMIT : Number(limitText);
+  if (!Number.isInteger(limit) || limit < 1 || limit > MAX_LIST_LIMIT) {
+    throw new AgentVmError("INVALID_ARGUMENT", `list VMs: limit must be an integer from 1 to ${MAX_LIST_LIMIT}, got ${JSON.stringify(limitText)}`);
+  }
+  return after === null ? { limit } : { after, limit };
+}
+
+/** A destroy names the key twice, once in the path and once as `?confirm=`, so a wrong path or a stray DELETE destroys nothing. */
+function requireConfirmation(definition: string, key: string, url: URL): void {
+  const confirm = url.searchParams.get("confirm");
+  if (confirm === key) return;
+  const how = `send DELETE /api/${encodeURIComponent(definition)}/${encodeURIComponent(key)}?confirm=${encodeURIComponent(key)} (the client: handle.destroy({ confirm: key }))`;
+  throw new AgentVmError(
+    "DESTROY_NOT_CONFIRMED",
+    confirm === null
+      ? `destroying VM ${JSON.stringify(key)} deletes its files and cannot be undone; confirm with the key: ${how}`
+      : `destroying VM ${JSON.stringify(key)}: confirm ${JSON.stringify(confirm)} is not its key; nothing was changed. ${how}`,
+  );
 }
 
 async function mintToken(context: ApiContext, request: IncomingMessage, response: ServerResponse): Promise<void> {
@@ -346,17 +399,21 @@ async function streamEvents(actor: VmActor, request: IncomingMessage, response: 
     if (cutOff) return;
     // A subscriber that does not read would make the server hold every event for it.
     if (response.writableLength > EVENTS_BUFFER_BYTES) {
-      cutOff = true;
-      unsubscribe();
-      const reason = new AgentVmError("EVENTS_TOO_SLOW", `this event stream fell more than ${EVENTS_BUFFER_BYTES} bytes behind and was closed; read events as they come, or reconnect`);
-      // The connection ends with the stream (not kept alive), and if the reader never reads
-      // again, what is buffered for it is let go.
-      const socket = response.socket;
-      response.end(`event: error\ndata: ${JSON.stringify(reason.toJSON())}\n\n`, () => socket?.end());
-      setTimeout(() => socket?.destroy(), EVENTS_DRAIN_MS).unref();
+      closeWith(new AgentVmError("EVENTS_TOO_SLOW", `this event stream fell more than ${EVENTS_BUFFER_BYTES} bytes behind and was closed; read events as they come, or reconnect`));
       return;
     }
     response.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+  };
+  /** Ends the stream with a last `error` event saying why. */
+  const closeWith = (reason: AgentVmError) => {
+    if (cutOff) return;
+    cutOff = true;
+    unsubscribe();
+    // The connection ends with the stream (not kept alive), and if the reader never reads
+    // again, what is buffered for it is let go.
+    const socket = response.socket;
+    response.end(`event: error\ndata: ${JSON.stringify(reason.toJSON())}\n\n`, () => socket?.end());
+    setTimeout(() => socket?.destroy(), EVENTS_DRAIN_MS).unref();
   };
   const output = (event: ProcessOutputEvent) => send("processOutput", { pid: event.pid, stream: event.stream, seq: event.seq, data: { $base64: toBase64(event.data) } });
   // `?since=<seq>` first replays what the processes' logs hold after that position. Read and
@@ -365,6 +422,7 @@ async function streamEvents(actor: VmActor, request: IncomingMessage, response: 
   const unsubscribe = actor.subscribe({
     processOutput: output,
     processExit: (event) => send("processExit", event),
+    destroyed: () => closeWith(new AgentVmError("VM_DISPOSED", `VM ${JSON.stringify(actor.key)} was destroyed; its processes and files are gone (the key starts a fresh VM on next use)`)),
   });
   response.write(": connected\n\n");
   for (const event of backlog) output(event);

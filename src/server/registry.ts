@@ -13,10 +13,11 @@ import { findBubblewrap } from "../sandbox/bubblewrap.ts";
 import { ensureImage } from "../image/index.ts";
 import { describe, expectKnownKeys, expectObject, expectString } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
-import { handleApi, sendError } from "./http-api.ts";
+import { handleApi, MAX_LIST_LIMIT, sendError } from "./http-api.ts";
 import { apiKeysFromEnv, Authenticator, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
 import { isLoopbackHost, OriginPolicy } from "./request-origin.ts";
-import { VmActor } from "./vm-actor.ts";
+import { VmActor, type DestroyResult, type VmSummary } from "./vm-actor.ts";
+import { canonicalKey } from "../client/client.ts";
 import { PreviewGateway } from "../net/gateway.ts";
 import { PreviewRedirect } from "../net/preview-redirect.ts";
 import { PreviewStore } from "../store/preview-store.ts";
@@ -82,6 +83,14 @@ export interface RunningServer {
   addApiKey(key: string | { sha256: string }): void;
   /** Refuses an API key from now on; true when it was known. */
   revokeApiKey(key: string | { sha256: string }): boolean;
+  /** A definition's VMs in key order (at most `limit`, default and maximum 1000; page with `after`: the last key seen). */
+  listVms(definition: string, options?: { after?: string; limit?: number }): VmSummary[];
+  /**
+   * Destroys a VM for good: ends its processes, revokes its preview URLs, deletes its
+   * files and rows. The key then starts a fresh VM. VM_DESTROY_FAILED when it stopped
+   * midway; calling it again finishes.
+   */
+  destroyVm(definition: string, key: string | readonly string[]): Promise<DestroyResult>;
   /** Stops accepting requests, ends every guest and closes SQLite. */
   close(): Promise<void>;
 }
@@ -202,11 +211,32 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   let closing = false;
   /** Set once the preview listener is bound, before the API takes requests. */
   let previewUrl = "";
+  const requireDefinition = (name: string, what: string) => {
+    if (!Object.hasOwn(use, name)) throw new AgentVmError("UNKNOWN_ACTION", `${what}: no VM definition named ${JSON.stringify(name)} in this registry`);
+  };
   const context = {
     maxBodyBytes,
     auth,
     origins,
     hasDefinition: (name: string) => Object.hasOwn(use, name),
+    listVms(definitionName: string, options: { after?: string; limit?: number } = {}): VmSummary[] {
+      requireDefinition(definitionName, "listVms");
+      const limit = options.limit ?? MAX_LIST_LIMIT;
+      if (!Number.isInteger(limit) || limit < 1 || limit > MAX_LIST_LIMIT) throw invalidArgument(`listVms: limit must be an integer from 1 to ${MAX_LIST_LIMIT}, got ${describe(limit)}`);
+      if (options.after !== undefined && typeof options.after !== "string") throw invalidArgument(`listVms: after must be a key, got ${describe(options.after)}`);
+      return store.listVms(definitionName, options.after ?? "", limit).map((record) => ({
+        key: record.key,
+        awake: actors.get(`${definitionName}\u0000${record.key}`)?.awake ?? false,
+        createdAt: record.createdAt,
+        lastActiveAt: record.lastActiveAt,
+        wakeCount: record.wakeCount,
+        ...(record.destroying ? { destroying: true as const } : {}),
+      }));
+    },
+    destroyVm(definitionName: string, key: string): Promise<DestroyResult> {
+      requireDefinition(definitionName, "destroyVm");
+      return context.actor(definitionName, key)!.destroy();
+    },
     actor(definitionName: string, key: string): VmActor | undefined {
       const definition = Object.hasOwn(use, definitionName) ? use[definitionName] : undefined;
       if (!definition) return undefined;
@@ -344,6 +374,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     createToken: (request: TokenRequest) => auth.mintToken(request),
     addApiKey: (key: string | { sha256: string }) => auth.addApiKey(key),
     revokeApiKey: (key: string | { sha256: string }) => auth.revokeApiKey(key),
+    listVms: (definition: string, options?: { after?: string; limit?: number }) => context.listVms(definition, options),
+    destroyVm: async (definition: string, key: string | readonly string[]) => context.destroyVm(definition, canonicalKey(key)),
     close,
   };
 }

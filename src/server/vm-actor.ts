@@ -8,17 +8,45 @@
  * guest process runs. Once none has
  * held for `sleepAfterMs`, it sleeps. Any action wakes it; concurrent wakes
  * share one.
+ *
+ * `destroy()` ends it for good, in an order that a failure can resume: mark the
+ * row `destroying` (no wake from then on), revoke its preview tokens, end its
+ * processes, remove its directory, delete its row. Until the row is gone a wake
+ * is refused with VM_DESTROY_FAILED; the next destroy picks up where the last
+ * one stopped. Once it is gone, the key starts a fresh, empty VM.
  */
+import { access } from "node:fs/promises";
+import { join } from "node:path";
 import { AgentVmError } from "../errors.ts";
 import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEvent, type Vm } from "../vm.ts";
 import type { SqliteStore } from "../store/sqlite-store.ts";
 import type { PreviewStore } from "../store/preview-store.ts";
 import { PreviewTokens } from "../net/previews.ts";
 import type { VmDefinition } from "./definition.ts";
+import { removeTree } from "./remove-tree.ts";
 
 export interface VmEventListener {
   processOutput(event: ProcessOutputEvent): void;
   processExit(event: ProcessExitEvent): void;
+  /** The VM was destroyed: no more events will come. */
+  destroyed(): void;
+}
+
+/** One VM in a listing: its SQLite row plus whether it is awake now. Times in epoch ms. */
+export interface VmSummary {
+  key: string;
+  awake: boolean;
+  createdAt: number;
+  lastActiveAt: number;
+  wakeCount: number;
+  /** Present when a destroy started and did not finish: destroy it again. */
+  destroying?: true;
+}
+
+/** What a destroy found: whether there was anything (a row or files) to remove. */
+export interface DestroyResult {
+  key: string;
+  existed: boolean;
 }
 
 /** SQLite's last_active_at is advisory: write it at most this often per VM. */
@@ -33,6 +61,7 @@ export class VmActor {
   readonly #listeners = new Set<VmEventListener>();
   #vm: Vm | undefined;
   #waking: Promise<Vm> | undefined;
+  #destroying: Promise<DestroyResult> | undefined;
   #holds = 0;
   #sleepTimer: NodeJS.Timeout | undefined;
   #lastTouch = 0;
@@ -98,6 +127,8 @@ export class VmActor {
 
   wake(): Promise<Vm> {
     if (this.#closed) return Promise.reject(new AgentVmError("SERVER_CLOSING", `VM ${this.key}: the server is shutting down`));
+    // A wake during a destroy waits for it: then the row is gone (a fresh VM) or marked (refused).
+    if (this.#destroying) return this.#destroying.then(() => this.wake(), () => this.wake());
     this.#touch();
     if (this.#vm) return Promise.resolve(this.#vm);
     this.#waking ??= this.#create().finally(() => (this.#waking = undefined));
@@ -114,12 +145,47 @@ export class VmActor {
 
   async close(): Promise<void> {
     this.#closed = true;
+    await this.#destroying?.catch(() => undefined);
     await this.#waking?.catch(() => undefined);
     await this.sleep();
   }
 
+  /** Ends the VM for good (see the file header); concurrent destroys share one. */
+  destroy(): Promise<DestroyResult> {
+    this.#destroying ??= this.#destroy().finally(() => (this.#destroying = undefined));
+    return this.#destroying;
+  }
+
+  async #destroy(): Promise<DestroyResult> {
+    // A wake already under way finishes first, so its VM is the one disposed below.
+    await this.#waking?.catch(() => undefined);
+    const record = this.#store.getVm(this.definitionName, this.key);
+    if (record) this.#store.markDestroying(this.definitionName, this.key);
+    const directory = join(this.#dataDir, "vms", record?.directory ?? vmDirectoryName(this.key));
+    this.#previews.deleteAll(this.definitionName, this.key);
+    for (const listener of [...this.#listeners]) listener.destroyed();
+    this.#listeners.clear();
+    await this.sleep();
+    const existed = record !== undefined || (await pathExists(directory));
+    try {
+      await removeTree(directory);
+    } catch (error) {
+      throw new AgentVmError(
+        "VM_DESTROY_FAILED",
+        `destroying VM ${JSON.stringify(this.key)} (${this.definitionName}): its processes were ended and its preview URLs revoked, but removing ${directory} failed (${(error as Error).message}); destroy it again to finish`,
+        { cause: error },
+      );
+    }
+    this.#store.deleteVm(this.definitionName, this.key);
+    this.#lastTouch = 0;
+    return { key: this.key, existed };
+  }
+
   async #create(): Promise<Vm> {
     const record = this.#store.getVm(this.definitionName, this.key);
+    if (record?.destroying) {
+      throw new AgentVmError("VM_DESTROY_FAILED", `VM ${JSON.stringify(this.key)} (${this.definitionName}) is half destroyed (a destroy failed or was interrupted); destroy it again to finish, then the key starts a fresh VM`);
+    }
     if (!record) this.#store.ensureVm(this.definitionName, this.key, vmDirectoryName(this.key));
     else this.#store.recordWake(this.definitionName, this.key);
     const vm = await createVm(
@@ -172,4 +238,11 @@ export class VmActor {
     if (this.#sleepTimer) clearTimeout(this.#sleepTimer);
     this.#sleepTimer = undefined;
   }
+}
+
+async function pathExists(path: string): Promise<boolean> {
+  return access(path).then(
+    () => true,
+    () => false,
+  );
 }

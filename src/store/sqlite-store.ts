@@ -2,11 +2,11 @@
  * The server's durable state in SQLite (WAL): which VMs exist and when they were
  * used. A VM's files live in its directory, not here.
  *
- * Schema (version 2):
+ * Schema (version 3):
  *   meta(key PRIMARY KEY, value)                    — schema_version
- *   vms(definition, key, directory, created_at,     — one row per VM actor
- *       last_active_at, wake_count,
- *       PRIMARY KEY (definition, key))
+ *   vms(definition, key, directory, created_at,     — one row per VM actor;
+ *       last_active_at, wake_count, destroying,       destroying = 1 from the start
+ *       PRIMARY KEY (definition, key))                of a destroy until the row goes
  *   previews(token_hash PRIMARY KEY, token_prefix,  — preview tokens, stored only
  *       definition, key, port, created_at,            as SHA-256; times in epoch ms
  *       expires_at, last_used_at)
@@ -41,6 +41,7 @@ const MIGRATIONS: string[] = [
    );
    CREATE INDEX previews_by_vm ON previews (definition, key, expires_at);
    CREATE INDEX previews_by_expiry ON previews (expires_at);`,
+  `ALTER TABLE vms ADD COLUMN destroying INTEGER NOT NULL DEFAULT 0;`,
 ];
 
 export interface VmRecord {
@@ -50,6 +51,8 @@ export interface VmRecord {
   createdAt: number;
   lastActiveAt: number;
   wakeCount: number;
+  /** A destroy started and has not finished: the VM must not wake until one does. */
+  destroying: boolean;
 }
 
 export class SqliteStore {
@@ -59,6 +62,9 @@ export class SqliteStore {
     insertVm: StatementSync;
     touchVm: StatementSync;
     wokeVm: StatementSync;
+    listVms: StatementSync;
+    deleteVm: StatementSync;
+    markDestroying: StatementSync;
   };
 
   constructor(dataDir: string) {
@@ -67,10 +73,13 @@ export class SqliteStore {
     this.db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;");
     this.#migrate();
     this.#statements = {
-      getVm: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count FROM vms WHERE definition = ? AND key = ?"),
+      getVm: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying FROM vms WHERE definition = ? AND key = ?"),
       insertVm: this.db.prepare("INSERT INTO vms (definition, key, directory, created_at, last_active_at, wake_count) VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING"),
       touchVm: this.db.prepare("UPDATE vms SET last_active_at = ? WHERE definition = ? AND key = ?"),
       wokeVm: this.db.prepare("UPDATE vms SET wake_count = wake_count + 1, last_active_at = ? WHERE definition = ? AND key = ?"),
+      listVms: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying FROM vms WHERE definition = ? AND key > ? ORDER BY key LIMIT ?"),
+      markDestroying: this.db.prepare("UPDATE vms SET destroying = 1 WHERE definition = ? AND key = ?"),
+      deleteVm: this.db.prepare("DELETE FROM vms WHERE definition = ? AND key = ?"),
     };
   }
 
@@ -93,14 +102,22 @@ export class SqliteStore {
 
   getVm(definition: string, key: string): VmRecord | undefined {
     const row = this.#statements.getVm.get(definition, key) as Record<string, unknown> | undefined;
-    return row && {
-      definition: String(row.definition),
-      key: String(row.key),
-      directory: String(row.directory),
-      createdAt: Number(row.created_at),
-      lastActiveAt: Number(row.last_active_at),
-      wakeCount: Number(row.wake_count),
-    };
+    return row && toVmRecord(row);
+  }
+
+  /** A definition's VMs in key order, after `after` (exclusive), at most `limit` of them. */
+  listVms(definition: string, after: string, limit: number): VmRecord[] {
+    return (this.#statements.listVms.all(definition, after, limit) as Record<string, unknown>[]).map(toVmRecord);
+  }
+
+  /** Records that a destroy of this VM has begun (survives a crash until deleteVm). */
+  markDestroying(definition: string, key: string): void {
+    this.#statements.markDestroying.run(definition, key);
+  }
+
+  /** Forgets a VM; true when it had a row. */
+  deleteVm(definition: string, key: string): boolean {
+    return Number(this.#statements.deleteVm.run(definition, key).changes) > 0;
   }
 
   /** Records a VM (idempotent) and returns its row. */
@@ -121,4 +138,16 @@ export class SqliteStore {
   close(): void {
     if (this.db.isOpen) this.db.close();
   }
+}
+
+function toVmRecord(row: Record<string, unknown>): VmRecord {
+  return {
+    definition: String(row.definition),
+    key: String(row.key),
+    directory: String(row.directory),
+    createdAt: Number(row.created_at),
+    lastActiveAt: Number(row.last_active_at),
+    wakeCount: Number(row.wake_count),
+    destroying: Number(row.destroying) === 1,
+  };
 }

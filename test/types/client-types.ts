@@ -7,7 +7,7 @@
  * Imports use the package names a user would (`agentvm`, `agentvm/client`).
  */
 import { agentOS, agentOs, setup, type MintedToken, type ProcessInfo, type TokenRequest, type VmStat } from "agentvm";
-import { AgentVmError, createClient, type ErrorCode, type VmConnection, type VmHandle } from "agentvm/client";
+import { AgentVmError, createClient, type DestroyResult, type ErrorCode, type VmConnection, type VmHandle, type VmSummary } from "agentvm/client";
 
 const registry = setup({ use: { vm: agentOS({ software: [] }), other: agentOs({ options: { software: [] } }) } });
 
@@ -111,6 +111,22 @@ export async function credentials(): Promise<void> {
   void [handle, tokenText, until, everything];
 }
 
+/** Lifecycle: listing a definition's VMs and destroying one (with its key as confirmation). */
+export async function lifecycle(): Promise<void> {
+  const vms: VmSummary[] = await client.vm.list();
+  const page = await client.other.list({ after: "k", limit: 10 });
+  const key: string = page[0]!.key;
+  const awake: boolean = vms[0]!.awake;
+  const lastActiveAt: number = vms[0]!.lastActiveAt;
+  const destroyed: DestroyResult = await h.destroy({ confirm: "my-agent" });
+  const existed: boolean = destroyed.existed;
+  await fromArray.destroy({ confirm: ["my-agent"] });
+  const server = await registry.start();
+  const listed: VmSummary[] = server.listVms("vm", { limit: 5 });
+  const gone: DestroyResult = await server.destroyVm("vm", "my-agent");
+  void [key, awake, lastActiveAt, existed, listed, gone];
+}
+
 /** The seed client code (RivetKit page, vmFetch sections) type-checks as written. */
 export async function seedClient(): Promise<void> {
   const client = createClient<typeof registry>("http://localhost:6420");
@@ -150,6 +166,12 @@ export async function wronglyTyped(): Promise<void> {
   client.vm.getOrCreate(42);
   // @ts-expect-error no such action
   await h.formatDisk();
+  // @ts-expect-error destroy needs its confirmation
+  await h.destroy();
+  // @ts-expect-error the confirmation is the key, not a boolean
+  await h.destroy({ confirm: true });
+  // @ts-expect-error list pages by key
+  await client.vm.list({ after: 3 });
   // @ts-expect-error no such definition in the registry
   client.nope.getOrCreate("k");
   // @ts-expect-error readFile resolves to bytes, not a string
