@@ -59,7 +59,8 @@ function readUrl(child: ChildProcess): Promise<string> {
     child.stdout!.setEncoding("utf8");
     child.stdout!.on("data", (chunk: string) => {
       text += chunk;
-      const match = /^(http:\/\/\S+)\n/.exec(text);
+      // The first line that is only a URL: the server prints its own start-up lines too.
+      const match = /^(http:\/\/\S+)\n/m.exec(text);
       if (match) resolve(match[1]!);
     });
     child.once("error", reject);
