@@ -10,8 +10,8 @@
 import { before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer } from "node:http";
-import type { Browser, Page } from "playwright-core";
-import { browserSkip, GuestOutput, installIntoVm, launchChromium, onCleanup, startGuestServer, startPreviewServer } from "./browser/support.ts";
+import type { Browser } from "playwright-core";
+import { browserSkip, GuestOutput, installIntoVm, launchChromium, newPage, onCleanup, startGuestServer, startPreviewServer } from "./browser/support.ts";
 
 const PORT = 3000;
 
@@ -105,16 +105,8 @@ describe("previews in headless Chromium", { skip: browserSkip }, () => {
     browser = await launchChromium();
   });
 
-  async function newPage(): Promise<Page> {
-    const context = await browser.newContext();
-    onCleanup(() => context.close());
-    const page = await context.newPage();
-    page.setDefaultTimeout(20_000);
-    return page;
-  }
-
   test("(a) a page from another origin fetches the preview with a custom header (preflighted) and reads the JSON", async () => {
-    const page = await newPage();
+    const page = await newPage(browser);
     await page.goto(`${hostOrigin}/fetch.html`);
     await page.waitForFunction(`document.getElementById("out").textContent !== "pending"`);
     const out = (await page.textContent("#out")) ?? "";
@@ -130,7 +122,7 @@ describe("previews in headless Chromium", { skip: browserSkip }, () => {
   });
 
   test("(b) a preview loads inside an iframe of another origin", async () => {
-    const page = await newPage();
+    const page = await newPage(browser);
     await page.goto(`${hostOrigin}/iframe.html`);
     const frame = page.frameLocator("#frame");
     assert.equal(await frame.locator("#title").textContent(), "Preview page from the VM");
@@ -139,7 +131,7 @@ describe("previews in headless Chromium", { skip: browserSkip }, () => {
   });
 
   test("(c) a page served through a preview echoes over a WebSocket through the same preview (path mode)", async () => {
-    const page = await newPage();
+    const page = await newPage(browser);
     const response = await page.goto(previewUrl);
     assert.equal(response?.status(), 200);
     assert.equal(response?.headers()["referrer-policy"], "no-referrer");
@@ -149,7 +141,7 @@ describe("previews in headless Chromium", { skip: browserSkip }, () => {
   });
 
   test("(c) the same page and WebSocket in subdomain mode (<token>.preview.localhost)", async () => {
-    const page = await newPage();
+    const page = await newPage(browser);
     const response = await page.goto(subdomainUrl);
     assert.equal(response?.status(), 200);
     assert.equal(await page.textContent("#title"), "Preview page from the VM");
@@ -159,7 +151,7 @@ describe("previews in headless Chromium", { skip: browserSkip }, () => {
   });
 
   test("an unknown preview token shows the 403 page in the browser", async () => {
-    const page = await newPage();
+    const page = await newPage(browser);
     const server = new URL(serverUrl);
     const response = await page.goto(`http://localhost:${server.port}/preview/${"q".repeat(32)}/`);
     assert.equal(response?.status(), 403);

@@ -15,8 +15,8 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { connect } from "node:net";
 import { join } from "node:path";
-import type { Browser, Page } from "playwright-core";
-import { browserSkip, GuestOutput, launchChromium, onCleanup, rawRequest, startGuestServer, startPreviewServer, type PreviewServer } from "./browser/support.ts";
+import type { Browser } from "playwright-core";
+import { browserSkip, GuestOutput, launchChromium, newPage, rawRequest, startGuestServer, startPreviewServer, type PreviewServer } from "./browser/support.ts";
 
 const PORT = 3000;
 const SECRET = "the victim's secret";
@@ -166,21 +166,13 @@ describe("preview origins", () => {
       browser = await launchChromium();
     });
 
-    async function newPage(): Promise<Page> {
-      const context = await browser.newContext();
-      onCleanup(() => context.close());
-      const page = await context.newPage();
-      page.setDefaultTimeout(20_000);
-      return page;
-    }
-
     test("a page served from VM A's preview cannot read VM B's files or write into VM B through the API", async () => {
       // The API itself would hand the file to a caller it trusts (here, a server-side fetch).
       const direct = await fetch(`${server.url}/api/vm/victim/actions/readFile`, { method: "POST", headers: { "content-type": "application/json" }, body: '["/home/agentos/secret.txt", "utf8"]' });
       assert.equal(direct.status, 200);
       assert.ok((await direct.text()).includes(SECRET_BASE64));
 
-      const page = await newPage();
+      const page = await newPage(browser);
       // Opened the way the seed does it, endpoint + path: the browser ends up on the preview origin.
       await page.goto(`${server.url}${attackerPath}attack`);
       await page.waitForFunction(`document.getElementById("out").textContent !== "pending"`);
@@ -194,7 +186,7 @@ describe("preview origins", () => {
     });
 
     test("a browser navigation and a form POST to the API origin land on the preview origin with the method and body kept", async () => {
-      const page = await newPage();
+      const page = await newPage(browser);
       const response = await page.goto(`${server.url}${attackerPath}nav?x=1`);
       assert.equal(response?.status(), 200);
       assert.equal(page.url(), `${server.previewUrl}${attackerPath}nav?x=1`);
@@ -217,7 +209,7 @@ describe("preview origins", () => {
     });
 
     test("subdomain mode: a cookie a preview sets with Domain= does not reach another VM's preview", async () => {
-      const page = await newPage();
+      const page = await newPage(browser);
       const previewPort = server.previewPort;
       await page.goto(`http://${attackerToken}.preview.localhost:${previewPort}/set-cookie`);
       await page.goto(`http://${attackerToken}.preview.localhost:${previewPort}/echo`);

@@ -254,3 +254,12 @@ export async function launchChromium(): Promise<import("playwright-core").Browse
 export async function sandboxPids(root: string): Promise<number[]> {
   return sandboxProcessTree(root);
 }
+
+/** A page in a fresh browser context (closed when the test file's work is cleaned up), with a 20 s default timeout. */
+export async function newPage(browser: import("playwright-core").Browser): Promise<import("playwright-core").Page> {
+  const context = await browser.newContext();
+  onCleanup(() => context.close());
+  const page = await context.newPage();
+  page.setDefaultTimeout(20_000);
+  return page;
+}
