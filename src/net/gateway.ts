@@ -35,8 +35,9 @@ export interface GatewayOptions {
 const FORBIDDEN_BODY = "Forbidden: this preview link is invalid, expired or revoked.\n";
 const PREVIEW_PATH = /^\/preview\/([^/?#]*)(\/[^?#]*)?$/;
 const HOP_BY_HOP = new Set(["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"]);
-const CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
-const CORS_MAX_AGE = "86400";
+/** What preview preflights allow, here and on the API origin's redirect (preview-redirect.ts). */
+export const CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+export const CORS_MAX_AGE = "86400";
 /** lastUsedAt is advisory: written at most this often per token. */
 const TOUCH_EVERY_MS = 10_000;
 

@@ -17,9 +17,7 @@
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Duplex } from "node:stream";
-import type { PreviewGateway } from "./gateway.ts";
-
-const CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+import { CORS_MAX_AGE, CORS_METHODS, type PreviewGateway } from "./gateway.ts";
 
 export class PreviewRedirect {
   readonly #gateway: PreviewGateway;
@@ -40,7 +38,7 @@ export class PreviewRedirect {
         "access-control-allow-origin": "*",
         "access-control-allow-methods": CORS_METHODS,
         "access-control-allow-headers": String(request.headers["access-control-request-headers"] ?? "*"),
-        "access-control-max-age": "86400",
+        "access-control-max-age": CORS_MAX_AGE,
         "content-length": "0",
       });
       response.end();
