@@ -68,6 +68,8 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   GUEST_RUNTIME_MISSING: 503,
   SERVER_CLOSING: 503,
   ETIMEDOUT: 504,
+  VM_DISK_FULL: 507,
+  RANGE_NOT_SATISFIABLE: 416,
 };
 
 /** Headers that describe one hop, never forwarded by a proxy (RFC 9110 §7.6.1). */
