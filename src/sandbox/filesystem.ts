@@ -77,6 +77,8 @@ export interface OpenedFile {
  */
 export interface FileWriter {
   readonly handle: fs.FileHandle;
+  /** Writes all of `data` at the end of what was written so far; a full disk is VM_DISK_FULL. */
+  write(data: Uint8Array): Promise<void>;
   commit(): Promise<void>;
   /** Undoes the write (removes the temporary file, or truncates an append); never throws. */
   abort(): Promise<void>;
@@ -151,7 +153,7 @@ export class VmFilesystem {
     const bytes = toBytes("data", data);
     const writer = await this.openWrite(file, options);
     try {
-      await writer.handle.writeFile(bytes);
+      await writer.write(bytes);
       await writer.commit();
     } catch (err) {
       await writer.abort();
@@ -191,6 +193,7 @@ export class VmFilesystem {
     let settled = false;
     return {
       handle,
+      write: (data) => writeAll(handle, data, op, guest, r),
       commit: async () => {
         settled = true;
         try {
@@ -234,6 +237,7 @@ export class VmFilesystem {
     let settled = false;
     return {
       handle,
+      write: (data) => writeAll(handle, data, op, guest, r),
       commit: async () => {
         settled = true;
         try {
@@ -693,6 +697,17 @@ function splitGuest(guest: string): string[] {
 
 function parentOf(host: string, root: string | undefined): string {
   return host === root ? host : path.dirname(host);
+}
+
+async function writeAll(handle: fs.FileHandle, data: Uint8Array, op: Op, guest: string, r: Resolved): Promise<void> {
+  try {
+    for (let offset = 0; offset < data.byteLength; ) {
+      const { bytesWritten } = await handle.write(data, offset, data.byteLength - offset);
+      offset += bytesWritten;
+    }
+  } catch (err) {
+    throw fsError(err, op, guest, r);
+  }
 }
 
 function readMode(name: string, value: unknown): number {
