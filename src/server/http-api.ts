@@ -5,6 +5,7 @@
  *   ANY  /api/:definition/:key/fetch/:port/*     vmFetch, streamed both ways
  *   GET  /api/:definition/:key/events            processOutput / processExit as Server-Sent Events
  *   GET  /api/:definition/:key/status            awake or asleep, without waking it
+ *   GET|PUT /api/:definition/:key/files/*, tar/*, GET watch/*   streamed files (file-transfer-route.ts)
  *   GET  /api/:definition/vms                    list a definition's VMs (API key holders)
  *   DELETE /api/:definition/:key?confirm=:key    destroy a VM: processes, files, rows, previews
  *   POST /api/tokens                             mint a scoped token (API key holders)
@@ -21,6 +22,8 @@ import { AgentVmError, type ErrorCode } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
 import type { Authenticator, TokenRequest } from "./auth.ts";
 import { refuseFormPost, requireBodyType, type OriginPolicy } from "./request-origin.ts";
+import { EventStream } from "./event-stream.ts";
+import { isTransferRoute, serveTransfer, transferAction, TRANSFER_ROUTES, type TransferRoute } from "./file-transfer-route.ts";
 import type { DestroyResult, VmActor, VmSummary } from "./vm-actor.ts";
 import type { ProcessOutputEvent } from "../vm.ts";
 
@@ -159,7 +162,7 @@ type Route =
       kind: "vm";
       definition: string;
       key: string;
-      route: "actions" | "fetch" | "events" | "status" | "destroy";
+      route: "actions" | "fetch" | "events" | "status" | "destroy" | TransferRoute;
       /** The action name or the port ("" for events and status). */
       segment: string;
       /** What a token's actions list must hold for this request. */
@@ -168,7 +171,7 @@ type Route =
       rest: string | undefined;
     };
 
-const VM_ROUTE = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status)(\/.*)?$/;
+const VM_ROUTE = new RegExp(`^/api/([^/]+)/([^/]+)/(actions/[^/]+|fetch/[^/]+|events|status|${TRANSFER_ROUTES.join("|")})(/.*)?$`);
 /** `/api/{definition}/{key}`: GET /api/{definition}/vms lists, DELETE destroys the VM `key` (which may be "vms"). */
 const VM_ITEM = /^\/api\/([^/]+)\/([^/]+)$/;
 
@@ -201,8 +204,8 @@ function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): 
   const definition = decodeDefinition(match[1]!);
   if (!context.hasDefinition(definition)) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(definition)} in this registry`);
   const key = decodeKey(match[2]!);
-  const [route, segment = ""] = match[3]!.split("/") as ["actions" | "fetch" | "events" | "status", string | undefined];
-  const action = route === "actions" ? segment : route === "fetch" ? "vmFetch" : route === "events" ? "connect" : "status";
+  const [route, segment = ""] = match[3]!.split("/") as ["actions" | "fetch" | "events" | "status" | TransferRoute, string | undefined];
+  const action = isTransferRoute(route) ? transferAction(route, request.method) : route === "actions" ? segment : route === "fetch" ? "vmFetch" : route === "events" ? "connect" : "status";
   return { kind: "vm", definition, key, route, segment, action, rest: match[4] };
 }
 
@@ -252,6 +255,7 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
       await proxyFetch(actor, route.segment, `${route.rest ?? "/"}${url.search}`, request, response, consumed);
     }
     else if (route.route === "events" && route.rest === undefined) await streamEvents(actor, request, response);
+    else if (isTransferRoute(route.route)) await serveTransfer(actor, route.route, route.rest, url, request, response);
     else if (route.route === "status" && route.rest === undefined && request.method === "GET") sendJson(response, actor.status());
     else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
   } catch (error) {
@@ -381,10 +385,6 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   }
 }
 
-/** How far an event subscriber may fall behind before it is cut off, and how long its last words wait to be read. */
-const EVENTS_BUFFER_BYTES = 8 * 1024 * 1024;
-const EVENTS_DRAIN_MS = 5_000;
-
 async function streamEvents(actor: VmActor, request: IncomingMessage, response: ServerResponse): Promise<void> {
   if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `events are read with GET, not ${request.method}`);
   const sinceParam = new URL(request.url ?? "/", "http://x").searchParams.get("since");
@@ -394,45 +394,19 @@ async function streamEvents(actor: VmActor, request: IncomingMessage, response: 
   }
   const vm = await actor.wake();
   const release = actor.hold();
-  response.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", "x-accel-buffering": "no" });
-  response.flushHeaders();
-  let cutOff = false;
-  const send = (event: string, data: unknown) => {
-    if (cutOff) return;
-    // A subscriber that does not read would make the server hold every event for it.
-    if (response.writableLength > EVENTS_BUFFER_BYTES) {
-      closeWith(new AgentVmError("EVENTS_TOO_SLOW", `this event stream fell more than ${EVENTS_BUFFER_BYTES} bytes behind and was closed; read events as they come, or reconnect`));
-      return;
-    }
-    response.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
-  };
-  /** Ends the stream with a last `error` event saying why. */
-  const closeWith = (reason: AgentVmError) => {
-    if (cutOff) return;
-    cutOff = true;
+  const stream = new EventStream(response, () => {
     unsubscribe();
-    // The connection ends with the stream (not kept alive), and if the reader never reads
-    // again, what is buffered for it is let go.
-    const socket = response.socket;
-    response.end(`event: error\ndata: ${JSON.stringify(reason.toJSON())}\n\n`, () => socket?.end());
-    setTimeout(() => socket?.destroy(), EVENTS_DRAIN_MS).unref();
-  };
-  const output = (event: ProcessOutputEvent) => send("processOutput", { pid: event.pid, stream: event.stream, seq: event.seq, data: { $base64: toBase64(event.data) } });
+    release();
+  });
+  const output = (event: ProcessOutputEvent) => stream.send("processOutput", { pid: event.pid, stream: event.stream, seq: event.seq, data: { $base64: toBase64(event.data) } });
   // `?since=<seq>` first replays what the processes' logs hold after that position. Read and
   // subscribe in the same turn, so no event falls between the replay and the live ones.
   const backlog = since === undefined ? [] : vm.outputSince(since);
   const unsubscribe = actor.subscribe({
     processOutput: output,
-    processExit: (event) => send("processExit", event),
-    destroyed: () => closeWith(new AgentVmError("VM_DISPOSED", `VM ${JSON.stringify(actor.key)} was destroyed; its processes and files are gone (the key starts a fresh VM on next use)`)),
+    processExit: (event) => stream.send("processExit", event),
+    destroyed: () => stream.closeWith(new AgentVmError("VM_DISPOSED", `VM ${JSON.stringify(actor.key)} was destroyed; its processes and files are gone (the key starts a fresh VM on next use)`)),
   });
-  response.write(": connected\n\n");
+  stream.open();
   for (const event of backlog) output(event);
-  const heartbeat = setInterval(() => response.write(": keep-alive\n\n"), 15_000);
-  heartbeat.unref();
-  response.once("close", () => {
-    clearInterval(heartbeat);
-    unsubscribe();
-    release();
-  });
 }
