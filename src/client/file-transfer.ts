@@ -108,6 +108,9 @@ export function fileTransfers(transport: Transport, prefix: string) {
      * for a missing path). Iterate it, or pass onEvent; close() ends it.
      */
     async watch(path: string, options: ClientWatchOptions = {}): Promise<VmWatch> {
+      if (options === null || typeof options !== "object") throw invalidArgument(`watch: options must be an object, got ${String(options)}`);
+      if (options.recursive !== undefined && typeof options.recursive !== "boolean") throw invalidArgument(`watch: options.recursive must be a boolean, got ${JSON.stringify(options.recursive)}`);
+      if (options.onEvent !== undefined && typeof options.onEvent !== "function") throw invalidArgument(`watch: options.onEvent must be a function, got ${typeof options.onEvent}`);
       const controller = new AbortController();
       options.signal?.addEventListener("abort", () => controller.abort(), { once: true });
       const target = url("watch", path, options.recursive ? { recursive: "1" } : {});
