@@ -14,7 +14,11 @@ import { request as httpRequest } from "node:http";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, before, describe, it } from "node:test";
+import type { Registry, VmDefinition } from "agentvm";
 import { AgentVmError, createClient, type VmHandle } from "agentvm/client";
+
+/** The registry test/server-child.ts serves. */
+type ChildRegistry = Registry<{ vm: VmDefinition }>;
 import { rejection, tempDataDir, text, waitFor } from "./helpers.ts";
 
 const NODE = fileURLToPath(new URL("../node_modules/.bin/node", import.meta.url));
@@ -127,7 +131,7 @@ describe("streamed files over HTTP (server in its own process)", () => {
   before(async () => {
     dataDir = await tempDataDir("agentvm-files-");
     server = await startServer(dataDir);
-    vm = createClient(server.url).vm.getOrCreate("big");
+    vm = createClient<ChildRegistry>(server.url).vm.getOrCreate("big");
     // Warm up: the VM exists, its directory too, code paths are compiled.
     await vm.upload("/home/agentos/warm.bin", generated(8 * CHUNK).stream);
     await new Response(await vm.download("/home/agentos/warm.bin")).arrayBuffer();
@@ -286,22 +290,22 @@ describe("streamed files with API keys and tokens", () => {
   }
 
   it("each route needs its own action in a token", async () => {
-    const anonymous = createClient({ endpoint: server.url, token: "" }).vm.getOrCreate("t");
+    const anonymous = createClient<ChildRegistry>({ endpoint: server.url, token: "" }).vm.getOrCreate("t");
     assert.equal((await rejection(anonymous.upload("/home/agentos/a", "x"))).code, "UNAUTHENTICATED");
-    const uploader = createClient({ endpoint: server.url, token: await token(["uploadFile"]) }).vm.getOrCreate("t");
+    const uploader = createClient<ChildRegistry>({ endpoint: server.url, token: await token(["uploadFile"]) }).vm.getOrCreate("t");
     assert.deepEqual(await uploader.upload("/home/agentos/a", "x"), { path: "/home/agentos/a", size: 1 });
     assert.equal((await rejection(uploader.download("/home/agentos/a"))).code, "FORBIDDEN");
     assert.equal((await rejection(uploader.downloadTar("/home/agentos"))).code, "FORBIDDEN");
     assert.equal((await rejection(uploader.uploadTar("/home/agentos", new Uint8Array(1024)))).code, "FORBIDDEN");
     assert.equal((await rejection(uploader.watch("/home/agentos"))).code, "FORBIDDEN");
-    const reader = createClient({ endpoint: server.url, token: await token(["downloadFile", "watch"]) }).vm.getOrCreate("t");
+    const reader = createClient<ChildRegistry>({ endpoint: server.url, token: await token(["downloadFile", "watch"]) }).vm.getOrCreate("t");
     assert.equal(await new Response(await reader.download("/home/agentos/a")).text(), "x");
     assert.equal((await rejection(reader.upload("/home/agentos/b", "x"))).code, "FORBIDDEN");
     const watch = await reader.watch("/home/agentos");
     await watch.close();
-    const everything = createClient({ endpoint: server.url, token: await token("*") }).vm.getOrCreate("t");
+    const everything = createClient<ChildRegistry>({ endpoint: server.url, token: await token("*") }).vm.getOrCreate("t");
     assert.ok((await new Response(await everything.downloadTar("/home/agentos")).arrayBuffer()).byteLength > 0);
-    const otherVm = createClient({ endpoint: server.url, token: await token("*", "other") }).vm.getOrCreate("t");
+    const otherVm = createClient<ChildRegistry>({ endpoint: server.url, token: await token("*", "other") }).vm.getOrCreate("t");
     const error = await rejection(otherVm.download("/home/agentos/a"));
     assert.ok(error instanceof AgentVmError && error.code === "FORBIDDEN");
   });

@@ -6,15 +6,15 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
-import { agentOS, setup, type RunningServer } from "agentvm";
-import { createClient, type VmHandle, type WatchEvent } from "agentvm/client";
+import { agentOS, setup, type Registry, type RunningServer, type VmDefinition } from "agentvm";
+import { createClient, type AgentVmClient, type VmHandle, type WatchEvent } from "agentvm/client";
 import { rejection, tempDataDir, waitFor } from "./helpers.ts";
 
 const SLEEP_AFTER_MS = 300;
 
 describe("watches", () => {
   let server: RunningServer;
-  let client: ReturnType<typeof createClient>;
+  let client: AgentVmClient<Registry<{ vm: VmDefinition }>>;
   let vm: VmHandle;
 
   before(async () => {
