@@ -5,28 +5,47 @@
  * alone outside the VM.
  */
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { mkdir, writeFile } from "node:fs/promises";
+import { request as httpRequest } from "node:http";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import * as tar from "tar-stream";
 import { agentOS, setup, type RunningServer } from "agentvm";
 import { createClient, type VmHandle } from "agentvm/client";
-import { rejection, tempDataDir, text } from "./helpers.ts";
+import { rejection, tempDataDir, text, waitFor } from "./helpers.ts";
+
+/** Host paths of the files this process (the server here) has open under `dir`. */
+function openFilesUnder(pid: number, dir: string): string[] {
+  const open: string[] = [];
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      const target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+      if (target.startsWith(dir)) open.push(target);
+    } catch {
+      // closed while we looked
+    }
+  }
+  return open;
+}
 
 type Entry = { name: string; type?: "file" | "directory" | "symlink" | "link"; mode?: number; linkname?: string; content?: string };
 
 /** A tar archive built in memory (small: these are test fixtures). */
 async function archive(entries: Entry[]): Promise<Uint8Array> {
   const pack = tar.pack();
+  // Read while adding: an entry's callback waits until its bytes were taken.
+  const read = (async () => {
+    const chunks: Uint8Array[] = [];
+    for await (const chunk of pack as AsyncIterable<Uint8Array>) chunks.push(chunk);
+    return Buffer.concat(chunks);
+  })();
   for (const entry of entries) {
     const { content, ...header } = entry;
     await new Promise<void>((resolve, reject) => pack.entry({ mode: 0o644, ...header }, content ?? "", (error) => (error ? reject(error) : resolve())));
   }
   pack.finalize();
-  const chunks: Uint8Array[] = [];
-  for await (const chunk of pack as AsyncIterable<Uint8Array>) chunks.push(chunk);
-  return Buffer.concat(chunks);
+  return read;
 }
 
 /** What a directory holds, as the guest sees it: path, type, permission bits, link target. */
@@ -144,6 +163,36 @@ describe("directories as tar streams", () => {
     }
     assert.equal(readFileSync(join(dataDir, "host-file"), "utf8"), "host");
     assert.equal(text(await vm.readFile("/home/agentos/x/ok.txt")), "fine");
+  });
+
+  it("a reader that walks away mid-archive leaves no open file", async () => {
+    const vmRoot = join(dataDir, "vms", "tar", "root");
+    await vm.exec("sh", ["-c", "mkdir -p /home/agentos/large && head -c 67108864 /dev/zero > /home/agentos/large/zeros"]);
+    const controller = new AbortController();
+    const reader = (await vm.downloadTar("/home/agentos/large", { signal: controller.signal })).getReader();
+    await reader.read();
+    controller.abort();
+    await reader.read().catch(() => undefined);
+    await waitFor(() => openFilesUnder(process.pid, vmRoot).length === 0, "the server to close the file of the abandoned archive");
+  });
+
+  it("an archive upload that breaks off leaves no half-written file", async () => {
+    const full = await archive([{ name: "done.txt", content: "complete" }, { name: "big.bin", content: "y".repeat(4 * 1024 * 1024) }]);
+    await new Promise<void>((resolve) => {
+      const req = httpRequest(`${server.url}/api/vm/tar/tar/home/agentos/partial`, { method: "PUT", headers: { "content-type": "application/x-tar", "content-length": String(full.length) } });
+      req.on("error", () => resolve());
+      req.write(full.subarray(0, 2 * 1024 * 1024), () =>
+        setTimeout(() => {
+          req.destroy();
+          resolve();
+        }, 300),
+      );
+    });
+    const dir = join(dataDir, "vms", "tar", "root", "home", "agentos", "partial");
+    await waitFor(() => existsSync(dir) && readdirSync(dir).every((name) => !name.startsWith(".agentvm-")), "the broken-off entry's temporary file to be removed");
+    assert.equal(await vm.exists("/home/agentos/partial/big.bin"), false);
+    assert.equal(text(await vm.readFile("/home/agentos/partial/done.txt")), "complete");
+    await waitFor(() => openFilesUnder(process.pid, dir).length === 0, "no open file in the target directory");
   });
 
   it("bad input: not a directory, not a tar, a missing directory", async () => {

@@ -42,18 +42,47 @@ export async function packDirectory(files: VmFilesystem, dir: string): Promise<R
   const st = await files.stat(root);
   if (!st.isDirectory) throw new AgentVmError("ENOTDIR", `readTar ${root}: is not a directory; download a file with openReadStream or GET …/files/`);
   const pack = tar.pack();
+  // A reader that goes away destroys the pack; whatever waits on it then stops (and closes its file).
+  const closed = new Promise<never>((_, reject) => pack.once("close", () => reject(new Error("the tar stream was closed"))));
+  closed.catch(() => {});
+  const writer: Packer = { pack, closed };
   void (async () => {
     try {
-      await packTree(files, pack, root, "");
+      await packTree(files, writer, root, "");
       pack.finalize();
     } catch (error) {
       pack.destroy(error as Error);
     }
   })();
-  return Readable.from(pack as AsyncIterable<Uint8Array>, { objectMode: false });
+  return toNodeReadable(pack);
 }
 
-async function packTree(files: VmFilesystem, pack: tar.Pack, dir: string, prefix: string): Promise<void> {
+/** tar-stream's (streamx) readable as a Node Readable, with backpressure both ways and destroy passed back. */
+function toNodeReadable(pack: tar.Pack): Readable {
+  const source = pack as unknown as NodeJS.EventEmitter & { pause(): void; resume(): void; destroy(error?: Error): void };
+  const out = new Readable({
+    highWaterMark: 256 * 1024,
+    read: () => source.resume(),
+    destroy(error, callback) {
+      source.destroy();
+      callback(error);
+    },
+  });
+  source.on("data", (chunk: Uint8Array) => {
+    if (!out.push(chunk)) source.pause();
+  });
+  source.on("end", () => out.push(null));
+  source.on("error", (error: Error) => out.destroy(error));
+  return out;
+}
+
+interface Packer {
+  pack: tar.Pack;
+  /** Rejects once the pack is closed, so no wait on it outlives it. */
+  closed: Promise<never>;
+}
+
+async function packTree(files: VmFilesystem, pack: Packer, dir: string, prefix: string): Promise<void> {
   for (const name of await files.readdir(dir)) {
     const guest = dir === "/" ? `/${name}` : `${dir}/${name}`;
     const entryName = `${prefix}${name}`;
@@ -75,26 +104,30 @@ async function packTree(files: VmFilesystem, pack: tar.Pack, dir: string, prefix
   }
 }
 
-async function packFile(files: VmFilesystem, pack: tar.Pack, guest: string, name: string, mtime: Date): Promise<void> {
+async function packFile(files: VmFilesystem, { pack, closed }: Packer, guest: string, name: string, mtime: Date): Promise<void> {
   const { handle, size, mode } = await files.openRead(guest);
   try {
     const { promise, resolve, reject } = Promise.withResolvers<void>();
+    // Settles after the race below may have moved on (a closed pack rejects every entry).
+    promise.catch(() => {});
     const sink = pack.entry({ name, type: "file", size, mode: mode & MAX_WRITE_MODE, mtime }, (error) => (error ? reject(error) : resolve()));
     // The header promised `size` bytes: read exactly that many even if the guest is growing the file.
     if (size > 0) {
       for await (const chunk of handle.createReadStream({ start: 0, end: size - 1, autoClose: false })) {
-        if (!sink.write(chunk as Uint8Array)) await once(sink as unknown as NodeJS.EventEmitter, "drain");
+        if (!sink.write(chunk as Uint8Array)) await Promise.race([once(sink as unknown as NodeJS.EventEmitter, "drain"), closed]);
       }
     }
     (sink as unknown as { end(): void }).end();
-    await promise;
+    await Promise.race([promise, closed]);
   } finally {
     await handle.close();
   }
 }
 
-function addEntry(pack: tar.Pack, header: Parameters<tar.Pack["entry"]>[0]): Promise<void> {
-  return new Promise((resolve, reject) => pack.entry(header, (error) => (error ? reject(error) : resolve())));
+function addEntry({ pack, closed }: Packer, header: Parameters<tar.Pack["entry"]>[0]): Promise<void> {
+  const written = new Promise<void>((resolve, reject) => pack.entry(header, (error) => (error ? reject(error) : resolve())));
+  written.catch(() => {});
+  return Promise.race([written, closed]);
 }
 
 /** Extracts a tar stream into `dir` (created if missing); see the file header for what is refused. */
