@@ -5,7 +5,7 @@
  * alone outside the VM.
  */
 import assert from "node:assert/strict";
-import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { mkdir, writeFile } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
 import { join } from "node:path";
@@ -13,21 +13,8 @@ import { after, before, describe, it } from "node:test";
 import * as tar from "tar-stream";
 import { agentOS, setup, type RunningServer } from "agentvm";
 import { createClient, type VmHandle } from "agentvm/client";
-import { rejection, tempDataDir, text, waitFor } from "./helpers.ts";
+import { openFilesUnder, rejection, tempDataDir, text, waitFor } from "./helpers.ts";
 
-/** Host paths of the files this process (the server here) has open under `dir`. */
-function openFilesUnder(pid: number, dir: string): string[] {
-  const open: string[] = [];
-  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
-    try {
-      const target = readlinkSync(`/proc/${pid}/fd/${fd}`);
-      if (target.startsWith(dir)) open.push(target);
-    } catch {
-      // closed while we looked
-    }
-  }
-  return open;
-}
 
 type Entry = { name: string; type?: "file" | "directory" | "symlink" | "link"; mode?: number; linkname?: string; content?: string };
 

@@ -1,74 +1,36 @@
 /**
  * Streamed files through the HTTP API, against a real server in its own
- * process (so its memory is read from /proc, apart from this test's):
+ * process (bench/server-process.ts, so its memory is read from /proc, apart
+ * from this test's):
  * 1 GiB each way with the server's RSS flat, uploads that break off, downloads
  * the client walks away from, ranges, modes and append, authorization and
  * cross-site refusal, paths that try to leave the VM.
  */
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { mkdir, writeFile } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { after, before, describe, it } from "node:test";
-import type { Registry, VmDefinition } from "agentvm";
 import { AgentVmError, createClient, type VmHandle } from "agentvm/client";
+import { startServerProcess, type BenchRegistry as ChildRegistry, type ServerProcess } from "../bench/server-process.ts";
+import { openFilesUnder, rejection, tempDataDir, text, waitFor } from "./helpers.ts";
 
-/** The registry test/server-child.ts serves. */
-type ChildRegistry = Registry<{ vm: VmDefinition }>;
-import { rejection, tempDataDir, text, waitFor } from "./helpers.ts";
-
-const NODE = fileURLToPath(new URL("../node_modules/.bin/node", import.meta.url));
-const CHILD = fileURLToPath(new URL("./server-child.ts", import.meta.url));
 const GIB = 1024 * 1024 * 1024;
 const CHUNK = 1024 * 1024;
 /** How much the server's RSS may grow while 1 GiB streams through it. */
 const RSS_GROWTH_LIMIT = 150 * 1024 * 1024;
 
-interface ServerProcess {
-  url: string;
-  pid: number;
-  child: ChildProcess;
-}
-
-async function startServer(dataDir: string, startOptions: Record<string, unknown> = {}): Promise<ServerProcess> {
-  const child = spawn(NODE, ["--conditions=agentvm-source", CHILD, dataDir, "{}", JSON.stringify(startOptions)], { stdio: ["pipe", "pipe", "inherit"] });
-  const url = await new Promise<string>((resolve, reject) => {
-    let out = "";
-    child.stdout!.setEncoding("utf8");
-    child.stdout!.on("data", (chunk: string) => {
-      out += chunk;
-      const match = /^(http:\/\/\S+)\n/m.exec(out);
-      if (match) resolve(match[1]!);
-    });
-    child.once("exit", (code) => reject(new Error(`server exited early (code ${code})`)));
-  });
-  return { url, pid: child.pid!, child };
-}
-
-async function stopServer(server: ServerProcess): Promise<void> {
-  if (server.child.exitCode !== null) return;
-  const exited = new Promise<void>((resolve) => server.child.once("exit", () => resolve()));
-  server.child.stdin!.end();
-  const timer = setTimeout(() => server.child.kill("SIGKILL"), 30_000);
-  await exited;
-  clearTimeout(timer);
-}
-
-function rssBytes(pid: number): number {
-  return Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
-}
+const rssBytes = (server: ServerProcess): number => server.rssKb() * 1024;
 
 /** Samples the server's RSS every 50 ms while `work` runs; resolves with the highest seen. */
-async function peakRss<T>(pid: number, work: () => Promise<T>): Promise<{ result: T; peak: number }> {
-  let peak = rssBytes(pid);
-  const timer = setInterval(() => (peak = Math.max(peak, rssBytes(pid))), 50);
+async function peakRss<T>(server: ServerProcess, work: () => Promise<T>): Promise<{ result: T; peak: number }> {
+  let peak = rssBytes(server);
+  const timer = setInterval(() => (peak = Math.max(peak, rssBytes(server))), 50);
   try {
     const result = await work();
-    return { result, peak: Math.max(peak, rssBytes(pid)) };
+    return { result, peak: Math.max(peak, rssBytes(server)) };
   } finally {
     clearInterval(timer);
   }
@@ -103,19 +65,6 @@ async function digestOf(stream: ReadableStream<Uint8Array>): Promise<{ digest: s
   return { digest: hash.digest("hex"), bytes };
 }
 
-/** Host paths of the files the server process has open under `dir`. */
-function openFilesUnder(pid: number, dir: string): string[] {
-  const open: string[] = [];
-  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
-    try {
-      const target = readlinkSync(`/proc/${pid}/fd/${fd}`);
-      if (target.startsWith(dir)) open.push(target);
-    } catch {
-      // closed while we looked
-    }
-  }
-  return open;
-}
 
 /** Leftover temporary files of interrupted writes in a VM directory. */
 function tempFiles(hostDir: string): string[] {
@@ -130,27 +79,27 @@ describe("streamed files over HTTP (server in its own process)", () => {
 
   before(async () => {
     dataDir = await tempDataDir("agentvm-files-");
-    server = await startServer(dataDir);
+    server = await startServerProcess(dataDir);
     vm = createClient<ChildRegistry>(server.url).vm.getOrCreate("big");
     // Warm up: the VM exists, its directory too, code paths are compiled.
     await vm.upload("/home/agentos/warm.bin", generated(8 * CHUNK).stream);
     await new Response(await vm.download("/home/agentos/warm.bin")).arrayBuffer();
     home = join(dataDir, "vms", "big", "root", "home", "agentos");
   });
-  after(() => stopServer(server));
+  after(() => server.stop());
 
   it("uploads and downloads 1 GiB with the server's memory flat", async () => {
-    const baseline = rssBytes(server.pid);
+    const baseline = rssBytes(server);
     const source = generated(GIB);
     let progressed = 0;
-    const upload = await peakRss(server.pid, () => vm.upload("/home/agentos/big.bin", source.stream, { onProgress: (p) => (progressed = p.bytes) }));
+    const upload = await peakRss(server, () => vm.upload("/home/agentos/big.bin", source.stream, { onProgress: (p) => (progressed = p.bytes) }));
     assert.deepEqual(upload.result, { path: "/home/agentos/big.bin", size: GIB });
     assert.equal(progressed, GIB);
     assert.ok(upload.peak - baseline < RSS_GROWTH_LIMIT, `server RSS grew ${((upload.peak - baseline) / 2 ** 20).toFixed(0)} MiB during a 1 GiB upload`);
     assert.equal((await vm.stat("/home/agentos/big.bin")).size, GIB);
 
     let total: number | undefined;
-    const download = await peakRss(server.pid, async () => digestOf(await vm.download("/home/agentos/big.bin", { onProgress: (p) => (total = p.total) })));
+    const download = await peakRss(server, async () => digestOf(await vm.download("/home/agentos/big.bin", { onProgress: (p) => (total = p.total) })));
     assert.equal(download.result.bytes, GIB);
     assert.equal(download.result.digest, source.digest(), "the downloaded bytes are the uploaded ones");
     assert.equal(total, GIB);
@@ -276,9 +225,9 @@ describe("streamed files with API keys and tokens", () => {
   const apiKey = `avk_${"k".repeat(40)}`;
 
   before(async () => {
-    server = await startServer(await tempDataDir("agentvm-files-auth-"), { auth: { apiKeys: [apiKey] } });
+    server = await startServerProcess(await tempDataDir("agentvm-files-auth-"), {}, { auth: { apiKeys: [apiKey] } });
   });
-  after(() => stopServer(server));
+  after(() => server.stop());
 
   async function token(actions: string[] | "*", key = "t"): Promise<string> {
     const response = await fetch(`${server.url}/api/tokens`, {

@@ -190,12 +190,8 @@ export class VmFilesystem {
     } catch (err) {
       throw fsError(err, op, guest, r);
     }
-    let settled = false;
-    return {
-      handle,
-      write: (data) => writeAll(handle, data, op, guest, r),
-      commit: async () => {
-        settled = true;
+    return fileWriter(handle, op, guest, r, {
+      async commit() {
         try {
           // The open mode is filtered by the host's umask; set the bits the guest asked for.
           await handle.chmod(mode ?? 0o644);
@@ -204,16 +200,14 @@ export class VmFilesystem {
         } catch (err) {
           await handle.close().catch(() => {});
           await fs.unlink(temp).catch(() => {});
-          throw fsError(err, op, guest, r);
+          throw err;
         }
       },
-      abort: async () => {
-        if (settled) return;
-        settled = true;
+      async abort() {
         await handle.close().catch(() => {});
         await fs.unlink(temp).catch(() => {});
       },
-    };
+    });
   }
 
   async #openAppend(op: Op, guest: string, r: Resolved, mode: number | undefined): Promise<FileWriter> {
@@ -234,26 +228,20 @@ export class VmFilesystem {
       await handle.close();
       throw fsError(err, op, guest, r);
     }
-    let settled = false;
-    return {
-      handle,
-      write: (data) => writeAll(handle, data, op, guest, r),
-      commit: async () => {
-        settled = true;
+    return fileWriter(handle, op, guest, r, {
+      async commit() {
         try {
           if (mode !== undefined) await handle.chmod(mode);
         } finally {
           await handle.close();
         }
       },
-      abort: async () => {
-        if (settled) return;
-        settled = true;
+      async abort() {
         // The append never happened: the file is cut back to what it held.
         await handle.truncate(length).catch(() => {});
         await handle.close().catch(() => {});
       },
-    };
+    });
   }
 
   async readFile(file: string): Promise<Uint8Array> {
@@ -697,6 +685,29 @@ function splitGuest(guest: string): string[] {
 
 function parentOf(host: string, root: string | undefined): string {
   return host === root ? host : path.dirname(host);
+}
+
+/** A FileWriter over `handle`: commit or abort runs once, whichever comes first; errors are shaped like every fs error. */
+function fileWriter(handle: fs.FileHandle, op: Op, guest: string, r: Resolved, end: { commit(): Promise<void>; abort(): Promise<void> }): FileWriter {
+  let settled = false;
+  return {
+    handle,
+    write: (data) => writeAll(handle, data, op, guest, r),
+    async commit() {
+      if (settled) throw new AgentVmError("INTERNAL", `${op} ${guest}: the write was already committed or aborted`);
+      settled = true;
+      try {
+        await end.commit();
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      }
+    },
+    async abort() {
+      if (settled) return;
+      settled = true;
+      await end.abort();
+    },
+  };
 }
 
 async function writeAll(handle: fs.FileHandle, data: Uint8Array, op: Op, guest: string, r: Resolved): Promise<void> {
