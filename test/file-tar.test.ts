@@ -182,6 +182,18 @@ describe("directories as tar streams", () => {
     await waitFor(() => openFilesUnder(process.pid, dir).length === 0, "no open file in the target directory");
   });
 
+  it("a refused entry early in a large archive is answered with the typed error, not a reset", async () => {
+    const bytes = await archive([{ name: "../escape.txt", content: "pwned" }, { name: "big.bin", content: "z".repeat(16 * 1024 * 1024) }]);
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        for (let i = 0; i < bytes.length; i += 64 * 1024) controller.enqueue(bytes.subarray(i, i + 64 * 1024));
+        controller.close();
+      },
+    });
+    assert.equal((await rejection(vm.uploadTar("/home/agentos/early", body))).code, "PATH_OUTSIDE_VM");
+    assert.equal(await vm.exists("/home/agentos/early/big.bin"), false);
+  });
+
   it("bad input: not a directory, not a tar, a missing directory", async () => {
     await vm.writeFile("/home/agentos/plain", "x");
     assert.equal((await rejection(vm.downloadTar("/home/agentos/plain"))).code, "ENOTDIR");

@@ -16,8 +16,9 @@
  * dispatcher in http-api.ts before anything here runs.
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { pipeline, type Writable } from "node:stream";
+import { PassThrough, pipeline, type Writable } from "node:stream";
 import { AgentVmError } from "../errors.ts";
+import { normaliseGuestPath } from "../sandbox/filesystem.ts";
 import { EventStream } from "./event-stream.ts";
 import { refuseFormUpload } from "./request-origin.ts";
 import type { VmActor } from "./vm-actor.ts";
@@ -56,7 +57,16 @@ export async function serveTransfer(actor: VmActor, route: TransferRoute, rest: 
     const size = await receive(request, response, sink);
     return sendValue(response, { path, size });
   }
-  if (route === "tar" && request.method === "PUT") return sendValue(response, await vm.writeTar(path, request));
+  if (route === "tar" && request.method === "PUT") {
+    const body = bodyOf(request);
+    try {
+      return sendValue(response, await vm.writeTar(path, body));
+    } catch (error) {
+      body.destroy();
+      stopReading(request, response);
+      throw error;
+    }
+  }
   if (route === "tar") {
     const archive = await vm.readTar(path);
     response.writeHead(200, { "content-type": "application/x-tar", "cache-control": "no-store" });
@@ -81,6 +91,29 @@ export async function serveTransfer(actor: VmActor, route: TransferRoute, rest: 
   send(file.stream, response);
 }
 
+/**
+ * The request body as a stream the extraction may destroy without destroying
+ * the request, so a refused archive is answered instead of the connection
+ * being reset. A client that goes away mid-body fails the stream, so the
+ * extraction stops and removes its partial file.
+ */
+function bodyOf(request: IncomingMessage): PassThrough {
+  const body = new PassThrough();
+  request.pipe(body);
+  request.once("close", () => {
+    if (!request.complete) body.destroy(new AgentVmError("ECONNRESET", "upload: the client closed the connection mid-body; the entry being written was removed"));
+  });
+  return body;
+}
+
+/** After a refusal mid-body: the rest of the body is discarded and the connection closed after the answer. */
+function stopReading(request: IncomingMessage, response: ServerResponse): void {
+  if (request.complete) return;
+  request.unpipe();
+  if (!response.headersSent) response.setHeader("connection", "close");
+  request.resume();
+}
+
 /** Streams a body out; a client that goes away ends the read (and closes the file) through pipeline. */
 function send(body: NodeJS.ReadableStream, response: ServerResponse): void {
   pipeline(body, response, (error) => {
@@ -103,10 +136,7 @@ function receive(request: IncomingMessage, response: ServerResponse, sink: Writa
       if (settled) return;
       settled = true;
       sink.destroy();
-      if (!request.complete) {
-        response.setHeader("connection", "close");
-        request.resume();
-      }
+      stopReading(request, response);
       reject(error instanceof AgentVmError ? error : new AgentVmError("ECONNRESET", `upload: the request body broke off (${(error as Error)?.message ?? String(error)}); nothing was written`));
     };
     request.on("data", (chunk: Buffer) => {
@@ -167,7 +197,8 @@ function guestPath(rest: string | undefined, route: TransferRoute): string {
     if (route === "files") throw new AgentVmError("INVALID_ARGUMENT", "name a file after /files/, e.g. /files/home/agentos/report.csv");
     return "/";
   }
-  return decoded;
+  // Always absolute: the URL cannot name a path relative to the home.
+  return normaliseGuestPath("path", decoded.startsWith("/") ? decoded : `/${decoded}`);
 }
 
 function flag(url: URL, name: string): boolean {
