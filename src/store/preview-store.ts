@@ -17,7 +17,7 @@ export interface PreviewRow {
 }
 
 export class PreviewStore {
-  readonly #statements: Record<"insert" | "find" | "countActive" | "listActive" | "deleteOne" | "deleteAll" | "deleteAllPort" | "sweep" | "touch" | "deleteOneScoped", StatementSync>;
+  readonly #statements: Record<"insert" | "find" | "countActive" | "listActive" | "deleteOne" | "deleteAll" | "deleteAllPort" | "sweep" | "touch" | "deleteOneScoped" | "findByPrefix", StatementSync>;
 
   constructor(store: SqliteStore) {
     const db = store.db;
@@ -28,6 +28,7 @@ export class PreviewStore {
       countActive: db.prepare("SELECT COUNT(*) AS count FROM previews WHERE definition = ? AND key = ? AND expires_at > ?"),
       listActive: db.prepare(`SELECT ${columns} FROM previews WHERE definition = ? AND key = ? AND expires_at > ? ORDER BY created_at`),
       deleteOne: db.prepare("DELETE FROM previews WHERE token_hash = ?"),
+      findByPrefix: db.prepare("SELECT token_hash FROM previews WHERE definition = ? AND key = ? AND token_prefix = ? LIMIT 2"),
       deleteOneScoped: db.prepare("DELETE FROM previews WHERE token_hash = ? AND definition = ? AND key = ?"),
       deleteAll: db.prepare("DELETE FROM previews WHERE definition = ? AND key = ?"),
       deleteAllPort: db.prepare("DELETE FROM previews WHERE definition = ? AND key = ? AND port = ?"),
@@ -57,6 +58,11 @@ export class PreviewStore {
   delete(hash: string, scope?: { definition: string; key: string }): boolean {
     const result = scope ? this.#statements.deleteOneScoped.run(hash, scope.definition, scope.key) : this.#statements.deleteOne.run(hash);
     return Number(result.changes) > 0;
+  }
+
+  /** The hashes of a VM's tokens that start with `prefix` (at most two: enough to tell one from many). */
+  findByPrefix(definition: string, key: string, prefix: string): string[] {
+    return (this.#statements.findByPrefix.all(definition, key, prefix) as { token_hash: string }[]).map((row) => String(row.token_hash));
   }
 
   deleteAll(definition: string, key: string, port?: number): number {
