@@ -20,21 +20,32 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import { AgentVmError } from "../errors.ts";
 
 const PAGE_DIR = fileURLToPath(new URL("../dashboard/", import.meta.url));
-const require = createRequire(import.meta.url);
-const XTERM_DIR = dirname(require.resolve("@xterm/xterm/package.json"));
-const XTERM_FIT_DIR = dirname(require.resolve("@xterm/addon-fit/package.json"));
+const PAGE_FILES = ["app.js", "api.js", "terminal.js", "style.css"];
+const JS = "text/javascript; charset=utf-8";
+const CSS = "text/css; charset=utf-8";
 
-/** URL path → file. Nothing else under /dashboard/ is served, so no path from a request ever reaches the filesystem. */
-const FILES: ReadonlyMap<string, { file: string; type: string }> = new Map([
-  ["/", { file: join(PAGE_DIR, "index.html"), type: "text/html; charset=utf-8" }],
-  ["/dashboard/app.js", { file: join(PAGE_DIR, "app.js"), type: "text/javascript; charset=utf-8" }],
-  ["/dashboard/api.js", { file: join(PAGE_DIR, "api.js"), type: "text/javascript; charset=utf-8" }],
-  ["/dashboard/terminal.js", { file: join(PAGE_DIR, "terminal.js"), type: "text/javascript; charset=utf-8" }],
-  ["/dashboard/style.css", { file: join(PAGE_DIR, "style.css"), type: "text/css; charset=utf-8" }],
-  ["/dashboard/vendor/xterm.mjs", { file: join(XTERM_DIR, "lib", "xterm.mjs"), type: "text/javascript; charset=utf-8" }],
-  ["/dashboard/vendor/xterm.css", { file: join(XTERM_DIR, "css", "xterm.css"), type: "text/css; charset=utf-8" }],
-  ["/dashboard/vendor/addon-fit.mjs", { file: join(XTERM_FIT_DIR, "lib", "addon-fit.mjs"), type: "text/javascript; charset=utf-8" }],
-]);
+/**
+ * URL path → file. Nothing else is served, so no path from a request ever
+ * reaches the filesystem. xterm.js is looked up on first use: a broken install
+ * then costs the terminal, not the server's start.
+ */
+const files = (() => {
+  let map: Map<string, { file: string; type: string }> | undefined;
+  return () => {
+    if (map) return map;
+    const require = createRequire(import.meta.url);
+    const xterm = dirname(require.resolve("@xterm/xterm/package.json"));
+    const fit = dirname(require.resolve("@xterm/addon-fit/package.json"));
+    map = new Map([
+      ["/", { file: join(PAGE_DIR, "index.html"), type: "text/html; charset=utf-8" }],
+      ...PAGE_FILES.map((name): [string, { file: string; type: string }] => [`/dashboard/${name}`, { file: join(PAGE_DIR, name), type: name.endsWith(".css") ? CSS : JS }]),
+      ["/dashboard/vendor/xterm.mjs", { file: join(xterm, "lib", "xterm.mjs"), type: JS }],
+      ["/dashboard/vendor/xterm.css", { file: join(xterm, "css", "xterm.css"), type: CSS }],
+      ["/dashboard/vendor/addon-fit.mjs", { file: join(fit, "lib", "addon-fit.mjs"), type: JS }],
+    ]);
+    return map;
+  };
+})();
 
 const SECURITY_HEADERS = {
   // Scripts and styles only from this origin; the API and the terminal WebSocket on it too.
@@ -47,13 +58,13 @@ const SECURITY_HEADERS = {
 
 /** Whether a path is one of the dashboard's files (checked before credentials: the page itself carries none). */
 export function isDashboardPath(pathname: string): boolean {
-  return FILES.has(pathname);
+  return pathname === "/" || pathname.startsWith("/dashboard/");
 }
 
 const cache = new Map<string, Buffer>();
 
 export async function serveDashboard(request: IncomingMessage, response: ServerResponse, pathname: string): Promise<void> {
-  const entry = FILES.get(pathname);
+  const entry = files().get(pathname);
   if (!entry) throw new AgentVmError("UNKNOWN_ACTION", `no dashboard file ${pathname}`);
   if (request.method !== "GET" && request.method !== "HEAD") throw new AgentVmError("UNKNOWN_ACTION", `the dashboard is read with GET, not ${request.method}`);
   let body = cache.get(entry.file);
