@@ -16,6 +16,8 @@ import { MAX_WATCH_BATCH, type WatchEvent } from "./protocol.ts";
 export const COALESCE_MS = 50;
 /** Paths remembered per watch (for create/modify and rename detection); beyond it, events still flow, only coarser. */
 const MAX_KNOWN = 20_000;
+/** Longest path an event may carry (the control channel's limit for text). */
+const MAX_EVENT_PATH = 4096;
 
 export interface PathWatcherEvents {
   events(batch: WatchEvent[]): void;
@@ -96,7 +98,10 @@ export class PathWatcher {
       const root = statSync(this.#root, { throwIfNoEntry: false });
       if (root) this.#scan(root.isDirectory());
     }
-    if (events.length > 0) this.#sink.events(events);
+    // The server refuses longer paths (as a protocol violation); a guest can nest directories deeper than that.
+    const sendable = events.filter((event) => event.path.length <= MAX_EVENT_PATH && (event.oldPath ?? "").length <= MAX_EVENT_PATH);
+    if (sendable.length < events.length && !sendable.some((event) => event.type === "overflow")) sendable.push({ type: "overflow", path: this.#root });
+    if (sendable.length > 0) this.#sink.events(sendable);
     if (!statSync(this.#root, { throwIfNoEntry: false })) this.#end("ENOENT", `the watched path ${this.#root} was deleted`);
   }
 
