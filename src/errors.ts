@@ -50,6 +50,8 @@ export const AGENTVM_CODES = [
   "IMAGE_BUILD_FAILED",
   /** A per-VM resource cap (processes, sockets, buffered bytes) was reached. */
   "LIMIT_EXCEEDED",
+  /** The VM's disk is full: limits.diskBytes or limits.diskInodes reached. */
+  "VM_DISK_FULL",
   /** A guest broke the kernel protocol; its stream or process was ended. */
   "PROTOCOL_VIOLATION",
   /** A guest process could not be started. */

@@ -76,15 +76,17 @@ export class VmFilesystem {
   readonly #mounts: readonly [guest: string, host: string][];
   /** realpath of the root, so containment checks compare like with like. */
   #realRoot: string | undefined;
+  /** The host id that owns what the server creates, so guests own it too (the VM's guests' id; see guest-identity.ts). */
+  readonly #owner: { uid: number; gid: number } | undefined;
 
-  constructor(root: string, options?: { readOnly?: readonly string[]; mounts?: Readonly<Record<string, string>> }) {
+  constructor(root: string, options?: { readOnly?: readonly string[]; mounts?: Readonly<Record<string, string>>; owner?: { uid: number; gid: number } }) {
     expectString("root", root, { nonEmpty: true, max: MAX_PATH });
     if (!path.isAbsolute(root)) throw invalidArgument(`root must be an absolute host directory, got ${describe(root)}`);
     this.#root = path.resolve(root);
     let readOnly = DEFAULT_READ_ONLY;
     if (options !== undefined) {
       const opts = expectObject("options", options);
-      expectKnownKeys("options", opts, ["readOnly", "mounts"]);
+      expectKnownKeys("options", opts, ["readOnly", "mounts", "owner"]);
       if (opts.readOnly !== undefined) {
         readOnly = expectStringArray("options.readOnly", opts.readOnly).map((p, i) => {
           if (!p.startsWith("/")) {
@@ -95,6 +97,7 @@ export class VmFilesystem {
       }
     }
     this.#readOnly = readOnly;
+    this.#owner = options?.owner;
     this.#mounts = Object.entries(options?.mounts ?? {})
       .map(([guest, host]): [string, string] => [normalise("options.mounts", guest), path.resolve(host)])
       .sort((a, b) => b[0].length - a[0].length);
@@ -137,6 +140,7 @@ export class VmFilesystem {
         await handle.writeFile(bytes);
         // The open mode is filtered by the host's umask; the guest expects 0644.
         await handle.chmod(0o644);
+        if (this.#owner) await handle.chown(this.#owner.uid, this.#owner.gid);
       } finally {
         await handle.close();
       }
@@ -206,9 +210,15 @@ export class VmFilesystem {
     await this.#confirmInside(op, guest, path.dirname(r.host));
     try {
       await fs.mkdir(r.host);
+      await this.#own(r.host);
     } catch (err) {
       throw fsError(err, op, guest, r);
     }
+  }
+
+  /** A directory the server just made becomes the guests' (lchown: never through a link). */
+  async #own(host: string): Promise<void> {
+    if (this.#owner) await fs.lchown(host, this.#owner.uid, this.#owner.gid);
   }
 
   async readdir(dir: string): Promise<string[]> {
@@ -456,6 +466,7 @@ export class VmFilesystem {
       await this.#confirmInside(op, guest, path.dirname(host));
       try {
         await fs.mkdir(host);
+        await this.#own(host);
       } catch (err) {
         if (errno(err) !== "EEXIST") throw fsError(err, op, guest);
         // Someone (likely the guest) created it meanwhile; fine if it is a directory.
@@ -584,6 +595,9 @@ function fsError(err: unknown, op: Op, guest: string, r?: Resolved): AgentVmErro
   const code = errno(err);
   if (code === "ENAMETOOLONG") {
     return new AgentVmError("INVALID_ARGUMENT", `${op} ${subject(guest, r)}: a path component is longer than the host allows (255 bytes); use a shorter name`, { cause: err });
+  }
+  if (code === "ENOSPC" || code === "EDQUOT") {
+    return new AgentVmError("VM_DISK_FULL", `${op} ${subject(guest, r)}: the VM's disk is full (limits.diskBytes or limits.diskInodes); delete files in the VM, or give it larger limits`, { cause: err });
   }
   if (code === "ENXIO" || code === "ENODEV") {
     return new AgentVmError("EINVAL", `${op} ${subject(guest, r)}: is not a regular file (a socket or device); only regular files can be read from the host`, { cause: err });

@@ -56,6 +56,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   PAYLOAD_TOO_LARGE: 413,
   EAGAIN: 429,
   LIMIT_EXCEEDED: 429,
+  VM_DISK_FULL: 507,
   EMFILE: 429,
   ECONNREFUSED: 502,
   ECONNRESET: 502,

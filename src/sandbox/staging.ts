@@ -1,0 +1,65 @@
+/**
+ * Host directories bubblewrap mounts, made reachable for a VM's unprivileged
+ * host id (guest-identity.ts). bubblewrap running as that id must be able to
+ * walk to each directory it binds, but the image cache often lives under
+ * root's home and the data directory may be 0700. Rather than open those up,
+ * a server running as root bind-mounts each such directory at a neutral path,
+ * `/run/agentvm/stage/<hash>`, and bubblewrap binds from there.
+ * (bubblewrap's --bind-fd would avoid the paths, but bubblewrap 0.8 still
+ * walks the descriptor's path as the unprivileged id and fails.)
+ *
+ * Image directories stay staged for the server's lifetime (a handful, shared
+ * by every VM); a VM's root is staged while its Vm object lives.
+ */
+import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
+import { chmod, mkdir, readFile, rmdir } from "node:fs/promises";
+import { join } from "node:path";
+import { promisify } from "node:util";
+
+const run = promisify(execFile);
+const STAGE = "/run/agentvm/stage";
+
+const staged = new Map<string, { path: string; holders: number; ready: Promise<void> }>();
+
+/** The staged path of `dir` (mounted read-only when `readOnly`); call release() when done with a writable one. */
+export async function stage(dir: string, readOnly: boolean): Promise<string> {
+  let entry = staged.get(dir);
+  if (!entry) {
+    const path = join(STAGE, createHash("sha256").update(dir).digest("hex").slice(0, 24));
+    entry = { path, holders: 0, ready: bind(dir, path, readOnly) };
+    staged.set(dir, entry);
+    entry.ready.catch(() => staged.delete(dir));
+  }
+  entry.holders++;
+  await entry.ready;
+  return entry.path;
+}
+
+export async function release(dir: string): Promise<void> {
+  const entry = staged.get(dir);
+  if (!entry || --entry.holders > 0) return;
+  staged.delete(dir);
+  await run("umount", ["-l", entry.path], { timeout: 30_000 }).catch(() => {});
+  await rmdir(entry.path).catch(() => {});
+}
+
+async function bind(dir: string, path: string, readOnly: boolean): Promise<void> {
+  await mkdir(STAGE, { recursive: true });
+  // Traversable, not listable: only a holder of a staged path's name gets in.
+  await chmod("/run/agentvm", 0o711);
+  await chmod(STAGE, 0o711);
+  await mkdir(path, { recursive: true, mode: 0o700 });
+  // A server that was killed leaves its staging mounted: still the same directory (the name is its hash), reused.
+  if (await isMountPoint(path)) return;
+  await run("mount", ["--bind", dir, path], { timeout: 30_000 });
+  await run("mount", ["-o", `remount,bind,nosuid,nodev${readOnly ? ",ro" : ""}`, path], { timeout: 30_000 });
+}
+
+/** Whether something is mounted at `dir` in the server's mount namespace (its mountinfo lists it). */
+export async function isMountPoint(dir: string): Promise<boolean> {
+  const table = await readFile("/proc/self/mountinfo", "utf8").catch(() => "");
+  // Field 5 is the mount point, with spaces and the like octal-escaped.
+  const escaped = dir.replace(/[\\ \t\n]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, "0")}`);
+  return table.split("\n").some((line) => line.split(" ")[4] === escaped);
+}
