@@ -81,6 +81,7 @@ export class VmDisk {
       if (fresh) await rm(join(root, "lost+found"), { recursive: true, force: true });
       return new VmDisk(root, true);
     } catch (error) {
+      await rm(`${join(vmDir, IMAGE)}.partial`, { force: true });
       return uncapped(root, `making or mounting its disk image failed (${(error as Error).message.split("\n")[0]}); is e2fsprogs installed and are loop devices available?`);
     }
   }
@@ -109,7 +110,8 @@ export class VmDisk {
   }
 }
 
-function uncapped(root: string, why: string): VmDisk {
+async function uncapped(root: string, why: string): Promise<VmDisk> {
+  await mkdir(root, { recursive: true });
   if (!warned) console.warn(`agentvm: VMs run without disk byte and inode caps: ${why} (see docs/security.md)`);
   warned = true;
   return VmDisk.uncapped(root);
@@ -119,8 +121,10 @@ async function makeImage(image: string, limits: DiskLimits): Promise<void> {
   const partial = `${image}.partial`;
   await writeFile(partial, "");
   await truncate(partial, limits.bytes);
-  // -m 0: no blocks kept for root, so the server's own writes meet the same cap.
-  await run("mkfs.ext4", ["-q", "-F", "-m", "0", "-N", String(limits.inodes), "-E", `lazy_itable_init=1,lazy_journal_init=1,nodiscard`, partial], {
+  // -m 0: no blocks kept for root, so the server's own writes meet the same cap. ext4 needs
+  // at least a block per inode; the kernel rounds the count up to whole block groups.
+  const inodes = Math.min(limits.inodes, Math.floor(limits.bytes / 4096));
+  await run("mkfs.ext4", ["-q", "-F", "-m", "0", "-N", String(inodes), "-E", `lazy_itable_init=1,lazy_journal_init=1,nodiscard`, partial], {
     timeout: 60_000,
     env: { PATH: "/usr/sbin:/sbin:/usr/bin:/bin" },
   });

@@ -108,7 +108,7 @@ export class VmSandbox {
     const command = [...joinCgroup(options.cgroup), ...hostWrappers(options.rlimits, options.identity), options.bwrap, "--args", "4", "--info-fd", "5", ...filter, "--", ...initCommand];
     let child: ChildProcess;
     try {
-      child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe", "pipe", "pipe", ...handles.map((handle) => handle.fd)], env: {} });
+      child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe", "pipe", "pipe", ...handles.map((handle) => handle.fd)], env: {}, cwd: "/" });
     } finally {
       // The child has its copies (or never started); bubblewrap is done with them once the sandbox is set up.
       await Promise.all(handles.map((handle) => handle.close()));
