@@ -3,7 +3,7 @@
  * Keep this file small and stable; several test files import it.
  */
 import { after } from "node:test";
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync, statSync } from "node:fs";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -174,10 +174,13 @@ export function processTree(matches: (cmdline: string, pid: number) => boolean, 
 /**
  * Host pids of the bubblewrap processes that run VM sandboxes (their command
  * line holds no host path: bubblewrap reads its arguments from a pipe). With
- * `vmRoot`, only that VM's: its sandbox's mounts name the VM's directory.
+ * `vmRoot`, only that VM's: its sandbox's `/` is the VM's disk (the same
+ * device as the VM's root on the host) or, where VMs have no disk image, a
+ * bind of the VM's directory.
  */
 export function sandboxRoots(vmRoot?: string): number[] {
   const roots: number[] = [];
+  const disk = vmRoot === undefined ? undefined : deviceOf(vmRoot);
   for (const entry of readdirSync("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
     try {
@@ -187,13 +190,24 @@ export function sandboxRoots(vmRoot?: string): number[] {
       // The outer bubblewrap stays in the host's namespaces; its child is the sandbox.
       if (children.length === 0) continue;
       // mountinfo's fourth field is the mounted directory: the VM's root, or a directory below it.
-      if (vmRoot !== undefined && !readFileSync(`/proc/${children[0]}/mountinfo`, "utf8").split("\n").some((line) => line.split(" ")[3]?.startsWith(vmRoot))) continue;
+      const mounts = readFileSync(`/proc/${children[0]}/mountinfo`, "utf8").split("\n").map((line) => line.split(" "));
+      if (vmRoot !== undefined && !mounts.some((fields) => fields[3]?.startsWith(vmRoot) || (disk !== undefined && fields[4] === "/" && fields[2] === disk))) continue;
       roots.push(Number(entry));
     } catch {
       // exited while we looked
     }
   }
   return roots;
+}
+
+/** "major:minor" of the filesystem a host directory is on, as mountinfo writes it; undefined when it is gone. */
+function deviceOf(path: string): string | undefined {
+  try {
+    const dev = statSync(path).dev;
+    return `${Math.floor(dev / 256) & 0xfff}:${(dev & 0xff) | ((Math.floor(dev / 4096) & ~0xff) >>> 0)}`;
+  } catch {
+    return undefined;
+  }
 }
 
 /** Host pids of every process of the VM sandboxes under `ancestor` (or of one VM's, with `vmRoot`). */
