@@ -191,7 +191,7 @@ export function sandboxRoots(vmRoot?: string): number[] {
       if (children.length === 0) continue;
       // mountinfo's fourth field is the mounted directory: the VM's root, or a directory below it.
       const mounts = readFileSync(`/proc/${children[0]}/mountinfo`, "utf8").split("\n").map((line) => line.split(" "));
-      if (vmRoot !== undefined && !mounts.some((fields) => fields[3]?.startsWith(vmRoot) || (disk !== undefined && fields[4] === "/" && fields[2] === disk))) continue;
+      if (vmRoot !== undefined && !mounts.some((fields) => fields[3]?.startsWith(vmRoot) || (disk !== undefined && fields[4] === "/" && fields[3] === "/" && fields[2] === disk))) continue;
       roots.push(Number(entry));
     } catch {
       // exited while we looked

@@ -25,28 +25,44 @@ import { promisify } from "node:util";
 const run = promisify(execFile);
 const STAGE = "/run/agentvm/stage";
 
-const staged = new Map<string, { path: string; holders: number; ready: Promise<void> }>();
+const staged = new Map<string, { path: string; holders: number }>();
 
 /** The staged path of `dir` (mounted read-only when `readOnly`); call release() when done with a writable one. */
-export async function stage(dir: string, readOnly: boolean): Promise<string> {
-  let entry = staged.get(dir);
-  if (!entry) {
-    const path = join(STAGE, createHash("sha256").update(dir).digest("hex").slice(0, 24));
-    entry = { path, holders: 0, ready: bind(dir, path, readOnly) };
-    staged.set(dir, entry);
-    entry.ready.catch(() => staged.delete(dir));
-  }
-  entry.holders++;
-  await entry.ready;
-  return entry.path;
+export function stage(dir: string, readOnly: boolean): Promise<string> {
+  return oneAtATime(dir, async () => {
+    let entry = staged.get(dir);
+    if (!entry) {
+      const path = join(STAGE, createHash("sha256").update(dir).digest("hex").slice(0, 24));
+      entry = { path, holders: 0 };
+      await bind(dir, path, readOnly);
+      staged.set(dir, entry);
+    }
+    entry.holders++;
+    return entry.path;
+  });
 }
 
-export async function release(dir: string): Promise<void> {
-  const entry = staged.get(dir);
-  if (!entry || --entry.holders > 0) return;
-  staged.delete(dir);
-  await run("umount", ["-l", entry.path], { timeout: 30_000 }).catch(() => {});
-  await rmdir(entry.path).catch(() => {});
+export function release(dir: string): Promise<void> {
+  return oneAtATime(dir, async () => {
+    const entry = staged.get(dir);
+    if (!entry || --entry.holders > 0) return;
+    staged.delete(dir);
+    await run("umount", ["-l", entry.path], { timeout: 30_000 }).catch(() => {});
+    await rmdir(entry.path).catch(() => {});
+  });
+}
+
+/** The last mount or unmount step for each key: they run one after another (a VM waking while it is put to sleep). */
+const queues = new Map<string, Promise<unknown>>();
+
+/** Runs `step` after every earlier step for `key` has ended, successful or not. */
+export function oneAtATime<T>(key: string, step: () => Promise<T>): Promise<T> {
+  const next = (queues.get(key) ?? Promise.resolve()).catch(() => {}).then(step);
+  queues.set(key, next);
+  void next
+    .finally(() => queues.get(key) === next && queues.delete(key))
+    .catch(() => {});
+  return next;
 }
 
 async function bind(dir: string, path: string, readOnly: boolean): Promise<void> {

@@ -23,7 +23,7 @@ import { lstat, mkdir, readdir, rename, rm, stat, statfs, truncate, writeFile } 
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { runsAsRoot } from "./guest-identity.ts";
-import { isMountPoint } from "./staging.ts";
+import { isMountPoint, oneAtATime } from "./staging.ts";
 
 const run = promisify(execFile);
 const IMAGE = "disk.ext4";
@@ -61,8 +61,12 @@ export class VmDisk {
    * a directory from before the image existed is copied in once), or leaves it
    * a plain directory where the host cannot cap it.
    */
-  static async attach(vmDir: string, limits: DiskLimits): Promise<VmDisk> {
+  static attach(vmDir: string, limits: DiskLimits): Promise<VmDisk> {
     const root = join(vmDir, "root");
+    return oneAtATime(`disk:${root}`, () => VmDisk.#attach(vmDir, root, limits));
+  }
+
+  static async #attach(vmDir: string, root: string, limits: DiskLimits): Promise<VmDisk> {
     if (!runsAsRoot()) return uncapped(root, "the server does not run as root, so it cannot mount a per-VM disk image");
     const count = holders.get(root) ?? 0;
     if (count > 0 || (await isMountPoint(root))) {
@@ -101,8 +105,11 @@ export class VmDisk {
   }
 
   /** Lets go of the mount; the last holder detaches it (lazily: a file the server still has open does not block it). */
-  async release(): Promise<void> {
-    if (!this.capped) return;
+  release(): Promise<void> {
+    return this.capped ? oneAtATime(`disk:${this.#root}`, () => this.#release()) : Promise.resolve();
+  }
+
+  async #release(): Promise<void> {
     const count = (holders.get(this.#root) ?? 1) - 1;
     if (count > 0) return void holders.set(this.#root, count);
     holders.delete(this.#root);

@@ -71,7 +71,7 @@ export class VmSandbox {
     this.#events = events;
     this.#channel = new ControlChannel(child, {
       onEvent: (message) => this.#onEvent(message),
-      onViolation: (reason) => this.#end(new AgentVmError("PROTOCOL_VIOLATION", `the VM's init sent ${reason}; the VM's processes were ended`)),
+      onViolation: (reason) => this.#end(new AgentVmError("PROTOCOL_VIOLATION", `the VM's init ${reason}; the VM's processes were ended`)),
     });
     // 'exit', not 'close': programs of the VM may hold inherited pipes a moment longer.
     this.ended = new Promise((resolve) => child.once("exit", () => resolve()));
