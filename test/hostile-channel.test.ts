@@ -8,6 +8,7 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
+import { SPAWN_PACE } from "../src/sandbox/process-table.ts";
 import { sandboxProcessTree, tempDataDir, testVm } from "./helpers.ts";
 
 const CHUNK = new Uint8Array(1024 * 1024).fill(97);
@@ -57,5 +58,25 @@ describe("an init that stops reading its channel", () => {
     // The neighbour answers; the stuck VM starts a fresh sandbox on its next program.
     assert.equal((await other.exec("/bin/echo", ["fine"])).stdout, "fine\n");
     assert.equal((await stuck.exec("/bin/echo", ["again"])).stdout, "again\n");
+  });
+});
+
+describe("a client churning spawns in one VM", () => {
+  it("is paced (a burst, then a steady rate) while another VM keeps answering", async () => {
+    const dataDir = await tempDataDir();
+    const [churn, other] = await Promise.all([testVm(dataDir, { name: "churn", limits: { maxProcesses: 1024 } }), testVm(dataDir, { name: "calm" })]);
+    await Promise.all([churn.exec("/bin/true"), other.exec("/bin/true")]);
+    // The first exec took a token; let the bucket fill again.
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const { burst, perSecond } = SPAWN_PACE;
+    const count = burst + 2 * perSecond;
+    const started = Date.now();
+    const spawns = Promise.all(Array.from({ length: count }, () => churn.spawn("/bin/true")));
+    // The other VM is served while the churn waits its turn.
+    assert.equal((await other.exec("/bin/echo", ["served"])).stdout, "served\n");
+    await spawns;
+    const elapsed = Date.now() - started;
+    // A lower bound only: past the burst, spawns cannot start faster than the pace.
+    assert.ok(elapsed >= ((count - burst) / perSecond) * 1000 * 0.9, `${count} spawns took ${elapsed} ms`);
   });
 });
