@@ -3,7 +3,9 @@
  * Keep this file small and stable; several test files import it.
  */
 import { after } from "node:test";
+import { execFile } from "node:child_process";
 import { readdirSync, readFileSync, statSync } from "node:fs";
+import { promisify } from "node:util";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -16,8 +18,25 @@ const dirs: string[] = [];
 // a `before()` hook, would run as soon as that hook ends.
 after(async () => {
   await Promise.all(vms.splice(0).map((vm) => vm.dispose()));
-  await Promise.all(dirs.splice(0).map((dir) => rm(dir, { recursive: true, force: true })));
+  await Promise.all(dirs.splice(0).map(async (dir) => {
+    await unmountUnder(dir);
+    await rm(dir, { recursive: true, force: true });
+  }));
 });
+
+/**
+ * A VM's disk is a mount while a Vm holds it (src/sandbox/vm-disk.ts), and a
+ * server a test file closes in its own after() still holds its VMs when this
+ * file's hook runs: detach them so the directory can go.
+ */
+async function unmountUnder(dir: string): Promise<void> {
+  const points = readFileSync("/proc/self/mountinfo", "utf8")
+    .split("\n")
+    .map((line) => line.split(" ")[4] ?? "")
+    .filter((point) => point.startsWith(`${dir}/`))
+    .sort((a, b) => b.length - a.length);
+  for (const point of points) await promisify(execFile)("umount", ["-l", point]).catch(() => {});
+}
 
 /** A fresh data directory for this test file, removed when the file's tests end. */
 export async function tempDataDir(prefix = "agentvm-test-"): Promise<string> {
