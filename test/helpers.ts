@@ -4,7 +4,7 @@
  */
 import { after } from "node:test";
 import { execFile } from "node:child_process";
-import { readdirSync, readFileSync, statSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { promisify } from "node:util";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -193,13 +193,13 @@ export function processTree(matches: (cmdline: string, pid: number) => boolean, 
 /**
  * Host pids of the bubblewrap processes that run VM sandboxes (their command
  * line holds no host path: bubblewrap reads its arguments from a pipe). With
- * `vmRoot`, only that VM's: its sandbox's `/` is the VM's disk (the same
- * device as the VM's root on the host) or, where VMs have no disk image, a
- * bind of the VM's directory.
+ * `vmRoot` (a VM's root, or a directory of VMs), only those: a sandbox's `/`
+ * is its VM's disk (the device mounted at the VM's root on the host) or, where
+ * VMs have no disk image, a bind of the VM's directory.
  */
 export function sandboxRoots(vmRoot?: string): number[] {
   const roots: number[] = [];
-  const disk = vmRoot === undefined ? undefined : deviceOf(vmRoot);
+  const disks = vmRoot === undefined ? new Set<string>() : disksUnder(vmRoot);
   for (const entry of readdirSync("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
     try {
@@ -210,7 +210,7 @@ export function sandboxRoots(vmRoot?: string): number[] {
       if (children.length === 0) continue;
       // mountinfo's fourth field is the mounted directory: the VM's root, or a directory below it.
       const mounts = readFileSync(`/proc/${children[0]}/mountinfo`, "utf8").split("\n").map((line) => line.split(" "));
-      if (vmRoot !== undefined && !mounts.some((fields) => fields[3]?.startsWith(vmRoot) || (disk !== undefined && fields[4] === "/" && fields[3] === "/" && fields[2] === disk))) continue;
+      if (vmRoot !== undefined && !mounts.some((fields) => fields[3]?.startsWith(vmRoot) || (fields[4] === "/" && fields[3] === "/" && disks.has(fields[2]!)))) continue;
       roots.push(Number(entry));
     } catch {
       // exited while we looked
@@ -219,14 +219,14 @@ export function sandboxRoots(vmRoot?: string): number[] {
   return roots;
 }
 
-/** "major:minor" of the filesystem a host directory is on, as mountinfo writes it; undefined when it is gone. */
-function deviceOf(path: string): string | undefined {
-  try {
-    const dev = statSync(path).dev;
-    return `${Math.floor(dev / 256) & 0xfff}:${(dev & 0xff) | ((Math.floor(dev / 4096) & ~0xff) >>> 0)}`;
-  } catch {
-    return undefined;
+/** "major:minor" of the VM disks mounted at `path` or below it (mountinfo's third field), as the host sees them. */
+function disksUnder(path: string): Set<string> {
+  const disks = new Set<string>();
+  for (const fields of readFileSync("/proc/self/mountinfo", "utf8").split("\n").map((line) => line.split(" "))) {
+    const point = fields[4] ?? "";
+    if (fields[3] === "/" && (point === path || point.startsWith(`${path}/`))) disks.add(fields[2]!);
   }
+  return disks;
 }
 
 /** Host pids of every process of the VM sandboxes under `ancestor` (or of one VM's, with `vmRoot`). */
