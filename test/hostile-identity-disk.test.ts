@@ -8,7 +8,7 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { stat, statfs } from "node:fs/promises";
+import { lstat, mkdir, readdir, stat, statfs, symlink, writeFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -110,6 +110,25 @@ describe("disk bytes and inodes per VM", { skip: !asRoot && "without root the di
     assert.match(result.stderr, /No space left on device/);
     const usage = await vm.usage();
     assert.ok(usage.disk.inodes >= made, `inodes ${usage.disk.inodes}`);
+  });
+});
+
+describe("a VM directory from before ids and disks", { skip: !asRoot && "ids and disks need root" }, () => {
+  it("is copied into its new disk once and handed to the VM's id; its files keep working", async () => {
+    const dataDir = await tempDataDir();
+    const root = join(dataDir, "vms", "legacy", "root");
+    await mkdir(join(root, "home/agentos/project"), { recursive: true });
+    await writeFile(join(root, "home/agentos/project/old.txt"), "from before\n");
+    await symlink("project/old.txt", join(root, "home/agentos/link"));
+    const vm = await testVm(dataDir, { name: "legacy" });
+    assert.equal(new TextDecoder().decode(await vm.readFile("/home/agentos/link")), "from before\n");
+    const owner = (await stat(join(root, "home/agentos/project/old.txt"))).uid;
+    assert.notEqual(owner, 0);
+    assert.equal((await lstat(join(root, "home/agentos/link"))).uid, owner);
+    assert.equal((await vm.usage()).disk.capped, true);
+    assert.deepEqual((await readdir(join(dataDir, "vms", "legacy"))).sort(), ["disk.ext4", "etc", "root"]);
+    const edited = await vm.exec("/bin/sh", ["-c", "echo more >> /home/agentos/project/old.txt && cat /home/agentos/project/old.txt"]);
+    assert.equal(edited.stdout, "from before\nmore\n");
   });
 });
 
