@@ -302,7 +302,17 @@ export class Vm extends EventEmitter<VmEvents> {
         });
         this.#cgroup = cgroup;
         started.then(
-          (sandbox) => void sandbox.ended.then(() => cgroup?.remove()),
+          (sandbox) => {
+            // Where the server, not the kernel, holds the disk caps: guests past them are stopped.
+            const unwatch = this.#disk.watch((used) => {
+              console.warn(`agentvm: VM ${init.name}: its files take ${used.bytes} bytes in ${used.inodes} inodes, past limits.diskBytes or limits.diskInodes; its processes were stopped`);
+              void sandbox.stop().then(() => this.#processes.sandboxEnded());
+            });
+            void sandbox.ended.then(() => {
+              unwatch();
+              return cgroup?.remove();
+            });
+          },
           () => void cgroup?.remove(),
         );
         return started;
@@ -318,6 +328,7 @@ export class Vm extends EventEmitter<VmEvents> {
   // and bad arguments included, is a rejection rather than a synchronous throw.
   async writeFile(path: string, content: string | Uint8Array): Promise<void> {
     this.#alive();
+    await this.#disk.refuseIfFull(`writeFile ${path}`);
     return this.#fs.writeFile(path, toBytes("content", content));
   }
   async readFile(path: string): Promise<Uint8Array> {
@@ -326,6 +337,7 @@ export class Vm extends EventEmitter<VmEvents> {
   }
   async mkdir(path: string, options?: { recursive?: boolean }): Promise<void> {
     this.#alive();
+    await this.#disk.refuseIfFull(`mkdir ${path}`);
     return this.#fs.mkdir(path, options);
   }
   async readdir(path: string): Promise<string[]> {
@@ -356,6 +368,7 @@ export class Vm extends EventEmitter<VmEvents> {
   // Processes.
   async spawn(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<{ pid: number }> {
     this.#alive();
+    await this.#disk.refuseIfFull(`spawn ${command}`);
     return this.#processes.spawn(command, args, options);
   }
   /** Runs a program to completion and returns its exit code and output. */
@@ -388,6 +401,7 @@ export class Vm extends EventEmitter<VmEvents> {
       output.bytes += Math.min(room, event.data.byteLength);
       if (event.data.byteLength > room) stop("EXEC_OUTPUT_LIMIT");
     };
+    await this.#disk.refuseIfFull(`exec ${command}`);
     this.on("processOutput", collect);
     let timer: NodeJS.Timeout | undefined;
     try {

@@ -10,16 +10,21 @@
  * what the guest keeps. A second benefit: the VM's `/` is the root of its own
  * filesystem, so /proc/self/mountinfo in the VM names no host directory.
  *
- * Elsewhere (no root, no mkfs.ext4, no loop devices) the VM's `root/` is a
- * plain directory without caps; the server says so once, and usage() measures
- * the directory instead (docs/security.md).
+ * Elsewhere (no root, no mkfs.ext4, no loop devices, or AGENTVM_DISK_IMAGES=0)
+ * the VM's `root/` is a plain directory and the caps are the server's: it
+ * measures the directory (with `du`, off its event loop), refuses writeFile,
+ * mkdir and spawn with VM_DISK_FULL once the VM is at a cap, and stops the
+ * VM's processes when a measurement finds them past it (every 10 seconds while
+ * they run). A guest can overshoot by what it writes between two
+ * measurements; the server says so once (docs/security.md).
  *
  * Sizes are fixed when the image is made: changing the limits later affects
  * new VMs (documented). The mount lives while a Vm object holds it and is
  * detached (lazily) when the last holder lets go.
  */
 import { execFile } from "node:child_process";
-import { lstat, mkdir, readdir, rename, rm, stat, statfs, truncate, writeFile } from "node:fs/promises";
+import { mkdir, readdir, rename, rm, stat, statfs, truncate, writeFile } from "node:fs/promises";
+import { AgentVmError } from "../errors.ts";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { runsAsRoot } from "./guest-identity.ts";
@@ -47,12 +52,21 @@ export interface DiskUsage {
 const holders = new Map<string, number>();
 let warned = false;
 
+/** How often a VM on a plain directory is measured while its processes run. */
+const WATCH_INTERVAL_MS = 10_000;
+/** How old a measurement may be when the server checks a write against the caps. */
+const MEASURE_MAX_AGE_MS = 2_000;
+
 export class VmDisk {
   readonly #root: string;
+  readonly #limits: DiskLimits;
+  /** Whether the kernel enforces the caps (a mounted image); otherwise the server does. */
   readonly capped: boolean;
+  #measured: { at: number; usage: Promise<{ bytes: number; inodes: number }> } | undefined;
 
-  private constructor(root: string, capped: boolean) {
+  private constructor(root: string, limits: DiskLimits, capped: boolean) {
     this.#root = root;
+    this.#limits = limits;
     this.capped = capped;
   }
 
@@ -67,11 +81,12 @@ export class VmDisk {
   }
 
   static async #attach(vmDir: string, root: string, limits: DiskLimits): Promise<VmDisk> {
-    if (!runsAsRoot()) return uncapped(root, "the server does not run as root, so it cannot mount a per-VM disk image");
+    if (process.env.AGENTVM_DISK_IMAGES === "0") return uncapped(root, limits, "AGENTVM_DISK_IMAGES=0");
+    if (!runsAsRoot()) return uncapped(root, limits, "the server does not run as root, so it cannot mount a per-VM disk image");
     const count = holders.get(root) ?? 0;
     if (count > 0 || (await isMountPoint(root))) {
       holders.set(root, count + 1);
-      return new VmDisk(root, true);
+      return new VmDisk(root, limits, true);
     }
     const image = join(vmDir, IMAGE);
     try {
@@ -83,25 +98,63 @@ export class VmDisk {
       holders.set(root, 1);
       if (earlier) await copyInto(earlier, root, image, vmDir);
       if (fresh) await rm(join(root, "lost+found"), { recursive: true, force: true });
-      return new VmDisk(root, true);
+      return new VmDisk(root, limits, true);
     } catch (error) {
       await rm(`${join(vmDir, IMAGE)}.partial`, { force: true });
-      return uncapped(root, `making or mounting its disk image failed (${(error as Error).message.split("\n")[0]}); is e2fsprogs installed and are loop devices available?`);
+      return uncapped(root, limits, `making or mounting its disk image failed (${(error as Error).message.split("\n")[0]}); is e2fsprogs installed and are loop devices available?`);
     }
   }
 
-  /** A plain directory: usage measured, nothing capped. */
-  static uncapped(root: string): VmDisk {
-    return new VmDisk(root, false);
+  /** A plain directory: the server measures it and holds the caps. */
+  static uncapped(root: string, limits: DiskLimits): VmDisk {
+    return new VmDisk(root, limits, false);
   }
 
-  /** Bytes and inodes the VM's files take. */
-  async usage(): Promise<DiskUsage> {
+  /** Bytes and inodes the VM's files take (a measurement at most `maxAgeMs` old where the kernel does not count them). */
+  async usage(maxAgeMs = MEASURE_MAX_AGE_MS): Promise<DiskUsage> {
     if (this.capped) {
       const fs = await statfs(this.#root);
       return { bytes: (fs.blocks - fs.bfree) * fs.bsize, inodes: fs.files - fs.ffree, capped: true };
     }
-    return { ...(await measure(this.#root)), capped: false };
+    if (!this.#measured || Date.now() - this.#measured.at > maxAgeMs) {
+      const usage = measure(this.#root);
+      this.#measured = { at: Date.now(), usage };
+      usage.catch(() => (this.#measured = undefined));
+    }
+    return { ...(await this.#measured.usage), capped: false };
+  }
+
+  /** Where the server holds the caps: refuses `op` with VM_DISK_FULL once the VM is at one. */
+  async refuseIfFull(op: string): Promise<void> {
+    if (this.capped) return;
+    const used = await this.usage();
+    if (used.bytes >= this.#limits.bytes || used.inodes >= this.#limits.inodes) {
+      throw new AgentVmError(
+        "VM_DISK_FULL",
+        `${op}: the VM's files take ${used.bytes} bytes in ${used.inodes} inodes, at its limits (diskBytes ${this.#limits.bytes}, diskInodes ${this.#limits.inodes}); delete files in the VM, or give it larger limits`,
+      );
+    }
+  }
+
+  /**
+   * Where the server holds the caps: measures every 10 seconds and calls
+   * `onFull` when the VM is past one. Returns the function that stops watching.
+   */
+  watch(onFull: (usage: DiskUsage) => void): () => void {
+    if (this.capped) return () => {};
+    let busy = false;
+    const timer = setInterval(() => {
+      if (busy) return;
+      busy = true;
+      this.usage(0)
+        .then((used) => {
+          if (used.bytes > this.#limits.bytes || used.inodes > this.#limits.inodes) onFull(used);
+        })
+        .catch(() => {})
+        .finally(() => (busy = false));
+    }, WATCH_INTERVAL_MS);
+    timer.unref();
+    return () => clearInterval(timer);
   }
 
   /** Lets go of the mount; the last holder detaches it (lazily: a file the server still has open does not block it). */
@@ -117,11 +170,11 @@ export class VmDisk {
   }
 }
 
-async function uncapped(root: string, why: string): Promise<VmDisk> {
+async function uncapped(root: string, limits: DiskLimits, why: string): Promise<VmDisk> {
   await mkdir(root, { recursive: true });
-  if (!warned) console.warn(`agentvm: VMs run without disk byte and inode caps: ${why} (see docs/security.md)`);
+  if (!warned) console.warn(`agentvm: VM disks are plain directories whose caps the server measures and holds (a guest may overshoot between measurements): ${why} (see docs/security.md)`);
   warned = true;
-  return VmDisk.uncapped(root);
+  return VmDisk.uncapped(root, limits);
 }
 
 async function makeImage(image: string, limits: DiskLimits): Promise<void> {
@@ -162,22 +215,9 @@ async function copyInto(from: string, root: string, image: string, vmDir: string
   }
 }
 
-/** Bytes (allocated blocks) and inodes under a directory, without following links; bounded by what is there. */
+/** Bytes (allocated blocks) and inodes under a directory, links not followed, measured by `du` in processes of its own. */
 async function measure(root: string): Promise<{ bytes: number; inodes: number }> {
-  let bytes = 0;
-  let inodes = 0;
-  const pending = [root];
-  while (pending.length > 0) {
-    const dir = pending.pop()!;
-    const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
-    for (const entry of entries) {
-      const path = join(dir, entry.name);
-      const found = await lstat(path).catch(() => undefined);
-      if (!found) continue;
-      inodes++;
-      bytes += found.blocks * 512;
-      if (entry.isDirectory()) pending.push(path);
-    }
-  }
+  const total = async (flags: string[]) => Number((await run("du", ["-s", "-x", ...flags, "--", root], { timeout: 120_000, maxBuffer: 1 << 20 }).catch((error: { stdout?: string }) => ({ stdout: error.stdout ?? "" }))).stdout.split("\t")[0]) || 0;
+  const [bytes, inodes] = await Promise.all([total(["-B1"]), total(["--inodes"])]);
   return { bytes, inodes };
 }
