@@ -50,6 +50,8 @@ export const AGENTVM_CODES = [
   "IMAGE_BUILD_FAILED",
   /** A per-VM resource cap (processes, sockets, buffered bytes) was reached. */
   "LIMIT_EXCEEDED",
+  /** The VM's disk is full: limits.diskBytes or limits.diskInodes reached. */
+  "VM_DISK_FULL",
   /** A guest broke the kernel protocol; its stream or process was ended. */
   "PROTOCOL_VIOLATION",
   /** A guest process could not be started. */
@@ -94,8 +96,6 @@ export const AGENTVM_CODES = [
   "SERVER_CLOSING",
   /** The client could not reach the server. */
   "SERVER_UNREACHABLE",
-  /** A write found the VM's disk full (ENOSPC, or its disk cap); nothing was left half-written. */
-  "VM_DISK_FULL",
   /** A download's Range header names no bytes of the file. */
   "RANGE_NOT_SATISFIABLE",
   /** Something that should not happen; the message says what. */

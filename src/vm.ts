@@ -5,7 +5,9 @@
  */
 import { createHash } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { mkdir, writeFile } from "node:fs/promises";
+import { chmod, mkdir, stat, writeFile } from "node:fs/promises";
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
 import { createServer as createHttpServer, type ClientRequest, type OutgoingHttpHeaders } from "node:http";
 import { isIP, type Socket } from "node:net";
 import { basename, join, resolve } from "node:path";
@@ -25,12 +27,15 @@ import { PreviewStore } from "./store/preview-store.ts";
 import { SqliteStore } from "./store/sqlite-store.ts";
 import { VmFetcher, type VmFetchInit, type VmFetchResponse, type VmFetchStreamResponse } from "./net/vm-fetch.ts";
 import { PreviewGateway } from "./net/gateway.ts";
-import { findBubblewrap, GUEST_HOME, INIT_DIR } from "./sandbox/bubblewrap.ts";
+import { findBubblewrap, GUEST_HOME, INIT_DIR, initFiles } from "./sandbox/bubblewrap.ts";
 import { EgressBroker } from "./sandbox/egress-broker.ts";
 import { EGRESS_PORTS } from "./init/protocol.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./sandbox/process-table.ts";
 import { VmSandbox } from "./sandbox/vm-sandbox.ts";
 import { VmCgroup } from "./sandbox/cgroup.ts";
+import { VmDisk } from "./sandbox/vm-disk.ts";
+import { release, stage } from "./sandbox/staging.ts";
+import { guestIdentity, type GuestIdentity } from "./sandbox/guest-identity.ts";
 import { describe, expectInteger, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
 
 export interface VmLimits {
@@ -48,6 +53,10 @@ export interface VmLimits {
   cpuShares?: number;
   /** Recent output each process keeps for getProcessLogs and late subscribers, in bytes (default 262144). */
   logBytes?: number;
+  /** Bytes the VM's files may take on disk (default 10 GiB; fixed when the VM's disk is first made). */
+  diskBytes?: number;
+  /** Files, directories and links the VM may hold (default 1000000; fixed when the VM's disk is first made). */
+  diskInodes?: number;
 }
 
 /** What a VM uses now; `caps` is false where the host gives no per-VM control groups (then only processes is known). */
@@ -60,6 +69,8 @@ export interface VmUsage {
   tasks?: number;
   /** Processes started through the API running now. */
   processes: number;
+  /** What the VM's files take: bytes and inodes, and whether the kernel caps them (limits.diskBytes, limits.diskInodes) or they are only measured. */
+  disk: { bytes: number; inodes: number; capped: boolean };
 }
 
 export interface PermissionsConfig {
@@ -150,7 +161,7 @@ const MAX_NAME = 256;
 const RECENT_DENIALS = 100;
 const EXEC_TIMEOUT_MS = 600_000;
 const EXEC_MAX_OUTPUT = 64 * 1024 * 1024;
-const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096, totalMemoryMb: 2048, maxTasks: 2048, cpuShares: 1024, logBytes: 256 * 1024 };
+const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096, totalMemoryMb: 2048, maxTasks: 2048, cpuShares: 1024, logBytes: 256 * 1024, diskBytes: 10 * 1024 ** 3, diskInodes: 1_000_000 };
 /**
  * RLIMIT_DATA above the heap cap, per process. Node 26 needs a fixed ~565 MiB
  * of it to boot whatever the heap cap (~590 MiB once WebAssembly loads), and
@@ -217,6 +228,9 @@ export class Vm extends EventEmitter<VmEvents> {
   #previewOrigin: string | undefined;
   /** The running (or last) sandbox's control groups, for usage(). */
   #cgroup: VmCgroup | undefined;
+  readonly #disk: VmDisk;
+  /** The VM's root as staged for its sandbox, once staged (released on dispose). */
+  #stagedRoot: Promise<string> | undefined;
   /** Connections handed out of the VM that are still open (vmFetch, previews). */
   #openConnections = 0;
   readonly #watches = new Set<WatchStream>();
@@ -235,6 +249,8 @@ export class Vm extends EventEmitter<VmEvents> {
     bwrap: string;
     image: VmImage;
     services: VmHostServices;
+    disk: VmDisk;
+    identity: GuestIdentity | undefined;
   }) {
     super();
     // Each exec() in flight listens for output: concurrent execs are normal, not a leak.
@@ -246,7 +262,8 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#previews = init.services.previews;
     this.#servedByRegistry = init.services.previews !== undefined;
     this.listenPolicy = init.listen;
-    this.#fs = new VmFilesystem(this.root, { readOnly: READ_ONLY, mounts: imageMounts(init.image, init.vmDir) });
+    this.#disk = init.disk;
+    this.#fs = new VmFilesystem(this.root, { readOnly: READ_ONLY, mounts: imageMounts(init.image, init.vmDir), ...(init.identity ? { owner: init.identity } : {}) });
     this.#egress = new EgressBroker(
       new Egress({ vmName: init.name, policy: init.network, hosts: init.hosts, onDenied: (denial) => this.#recordDenial(denial) }),
     );
@@ -279,12 +296,13 @@ export class Vm extends EventEmitter<VmEvents> {
         const started = VmSandbox.start({
           bwrap: init.bwrap,
           layout: {
-            image: init.image,
-            vmRoot: root,
+            ...(await this.#stagedPaths(init.image, init.identity)),
             etc: { hosts: join(init.vmDir, "etc/hosts"), resolvConf: join(init.vmDir, "etc/resolv.conf") },
             guestConfig: await writeGuestConfig(init.vmDir, init.listen, init.network),
             initDir: INIT_CODE,
+            initFiles: await initFiles(INIT_CODE),
           },
+          identity: init.identity,
           env: { PATH: init.image.path, HOME: GUEST_HOME, TZ: "UTC" },
           init: { portRange: autoRange(init.listen), allowPrivileged: init.listen.allowPrivileged },
           rlimits: { dataBytes: (init.limits.memoryMb + DATA_HEADROOM_MB) * 1024 * 1024, openFiles: init.limits.openFiles },
@@ -302,7 +320,17 @@ export class Vm extends EventEmitter<VmEvents> {
         });
         this.#cgroup = cgroup;
         started.then(
-          (sandbox) => void sandbox.ended.then(() => cgroup?.remove()),
+          (sandbox) => {
+            // Where the server, not the kernel, holds the disk caps: guests past them are stopped.
+            const unwatch = this.#disk.watch((used) => {
+              console.warn(`agentvm: VM ${init.name}: its files take ${used.bytes} bytes in ${used.inodes} inodes, past limits.diskBytes or limits.diskInodes; its processes were stopped`);
+              void sandbox.stop().then(() => this.#processes.sandboxEnded());
+            });
+            void sandbox.ended.then(() => {
+              unwatch();
+              return cgroup?.remove();
+            });
+          },
           () => void cgroup?.remove(),
         );
         return started;
@@ -319,6 +347,7 @@ export class Vm extends EventEmitter<VmEvents> {
   /** Writes a whole file; `mode` sets its permission bits (default 0644), `append` adds to what it holds. */
   async writeFile(path: string, content: string | Uint8Array, options?: WriteOptions): Promise<void> {
     this.#alive();
+    await this.#disk.refuseIfFull(`writeFile ${path}`);
     return this.#fs.writeFile(path, toBytes("content", content), writeOptions(options));
   }
   /**
@@ -348,6 +377,7 @@ export class Vm extends EventEmitter<VmEvents> {
    */
   async openWriteStream(path: string, options?: WriteOptions): Promise<Writable> {
     this.#alive();
+    await this.#disk.refuseIfFull(`openWriteStream ${path}`);
     const writer = await this.#fs.openWrite(path, writeOptions(options));
     return new Writable({
       highWaterMark: 256 * 1024,
@@ -373,6 +403,7 @@ export class Vm extends EventEmitter<VmEvents> {
     if (archive === null || typeof archive !== "object" || typeof (archive as AsyncIterable<Uint8Array>)[Symbol.asyncIterator] !== "function") {
       throw invalidArgument(`writeTar: archive must be a stream of bytes (a Readable or an async iterable), got ${describe(archive)}`);
     }
+    await this.#disk.refuseIfFull(`writeTar ${dir}`);
     return extractInto(this.#fs, dir, archive);
   }
   /**
@@ -403,6 +434,7 @@ export class Vm extends EventEmitter<VmEvents> {
   }
   async mkdir(path: string, options?: { recursive?: boolean }): Promise<void> {
     this.#alive();
+    await this.#disk.refuseIfFull(`mkdir ${path}`);
     return this.#fs.mkdir(path, options);
   }
   async readdir(path: string): Promise<string[]> {
@@ -433,6 +465,7 @@ export class Vm extends EventEmitter<VmEvents> {
   // Processes.
   async spawn(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<{ pid: number }> {
     this.#alive();
+    await this.#disk.refuseIfFull(`spawn ${command}`);
     return this.#processes.spawn(command, args, options);
   }
   /** Runs a program to completion and returns its exit code and output. */
@@ -465,6 +498,7 @@ export class Vm extends EventEmitter<VmEvents> {
       output.bytes += Math.min(room, event.data.byteLength);
       if (event.data.byteLength > room) stop("EXEC_OUTPUT_LIMIT");
     };
+    await this.#disk.refuseIfFull(`exec ${command}`);
     this.on("processOutput", collect);
     let timer: NodeJS.Timeout | undefined;
     try {
@@ -500,12 +534,13 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#alive();
     const processes = this.#processes.running;
     const sandbox = await this.#processes.sandbox?.catch(() => undefined);
+    const disk = await this.#disk.usage();
     if (!sandbox?.running || !this.#cgroup) {
       const caps = await VmCgroup.available();
-      return caps ? { caps, memoryBytes: 0, memoryPeakBytes: 0, oomKills: 0, tasks: 0, processes } : { caps, processes };
+      return caps ? { caps, memoryBytes: 0, memoryPeakBytes: 0, oomKills: 0, tasks: 0, processes, disk } : { caps, processes, disk };
     }
     const used = await this.#cgroup.usage();
-    return { caps: true, memoryBytes: used.memoryBytes, memoryPeakBytes: used.memoryPeakBytes, oomKills: used.oomKills, tasks: used.tasks, processes };
+    return { caps: true, memoryBytes: used.memoryBytes, memoryPeakBytes: used.memoryPeakBytes, oomKills: used.oomKills, tasks: used.tasks, processes, disk };
   }
   /**
    * A process's recent output (the last limits.logBytes of it), after position
@@ -652,9 +687,27 @@ export class Vm extends EventEmitter<VmEvents> {
     for (const watch of [...this.#watches]) watch.end(new AgentVmError("VM_DISPOSED", `the watch on ${watch.path} ended: VM ${this.name} was disposed (or went to sleep)`));
     this.#fetcher.close();
     await this.#processes.dispose();
+    if (this.#stagedRoot) await release(this.root);
+    await this.#disk.release();
     await Promise.all([...this.#previewServers].map((close) => close()));
     this.#ownStore?.close();
     this.removeAllListeners();
+  }
+
+  /**
+   * The VM's root and image directories as bubblewrap, running as the VM's
+   * unprivileged host id, can reach them (staging.ts); as they are where the
+   * guests are the server's own user.
+   */
+  async #stagedPaths(image: VmImage, identity: GuestIdentity | undefined): Promise<{ vmRoot: string; image: VmImage }> {
+    if (!identity) return { vmRoot: this.root, image };
+    this.#stagedRoot ??= stage(this.root, false);
+    const [vmRoot, imageRoot, layers] = await Promise.all([
+      this.#stagedRoot,
+      stage(image.root, true),
+      Promise.all(image.layers.map(async (layer) => ({ ...layer, dir: await stage(layer.dir, true) }))),
+    ]);
+    return { vmRoot, image: { ...image, root: imageRoot, layers } };
   }
 
   #previewTokens(): PreviewTokens {
@@ -727,8 +780,8 @@ export async function createVm(options: CreateVmOptions, services: VmHostService
 
   const [bwrap, image] = await Promise.all([findBubblewrap(), ensureImage({ software, ...(nodeOverride !== undefined ? { node: nodeOverride } : {}) })]);
   const vmDir = join(dataDir, "vms", vmDirectoryName(name));
-  await prepareVmDirectory(vmDir);
-  return new Vm({ name, vmDir, dataDir, listen, network, hosts, limits, preview, bwrap, image, services });
+  const { disk, identity } = await prepareVmDirectory(bwrap, dataDir, vmDir, limits);
+  return new Vm({ name, vmDir, dataDir, listen, network, hosts, limits, preview, bwrap, image, services, disk, identity });
 }
 
 /** The VM's directory under `<dataDir>/vms`: the name itself when it is a safe file name, else a hash of it. */
@@ -752,7 +805,7 @@ export function parseLimits(value: unknown): Required<VmLimits> {
   const limits = expectObject("limits", value);
   expectKnownKeys("limits", limits, Object.keys(DEFAULT_LIMITS));
   const out = { ...DEFAULT_LIMITS };
-  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, memoryMb: 32, openFiles: 64, totalMemoryMb: 64, maxTasks: 16, cpuShares: 2, logBytes: 0 };
+  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, memoryMb: 32, openFiles: 64, totalMemoryMb: 64, maxTasks: 16, cpuShares: 2, logBytes: 0, diskBytes: 16 * 1024 * 1024, diskInodes: 1024 };
   for (const key of Object.keys(DEFAULT_LIMITS) as (keyof VmLimits)[]) {
     const raw = limits[key];
     if (raw === undefined) continue;
@@ -773,13 +826,35 @@ async function writeGuestConfig(vmDir: string, listen: ListenPolicy, network: Ne
 
 /**
  * The VM's directory: `root/` holds what programs may write (`/home`, `/tmp`,
- * `/var`, and top-level directories the files API made), `etc/` the files the
- * sandbox binds read-only over the image's placeholders.
+ * `/var`, and top-level directories the files API made) — the VM's disk, capped
+ * where the host allows (vm-disk.ts) — and `etc/` the files the sandbox copies
+ * over the image's placeholders. The data directory's `vms/` and each VM's
+ * directory are 0700, root/ and everything in it belong to the VM's guests'
+ * host id (guest-identity.ts); a directory from before that is handed over once.
  */
-async function prepareVmDirectory(vmDir: string): Promise<void> {
-  for (const dir of ["root/home/agentos", "root/tmp", "root/var/tmp", "etc"]) await mkdir(join(vmDir, dir), { recursive: true });
-  await writeFile(join(vmDir, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
-  // init's resolver on the VM's loopback answers every name by the network policy.
-  await writeFile(join(vmDir, "etc/resolv.conf"), "nameserver 127.0.0.1\noptions ndots:0\n");
+async function prepareVmDirectory(bwrap: string, dataDir: string, vmDir: string, limits: Required<VmLimits>): Promise<{ disk: VmDisk; identity: GuestIdentity | undefined }> {
+  await mkdir(join(vmDir, "etc"), { recursive: true });
+  await chmod(join(dataDir, "vms"), 0o700);
+  await chmod(vmDir, 0o700);
+  const disk = await VmDisk.attach(vmDir, { bytes: limits.diskBytes, inodes: limits.diskInodes });
+  try {
+    const root = join(vmDir, "root");
+    const identity = await guestIdentity(bwrap, dataDir, root);
+    if (identity && (await stat(root)).uid !== identity.uid) {
+      // Not the guests' yet (new, or from before ids): all of it becomes theirs. -R -P: links are changed themselves, never followed.
+      await promisify(execFile)("chown", ["-R", "-P", `${identity.uid}:${identity.gid}`, "--", root], { timeout: 600_000 });
+    }
+    // The guests' `/`: nobody else on the host walks into it.
+    await chmod(root, 0o700);
+    // Through the VM's own resolution: a guest's symlink at /home or /tmp leads into the VM, never to a host path.
+    const files = new VmFilesystem(root, { readOnly: [], ...(identity ? { owner: identity } : {}) });
+    for (const dir of [GUEST_HOME, "/tmp", "/var/tmp"]) await files.mkdir(dir, { recursive: true });
+    await writeFile(join(vmDir, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
+    // init's resolver on the VM's loopback answers every name by the network policy.
+    await writeFile(join(vmDir, "etc/resolv.conf"), "nameserver 127.0.0.1\noptions ndots:0\n");
+    return { disk, identity };
+  } catch (error) {
+    await disk.release();
+    throw error;
+  }
 }
-

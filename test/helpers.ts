@@ -3,7 +3,9 @@
  * Keep this file small and stable; several test files import it.
  */
 import { after } from "node:test";
+import { execFile } from "node:child_process";
 import { readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { promisify } from "node:util";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -16,8 +18,25 @@ const dirs: string[] = [];
 // a `before()` hook, would run as soon as that hook ends.
 after(async () => {
   await Promise.all(vms.splice(0).map((vm) => vm.dispose()));
-  await Promise.all(dirs.splice(0).map((dir) => rm(dir, { recursive: true, force: true })));
+  await Promise.all(dirs.splice(0).map(async (dir) => {
+    await unmountUnder(dir);
+    await rm(dir, { recursive: true, force: true });
+  }));
 });
+
+/**
+ * A VM's disk is a mount while a Vm holds it (src/sandbox/vm-disk.ts), and a
+ * server a test file closes in its own after() still holds its VMs when this
+ * file's hook runs: detach them so the directory can go.
+ */
+async function unmountUnder(dir: string): Promise<void> {
+  const points = readFileSync("/proc/self/mountinfo", "utf8")
+    .split("\n")
+    .map((line) => line.split(" ")[4] ?? "")
+    .filter((point) => point.startsWith(`${dir}/`))
+    .sort((a, b) => b.length - a.length);
+  for (const point of points) await promisify(execFile)("umount", ["-l", point]).catch(() => {});
+}
 
 /** A fresh data directory for this test file, removed when the file's tests end. */
 export async function tempDataDir(prefix = "agentvm-test-"): Promise<string> {
@@ -174,10 +193,13 @@ export function processTree(matches: (cmdline: string, pid: number) => boolean, 
 /**
  * Host pids of the bubblewrap processes that run VM sandboxes (their command
  * line holds no host path: bubblewrap reads its arguments from a pipe). With
- * `vmRoot`, only that VM's: its sandbox's mounts name the VM's directory.
+ * `vmRoot` (a VM's root, or a directory of VMs), only those: a sandbox's `/`
+ * is its VM's disk (the device mounted at the VM's root on the host) or, where
+ * VMs have no disk image, a bind of the VM's directory.
  */
 export function sandboxRoots(vmRoot?: string): number[] {
   const roots: number[] = [];
+  const disks = vmRoot === undefined ? new Set<string>() : disksUnder(vmRoot);
   for (const entry of readdirSync("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
     try {
@@ -187,13 +209,24 @@ export function sandboxRoots(vmRoot?: string): number[] {
       // The outer bubblewrap stays in the host's namespaces; its child is the sandbox.
       if (children.length === 0) continue;
       // mountinfo's fourth field is the mounted directory: the VM's root, or a directory below it.
-      if (vmRoot !== undefined && !readFileSync(`/proc/${children[0]}/mountinfo`, "utf8").split("\n").some((line) => line.split(" ")[3]?.startsWith(vmRoot))) continue;
+      const mounts = readFileSync(`/proc/${children[0]}/mountinfo`, "utf8").split("\n").map((line) => line.split(" "));
+      if (vmRoot !== undefined && !mounts.some((fields) => fields[3]?.startsWith(vmRoot) || (fields[4] === "/" && fields[3] === "/" && disks.has(fields[2]!)))) continue;
       roots.push(Number(entry));
     } catch {
       // exited while we looked
     }
   }
   return roots;
+}
+
+/** "major:minor" of the VM disks mounted at `path` or below it (mountinfo's third field), as the host sees them. */
+function disksUnder(path: string): Set<string> {
+  const disks = new Set<string>();
+  for (const fields of readFileSync("/proc/self/mountinfo", "utf8").split("\n").map((line) => line.split(" "))) {
+    const point = fields[4] ?? "";
+    if (fields[3] === "/" && (point === path || point.startsWith(`${path}/`))) disks.add(fields[2]!);
+  }
+  return disks;
 }
 
 /** Host pids of every process of the VM sandboxes under `ancestor` (or of one VM's, with `vmRoot`). */

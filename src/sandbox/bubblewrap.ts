@@ -7,7 +7,8 @@
  * filesystem is visible but the image and the VM's directory.
  */
 import { execFile } from "node:child_process";
-import { lstat, rename, unlink } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { lstat, readdir, rename, unlink } from "node:fs/promises";
 import { promisify } from "node:util";
 import { AgentVmError } from "../errors.ts";
 
@@ -56,15 +57,31 @@ export interface SandboxLayout {
   image: SandboxImage;
   /** The VM's writable directory on disk, its `/`; see prepareMountPoints. */
   vmRoot: string;
-  /** Host files bound read-only over the image's placeholders: `/etc/hosts`, `/etc/resolv.conf`. */
+  /** Host files copied read-only over the image's placeholders: `/etc/hosts`, `/etc/resolv.conf`. */
   etc: { hosts: string; resolvConf: string };
   /** The VM's settings for the Node preload, at /run/agentvm-guest.json. */
   guestConfig: string;
-  /** Host directory with init's code. */
+  /** Host directory with init's code, and its files (relative paths) copied to INIT_DIR. */
   initDir: string;
+  initFiles: readonly string[];
 }
 
-export function bubblewrapArgs(layout: SandboxLayout): string[] {
+/**
+ * Files and directories of /proc a guest has no use for and which tell about
+ * the host or attack its kernel, after Docker's masked paths; only those this
+ * kernel has are masked (bubblewrap cannot mount over what /proc lacks).
+ */
+const MASKED_PROC_FILES = ["kcore", "keys", "kallsyms", "kmsg", "timer_list", "timer_stats", "sched_debug", "latency_stats", "sysrq-trigger", "kpagecount", "kpageflags", "kpagecgroup", "config.gz"];
+const MASKED_PROC_DIRS = ["acpi", "asound", "scsi", "bus", "fs", "irq", "driver", "tty", "sysvipc"];
+
+/**
+ * bubblewrap's arguments. Directories are bound from paths the VM's host id
+ * may walk (staging.ts); files (init's code, /etc/hosts, the guest settings)
+ * are handed over as open descriptors (`fd(path)` gives the number in
+ * bubblewrap) and copied into the sandbox rather than bound, so no path of
+ * theirs shows in the VM's /proc/self/mountinfo and none is read by bubblewrap.
+ */
+export function bubblewrapArgs(layout: SandboxLayout, fd: (hostPath: string) => number): string[] {
   const image: string[] = [];
   for (const entry of layout.image.entries) {
     if (!IMAGE_ENTRIES.has(entry.name)) continue;
@@ -72,14 +89,16 @@ export function bubblewrapArgs(layout: SandboxLayout): string[] {
     else image.push("--ro-bind", `${layout.image.root}/${entry.name}`, `/${entry.name}`);
   }
   for (const layer of layout.image.layers) image.push("--ro-bind", layer.dir, layer.mountAt);
+  const initDirs = [...new Set(layout.initFiles.flatMap((file) => ancestors(file)))].sort();
   return [
     "--unshare-all",
     "--unshare-user",
     "--die-with-parent",
     "--new-session",
-    // Root inside the VM's own user namespace, never on the host: the VM's
+    // Root inside the VM's own user namespace, which maps it to the host id
+    // bubblewrap runs as (never host root, see guest-identity.ts): the VM's
     // network namespace belongs to this user namespace, so init's capabilities
-    // there work on hosts without privileges too.
+    // there work without any on the host.
     "--uid",
     "0",
     "--gid",
@@ -93,28 +112,66 @@ export function bubblewrapArgs(layout: SandboxLayout): string[] {
     layout.vmRoot,
     "/",
     ...image,
-    "--ro-bind",
-    layout.etc.hosts,
+    "--ro-bind-data",
+    String(fd(layout.etc.hosts)),
     "/etc/hosts",
-    "--ro-bind",
-    layout.etc.resolvConf,
+    "--ro-bind-data",
+    String(fd(layout.etc.resolvConf)),
     "/etc/resolv.conf",
     "--tmpfs",
     "/run",
-    "--ro-bind",
-    layout.initDir,
+    ...initDirs.flatMap((dir) => ["--dir", `${INIT_DIR}/${dir}`]),
+    "--dir",
     INIT_DIR,
-    "--ro-bind",
-    layout.guestConfig,
+    ...layout.initFiles.flatMap((file) => ["--perms", "0444", "--file", String(fd(`${layout.initDir}/${file}`)), `${INIT_DIR}/${file}`]),
+    "--perms",
+    "0444",
+    "--file",
+    String(fd(layout.guestConfig)),
     "/run/agentvm-guest.json",
+    "--remount-ro",
+    "/run",
     "--proc",
     "/proc",
+    ...maskedProc(),
     "--dev",
     "/dev",
     "--chdir",
     GUEST_HOME,
     "--clearenv",
   ];
+}
+
+const listed = new Map<string, Promise<string[]>>();
+
+/** init's files to copy into the VM (relative paths), listed once per directory; type declarations stay out. */
+export function initFiles(initDir: string): Promise<string[]> {
+  let files = listed.get(initDir);
+  if (!files) {
+    files = readdir(initDir, { recursive: true, withFileTypes: true }).then((entries) =>
+      entries
+        .filter((entry) => entry.isFile() && !entry.name.endsWith(".d.ts") && !entry.name.endsWith(".map"))
+        .map((entry) => `${entry.parentPath}/${entry.name}`.slice(initDir.replace(/\/$/, "").length + 1))
+        .sort(),
+    );
+    files.catch(() => listed.delete(initDir));
+    listed.set(initDir, files);
+  }
+  return files;
+}
+
+function ancestors(file: string): string[] {
+  const parts = file.split("/").slice(0, -1);
+  return parts.map((_, i) => parts.slice(0, i + 1).join("/"));
+}
+
+let masked: string[] | undefined;
+function maskedProc(): string[] {
+  masked ??= [
+    ...MASKED_PROC_FILES.filter((name) => existsSync(`/proc/${name}`)).flatMap((name) => ["--ro-bind", "/dev/null", `/proc/${name}`]),
+    ...MASKED_PROC_DIRS.filter((name) => existsSync(`/proc/${name}`)).flatMap((name) => ["--tmpfs", `/proc/${name}`, "--remount-ro", `/proc/${name}`]),
+  ];
+  return masked;
 }
 
 /**

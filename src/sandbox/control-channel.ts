@@ -18,12 +18,20 @@ type Request = ToInit extends infer M ? (M extends { id: number } ? Omit<M, "id"
 export interface ChannelEvents {
   /** A message that is not a reply (output, exit, egress, resolve, ready), already validated. */
   onEvent(message: Exclude<FromInit, Reply>): void;
-  /** init broke the protocol; the caller ends the sandbox. */
+  /** init broke the protocol ("sent …", "stopped reading …"); the caller ends the sandbox. */
   onViolation(reason: string): void;
 }
 
 /** Requests that may wait at once; more is a server bug or a stuck VM, not normal load. */
 const MAX_PENDING = 4096;
+/**
+ * Bytes sent to init that it has not read yet (Node buffers them in the
+ * server until the pipe takes them). An init that stops reading is cut off
+ * here rather than growing the server's memory.
+ */
+export const MAX_UNREAD_BYTES = 64 * 1024 * 1024;
+/** What a message without bulk data counts for; bulk data (stdin) counts by its length. */
+const MESSAGE_OVERHEAD = 256;
 
 export class ControlChannel {
   readonly #child: ChildProcess;
@@ -31,6 +39,7 @@ export class ControlChannel {
   readonly #pending = new Map<number, { resolve(value: { reply: Reply; handle: Socket | undefined }): void; reject(error: Error): void }>();
   #nextId = 1;
   #closedError: AgentVmError | undefined;
+  #unreadBytes = 0;
 
   constructor(child: ChildProcess, events: ChannelEvents) {
     this.#child = child;
@@ -75,7 +84,16 @@ export class ControlChannel {
 
   #send(message: ToInit, handle?: Socket): void {
     if (!this.#child.connected) return;
+    const bytes = MESSAGE_OVERHEAD + ("data" in message && typeof message.data === "string" ? message.data.length : 0);
+    if (this.#unreadBytes + bytes > MAX_UNREAD_BYTES) {
+      handle?.destroy();
+      this.#events.onViolation(`stopped reading its control channel (${MAX_UNREAD_BYTES} bytes waiting for it)`);
+      return;
+    }
+    this.#unreadBytes += bytes;
+    // The callback runs once the message is written to the pipe: then init's kernel buffer holds it, not the server.
     this.#child.send(message, handle, { keepOpen: false }, (error) => {
+      this.#unreadBytes -= bytes;
       if (error) this.close(new AgentVmError("SANDBOX_EXITED", `the VM's control channel failed: ${error.message}`));
     });
   }
@@ -85,7 +103,7 @@ export class ControlChannel {
     const problem = checkMessage(message);
     if (problem !== undefined) {
       socket?.destroy();
-      this.#events.onViolation(problem);
+      this.#events.onViolation(`sent ${problem}`);
       return;
     }
     const valid = message as FromInit;
@@ -97,7 +115,7 @@ export class ControlChannel {
     const waiter = this.#pending.get(valid.id);
     if (!waiter) {
       socket?.destroy();
-      this.#events.onViolation(`a reply to request ${valid.id}, which is not waiting`);
+      this.#events.onViolation(`sent a reply to request ${valid.id}, which is not waiting`);
       return;
     }
     this.#pending.delete(valid.id);

@@ -1,13 +1,12 @@
 /**
  * Host-side access to one VM's files. The VM's `/` is a real directory on the
  * host, and the guest can put anything in it, symlinks and hard links included,
- * so every path is resolved here the way a chroot would resolve it and never the
- * way the host would.
- *
- * Limits worth knowing: Node has no openat/RESOLVE_IN_ROOT, so a guest that
- * swaps a *directory* for a symlink between our checks and the syscall can still
- * race us. The realpath re-check and O_NOFOLLOW narrow that window and make a
- * swap of the final component fail; they do not close it completely.
+ * and change it while the server works there. So every path is resolved here
+ * the way a chroot would resolve it, never the way the host would, and every
+ * action is taken relative to directories opened on the way (through
+ * /proc/self/fd, Node's stand-in for openat) with O_NOFOLLOW: a guest that
+ * swaps a directory for a symlink mid-action makes the action fail, and no
+ * interleaving of renames and symlinks reaches a host path.
  */
 import * as fs from "node:fs/promises";
 import { constants } from "node:fs";
@@ -90,12 +89,43 @@ export const MAX_WRITE_MODE = 0o777;
 interface Resolved {
   /** The guest path after symlink resolution (a final symlink kept when not following). */
   guest: string;
-  host: string;
   /** Components of `guest`; the first `existing` of them were found on disk. */
   parts: string[];
   existing: number;
   /** lstat of the final component, or null when it does not exist. */
   stats: Stats | null;
+  /** Open directories along the path: dirs[i] is the one parts[0..i) names, dirs[0] the VM's root. */
+  dirs: fs.FileHandle[];
+  /** The final component's directory and name, once that directory exists. */
+  final: { dir: fs.FileHandle; name: string } | undefined;
+  /** Every descriptor the walk opened; closed by release(). */
+  opened: fs.FileHandle[];
+}
+
+/** Where an open directory's descriptor, and a name in it, are reachable by path: openat for fs/promises. */
+const FD_DIR = "/proc/self/fd";
+const DIRECTORY = constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW;
+
+function at(dir: fs.FileHandle, name?: string): string {
+  return name === undefined ? `${FD_DIR}/${dir.fd}` : `${FD_DIR}/${dir.fd}/${name}`;
+}
+
+async function release(r: Resolved): Promise<void> {
+  await Promise.all(r.opened.map((handle) => handle.close().catch(() => {})));
+}
+
+/** rm -r relative to open directories: nothing a guest swaps in while it runs is followed. */
+async function removeTree(parent: fs.FileHandle, name: string): Promise<void> {
+  const dir = await fs.open(at(parent, name), DIRECTORY);
+  try {
+    for (const entry of await fs.readdir(at(dir))) {
+      if ((await fs.lstat(at(dir, entry))).isDirectory()) await removeTree(dir, entry);
+      else await fs.unlink(at(dir, entry));
+    }
+  } finally {
+    await dir.close();
+  }
+  await fs.rmdir(at(parent, name));
 }
 
 const POSIX: ReadonlySet<string> = new Set<string>(POSIX_CODES);
@@ -115,15 +145,17 @@ export class VmFilesystem {
   readonly #mounts: readonly [guest: string, host: string][];
   /** realpath of the root, so containment checks compare like with like. */
   #realRoot: string | undefined;
+  /** The host id that owns what the server creates, so guests own it too (the VM's guests' id; see guest-identity.ts). */
+  readonly #owner: { uid: number; gid: number } | undefined;
 
-  constructor(root: string, options?: { readOnly?: readonly string[]; mounts?: Readonly<Record<string, string>> }) {
+  constructor(root: string, options?: { readOnly?: readonly string[]; mounts?: Readonly<Record<string, string>>; owner?: { uid: number; gid: number } }) {
     expectString("root", root, { nonEmpty: true, max: MAX_PATH });
     if (!path.isAbsolute(root)) throw invalidArgument(`root must be an absolute host directory, got ${describe(root)}`);
     this.#root = path.resolve(root);
     let readOnly = DEFAULT_READ_ONLY;
     if (options !== undefined) {
       const opts = expectObject("options", options);
-      expectKnownKeys("options", opts, ["readOnly", "mounts"]);
+      expectKnownKeys("options", opts, ["readOnly", "mounts", "owner"]);
       if (opts.readOnly !== undefined) {
         readOnly = expectStringArray("options.readOnly", opts.readOnly).map((p, i) => {
           if (!p.startsWith("/")) {
@@ -134,6 +166,7 @@ export class VmFilesystem {
       }
     }
     this.#readOnly = readOnly;
+    this.#owner = options?.owner;
     this.#mounts = Object.entries(options?.mounts ?? {})
       .map(([guest, host]): [string, string] => [normalise("options.mounts", guest), path.resolve(host)])
       .sort((a, b) => b[0].length - a[0].length);
@@ -169,51 +202,66 @@ export class VmFilesystem {
     this.#checkWritable(op, guest);
     // Tar extraction replaces a final symlink instead of writing through it.
     const r = await this.#resolve(op, guest, within === undefined);
-    this.#checkWritable(op, guest, r.guest);
-    checkWithin(op, guest, r, within);
-    if (r.stats?.isDirectory()) {
-      throw fail("EISDIR", op, guest, r, "is a directory", "write to a file path inside it, or delete the directory first");
+    let target: { dir: fs.FileHandle; name: string };
+    try {
+      this.#checkWritable(op, guest, r.guest);
+      checkWithin(op, guest, r, within);
+      if (r.stats?.isDirectory()) {
+        throw fail("EISDIR", op, guest, r, "is a directory", "write to a file path inside it, or delete the directory first");
+      }
+      if (r.stats?.isFile() && r.stats.nlink > 1) throw hardLink(op, guest, r);
+      target = await this.#finalEntry(op, guest, r);
+      if (append && r.stats?.isFile()) {
+        const writer = await this.#openAppend(op, guest, r, target, mode);
+        await release(r);
+        return writer;
+      }
+    } catch (err) {
+      await release(r);
+      throw err;
     }
-    if (r.stats?.isFile() && r.stats.nlink > 1) throw hardLink(op, guest, r);
-    const dirParts = r.parts.slice(0, -1);
-    await this.#createDirs(op, guest, dirParts, Math.min(r.existing, dirParts.length));
-    const dir = path.dirname(r.host);
-    await this.#confirmInside(op, guest, dir);
-    if (append && r.stats?.isFile()) return this.#openAppend(op, guest, r, mode);
 
     // Same directory as the target so the rename is atomic: readers see the old
-    // content or the new, never a partial write.
-    const temp = path.join(dir, `.agentvm-${process.pid}-${++tempCounter}-${Math.random().toString(36).slice(2, 10)}.tmp`);
+    // content or the new, never a partial write. The directory stays open until
+    // commit or abort, so the rename lands where the walk checked.
+    const temp = `.agentvm-${process.pid}-${++tempCounter}-${Math.random().toString(36).slice(2, 10)}.tmp`;
     let handle: fs.FileHandle;
     try {
-      handle = await fs.open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+      handle = await fs.open(at(target.dir, temp), constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
     } catch (err) {
+      await release(r);
       throw fsError(err, op, guest, r);
     }
+    const owner = this.#owner;
     return fileWriter(handle, op, guest, r, {
       async commit() {
         try {
           // The open mode is filtered by the host's umask; set the bits the guest asked for.
           await handle.chmod(mode ?? 0o644);
+          if (owner) await handle.chown(owner.uid, owner.gid);
           await handle.close();
-          await fs.rename(temp, r.host);
+          await fs.rename(at(target.dir, temp), at(target.dir, target.name));
         } catch (err) {
           await handle.close().catch(() => {});
-          await fs.unlink(temp).catch(() => {});
+          await fs.unlink(at(target.dir, temp)).catch(() => {});
           throw err;
+        } finally {
+          await release(r);
         }
       },
       async abort() {
         await handle.close().catch(() => {});
-        await fs.unlink(temp).catch(() => {});
+        await fs.unlink(at(target.dir, temp)).catch(() => {});
+        await release(r);
       },
     });
   }
 
-  async #openAppend(op: Op, guest: string, r: Resolved, mode: number | undefined): Promise<FileWriter> {
+  /** An append to the existing file at `target` (the caller releases the walk: the open file is all the writer needs). */
+  async #openAppend(op: Op, guest: string, r: Resolved, target: { dir: fs.FileHandle; name: string }, mode: number | undefined): Promise<FileWriter> {
     let handle: fs.FileHandle;
     try {
-      handle = await fs.open(r.host, constants.O_WRONLY | constants.O_APPEND | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+      handle = await fs.open(at(target.dir, target.name), constants.O_WRONLY | constants.O_APPEND | constants.O_NOFOLLOW | constants.O_NONBLOCK);
     } catch (err) {
       throw fsError(err, op, guest, r);
     }
@@ -260,16 +308,19 @@ export class VmFilesystem {
     const op = "readFile";
     const guest = normalise("path", file);
     const r = await this.#resolve(op, guest, true);
-    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file", "create it with writeFile first");
-    if (r.stats.isDirectory()) throw fail("EISDIR", op, guest, r, "is a directory", "use readdir to list it");
-    await this.#confirmInside(op, guest, r.host);
     let handle: fs.FileHandle;
     try {
-      // O_NOFOLLOW: a symlink swapped in after resolution fails instead of
-      // escaping. O_NONBLOCK: opening a guest-made FIFO must not hang the host.
-      handle = await fs.open(r.host, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
-    } catch (err) {
-      throw fsError(err, op, guest, r);
+      if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file", "create it with writeFile first");
+      if (r.stats.isDirectory()) throw fail("EISDIR", op, guest, r, "is a directory", "use readdir to list it");
+      try {
+        // O_NOFOLLOW: a symlink swapped in after resolution fails instead of
+        // being followed. O_NONBLOCK: opening a guest-made FIFO must not hang the host.
+        handle = await fs.open(this.#pathOf(r), constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      }
+    } finally {
+      await release(r);
     }
     try {
       // Checked on the open descriptor, so what we read is what we checked.
@@ -291,13 +342,17 @@ export class VmFilesystem {
     const op = "readlink";
     const guest = normalise("path", file);
     const r = await this.#resolve(op, guest, false);
-    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
-    if (!r.stats.isSymbolicLink()) throw fail("EINVAL", op, guest, r, "is not a symbolic link", "use stat or readFile on it instead");
-    await this.#confirmInside(op, guest, parentOf(r.host, this.#realRoot));
     try {
-      return await fs.readlink(r.host);
-    } catch (err) {
-      throw fsError(err, op, guest, r);
+      if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
+      if (!r.stats.isSymbolicLink()) throw fail("EINVAL", op, guest, r, "is not a symbolic link", "use stat or readFile on it instead");
+      try {
+        // readlink never follows the final component; a link swapped for a file is EINVAL.
+        return await fs.readlink(this.#pathOf(r));
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      }
+    } finally {
+      await release(r);
     }
   }
 
@@ -312,17 +367,21 @@ export class VmFilesystem {
     const within = readWithin(options);
     this.#checkRemovable(op, guest);
     const r = await this.#resolve(op, guest, false);
-    this.#checkRemovable(op, guest, r.guest);
-    checkWithin(op, guest, r, within);
-    if (r.stats?.isDirectory()) throw fail("EEXIST", op, guest, r, "is a directory", "delete it first");
-    const dirParts = r.parts.slice(0, -1);
-    await this.#createDirs(op, guest, dirParts, Math.min(r.existing, dirParts.length));
-    await this.#confirmInside(op, guest, path.dirname(r.host));
     try {
-      if (r.stats) await fs.unlink(r.host);
-      await fs.symlink(linkTarget, r.host);
-    } catch (err) {
-      throw fsError(err, op, guest, r);
+      this.#checkRemovable(op, guest, r.guest);
+      checkWithin(op, guest, r, within);
+      if (r.stats?.isDirectory()) throw fail("EEXIST", op, guest, r, "is a directory", "delete it first");
+      const entry = await this.#finalEntry(op, guest, r);
+      try {
+        // unlink never follows a symlink, and refuses (EISDIR) a directory swapped in meanwhile.
+        if (r.stats) await fs.unlink(at(entry.dir, entry.name));
+        await fs.symlink(linkTarget, at(entry.dir, entry.name));
+        await this.#own(at(entry.dir, entry.name));
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      }
+    } finally {
+      await release(r);
     }
   }
 
@@ -334,15 +393,32 @@ export class VmFilesystem {
     const within = readWithin(options);
     this.#checkWritable(op, guest);
     const r = await this.#resolve(op, guest, false);
-    this.#checkWritable(op, guest, r.guest);
-    checkWithin(op, guest, r, within);
-    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
-    if (r.stats.isSymbolicLink()) return;
-    await this.#confirmInside(op, guest, r.host);
     try {
-      await fs.chmod(r.host, bits);
-    } catch (err) {
-      throw fsError(err, op, guest, r);
+      this.#checkWritable(op, guest, r.guest);
+      checkWithin(op, guest, r, within);
+      if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
+      if (r.stats.isSymbolicLink()) return;
+      // chmod(2) follows symlinks and Linux has no lchmod: open the entry with
+      // O_NOFOLLOW and fchmod the descriptor, so a symlink swapped in fails instead.
+      // The root has no entry to open: its descriptor from the walk is used.
+      let handle: fs.FileHandle | undefined;
+      try {
+        if (r.final) handle = await fs.open(this.#pathOf(r), constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      }
+      const target = handle ?? r.dirs[0]!;
+      try {
+        const st = await target.stat();
+        if (!st.isDirectory() && st.nlink > 1) throw hardLink(op, guest, r);
+        await target.chmod(bits);
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      } finally {
+        await handle?.close();
+      }
+    } finally {
+      await release(r);
     }
   }
 
@@ -359,30 +435,27 @@ export class VmFilesystem {
     const op = "mkdir";
     const guest = normalise("path", dir);
     this.#checkWritable(op, guest);
-    if (recursive) {
-      const r = await this.#resolve(op, guest, true);
+    const r = await this.#resolve(op, guest, recursive);
+    try {
       this.#checkWritable(op, guest, r.guest);
       checkWithin(op, guest, r, within);
       if (r.stats) {
-        if (r.stats.isDirectory()) return;
-        throw fail("EEXIST", op, guest, r, "already exists and is not a directory", "choose another name or delete the file first");
+        if (recursive && r.stats.isDirectory()) return;
+        if (recursive) throw fail("EEXIST", op, guest, r, "already exists and is not a directory", "choose another name or delete the file first");
+        throw fail("EEXIST", op, guest, r, "already exists", "pass { recursive: true } to accept an existing directory");
       }
-      await this.#createDirs(op, guest, r.parts, r.existing);
-      return;
-    }
-    const r = await this.#resolve(op, guest, false);
-    this.#checkWritable(op, guest, r.guest);
-    if (r.stats) {
-      throw fail("EEXIST", op, guest, r, "already exists", "pass { recursive: true } to accept an existing directory");
-    }
-    if (r.existing < r.parts.length - 1) {
-      throw fail("ENOENT", op, guest, r, "the parent directory does not exist", "pass { recursive: true } to create parents too");
-    }
-    await this.#confirmInside(op, guest, path.dirname(r.host));
-    try {
-      await fs.mkdir(r.host);
-    } catch (err) {
-      throw fsError(err, op, guest, r);
+      if (!recursive && r.existing < r.parts.length - 1) {
+        throw fail("ENOENT", op, guest, r, "the parent directory does not exist", "pass { recursive: true } to create parents too");
+      }
+      const target = await this.#finalEntry(op, guest, r);
+      try {
+        await fs.mkdir(at(target.dir, target.name));
+        await this.#own(at(target.dir, target.name));
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      }
+    } finally {
+      await release(r);
     }
   }
 
@@ -390,13 +463,21 @@ export class VmFilesystem {
     const op = "readdir";
     const guest = normalise("path", dir);
     const r = await this.#resolve(op, guest, true);
-    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such directory", "create it with mkdir first");
-    if (!r.stats.isDirectory()) throw fail("ENOTDIR", op, guest, r, "is not a directory", "use readFile or stat on it instead");
-    await this.#confirmInside(op, guest, r.host);
     try {
-      return (await fs.readdir(r.host)).sort();
-    } catch (err) {
-      throw fsError(err, op, guest, r);
+      if (!r.stats) throw fail("ENOENT", op, guest, r, "no such directory", "create it with mkdir first");
+      if (!r.stats.isDirectory()) throw fail("ENOTDIR", op, guest, r, "is not a directory", "use readFile or stat on it instead");
+      try {
+        const handle = r.final ? await fs.open(this.#pathOf(r), DIRECTORY) : undefined;
+        try {
+          return (await fs.readdir(at(handle ?? r.dirs[0]!))).sort();
+        } finally {
+          await handle?.close();
+        }
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      }
+    } finally {
+      await release(r);
     }
   }
 
@@ -414,9 +495,8 @@ export class VmFilesystem {
     const guest = normalise("path", file);
     try {
       const r = await this.#resolve(op, guest, true);
-      if (!r.stats) return false;
-      await this.#confirmInside(op, guest, r.host);
-      return true;
+      await release(r);
+      return r.stats !== null;
     } catch (err) {
       if (err instanceof AgentVmError && (err.code === "ENOENT" || err.code === "ENOTDIR" || err.code === "PATH_OUTSIDE_VM")) {
         return false;
@@ -431,21 +511,23 @@ export class VmFilesystem {
     const recursive = readRecursive(options);
     this.#checkRemovable(op, guest);
     const r = await this.#resolve(op, guest, false);
-    this.#checkRemovable(op, guest, r.guest);
-    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
-    await this.#confirmInside(op, guest, parentOf(r.host, this.#realRoot));
     try {
-      if (r.stats.isDirectory()) {
-        if (!recursive) {
-          throw fail("EISDIR", op, guest, r, "is a directory", "pass { recursive: true } to delete it and everything in it");
+      this.#checkRemovable(op, guest, r.guest);
+      if (!r.stats || !r.final) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
+      try {
+        if (r.stats.isDirectory()) {
+          if (!recursive) {
+            throw fail("EISDIR", op, guest, r, "is a directory", "pass { recursive: true } to delete it and everything in it");
+          }
+          await removeTree(r.final.dir, r.final.name);
+        } else {
+          await fs.unlink(this.#pathOf(r));
         }
-        // fs.rm works on lstat, so symlinks inside are unlinked, never followed.
-        await fs.rm(r.host, { recursive: true });
-      } else {
-        await fs.unlink(r.host);
+      } catch (err) {
+        throw fsError(err, op, guest, r);
       }
-    } catch (err) {
-      throw fsError(err, op, guest, r);
+    } finally {
+      await release(r);
     }
   }
 
@@ -458,39 +540,44 @@ export class VmFilesystem {
     this.#checkRemovable(op, dst);
     // Both ends keep a final symlink as is: moving a link moves the link.
     const rs = await this.#resolve(op, src, false);
-    const rd = await this.#resolve(op, dst, false);
-    this.#checkRemovable(op, src, rs.guest);
-    this.#checkRemovable(op, dst, rd.guest);
-    if (!rs.stats) throw fail("ENOENT", op, src, rs, "no such file or directory", "check the source path with exists() or readdir() of its parent");
-    if (rs.guest === rd.guest) return;
-    const dirParts = rd.parts.slice(0, -1);
-    await this.#createDirs(op, dst, dirParts, Math.min(rd.existing, dirParts.length));
-    await this.#confirmInside(op, src, path.dirname(rs.host));
-    await this.#confirmInside(op, dst, path.dirname(rd.host));
     try {
-      await fs.rename(rs.host, rd.host);
-    } catch (err) {
-      if (errno(err) === "EINVAL") {
-        throw new AgentVmError("EINVAL", `move ${label}: cannot move a directory into itself; choose a destination outside it`, { cause: err });
+      const rd = await this.#resolve(op, dst, false);
+      try {
+        this.#checkRemovable(op, src, rs.guest);
+        this.#checkRemovable(op, dst, rd.guest);
+        if (!rs.stats || !rs.final) throw fail("ENOENT", op, src, rs, "no such file or directory", "check the source path with exists() or readdir() of its parent");
+        if (rs.guest === rd.guest) return;
+        const target = await this.#finalEntry(op, dst, rd);
+        try {
+          await fs.rename(this.#pathOf(rs), at(target.dir, target.name));
+        } catch (err) {
+          if (errno(err) === "EINVAL") {
+            throw new AgentVmError("EINVAL", `move ${label}: cannot move a directory into itself; choose a destination outside it`, { cause: err });
+          }
+          throw fsError(err, op, label);
+        }
+      } finally {
+        await release(rd);
       }
-      throw fsError(err, op, label);
+    } finally {
+      await release(rs);
     }
   }
 
-  /** The confined host path; the target need not exist. */
+  /** Where a guest path is on the host (for messages and tests; never acted on: a guest may change what it names). */
   async hostPath(file: string): Promise<string> {
     const op = "hostPath";
     const guest = normalise("path", file);
     const r = await this.#resolve(op, guest, true);
-    await this.#confirmInside(op, guest, r.host);
-    return r.host;
+    await release(r);
+    return this.#hostOf(await this.#rootPath(op, guest), r.parts);
   }
 
   async #stat(op: Op, file: string, follow: boolean): Promise<VmStat> {
     const guest = normalise("path", file);
     const r = await this.#resolve(op, guest, follow);
+    await release(r);
     if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
-    await this.#confirmInside(op, guest, follow ? r.host : parentOf(r.host, this.#realRoot));
     return toVmStat(r.stats);
   }
 
@@ -510,136 +597,168 @@ export class VmFilesystem {
     return this.#realRoot;
   }
 
+  /** The host target of a mount point exactly at these guest components, if one is there. */
+  #mountAt(parts: readonly string[]): string | undefined {
+    const guest = `/${parts.join("/")}`;
+    return this.#mounts.find(([prefix]) => prefix === guest)?.[1];
+  }
+
+  /** The final component as a descriptor-relative path (its directory's descriptor, its name). */
+  #pathOf(r: Resolved): string {
+    return r.final ? at(r.final.dir, r.final.name) : at(r.dirs[0]!);
+  }
+
   /**
-   * Walks the path one component at a time with lstat/readlink, interpreting
-   * symlinks against the VM root (absolute targets restart at the VM's `/`, `..`
-   * stops at it), so no host path outside the root is ever touched. Missing
-   * components are kept lexically so writers can create them.
+   * Walks the path one component at a time, relative to open directories
+   * (`/proc/self/fd/<dir>/<name>`, the openat of a language without openat):
+   * each directory is opened with O_NOFOLLOW before the walk goes into it, so
+   * a guest that swaps a directory for a symlink mid-walk makes the walk fail,
+   * never lead out. Symlinks are interpreted against the VM root (absolute
+   * targets restart at the VM's `/`, `..` stops at it); the image's
+   * directories are walked from their host directories, as mounted. Missing
+   * components are kept lexically so writers can create them. The caller
+   * releases the directories with release().
    */
   async #resolve(op: Op, guest: string, followFinal: boolean): Promise<Resolved> {
-    const root = await this.#rootPath(op, guest);
-    const pending = splitGuest(guest).reverse();
-    const parts: string[] = [];
-    let rootStats: Stats;
+    const rootPath = await this.#rootPath(op, guest);
+    const opened: fs.FileHandle[] = [];
+    const openDir = async (where: string) => {
+      const handle = await fs.open(where, DIRECTORY);
+      opened.push(handle);
+      return handle;
+    };
     try {
-      rootStats = await fs.lstat(root);
-    } catch (err) {
-      throw fsError(err, op, guest);
-    }
-    const found: Stats[] = [rootStats];
-    let missing = false;
-    let hops = 0;
-    while (pending.length > 0) {
-      const name = pending.pop() as string;
-      if (name === "" || name === ".") continue;
-      if (name === "..") {
-        // The kernel would need the missing directory to exist to climb out of it.
-        if (missing) throw fail("ENOENT", op, guest, undefined, "a symlink on the path climbs out of a directory that does not exist", "fix the symlink");
-        if (parts.length > 0) {
-          parts.pop();
-          found.pop();
+      const root = await openDir(rootPath);
+      const pending = splitGuest(guest).reverse();
+      const parts: string[] = [];
+      // dirs[i] is the open directory that parts[0..i) names: dirs[0] the root.
+      const dirs: fs.FileHandle[] = [root];
+      const found: Stats[] = [await root.stat()];
+      let last: { dir: fs.FileHandle; name: string } | undefined;
+      let missing = false;
+      let hops = 0;
+      while (pending.length > 0) {
+        const name = pending.pop() as string;
+        if (name === "" || name === ".") continue;
+        if (name === "..") {
+          // The kernel would need the missing directory to exist to climb out of it.
+          if (missing) throw fail("ENOENT", op, guest, undefined, "a symlink on the path climbs out of a directory that does not exist", "fix the symlink");
+          if (parts.length > 0) {
+            parts.pop();
+            found.pop();
+            dirs.length = parts.length + 1;
+          }
+          last = undefined;
+          continue;
         }
-        continue;
-      }
-      if (missing) {
-        parts.push(name);
-        continue;
-      }
-      const host = this.#hostOf(root, [...parts, name]);
-      let st: Stats;
-      try {
-        st = await fs.lstat(host);
-      } catch (err) {
-        if (errno(err) === "ENOENT") {
-          missing = true;
+        if (missing) {
           parts.push(name);
           continue;
         }
-        throw fsError(err, op, guest);
-      }
-      if (st.isSymbolicLink() && (followFinal || pending.length > 0)) {
-        if (++hops > MAX_SYMLINK_HOPS) {
-          throw fail("ELOOP", op, guest, undefined, `more than ${MAX_SYMLINK_HOPS} symbolic links on the path`, "fix the symlink loop");
-        }
-        let target: string;
+        const mount = this.#mountAt([...parts, name]);
+        const dir = mount ? await openDir(path.dirname(mount)) : dirs[dirs.length - 1]!;
+        const entry = mount ? path.basename(mount) : name;
+        let st: Stats;
         try {
-          target = await fs.readlink(host);
+          st = await fs.lstat(at(dir, entry));
         } catch (err) {
+          if (errno(err) === "ENOENT") {
+            missing = true;
+            parts.push(name);
+            last = { dir, name: entry };
+            continue;
+          }
           throw fsError(err, op, guest);
         }
-        if (target === "") throw fail("ENOENT", op, guest, undefined, "a symlink on the path has an empty target", "fix or delete the symlink");
-        if (target.startsWith("/")) {
-          parts.length = 0;
-          found.length = 1;
+        if (st.isSymbolicLink() && (followFinal || pending.length > 0)) {
+          if (++hops > MAX_SYMLINK_HOPS) {
+            throw fail("ELOOP", op, guest, undefined, `more than ${MAX_SYMLINK_HOPS} symbolic links on the path`, "fix the symlink loop");
+          }
+          let target: string;
+          try {
+            target = await fs.readlink(at(dir, entry));
+          } catch (err) {
+            throw fsError(err, op, guest);
+          }
+          if (target === "") throw fail("ENOENT", op, guest, undefined, "a symlink on the path has an empty target", "fix or delete the symlink");
+          if (target.startsWith("/")) {
+            parts.length = 0;
+            found.length = 1;
+            dirs.length = 1;
+          }
+          pending.push(...target.split("/").reverse());
+          last = undefined;
+          continue;
         }
-        pending.push(...target.split("/").reverse());
-        continue;
+        parts.push(name);
+        found.push(st);
+        last = { dir, name: entry };
+        if (pending.length > 0) {
+          if (!st.isDirectory()) {
+            const where = `/${parts.join("/")}`;
+            throw fail("ENOTDIR", op, guest, undefined, `${where} is not a directory`, "fix the path, or move that file out of the way");
+          }
+          try {
+            dirs.push(await openDir(at(dir, entry)));
+          } catch (err) {
+            // Swapped for a symlink or a file since the lstat above: the guest is racing us.
+            throw fsError(err, op, guest);
+          }
+        }
       }
-      parts.push(name);
-      found.push(st);
-      if (!st.isDirectory() && pending.length > 0) {
-        const where = `/${parts.join("/")}`;
-        throw fail("ENOTDIR", op, guest, undefined, `${where} is not a directory`, "fix the path, or move that file out of the way");
-      }
+      const existing = found.length - 1;
+      return {
+        guest: `/${parts.join("/")}`,
+        parts,
+        existing,
+        stats: missing ? null : (found[found.length - 1] as Stats),
+        dirs,
+        // Known only when the final component's directory exists (and for "/", which has none).
+        final: parts.length > 0 && existing >= parts.length - 1 ? last : undefined,
+        opened,
+      };
+    } catch (err) {
+      await Promise.all(opened.map((handle) => handle.close().catch(() => {})));
+      throw err;
     }
-    return {
-      guest: `/${parts.join("/")}`,
-      host: this.#hostOf(root, parts),
-      parts,
-      existing: found.length - 1,
-      stats: missing ? null : (found[found.length - 1] as Stats),
-    };
   }
 
-  /** Defence in depth: whatever the resolver concluded, the host must agree. */
-  async #confirmInside(op: Op, guest: string, host: string): Promise<void> {
-    const root = await this.#rootPath(op, guest);
-    const tail: string[] = [];
-    let probe = host;
-    let real: string;
-    for (;;) {
+  /**
+   * The final component's directory and name, making missing directories
+   * above it first (mkdir -p, one level at a time, each made relative to the
+   * one above and opened before going on).
+   */
+  async #finalEntry(op: Op, guest: string, r: Resolved): Promise<{ dir: fs.FileHandle; name: string }> {
+    if (r.final) return r.final;
+    if (r.parts.length === 0) throw fail("EISDIR", op, guest, r, "is the VM's root directory", "name a path inside it");
+    this.#checkWritable(op, guest, r.guest);
+    let dir = r.dirs[r.dirs.length - 1]!;
+    for (let i = r.dirs.length - 1; i < r.parts.length - 1; i++) {
+      const name = r.parts[i]!;
       try {
-        real = await fs.realpath(probe);
-        break;
+        await fs.mkdir(at(dir, name));
+        await this.#own(at(dir, name));
       } catch (err) {
-        const code = errno(err);
-        if ((code === "ENOENT" || code === "ENOTDIR") && probe.length > root.length) {
-          tail.unshift(path.basename(probe));
-          probe = path.dirname(probe);
-          continue;
+        if (errno(err) !== "EEXIST") throw fsError(err, op, guest);
+      }
+      try {
+        dir = await fs.open(at(dir, name), DIRECTORY);
+      } catch (err) {
+        if (errno(err) === "ENOTDIR" || errno(err) === "ELOOP") {
+          throw fail("ENOTDIR", op, guest, undefined, `/${r.parts.slice(0, i + 1).join("/")} is not a directory`, "fix the path, or move that file out of the way");
         }
         throw fsError(err, op, guest);
       }
+      r.opened.push(dir);
+      r.dirs.push(dir);
     }
-    const full = path.join(real, ...tail);
-    const within = (base: string) => full === base || base === "/" || full.startsWith(base + path.sep);
-    if (!within(root) && !this.#mounts.some(([, host]) => within(host))) {
-      throw new AgentVmError(
-        "PATH_OUTSIDE_VM",
-        `${op} ${guest}: resolves to a location outside the VM (its files changed while being resolved, or a mount leads out); access refused, retry once the path is stable`,
-      );
-    }
+    r.final = { dir, name: r.parts[r.parts.length - 1]! };
+    return r.final;
   }
 
-  /** mkdir -p over resolved components, one level at a time so each level is checked. */
-  async #createDirs(op: Op, guest: string, parts: readonly string[], existing: number): Promise<void> {
-    if (existing >= parts.length) return;
-    const root = await this.#rootPath(op, guest);
-    this.#checkWritable(op, guest, `/${parts.join("/")}`);
-    for (let i = existing; i < parts.length; i++) {
-      const host = path.join(root, ...parts.slice(0, i + 1));
-      await this.#confirmInside(op, guest, path.dirname(host));
-      try {
-        await fs.mkdir(host);
-      } catch (err) {
-        if (errno(err) !== "EEXIST") throw fsError(err, op, guest);
-        // Someone (likely the guest) created it meanwhile; fine if it is a directory.
-        const st = await fs.lstat(host).catch(() => null);
-        if (!st?.isDirectory()) {
-          throw fail("ENOTDIR", op, guest, undefined, `/${parts.slice(0, i + 1).join("/")} is not a directory`, "fix the path, or move that file out of the way");
-        }
-      }
-    }
+  /** What the server just made becomes the guests' (lchown: never through a link). */
+  async #own(where: string): Promise<void> {
+    if (this.#owner) await fs.lchown(where, this.#owner.uid, this.#owner.gid);
   }
 
   #isReadOnly(guest: string): string | undefined {
@@ -681,10 +800,6 @@ function normalise(name: string, value: unknown): string {
 
 function splitGuest(guest: string): string[] {
   return guest.split("/").filter((part) => part !== "");
-}
-
-function parentOf(host: string, root: string | undefined): string {
-  return host === root ? host : path.dirname(host);
 }
 
 /** A FileWriter over `handle`: commit or abort runs once, whichever comes first; errors are shaped like every fs error. */
@@ -827,7 +942,7 @@ function fsError(err: unknown, op: Op, guest: string, r?: Resolved): AgentVmErro
     return new AgentVmError("INVALID_ARGUMENT", `${op} ${subject(guest, r)}: a path component is longer than the host allows (255 bytes); use a shorter name`, { cause: err });
   }
   if (code === "ENOSPC" || code === "EDQUOT") {
-    return new AgentVmError("VM_DISK_FULL", `${op} ${subject(guest, r)}: the VM's disk is full (${code}); nothing was left half-written — delete files in the VM or ask for a larger disk`, { cause: err });
+    return new AgentVmError("VM_DISK_FULL", `${op} ${subject(guest, r)}: the VM's disk is full (limits.diskBytes or limits.diskInodes); delete files in the VM, or give it larger limits`, { cause: err });
   }
   if (code === "ENXIO" || code === "ENODEV") {
     return new AgentVmError("EINVAL", `${op} ${subject(guest, r)}: is not a regular file (a socket or device); only regular files can be read from the host`, { cause: err });

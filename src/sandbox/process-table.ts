@@ -11,7 +11,13 @@ import { AgentVmError } from "../errors.ts";
 import { SIGNALS } from "../init/protocol.ts";
 import { expectKnownKeys, expectObject, expectString, expectStringArray, expectStringRecord } from "../validate.ts";
 import { GUEST_HOME } from "./bubblewrap.ts";
+import { SpawnPacer } from "./spawn-pacer.ts";
 import type { VmSandbox } from "./vm-sandbox.ts";
+
+/** 50 spawns at once, then 50 a second: far above what agents do, far below what would starve other VMs. */
+export const SPAWN_PACE = { burst: 50, perSecond: 50, maxWaiting: 1000 };
+/** A sandbox whose init keeps dying restarts 5 times at once, then once every 2 seconds. */
+const SANDBOX_START_PACE = { burst: 5, perSecond: 0.5, maxWaiting: 1000 };
 
 export interface SpawnOptions {
   cwd?: string;
@@ -85,9 +91,14 @@ export class ProcessTable {
    */
   readonly #unclaimed = new Map<number, { output: [OutputStream, Uint8Array][]; exit?: [number | null, string | null] }>();
   #disposed = false;
+  /** Spawns and sandbox starts of this VM, paced so that one VM cannot monopolise the server's event loop. */
+  readonly #spawnPace: SpawnPacer;
+  readonly #startPace: SpawnPacer;
 
   constructor(options: ProcessTableOptions) {
     this.#options = options;
+    this.#spawnPace = new SpawnPacer({ ...SPAWN_PACE, what: `spawns of VM ${options.vmName}` });
+    this.#startPace = new SpawnPacer({ ...SANDBOX_START_PACE, what: `sandbox starts of VM ${options.vmName}` });
   }
 
   get running(): number {
@@ -129,6 +140,8 @@ export class ProcessTable {
     this.#starting++;
     let pid: number;
     try {
+      await this.#spawnPace.take();
+      if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed`);
       const sandbox = await this.#ensureSandbox();
       pid = await sandbox.spawn(name, argv, cwd, env);
     } catch (error) {
@@ -309,7 +322,10 @@ export class ProcessTable {
 
   #ensureSandbox(): Promise<VmSandbox> {
     if (!this.#sandbox) {
-      const starting = this.#options.startSandbox();
+      const starting = this.#startPace.take().then(() => {
+        if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `VM ${this.#options.vmName} was disposed`);
+        return this.#options.startSandbox();
+      });
       this.#sandbox = starting;
       // A sandbox that failed to start is not kept: the next spawn tries again.
       starting.catch(() => {

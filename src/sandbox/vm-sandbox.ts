@@ -9,13 +9,15 @@
  * it) and every waiting request fails with SANDBOX_EXITED.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync } from "node:fs";
+import { constants, existsSync } from "node:fs";
+import { open, type FileHandle } from "node:fs/promises";
 import type { Socket } from "node:net";
 import type { Readable } from "node:stream";
 import { AgentVmError, isErrorCode } from "../errors.ts";
 import type { FromInit, VmProcess, WatchEvent } from "../init/protocol.ts";
 import { bubblewrapArgs, INIT_DIR, prepareMountPoints, type SandboxLayout } from "./bubblewrap.ts";
 import type { VmCgroup } from "./cgroup.ts";
+import type { GuestIdentity } from "./guest-identity.ts";
 import { ControlChannel } from "./control-channel.ts";
 import { seccompProgram, seccompSupported } from "./seccomp.ts";
 
@@ -39,6 +41,8 @@ export interface SandboxStart {
   rlimits: { dataBytes: number; openFiles: number };
   /** The VM's control groups, joined before bubblewrap starts so every process of the VM is in them. */
   cgroup: VmCgroup | undefined;
+  /** The host id the VM's guests are (bubblewrap runs as it); undefined: the server's own, which is not root (guest-identity.ts). */
+  identity: GuestIdentity | undefined;
   events: SandboxEvents;
 }
 
@@ -49,6 +53,8 @@ export interface WatchListener {
 }
 
 const READY_TIMEOUT_MS = 20_000;
+/** bubblewrap's descriptors 0-6 are taken (stdio, IPC, args, info, seccomp); host files and directories follow. */
+const FIRST_SOURCE_FD = 7;
 const SETPRIV = "/usr/bin/setpriv";
 
 export class VmSandbox {
@@ -73,7 +79,7 @@ export class VmSandbox {
     this.#events = events;
     this.#channel = new ControlChannel(child, {
       onEvent: (message) => this.#onEvent(message),
-      onViolation: (reason) => this.#end(new AgentVmError("PROTOCOL_VIOLATION", `the VM's init sent ${reason}; the VM's processes were ended`)),
+      onViolation: (reason) => this.#end(new AgentVmError("PROTOCOL_VIOLATION", `the VM's init ${reason}; the VM's processes were ended`)),
     });
     // 'exit', not 'close': programs of the VM may hold inherited pipes a moment longer.
     this.ended = new Promise((resolve) => child.once("exit", () => resolve()));
@@ -95,7 +101,9 @@ export class VmSandbox {
     };
     // bubblewrap reads its arguments from fd 4, so the VM's `ps` (which shows
     // bubblewrap as pid 1) sees no host path.
-    const sandboxArgs = [...bubblewrapArgs(options.layout), ...Object.entries(initEnv).flatMap(([key, value]) => ["--setenv", key, value])];
+    const sources = new HostSources(FIRST_SOURCE_FD);
+    const sandboxArgs = [...bubblewrapArgs(options.layout, (path) => sources.fd(path)), ...Object.entries(initEnv).flatMap(([key, value]) => ["--setenv", key, value])];
+    const handles = await sources.open();
     const initCommand = [
       "/opt/node/bin/node",
       // init is small and long-lived: a small young generation keeps its memory low.
@@ -105,8 +113,14 @@ export class VmSandbox {
     ];
     // The syscall filter (seccomp.ts) goes in on fd 6; bubblewrap installs it last, on init and so on everything.
     const filter = seccompSupported() ? ["--seccomp", "6"] : [];
-    const command = [...joinCgroup(options.cgroup), ...hostWrappers(options.rlimits), options.bwrap, "--args", "4", "--info-fd", "5", ...filter, "--", ...initCommand];
-    const child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe", "pipe", "pipe"], env: {} });
+    const command = [...joinCgroup(options.cgroup), ...hostWrappers(options.rlimits, options.identity), options.bwrap, "--args", "4", "--info-fd", "5", ...filter, "--", ...initCommand];
+    let child: ChildProcess;
+    try {
+      child = spawn(command[0]!, command.slice(1), { stdio: ["ignore", "ignore", "pipe", "ipc", "pipe", "pipe", "pipe", ...handles.map((handle) => handle.fd)], env: {}, cwd: "/" });
+    } finally {
+      // The child has its copies (or never started); bubblewrap is done with them once the sandbox is set up.
+      await Promise.all(handles.map((handle) => handle.close()));
+    }
     const feed = (fd: number, bytes: string | Buffer) => {
       const pipe = (child.stdio as unknown as import("node:stream").Writable[])[fd]!;
       pipe.on("error", () => {}); // bubblewrap that failed to start: reported by 'exit'
@@ -290,13 +304,50 @@ function joinCgroup(cgroup: VmCgroup | undefined): string[] {
  * what it starts, not itself), and prlimit sets limits every process of the VM
  * inherits. Both are util-linux; without them the VM still runs, with a warning.
  */
-function hostWrappers(rlimits: SandboxStart["rlimits"]): string[] {
+function hostWrappers(rlimits: SandboxStart["rlimits"], identity: GuestIdentity | undefined): string[] {
   const setpriv = findTool("setpriv", "VMs may outlive a server that is killed with SIGKILL");
   const prlimit = findTool("prlimit", "VM processes run without OS memory and open-file limits");
+  if (identity && !setpriv) {
+    throw new AgentVmError("SANDBOX_UNAVAILABLE", "setpriv (util-linux) is needed to run a VM's guests as an unprivileged host id; install util-linux");
+  }
+  // prlimit first, while still root (an unprivileged process could not raise a hard limit); setpriv then
+  // drops to the VM's id and sets the parent-death signal after the drop, which would otherwise clear it.
+  const drop = identity ? [`--reuid=${identity.uid}`, `--regid=${identity.gid}`, "--clear-groups"] : [];
   return [
-    ...(setpriv ? [setpriv, "--pdeathsig", "KILL"] : []),
     ...(prlimit ? [prlimit, `--data=${rlimits.dataBytes}`, `--nofile=${rlimits.openFiles}`, "--core=0"] : []),
+    ...(setpriv ? [setpriv, ...drop, "--pdeathsig", "KILL"] : []),
   ];
+}
+
+/**
+ * Host files and directories bubblewrap mounts or copies, opened by the server
+ * and passed as descriptors: numbered in the order first asked for, opened
+ * without following a final symlink.
+ */
+class HostSources {
+  readonly #paths = new Map<string, number>();
+  readonly #first: number;
+
+  constructor(first: number) {
+    this.#first = first;
+  }
+
+  fd(path: string): number {
+    let fd = this.#paths.get(path);
+    if (fd === undefined) this.#paths.set(path, (fd = this.#first + this.#paths.size));
+    return fd;
+  }
+
+  async open(): Promise<FileHandle[]> {
+    const handles: FileHandle[] = [];
+    try {
+      for (const path of this.#paths.keys()) handles.push(await open(path, constants.O_RDONLY | constants.O_NOFOLLOW));
+    } catch (error) {
+      await Promise.all(handles.map((handle) => handle.close()));
+      throw new AgentVmError("SANDBOX_UNAVAILABLE", `a file the VM's sandbox needs could not be opened: ${(error as Error).message}`);
+    }
+    return handles;
+  }
 }
 
 const tools = new Map<string, string | null>();

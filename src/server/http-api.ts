@@ -62,6 +62,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   PAYLOAD_TOO_LARGE: 413,
   EAGAIN: 429,
   LIMIT_EXCEEDED: 429,
+  VM_DISK_FULL: 507,
   EMFILE: 429,
   ECONNREFUSED: 502,
   ECONNRESET: 502,
@@ -74,7 +75,6 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   GUEST_RUNTIME_MISSING: 503,
   SERVER_CLOSING: 503,
   ETIMEDOUT: 504,
-  VM_DISK_FULL: 507,
   RANGE_NOT_SATISFIABLE: 416,
 };
 
