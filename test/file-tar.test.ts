@@ -5,7 +5,7 @@
  * alone outside the VM.
  */
 import assert from "node:assert/strict";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { mkdir, writeFile } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
 import { join } from "node:path";
@@ -87,6 +87,10 @@ describe("directories as tar streams", () => {
     assert.ok(before.includes("private/key f 600 secret"), before.join("\n"));
     assert.ok(before.includes("bin/tool f 755 run"), before.join("\n"));
     assert.ok(before.includes("relative-link l 777 bin/tool"), before.join("\n"));
+    // What extraction made (files, directories, symlinks) belongs to the VM's guests, as if they had made it.
+    const foreign = await vm.exec("sh", ["-c", 'find /home/agentos/copy \\( ! -user "$(id -u)" -o ! -group "$(id -g)" \\) -print']);
+    assert.equal(foreign.exitCode, 0, foreign.stderr);
+    assert.equal(foreign.stdout, "");
   });
 
   it("streams a tar body from a ReadableStream, and reports progress", async () => {
@@ -144,9 +148,12 @@ describe("directories as tar streams", () => {
     assert.equal((await vm.exec("sh", ["-c", "test -L /home/agentos/y/s || echo regular"])).stdout, "regular\n");
 
     assert.equal(text(await vm.readFile("/home/agentos/victim.txt")), "untouched");
-    const vmRoot = join(dataDir, "vms", "tar", "root");
-    for (const path of [join(vmRoot, "escape.txt"), join(vmRoot, "home", "escape.txt"), join(vmRoot, "home", "agentos", "escape.txt"), join(hostDir, "escape.txt"), join(dataDir, "newdir"), join(dataDir, "escape.txt")]) {
-      assert.equal(existsSync(path), false, `${path} was written`);
+    // Inside the VM, read through it (its disk is mounted only while the server holds the VM); on the host, directly.
+    for (const path of ["/escape.txt", "/home/escape.txt", "/home/agentos/escape.txt"]) {
+      assert.equal(await vm.exists(path), false, `${path} was written in the VM`);
+    }
+    for (const path of [join(hostDir, "escape.txt"), join(dataDir, "newdir"), join(dataDir, "escape.txt")]) {
+      assert.equal(existsSync(path), false, `${path} was written on the host`);
     }
     assert.equal(readFileSync(join(dataDir, "host-file"), "utf8"), "host");
     assert.equal(text(await vm.readFile("/home/agentos/x/ok.txt")), "fine");
@@ -176,7 +183,10 @@ describe("directories as tar streams", () => {
       );
     });
     const dir = join(dataDir, "vms", "tar", "root", "home", "agentos", "partial");
-    await waitFor(() => existsSync(dir) && readdirSync(dir).every((name) => !name.startsWith(".agentvm-")), "the broken-off entry's temporary file to be removed");
+    await waitFor(
+      async () => (await vm.exists("/home/agentos/partial")) && (await vm.readdir("/home/agentos/partial")).every((name) => !name.startsWith(".agentvm-")),
+      "the broken-off entry's temporary file to be removed",
+    );
     assert.equal(await vm.exists("/home/agentos/partial/big.bin"), false);
     assert.equal(text(await vm.readFile("/home/agentos/partial/done.txt")), "complete");
     await waitFor(() => openFilesUnder(process.pid, dir).length === 0, "no open file in the target directory");

@@ -8,7 +8,7 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { mkdir, writeFile } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
 import { join } from "node:path";
@@ -66,9 +66,9 @@ async function digestOf(stream: ReadableStream<Uint8Array>): Promise<{ digest: s
 }
 
 
-/** Leftover temporary files of interrupted writes in a VM directory. */
-function tempFiles(hostDir: string): string[] {
-  return readdirSync(hostDir).filter((name) => name.startsWith(".agentvm-"));
+/** Leftover temporary files of interrupted writes in a VM directory, read through the VM. */
+async function tempFiles(vm: VmHandle, dir: string): Promise<string[]> {
+  return (await vm.readdir(dir)).filter((name) => name.startsWith(".agentvm-"));
 }
 
 describe("streamed files over HTTP (server in its own process)", () => {
@@ -124,7 +124,7 @@ describe("streamed files over HTTP (server in its own process)", () => {
         });
       });
     }
-    await waitFor(() => tempFiles(home).length === 0, "the interrupted uploads' temporary files to be removed");
+    await waitFor(async () => (await tempFiles(vm, "/home/agentos")).length === 0, "the interrupted uploads' temporary files to be removed");
     assert.equal(text(await vm.readFile("/home/agentos/kept.txt")), "old content");
     assert.equal(await vm.exists("/home/agentos/never.bin"), false);
     assert.deepEqual(openFilesUnder(server.pid, home), []);

@@ -4,8 +4,6 @@
  * and a watch iterated in process.
  */
 import assert from "node:assert/strict";
-import { readdirSync } from "node:fs";
-import { join } from "node:path";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { before, describe, it } from "node:test";
@@ -20,11 +18,9 @@ async function collect(stream: Readable): Promise<Buffer> {
 
 describe("Vm stream methods", () => {
   let vm: Vm;
-  let home: string;
 
   before(async () => {
     vm = await testVm(await tempDataDir("agentvm-streams-"));
-    home = join(vm.root, "home", "agentos");
   });
 
   it("a write stream lands on end(); destroyed, it leaves nothing", async () => {
@@ -32,6 +28,10 @@ describe("Vm stream methods", () => {
     await pipeline(Readable.from([Buffer.from("a"), Buffer.from("b")]), complete);
     assert.equal(text(await vm.readFile("/home/agentos/complete.txt")), "ab");
     assert.equal((await vm.stat("/home/agentos/complete.txt")).mode & 0o777, 0o640);
+    // The file is the VM's guests', as if they had written it.
+    const owner = await vm.exec("sh", ["-c", 'find /home/agentos/complete.txt \\( ! -user "$(id -u)" -o ! -group "$(id -g)" \\) -print']);
+    assert.equal(owner.exitCode, 0, owner.stderr);
+    assert.equal(owner.stdout, "");
 
     const broken = await vm.openWriteStream("/home/agentos/broken.txt");
     broken.write("partial");
@@ -40,7 +40,7 @@ describe("Vm stream methods", () => {
     broken.destroy(new Error("the source failed"));
     await new Promise((resolve) => broken.once("close", resolve));
     assert.equal(await vm.exists("/home/agentos/broken.txt"), false);
-    assert.deepEqual(readdirSync(home).filter((name) => name.startsWith(".agentvm-")), []);
+    assert.deepEqual((await vm.readdir("/home/agentos")).filter((name) => name.startsWith(".agentvm-")), []);
   });
 
   it("an append that is destroyed is cut back to the old length", async () => {
