@@ -10,30 +10,12 @@ import { mkdir, writeFile } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import * as tar from "tar-stream";
 import { agentOS, setup, type RunningServer } from "agentvm";
 import { createClient, type VmHandle } from "agentvm/client";
 import { openFilesUnder, rejection, tempDataDir, text, waitFor } from "./helpers.ts";
+import { archive, type Entry } from "./tar-fixtures.ts";
 
 
-type Entry = { name: string; type?: "file" | "directory" | "symlink" | "link"; mode?: number; linkname?: string; content?: string };
-
-/** A tar archive built in memory (small: these are test fixtures). */
-async function archive(entries: Entry[]): Promise<Uint8Array> {
-  const pack = tar.pack();
-  // Read while adding: an entry's callback waits until its bytes were taken.
-  const read = (async () => {
-    const chunks: Uint8Array[] = [];
-    for await (const chunk of pack as AsyncIterable<Uint8Array>) chunks.push(chunk);
-    return Buffer.concat(chunks);
-  })();
-  for (const entry of entries) {
-    const { content, ...header } = entry;
-    await new Promise<void>((resolve, reject) => pack.entry({ mode: 0o644, ...header }, content ?? "", (error) => (error ? reject(error) : resolve())));
-  }
-  pack.finalize();
-  return read;
-}
 
 /** What a directory holds, as the guest sees it: path, type, permission bits, link target. */
 async function listing(vm: VmHandle, dir: string): Promise<string[]> {

@@ -2,20 +2,33 @@
  * File actions resolve inside the VM under a hostile guest (DESIGN §4): a
  * guest flips a directory and a symlink to a host directory as fast as it can
  * while the API reads, writes, lists, stats, moves, makes and deletes through
- * that path thousands of times. The host-side observer is a marker directory
+ * that path thousands of times, streams files in and out (appends too), and
+ * packs and extracts tar archives there (readlink, symlink, chmod, confined
+ * mkdir and writes). The host-side observer is a marker directory
  * outside the VM: its file must never be read, listed, changed or joined by
  * anything, whatever each action's outcome.
  */
 import { after, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { spawn } from "node:child_process";
+import { lstat, mkdir, mkdtemp, readdir, readFile, readlink, rm, stat, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Readable } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import { VmFilesystem } from "../src/sandbox/filesystem.ts";
 import { tempDataDir, testVm, waitFor } from "./helpers.ts";
+import { archive } from "./tar-fixtures.ts";
 
 const MARKER = "host-only-marker.txt";
 const SECRET = "host secret: must never be read through a VM";
 const ROUNDS = 600;
+
+async function collect(stream: Readable): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
 
 const markers: string[] = [];
 after(async () => {
@@ -26,8 +39,8 @@ after(async () => {
 // the server made at d meanwhile is cleared first, so the VM's directory always comes back.
 const FLIPPER = `
 const fs = require("fs");
-const [outside, flips] = process.argv.slice(2);
-process.chdir("/home/agentos/race");
+const [outside, flips, where = "/home/agentos/race"] = process.argv.slice(2);
+process.chdir(where);
 let n = 0;
 for (;;) {
   try { if (fs.existsSync("real")) fs.rmSync("d", { recursive: true, force: true }); } catch {}
@@ -46,6 +59,16 @@ describe("file actions against a guest flipping a directory and a symlink to a h
     await writeFile(join(outside, MARKER), SECRET);
     await writeFile(join(outside, "secret.txt"), SECRET);
     const before = await stat(join(outside, MARKER));
+    const outsideMode = (await stat(outside)).mode;
+    // Extracted into the race directory's parent: `d/` is made (mkdir within), written through
+    // (a file, a symlink) and chmod-ed at the end, while the guest flips it.
+    const tarball = await archive([
+      { name: "d/", type: "directory", mode: 0o751 },
+      { name: "d/secret.txt", content: "from tar", mode: 0o600 },
+      { name: "d/tar-link", type: "symlink", linkname: "/etc/passwd" },
+      { name: "d/sub/", type: "directory", mode: 0o711 },
+      { name: "d/sub/file", content: "f", mode: 0o640 },
+    ]);
     const vm = await testVm(await tempDataDir(), { name: "racer" });
     // The VM's own copies under the names the host directory has.
     await vm.writeFile("/home/agentos/race/d/secret.txt", "inside");
@@ -69,6 +92,18 @@ describe("file actions against a guest flipping a directory and a symlink to a h
           ["deleteFile", () => vm.deleteFile(`${d}/written-${round}.txt`)],
           ["deleteFile marker", () => vm.deleteFile(`${d}/${MARKER}`)],
           ["deleteFile tree", () => vm.deleteFile(`${d}/made-${round}`, { recursive: true })],
+          ["openReadStream", async () => assert.notEqual((await collect((await vm.openReadStream(`${d}/secret.txt`)).stream)).toString(), SECRET, "streamed the host's file")],
+          ["openReadStream marker", async () => assert.fail(`opened a stream of ${(await vm.openReadStream(`${d}/${MARKER}`)).size} bytes`)],
+          ["openWriteStream", async () => pipeline(Readable.from([Buffer.from("streamed")]), await vm.openWriteStream(`${d}/streamed-${round}.txt`, { mode: 0o600 }))],
+          ["openWriteStream append", async () => pipeline(Readable.from([Buffer.from("+")]), await vm.openWriteStream(`${d}/secret.txt`, { append: true }))],
+          [
+            "readTar",
+            async () => {
+              const packed = await collect(await vm.readTar(d));
+              assert.ok(!packed.includes(SECRET) && !packed.includes(MARKER), "packed the host's directory");
+            },
+          ],
+          ["writeTar", () => vm.writeTar("/home/agentos/race", Readable.from([tarball]))],
         ];
         await Promise.all(
           actions.map(([name, action]) =>
@@ -91,11 +126,84 @@ describe("file actions against a guest flipping a directory and a symlink to a h
     const afterStat = await stat(join(outside, MARKER));
     assert.equal(afterStat.atimeMs, before.atimeMs, "the marker was read");
     assert.equal(afterStat.mtimeMs, before.mtimeMs);
+    assert.equal(afterStat.mode, before.mode, "the marker was chmod-ed");
+    assert.equal((await stat(outside)).mode, outsideMode, "the host directory was chmod-ed");
     assert.deepEqual((await readdir(outside)).sort(), [MARKER, "secret.txt"]);
     assert.equal(await readFile(join(outside, MARKER), "utf8"), SECRET);
     assert.equal(await readFile(join(outside, "secret.txt"), "utf8"), SECRET);
     // The race was real: actions met the directory both ways.
     assert.ok((outcomes.get("readFile ok") ?? 0) > 0, JSON.stringify(Object.fromEntries(outcomes)));
     assert.ok([...outcomes.keys()].some((key) => key.startsWith("readFile ") && key !== "readFile ok"), JSON.stringify(Object.fromEntries(outcomes)));
+    // …and so did the streamed and tar actions (each succeeded sometimes and failed sometimes).
+    for (const name of ["openReadStream", "openWriteStream", "writeTar", "readTar"]) {
+      assert.ok((outcomes.get(`${name} ok`) ?? 0) > 0, `${name}: ${JSON.stringify(Object.fromEntries(outcomes))}`);
+      assert.ok([...outcomes.keys()].some((key) => key.startsWith(`${name} `) && key !== `${name} ok`), `${name}: ${JSON.stringify(Object.fromEntries(outcomes))}`);
+    }
+  });
+
+  // Tar extraction's own operations (not in the API by themselves), many more times than a VM
+  // round trip allows: the flipper runs on the host, in a VM root served by VmFilesystem.
+  it("chmod, symlink, readlink, appends and confined mkdir never act outside the VM", async () => {
+    const outside = await mkdtemp(join(tmpdir(), "agentvm-marker-"));
+    markers.push(outside);
+    await writeFile(join(outside, "secret.txt"), SECRET);
+    await symlink("host-target", join(outside, "link"));
+    const root = await tempDataDir();
+    await mkdir(join(root, "race", "real"), { recursive: true });
+    await writeFile(join(root, "race", "real", "secret.txt"), "inside");
+    await symlink("vm-target", join(root, "race", "real", "link"));
+    const hostBefore = { dir: (await stat(outside)).mode, secret: await lstat(join(outside, "secret.txt")) };
+    const files = new VmFilesystem(root, { readOnly: [] });
+    await writeFile(join(root, "flipper.js"), FLIPPER);
+    const flipper = spawn(process.execPath, [join(root, "flipper.js"), outside, join(root, "flips"), join(root, "race")], { stdio: "ignore" });
+    const outcomes = new Map<string, number>();
+    const note = (what: string) => outcomes.set(what, (outcomes.get(what) ?? 0) + 1);
+    try {
+      await waitFor(async () => Number(await readFile(join(root, "flips"), "utf8").catch(() => "0")) > 0, "the flipper to flip");
+      const d = "/race/d";
+      for (let round = 0; round < 500; round++) {
+        const actions: [string, () => Promise<unknown>][] = [
+          // Several at once: the window between the walk and the change is short.
+          ...Array.from({ length: 8 }, (): [string, () => Promise<unknown>] => ["chmod dir", () => files.chmod(d, 0o751)]),
+          ["chmod file", () => files.chmod(`${d}/secret.txt`, 0o600)],
+          ["readlink", async () => assert.notEqual(await files.readlink(`${d}/link`), "host-target", "read the host's symlink")],
+          ["symlink", () => files.symlink("vm-target", `${d}/link`, { within: "/race" })],
+          [
+            "append",
+            async () => {
+              const writer = await files.openWrite(`${d}/secret.txt`, { append: true, mode: 0o640 });
+              await writer.write(new TextEncoder().encode("+"));
+              await writer.commit();
+            },
+          ],
+          ["mkdirWithin", () => files.mkdirWithin(`${d}/made-${round}`, "/race")],
+        ];
+        await Promise.all(
+          actions.map(([name, action]) =>
+            action().then(
+              () => note(`${name} ok`),
+              (error: { code?: string; name?: string }) => {
+                if (error.name === "AssertionError") throw error;
+                note(`${name} ${error.code}`);
+              },
+            ),
+          ),
+        );
+      }
+    } finally {
+      flipper.kill("SIGKILL");
+    }
+    assert.equal((await stat(outside)).mode, hostBefore.dir, "the host directory was chmod-ed");
+    const secret = await lstat(join(outside, "secret.txt"));
+    assert.equal(secret.mode, hostBefore.secret.mode, "the host's file was chmod-ed or replaced");
+    assert.equal(secret.mtimeMs, hostBefore.secret.mtimeMs, "the host's file was appended to");
+    assert.equal(await readFile(join(outside, "secret.txt"), "utf8"), SECRET);
+    assert.equal(await readlink(join(outside, "link")), "host-target");
+    assert.deepEqual((await readdir(outside)).sort(), ["link", "secret.txt"]);
+    // The race was real: each action met the directory both ways.
+    for (const name of ["chmod dir", "chmod file", "readlink", "symlink", "append", "mkdirWithin"]) {
+      assert.ok((outcomes.get(`${name} ok`) ?? 0) > 0, `${name}: ${JSON.stringify(Object.fromEntries(outcomes))}`);
+      assert.ok([...outcomes.keys()].some((key) => key.startsWith(`${name} `) && key !== `${name} ok`), `${name}: ${JSON.stringify(Object.fromEntries(outcomes))}`);
+    }
   });
 });
