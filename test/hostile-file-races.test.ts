@@ -30,6 +30,31 @@ async function collect(stream: Readable): Promise<Buffer> {
   return Buffer.concat(chunks);
 }
 
+/** Runs one round of actions at once, counting each outcome (`<name> ok` or `<name> <code>`); a failed assertion fails the test. */
+async function race(actions: [string, () => Promise<unknown>][], outcomes: Map<string, number>): Promise<void> {
+  const note = (what: string) => outcomes.set(what, (outcomes.get(what) ?? 0) + 1);
+  await Promise.all(
+    actions.map(([name, action]) =>
+      action().then(
+        () => note(`${name} ok`),
+        (error: { code?: string; name?: string }) => {
+          if (error.name === "AssertionError") throw error;
+          note(`${name} ${error.code}`);
+        },
+      ),
+    ),
+  );
+}
+
+/** The race was real for these actions: each succeeded sometimes and failed sometimes. */
+function metBothWays(outcomes: Map<string, number>, names: string[]): void {
+  const seen = JSON.stringify(Object.fromEntries(outcomes));
+  for (const name of names) {
+    assert.ok((outcomes.get(`${name} ok`) ?? 0) > 0, `${name}: ${seen}`);
+    assert.ok([...outcomes.keys()].some((key) => key.startsWith(`${name} `) && key !== `${name} ok`), `${name}: ${seen}`);
+  }
+}
+
 const markers: string[] = [];
 after(async () => {
   await Promise.all(markers.map((dir) => rm(dir, { recursive: true, force: true })));
@@ -77,7 +102,6 @@ describe("file actions against a guest flipping a directory and a symlink to a h
     await waitFor(async () => (await vm.exists("/tmp/flips")) && Number(new TextDecoder().decode(await vm.readFile("/tmp/flips"))) > 0, "the guest to flip");
     const d = "/home/agentos/race/d";
     const outcomes = new Map<string, number>();
-    const note = (what: string) => outcomes.set(what, (outcomes.get(what) ?? 0) + 1);
     try {
       for (let round = 0; round < ROUNDS; round++) {
         const actions: [string, () => Promise<unknown>][] = [
@@ -105,17 +129,7 @@ describe("file actions against a guest flipping a directory and a symlink to a h
           ],
           ["writeTar", () => vm.writeTar("/home/agentos/race", Readable.from([tarball]))],
         ];
-        await Promise.all(
-          actions.map(([name, action]) =>
-            action().then(
-              () => note(`${name} ok`),
-              (error: { code?: string; name?: string }) => {
-                if (error.name === "AssertionError") throw error;
-                note(`${name} ${error.code}`);
-              },
-            ),
-          ),
-        );
+        await race(actions, outcomes);
       }
       const flips = Number(new TextDecoder().decode(await vm.readFile("/tmp/flips")));
       assert.ok(flips >= 1000, `the guest flipped ${flips} times`);
@@ -134,11 +148,8 @@ describe("file actions against a guest flipping a directory and a symlink to a h
     // The race was real: actions met the directory both ways.
     assert.ok((outcomes.get("readFile ok") ?? 0) > 0, JSON.stringify(Object.fromEntries(outcomes)));
     assert.ok([...outcomes.keys()].some((key) => key.startsWith("readFile ") && key !== "readFile ok"), JSON.stringify(Object.fromEntries(outcomes)));
-    // …and so did the streamed and tar actions (each succeeded sometimes and failed sometimes).
-    for (const name of ["openReadStream", "openWriteStream", "writeTar", "readTar"]) {
-      assert.ok((outcomes.get(`${name} ok`) ?? 0) > 0, `${name}: ${JSON.stringify(Object.fromEntries(outcomes))}`);
-      assert.ok([...outcomes.keys()].some((key) => key.startsWith(`${name} `) && key !== `${name} ok`), `${name}: ${JSON.stringify(Object.fromEntries(outcomes))}`);
-    }
+    // …and so did the streamed and tar actions.
+    metBothWays(outcomes, ["openReadStream", "openWriteStream", "writeTar", "readTar"]);
   });
 
   // Tar extraction's own operations (not in the API by themselves), many more times than a VM
@@ -157,7 +168,6 @@ describe("file actions against a guest flipping a directory and a symlink to a h
     await writeFile(join(root, "flipper.js"), FLIPPER);
     const flipper = spawn(process.execPath, [join(root, "flipper.js"), outside, join(root, "flips"), join(root, "race")], { stdio: "ignore" });
     const outcomes = new Map<string, number>();
-    const note = (what: string) => outcomes.set(what, (outcomes.get(what) ?? 0) + 1);
     try {
       await waitFor(async () => Number(await readFile(join(root, "flips"), "utf8").catch(() => "0")) > 0, "the flipper to flip");
       const d = "/race/d";
@@ -178,17 +188,7 @@ describe("file actions against a guest flipping a directory and a symlink to a h
           ],
           ["mkdirWithin", () => files.mkdirWithin(`${d}/made-${round}`, "/race")],
         ];
-        await Promise.all(
-          actions.map(([name, action]) =>
-            action().then(
-              () => note(`${name} ok`),
-              (error: { code?: string; name?: string }) => {
-                if (error.name === "AssertionError") throw error;
-                note(`${name} ${error.code}`);
-              },
-            ),
-          ),
-        );
+        await race(actions, outcomes);
       }
     } finally {
       flipper.kill("SIGKILL");
@@ -201,9 +201,6 @@ describe("file actions against a guest flipping a directory and a symlink to a h
     assert.equal(await readlink(join(outside, "link")), "host-target");
     assert.deepEqual((await readdir(outside)).sort(), ["link", "secret.txt"]);
     // The race was real: each action met the directory both ways.
-    for (const name of ["chmod dir", "chmod file", "readlink", "symlink", "append", "mkdirWithin"]) {
-      assert.ok((outcomes.get(`${name} ok`) ?? 0) > 0, `${name}: ${JSON.stringify(Object.fromEntries(outcomes))}`);
-      assert.ok([...outcomes.keys()].some((key) => key.startsWith(`${name} `) && key !== `${name} ok`), `${name}: ${JSON.stringify(Object.fromEntries(outcomes))}`);
-    }
+    metBothWays(outcomes, ["chmod dir", "chmod file", "readlink", "symlink", "append", "mkdirWithin"]);
   });
 });
