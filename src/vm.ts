@@ -29,6 +29,7 @@ import { EGRESS_PORTS } from "./init/protocol.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./sandbox/process-table.ts";
 import { VmSandbox } from "./sandbox/vm-sandbox.ts";
 import { VmCgroup } from "./sandbox/cgroup.ts";
+import { parseTerminalOptions, VmTerminal, type OpenTerminalOptions, type TerminalExit } from "./vm-terminal.ts";
 import { describe, expectInteger, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
 
 export interface VmLimits {
@@ -105,7 +106,10 @@ export interface ProcessLogs {
 
 export interface ProcessExitEvent {
   pid: number;
+  /** The exit code, or 128 + the signal's number when a signal ended it. */
   exitCode: number;
+  /** The signal that ended it, e.g. "SIGKILL", or null. */
+  signal: string | null;
 }
 
 export interface ExecOptions {
@@ -115,6 +119,10 @@ export interface ExecOptions {
   timeoutMs?: number;
   /** Kill the program and fail with EXEC_OUTPUT_LIMIT past this much stdout and stderr together (default 64 MiB). */
   maxOutputBytes?: number;
+  /** Called with each chunk of stdout as it comes (before exec resolves); the result still holds all of it. */
+  onStdout?: (data: Uint8Array) => void;
+  /** Called with each chunk of stderr as it comes. */
+  onStderr?: (data: Uint8Array) => void;
 }
 
 export interface ExecResult {
@@ -291,7 +299,7 @@ export class Vm extends EventEmitter<VmEvents> {
       },
       onOutput: (pid, stream, data, seq) => this.emit("processOutput", { pid, stream, data, seq }),
       logBytes: init.limits.logBytes,
-      onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),
+      onExit: (pid, exitCode, signal) => this.emit("processExit", { pid, exitCode, signal }),
     });
     this.#fetcher = new VmFetcher((port) => this.#connect(port), init.name, () => this.#processes.startupGraceMs());
   }
@@ -340,7 +348,6 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#alive();
     return this.#processes.spawn(command, args, options);
   }
-  /** Runs a program to completion and returns its exit code and output. */
   /**
    * Runs a program to completion and returns its exit code and output. Bounded:
    * past `timeoutMs` (default 10 minutes) or `maxOutputBytes` of output (default
@@ -350,12 +357,14 @@ export class Vm extends EventEmitter<VmEvents> {
   async exec(command: string, args: string[] = [], options: ExecOptions = {}): Promise<ExecResult> {
     this.#alive();
     const opts = expectObject("options", options ?? {});
-    const { timeoutMs: rawTimeout, maxOutputBytes: rawCap, ...spawnOptions } = opts;
+    const { timeoutMs: rawTimeout, maxOutputBytes: rawCap, onStdout, onStderr, ...spawnOptions } = opts;
+    const callbacks = { stdout: expectCallback("options.onStdout", onStdout), stderr: expectCallback("options.onStderr", onStderr) };
     const timeoutMs = rawTimeout === undefined ? EXEC_TIMEOUT_MS : expectInteger("options.timeoutMs", rawTimeout, 1, 7 * 24 * 3600 * 1000);
     const maxOutputBytes = rawCap === undefined ? EXEC_MAX_OUTPUT : expectInteger("options.maxOutputBytes", rawCap, 0, Number.MAX_SAFE_INTEGER);
     const output = { stdout: [] as Uint8Array[], stderr: [] as Uint8Array[], bytes: 0 };
     let pid = -1;
     let exceeded: "EXEC_TIMEOUT" | "EXEC_OUTPUT_LIMIT" | undefined;
+    let callbackError: unknown;
     const stop = (why: "EXEC_TIMEOUT" | "EXEC_OUTPUT_LIMIT") => {
       if (exceeded) return;
       exceeded = why;
@@ -366,7 +375,17 @@ export class Vm extends EventEmitter<VmEvents> {
       if (pid === -1) return void early.push(event);
       if (event.pid !== pid || exceeded === "EXEC_OUTPUT_LIMIT") return;
       const room = maxOutputBytes - output.bytes;
-      output[event.stream].push(event.data.byteLength > room ? event.data.subarray(0, room) : event.data);
+      const kept = event.data.byteLength > room ? event.data.subarray(0, room) : event.data;
+      output[event.stream].push(kept);
+      if (kept.byteLength > 0 && callbacks[event.stream] && callbackError === undefined) {
+        try {
+          callbacks[event.stream]!(kept);
+        } catch (error) {
+          // The caller's bug: it must neither reach the VM's event plumbing nor leave the program running unobserved.
+          callbackError = error;
+          void this.#processes.kill(pid, "SIGKILL").catch(() => {});
+        }
+      }
       output.bytes += Math.min(room, event.data.byteLength);
       if (event.data.byteLength > room) stop("EXEC_OUTPUT_LIMIT");
     };
@@ -379,6 +398,7 @@ export class Vm extends EventEmitter<VmEvents> {
       const exitCode = await this.#processes.wait(pid);
       const text = (parts: Uint8Array[]) => Buffer.concat(parts).toString("utf8");
       const result = { pid, exitCode, stdout: text(output.stdout), stderr: text(output.stderr) };
+      if (callbackError !== undefined) throw callbackError;
       if (exceeded === "EXEC_TIMEOUT") throw new AgentVmError(exceeded, `exec ${command}: still running after ${timeoutMs} ms (options.timeoutMs); it was killed`, { details: result });
       if (exceeded) throw new AgentVmError(exceeded, `exec ${command}: printed more than ${maxOutputBytes} bytes (options.maxOutputBytes); it was killed — use spawn and processOutput events for large output`, { details: result });
       return result;
@@ -386,6 +406,32 @@ export class Vm extends EventEmitter<VmEvents> {
       clearTimeout(timer);
       this.off("processOutput", collect);
     }
+  }
+  /**
+   * Runs a program on a pseudo-terminal in the VM (default: bash, 80 × 24,
+   * TERM=xterm-256color) and returns its handle: write keys, read output,
+   * resize, signal, wait for its exit. Several may be open at once; each is a
+   * process of the VM (limits.maxProcesses counts it).
+   */
+  async openTerminal(options: OpenTerminalOptions = {}): Promise<VmTerminal> {
+    this.#alive();
+    const { command, args, size, cwd, env } = parseTerminalOptions(options);
+    const { pid } = await this.#processes.spawn(command, args, { ...(cwd !== undefined ? { cwd } : {}), env }, size);
+    return new VmTerminal(pid, size, {
+      write: (target, data) => this.writeProcessStdin(target, data),
+      resize: (target, next) => this.#processes.resize(target, next),
+      kill: (target, signal) => this.killProcess(target, signal),
+      subscribe: (target, onData, onExit) => {
+        const output = (event: ProcessOutputEvent) => event.pid === target && onData(event.data);
+        const exit = (event: ProcessExitEvent) => event.pid === target && onExit({ exitCode: event.exitCode, signal: event.signal } satisfies TerminalExit);
+        this.on("processOutput", output);
+        this.on("processExit", exit);
+        return () => {
+          this.off("processOutput", output);
+          this.off("processExit", exit);
+        };
+      },
+    });
   }
   async waitProcess(pid: number): Promise<number> {
     this.#alive();
@@ -599,6 +645,12 @@ export class Vm extends EventEmitter<VmEvents> {
   #alive(): void {
     if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `VM ${this.name} was disposed; create a new one with createVm()`);
   }
+}
+
+function expectCallback(name: string, value: unknown): ((data: Uint8Array) => void) | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== "function") throw invalidArgument(`${name} must be a function, got ${describe(value)}`);
+  return value as (data: Uint8Array) => void;
 }
 
 export async function createVm(options: CreateVmOptions, services: VmHostServices = {}): Promise<Vm> {

@@ -8,7 +8,7 @@
  * those processes start themselves are the VM's business (init reaps them).
  */
 import { AgentVmError } from "../errors.ts";
-import { SIGNALS } from "../init/protocol.ts";
+import { SIGNALS, type TerminalSize } from "../init/protocol.ts";
 import { expectKnownKeys, expectObject, expectString, expectStringArray, expectStringRecord } from "../validate.ts";
 import { GUEST_HOME } from "./bubblewrap.ts";
 import type { VmSandbox } from "./vm-sandbox.ts";
@@ -30,6 +30,8 @@ export interface ProcessInfo {
   startedAt: number;
   /** Whether older output of this process fell out of its log (limits.logBytes); only for processes started through the API. */
   logDropped?: boolean;
+  /** Set for a program started with openTerminal: it runs on a pseudo-terminal, its output is all "stdout". */
+  terminal?: true;
 }
 
 /** One chunk of a process's output, as kept in its log and sent to subscribers. */
@@ -110,7 +112,8 @@ export class ProcessTable {
     return grace;
   }
 
-  async spawn(command: unknown, args: unknown = [], options: unknown = {}): Promise<{ pid: number }> {
+  /** Starts a program (validating what the API passed); `terminal` (already validated) runs it on a pseudo-terminal. */
+  async spawn(command: unknown, args: unknown = [], options: unknown = {}, terminal?: TerminalSize): Promise<{ pid: number }> {
     const name = expectString("command", command, { nonEmpty: true, max: 4096 });
     const argv = expectStringArray("args", args);
     const opts = expectObject("options", options ?? {});
@@ -130,7 +133,7 @@ export class ProcessTable {
     let pid: number;
     try {
       const sandbox = await this.#ensureSandbox();
-      pid = await sandbox.spawn(name, argv, cwd, env);
+      pid = await sandbox.spawn(name, argv, cwd, env, terminal);
     } catch (error) {
       if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed while ${name} was starting`, { cause: error });
       throw error;
@@ -138,7 +141,7 @@ export class ProcessTable {
       this.#starting--;
     }
     if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed while ${name} was starting`);
-    const info: ProcessInfo = { pid, ppid: 0, command: name, args: argv, cwd, running: true, exitCode: null, signal: null, startedAt: Date.now() };
+    const info: ProcessInfo = { pid, ppid: 0, command: name, args: argv, cwd, running: true, exitCode: null, signal: null, startedAt: Date.now(), ...(terminal ? { terminal: true as const } : {}) };
     const unclaimed = this.#unclaimed.get(pid);
     this.#unclaimed.delete(pid);
     const entry: Entry = { info: { ...info, logDropped: false }, exited: Promise.withResolvers<number>(), early: unclaimed?.output ?? [], log: [], logSize: 0 };
@@ -202,6 +205,13 @@ export class ProcessTable {
     const entry = this.#get(pid, "writeProcessStdin");
     if (!entry.info.running) throw new AgentVmError("EPIPE", `writeProcessStdin: process ${entry.info.pid} has exited`);
     await (await this.#sandbox)!.writeStdin(entry.info.pid, data);
+  }
+
+  /** A new window size for a program started on a terminal (nothing for one that has exited). */
+  resize(pid: unknown, size: TerminalSize): void {
+    const entry = this.#get(pid, "resizeTerminal");
+    if (!entry.info.terminal) throw new AgentVmError("INVALID_ARGUMENT", `resizeTerminal: process ${entry.info.pid} does not run on a terminal (start it with openTerminal)`);
+    if (entry.info.running) void this.#sandbox?.then((sandbox) => sandbox.resize(entry.info.pid, size));
   }
 
   closeStdin(pid: unknown): void {

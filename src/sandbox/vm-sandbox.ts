@@ -13,7 +13,7 @@ import { existsSync } from "node:fs";
 import type { Socket } from "node:net";
 import type { Readable } from "node:stream";
 import { AgentVmError } from "../errors.ts";
-import type { FromInit, VmProcess } from "../init/protocol.ts";
+import type { FromInit, TerminalSize, VmProcess } from "../init/protocol.ts";
 import { bubblewrapArgs, INIT_DIR, prepareMountPoints, type SandboxLayout } from "./bubblewrap.ts";
 import type { VmCgroup } from "./cgroup.ts";
 import { ControlChannel } from "./control-channel.ts";
@@ -129,9 +129,14 @@ export class VmSandbox {
     return sandbox;
   }
 
-  async spawn(command: string, args: string[], cwd: string, env: Record<string, string>): Promise<number> {
-    const { reply } = await this.#channel.request({ t: "spawn", command, args, cwd, env });
+  /** Starts a program; with `terminal`, on a pseudo-terminal of that size. */
+  async spawn(command: string, args: string[], cwd: string, env: Record<string, string>, terminal?: TerminalSize): Promise<number> {
+    const { reply } = await this.#channel.request({ t: "spawn", command, args, cwd, env, ...(terminal ? { terminal } : {}) });
     return reply.pid!;
+  }
+
+  resize(pid: number, size: TerminalSize): void {
+    this.#channel.notify({ t: "resize", pid, cols: size.cols, rows: size.rows });
   }
 
   signal(pid: number, signal: string): void {
