@@ -78,8 +78,10 @@ export const AGENTVM_CODES = [
   "ORIGIN_NOT_ALLOWED",
   /** The request body's content type is not one the route accepts (cross-site form defence). */
   "UNSUPPORTED_MEDIA_TYPE",
-  /** An event stream fell too far behind its reader and was closed; the last event says so. */
+  /** An event stream, a terminal or a streamed exec fell too far behind its reader and was closed; its last message says so. */
   "EVENTS_TOO_SLOW",
+  /** A WebSocket route (the terminal) was requested without a WebSocket upgrade. */
+  "UPGRADE_REQUIRED",
   /** exec ran longer than its timeoutMs; the process was killed and `details` holds what it printed. */
   "EXEC_TIMEOUT",
   /** exec printed more than its maxOutputBytes; the process was killed and `details` holds the output up to the cap. */

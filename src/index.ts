@@ -13,4 +13,6 @@ export { agentOS, agentOs, setup, Registry, generateApiKey, hashApiKey, TOKEN_AC
 export type { AuthOptions, MintedToken, TokenAction, TokenRequest } from "./server/index.ts";
 export type { AgentOsConfig, PreviewConfig, SoftwarePackage, VmDefinition, StartOptions, RunningServer, DestroyResult, VmSummary } from "./server/index.ts";
 export type { ExecOptions, ExecResult, ProcessLogs } from "./vm.ts";
+export { VmTerminal } from "./vm-terminal.ts";
+export type { OpenTerminalOptions, TerminalExit } from "./vm-terminal.ts";
 export type { PreviewUrl, PreviewInfo } from "./net/previews.ts";

@@ -2,6 +2,6 @@
  * agentvm/client — the typed client for an agentvm server.
  */
 export { createClient, canonicalKey } from "./client.ts";
-export type { AgentVmClient, ClientOptions, ClientFetchInit, VmHandle, VmAccessor, VmConnection, VmConnectionEvents, VmActions, ServerPreviewUrl, VmSummary, DestroyResult } from "./types.ts";
+export type { AgentVmClient, ClientOptions, ClientFetchInit, VmHandle, VmAccessor, VmConnection, VmConnectionEvents, VmActions, ServerPreviewUrl, VmSummary, DestroyResult, ClientProcess, ClientTerminal, OpenTerminalOptions, TerminalExit, ExecOptions, ExecResult } from "./types.ts";
 export { AgentVmError } from "../errors.ts";
 export type { ErrorCode } from "../errors.ts";

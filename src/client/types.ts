@@ -6,12 +6,14 @@
 import type { VmActionName } from "../actions.ts";
 import type { Registry } from "../server/registry.ts";
 import type { VmDefinition } from "../server/definition.ts";
-import type { ProcessExitEvent, ProcessOutputEvent, Vm } from "../vm.ts";
+import type { ExecOptions, ExecResult, ProcessExitEvent, ProcessOutputEvent, Vm } from "../vm.ts";
+import type { ClientProcess } from "./process-handle.ts";
+import type { ClientTerminal, OpenTerminalOptions, TerminalExit } from "./terminal.ts";
 import type { VmFetchInit, VmFetchResponse, VmFetchStreamResponse } from "../net/vm-fetch.ts";
 import type { PreviewUrl } from "../net/previews.ts";
 import type { DestroyResult, VmSummary } from "../server/vm-actor.ts";
 
-export type { DestroyResult, VmSummary };
+export type { ClientProcess, ClientTerminal, DestroyResult, ExecOptions, ExecResult, OpenTerminalOptions, TerminalExit, VmSummary };
 
 type Remote<F> = F extends (...args: infer A) => infer R ? (...args: A) => Promise<Awaited<R>> : never;
 
@@ -20,8 +22,10 @@ export type ServerPreviewUrl = PreviewUrl & { url: string };
 
 type RemoteActions = { [K in VmActionName]: Remote<Vm[K]> };
 
-export type VmActions = Omit<RemoteActions, "createSignedPreviewUrl"> & {
+export type VmActions = Omit<RemoteActions, "createSignedPreviewUrl" | "spawn"> & {
   createSignedPreviewUrl(...args: Parameters<Vm["createSignedPreviewUrl"]>): Promise<ServerPreviewUrl>;
+  /** Starts a program; the result is `{ pid }` with methods for that process (wait, kill, stdin, logs). */
+  spawn(...args: Parameters<Vm["spawn"]>): Promise<ClientProcess>;
 };
 
 /** vmFetch options on the client: what fetch accepts, minus what only the host has. */
@@ -59,6 +63,12 @@ export type VmHandle = VmActions & {
    */
   connect(options?: { since?: number }): VmConnection;
   /**
+   * Opens an interactive terminal in the VM over a WebSocket (default: bash,
+   * 80 × 24, TERM=xterm-256color). Needs an API key or a token that allows
+   * "openTerminal"; refusals and bad options reject with a typed error.
+   */
+  openTerminal(options?: OpenTerminalOptions): Promise<ClientTerminal>;
+  /**
    * Destroys the VM for good: ends its processes, deletes its files, rows and
    * preview URLs. `confirm` must be this VM's key (DESTROY_NOT_CONFIRMED
    * otherwise, and nothing changes). The key then starts a fresh, empty VM.
@@ -92,4 +102,6 @@ export interface ClientOptions {
   headers?: Record<string, string>;
   /** A fetch implementation (default: the global fetch). */
   fetch?: typeof fetch;
+  /** A WebSocket implementation for openTerminal (default: the global WebSocket of Node ≥ 22 and browsers). */
+  WebSocket?: typeof WebSocket;
 }

@@ -31,7 +31,7 @@ import { describe, expectKnownKeys, expectObject } from "../validate.ts";
  * What a token can allow: every VM action, plus the routes that are not actions.
  * `destroy` cannot be undone, so "*" does not include it: a token must list it.
  */
-export const TOKEN_ACTIONS = [...VM_ACTIONS, "vmFetch", "connect", "status", "destroy"] as const;
+export const TOKEN_ACTIONS = [...VM_ACTIONS, "vmFetch", "connect", "status", "openTerminal", "destroy"] as const;
 /** Actions a "*" token does not cover. */
 const EXPLICIT_ONLY: ReadonlySet<string> = new Set(["destroy"]);
 export type TokenAction = (typeof TOKEN_ACTIONS)[number];
@@ -59,7 +59,7 @@ export interface TokenRequest {
   definition?: string;
   /** The VM key the token is bound to (`["a"]` and `"a"` are the same VM). */
   key: string | readonly string[];
-  /** The actions it allows (VM actions, "vmFetch", "connect", "status", "destroy"), or "*" (default: every one but "destroy"). */
+  /** The actions it allows (VM actions, "vmFetch", "connect", "status", "openTerminal", "destroy"), or "*" (default: every one but "destroy"). */
   actions?: readonly TokenAction[] | "*";
   /** Lifetime in seconds (default 900, at most auth.maxTokenTtlSeconds). */
   expiresInSeconds?: number;

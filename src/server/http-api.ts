@@ -5,6 +5,7 @@
  *   ANY  /api/:definition/:key/fetch/:port/*     vmFetch, streamed both ways
  *   GET  /api/:definition/:key/events            processOutput / processExit as Server-Sent Events
  *   GET  /api/:definition/:key/status            awake or asleep, without waking it
+ *   GET  /api/:definition/:key/terminal          a terminal over a WebSocket (terminal-route.ts)
  *   GET  /api/:definition/vms                    list a definition's VMs (API key holders)
  *   DELETE /api/:definition/:key?confirm=:key    destroy a VM: processes, files, rows, previews
  *   POST /api/tokens                             mint a scoped token (API key holders)
@@ -23,6 +24,7 @@ import type { Authenticator, TokenRequest } from "./auth.ts";
 import { refuseFormPost, requireBodyType, type OriginPolicy } from "./request-origin.ts";
 import type { DestroyResult, VmActor, VmSummary } from "./vm-actor.ts";
 import type { ProcessOutputEvent } from "../vm.ts";
+import { streamExec, wantsExecStream } from "./exec-stream.ts";
 
 export const MAX_KEY_LENGTH = 256;
 
@@ -40,6 +42,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   HOST_NOT_ALLOWED: 403,
   ORIGIN_NOT_ALLOWED: 403,
   UNSUPPORTED_MEDIA_TYPE: 415,
+  UPGRADE_REQUIRED: 426,
   PATH_OUTSIDE_VM: 403,
   EACCES: 403,
   EPERM: 403,
@@ -157,7 +160,7 @@ type Route =
       kind: "vm";
       definition: string;
       key: string;
-      route: "actions" | "fetch" | "events" | "status" | "destroy";
+      route: "actions" | "fetch" | "events" | "status" | "terminal" | "destroy";
       /** The action name or the port ("" for events and status). */
       segment: string;
       /** What a token's actions list must hold for this request. */
@@ -166,7 +169,7 @@ type Route =
       rest: string | undefined;
     };
 
-const VM_ROUTE = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status)(\/.*)?$/;
+const VM_ROUTE = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status|terminal)(\/.*)?$/;
 /** `/api/{definition}/{key}`: GET /api/{definition}/vms lists, DELETE destroys the VM `key` (which may be "vms"). */
 const VM_ITEM = /^\/api\/([^/]+)\/([^/]+)$/;
 
@@ -181,7 +184,7 @@ function decodeDefinition(raw: string): string {
   }
 }
 
-function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): Route {
+export function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): Route {
   if (url.pathname === "/health") return { kind: "health" };
   if (url.pathname === "/api/tokens") {
     if (request.method !== "POST") throw new AgentVmError("UNKNOWN_ACTION", `tokens are minted with POST, not ${request.method}`);
@@ -199,8 +202,8 @@ function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): 
   const definition = decodeDefinition(match[1]!);
   if (!context.hasDefinition(definition)) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(definition)} in this registry`);
   const key = decodeKey(match[2]!);
-  const [route, segment = ""] = match[3]!.split("/") as ["actions" | "fetch" | "events" | "status", string | undefined];
-  const action = route === "actions" ? segment : route === "fetch" ? "vmFetch" : route === "events" ? "connect" : "status";
+  const [route, segment = ""] = match[3]!.split("/") as ["actions" | "fetch" | "events" | "status" | "terminal", string | undefined];
+  const action = route === "actions" ? segment : route === "fetch" ? "vmFetch" : route === "events" ? "connect" : route === "terminal" ? "openTerminal" : "status";
   return { kind: "vm", definition, key, route, segment, action, rest: match[4] };
 }
 
@@ -251,6 +254,7 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     }
     else if (route.route === "events" && route.rest === undefined) await streamEvents(actor, request, response);
     else if (route.route === "status" && route.rest === undefined && request.method === "GET") sendJson(response, actor.status());
+    else if (route.route === "terminal") throw new AgentVmError("UPGRADE_REQUIRED", `${url.pathname} is a WebSocket route: connect with a WebSocket (the client: handle.openTerminal())`);
     else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
   } catch (error) {
     sendError(response, error);
@@ -320,6 +324,7 @@ async function callAction(context: ApiContext, actor: VmActor, action: string, r
   }
   if (args === null || args === undefined) args = [];
   if (!Array.isArray(args)) throw new AgentVmError("MALFORMED_REQUEST", `${action}: the body must carry an array of arguments, e.g. {"value": ["/home/agentos/a.txt"]}`);
+  if (action === "exec" && wantsExecStream(request)) return streamExec(actor, args, response);
   const result = await actor.use((vm) => (vm[action] as (...a: unknown[]) => unknown).apply(vm, args as unknown[]));
   const wantsEnvelope = String(request.headers.accept ?? "").includes(ENVELOPE_TYPE);
   const encoded = encodeValue(result, { base64: !wantsEnvelope });

@@ -14,6 +14,7 @@ import { ensureImage } from "../image/index.ts";
 import { describe, expectKnownKeys, expectObject, expectString } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
 import { handleApi, MAX_LIST_LIMIT, sendError } from "./http-api.ts";
+import { handleTerminalUpgrade, isTerminalUpgrade } from "./terminal-route.ts";
 import { apiKeysFromEnv, Authenticator, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
 import { isLoopbackHost, OriginPolicy } from "./request-origin.ts";
 import { VmActor, type DestroyResult, type VmSummary } from "./vm-actor.ts";
@@ -304,13 +305,19 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const boundPreviewPort = (previewServers[0]!.address() as { port: number }).port;
   previewUrl = `http://${previewHost.includes(":") ? `[${previewHost}]` : previewHost}:${boundPreviewPort}`;
   redirect = new PreviewRedirect(gateway, previewUrl);
-  // Upgraded sockets (preview WebSockets) leave the HTTP server's bookkeeping, so
+  // Upgraded sockets (preview WebSockets, terminals) leave the HTTP server's bookkeeping, so
   // closeAllConnections does not end them and server.close would wait for them forever.
   const upgraded = new Set<Duplex>();
   for (const server of servers) {
-    // The API has no WebSocket route; a preview's WebSocket is told where previews are.
-    server.on("upgrade", (request: IncomingMessage, socket: Duplex) => {
-      if (closing || !redirect!.handleUpgrade(request, socket)) socket.destroy();
+    // The API's one WebSocket route is the terminal; a preview's WebSocket is told where previews are.
+    server.on("upgrade", (request: IncomingMessage, socket: Duplex, head: Buffer) => {
+      if (closing) return void socket.destroy();
+      if (isTerminalUpgrade(request)) {
+        upgraded.add(socket);
+        socket.once("close", () => upgraded.delete(socket));
+        return handleTerminalUpgrade(context, request, socket, head);
+      }
+      if (!redirect!.handleUpgrade(request, socket)) socket.destroy();
     });
   }
   for (const server of previewServers) {
