@@ -31,7 +31,7 @@ export interface ClientTerminal {
    * for not reading (EVENTS_TOO_SLOW), the VM destroyed, the connection lost (ECONNRESET).
    */
   readonly exited: Promise<TerminalExit>;
-  /** Hangs up (the server sends SIGHUP) and closes the connection. */
+  /** Hangs up (SIGHUP), waits for the program to exit (at most 3 s), then closes the connection. */
   close(): Promise<void>;
 }
 
@@ -47,6 +47,8 @@ export interface TerminalConnection {
 const TERMINAL_PROTOCOL = "agentvm.terminal.v1";
 const AUTH_PROTOCOL_PREFIX = "agentvm.auth.";
 const EARLY_OUTPUT_BYTES = 1 << 20;
+/** How long close() waits for the program to exit on SIGHUP before closing the connection anyway. */
+const CLOSE_GRACE_MS = 3_000;
 
 /** The route's query for these options (validated on the server too). */
 export function terminalQuery(options: OpenTerminalOptions): string {
@@ -140,6 +142,14 @@ export function openTerminal(connection: TerminalConnection): Promise<ClientTerm
     },
     exited: exited.promise,
     async close() {
+      // Hang up and wait for the exit, so that when close() resolves the program is gone; a
+      // program that ignores SIGHUP is the server's to end once the socket closes.
+      if (ws.readyState === Socket.OPEN && !settled) {
+        ws.send(JSON.stringify({ type: "kill", signal: "SIGHUP" }));
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([exited.promise.catch(() => {}), new Promise((resolve) => (timer = setTimeout(resolve, CLOSE_GRACE_MS)))]);
+        clearTimeout(timer);
+      }
       if (ws.readyState === Socket.OPEN || ws.readyState === Socket.CONNECTING) ws.close(1000, "closed by the client");
       await exited.promise.catch(() => {});
     },
