@@ -137,6 +137,19 @@ describe("terminals over the WebSocket route", () => {
     assert.equal((await handle.listProcesses()).filter((process) => process.running).length, 0);
   });
 
+  it("input a program does not read is held back, not piled up: the VM and its init stay well", async () => {
+    const handle = client.vm.getOrCreate("term-input");
+    const terminal = await handle.openTerminal({ command: "sleep", args: ["600"] });
+    // 16 MiB typed at a program that never reads: the pty takes a few KiB, the rest waits in the client.
+    const chunk = new Uint8Array(64 * 1024).fill(0x61);
+    for (let sent = 0; sent < 16 * 1024 * 1024; sent += chunk.byteLength) terminal.write(chunk);
+    // Another program in the same VM is served meanwhile: init is neither stuck nor out of memory.
+    assert.equal((await handle.exec("echo", ["alive"])).stdout, "alive\n");
+    terminal.kill("SIGKILL");
+    assert.deepEqual(await terminal.exited, { exitCode: 137, signal: "SIGKILL" });
+    assert.equal((await handle.exec("echo", ["still alive"])).stdout, "still alive\n");
+  });
+
   it("a token must allow openTerminal; a foreign Origin never gets a WebSocket", async () => {
     const narrow = server.createToken({ key: "term-auth", actions: ["exec"] });
     const denied = await rejection(createClient<typeof registry>({ endpoint: server.url, token: narrow.token }).vm.getOrCreate("term-auth").openTerminal());

@@ -21,6 +21,8 @@ import { startOnTerminal } from "./pseudo-terminal.ts";
 const DROP_PRIVILEGES = ["--no-new-privs", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"];
 /** After a program exits, how long its pipes may stay open (a background child holding them) before the exit is reported anyway. */
 const CLOSE_GRACE_MS = 50;
+/** Keys typed into a terminal that init holds for its program before a write waits. */
+const TERMINAL_INPUT_WINDOW = 64 * 1024;
 
 export interface SupervisorOptions {
   /** Path of setpriv inside the VM. */
@@ -90,7 +92,15 @@ export class Supervisor {
     if (terminal) {
       // node-pty's write takes bytes too (it writes to the pty's stream), though its types say string.
       terminal.write(data as unknown as string);
-      return Promise.resolve();
+      // Answered once the pty has taken it (down to a window), so a program that does not read
+      // its terminal makes the server stop sending instead of growing init. `_socket` is
+      // node-pty's stream on the pty; without it, the write is answered at once.
+      const stream = (terminal as unknown as { _socket?: import("node:net").Socket })._socket;
+      if (!stream || stream.writableLength <= TERMINAL_INPUT_WINDOW) return Promise.resolve();
+      return new Promise((resolve) => {
+        stream.once("drain", resolve);
+        stream.once("close", resolve);
+      });
     }
     const stdin = this.#children.get(pid)?.stdin;
     if (!stdin || stdin.writableEnded || stdin.destroyed) return Promise.reject(new SpawnError("EPIPE", `process ${pid} has no open stdin`));

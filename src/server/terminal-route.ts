@@ -37,7 +37,9 @@ export const AUTH_PROTOCOL_PREFIX = "agentvm.auth.";
 /** Close code after an error message. */
 export const TERMINAL_ERROR_CLOSE = 4000;
 const TERMINAL_BUFFER_BYTES = 4 * 1024 * 1024;
+/** Input sent to the VM and not yet taken by the terminal, before reading from the socket pauses. */
 const MAX_PENDING_WRITES = 64;
+const MAX_PENDING_INPUT_BYTES = 1024 * 1024;
 /** Largest frame a client may send (keys and pastes; a terminal is no file transfer). */
 const MAX_FRAME_BYTES = 1024 * 1024;
 const HANGUP_GRACE_MS = 2_000;
@@ -127,6 +129,8 @@ async function runTerminal(actor: VmActor, query: URLSearchParams, ws: WebSocket
   };
   const fail = (error: unknown) => {
     control({ type: "error", error: AgentVmError.from(error).toJSON() });
+    // Reading again, so the client's close frame (or its going away) is seen and the socket ends now.
+    ws.resume();
     ws.close(TERMINAL_ERROR_CLOSE, AgentVmError.from(error).code);
     void terminal?.close(HANGUP_GRACE_MS);
   };
@@ -137,16 +141,18 @@ async function runTerminal(actor: VmActor, query: URLSearchParams, ws: WebSocket
   });
   ws.on("error", () => ws.terminate());
   // Input that comes before the terminal is open waits for it (bounded by the pending-writes pause below).
-  let pendingWrites = 0;
+  const pending = { writes: 0, bytes: 0 };
   const write = (data: Buffer) => {
-    pendingWrites++;
-    if (pendingWrites >= MAX_PENDING_WRITES) ws.pause();
+    pending.writes++;
+    pending.bytes += data.byteLength;
+    if (pending.writes >= MAX_PENDING_WRITES || pending.bytes >= MAX_PENDING_INPUT_BYTES) ws.pause();
     terminal!
       .write(data)
       .catch(() => {}) // exited: the exit message is on its way
       .finally(() => {
-        pendingWrites--;
-        if (pendingWrites < MAX_PENDING_WRITES / 2) ws.resume();
+        pending.writes--;
+        pending.bytes -= data.byteLength;
+        if (pending.writes < MAX_PENDING_WRITES / 2 && pending.bytes < MAX_PENDING_INPUT_BYTES / 2) ws.resume();
       });
   };
   const onMessage = (data: RawData, isBinary: boolean) => {
