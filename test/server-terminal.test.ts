@@ -84,7 +84,7 @@ describe("terminals over the WebSocket route", () => {
     assert.equal(await handle.waitProcess(terminal.pid), 3);
   });
 
-  it("runs full-screen programs: vi draws with the terminal's escape codes, edits, saves and quits", async () => {
+  it("runs full-screen programs: vi edits, saves and quits; top draws and quits", async () => {
     const terminal = await client.vm.getOrCreate("term-vi").openTerminal({ command: "vi", args: ["/tmp/notes.txt"], cols: 80, rows: 24 });
     const out = screen(terminal);
     // The alternate screen or a cursor move is what a full-screen program sends first.
@@ -97,6 +97,11 @@ describe("terminals over the WebSocket route", () => {
     terminal.write(":wq\r");
     assert.deepEqual(await terminal.exited, { exitCode: 0, signal: null });
     assert.equal(new TextDecoder().decode(await client.vm.getOrCreate("term-vi").readFile("/tmp/notes.txt")), "hello from vi\n");
+    // top finds its terminfo entry for xterm-256color, clears the screen, draws, and quits on q.
+    const top = await client.vm.getOrCreate("term-vi").openTerminal({ command: "top" });
+    await screen(top).until(/\x1b\[H\x1b\[2J[\s\S]*load average/);
+    top.write("q");
+    assert.deepEqual(await top.exited, { exitCode: 0, signal: null });
   });
 
   it("several terminals per VM; closing one hangs its program up; each counts toward maxProcesses", async () => {
