@@ -38,6 +38,14 @@ describe("Vm.openTerminal", () => {
     // The shell leads its own session on the terminal, as a login on a terminal would.
     const shell = new RegExp(`^\\s*${terminal.pid}\\s+${terminal.pid}\\s+pts/\\d+\\s+sh`, "m");
     assert.match(out.value, shell);
+    // In the VM's control groups: its task count (and so limits.maxTasks, totalMemoryMb) includes the program.
+    const before = await vm.usage();
+    if (before.caps) {
+      const sleeper = await vm.openTerminal({ command: "sleep", args: ["600"] });
+      const during = await vm.usage();
+      assert.ok(during.tasks! > before.tasks!, `tasks ${before.tasks} → ${during.tasks}`);
+      await sleeper.close();
+    }
   });
 
   it("keeps output that came before the first onData listener, delivers keys, resizes, signals", async () => {
