@@ -7,6 +7,7 @@
  * Owns: the table of API-started processes and the sandbox handle. Programs
  * those processes start themselves are the VM's business (init reaps them).
  */
+import { constants as osConstants } from "node:os";
 import { AgentVmError } from "../errors.ts";
 import { SIGNALS, type TerminalSize } from "../init/protocol.ts";
 import { expectKnownKeys, expectObject, expectString, expectStringArray, expectStringRecord } from "../validate.ts";
@@ -278,7 +279,9 @@ export class ProcessTable {
       return;
     }
     if (!entry.info.running) return;
-    this.#finish(entry, code ?? 128 + (signal ? (SIGNALS[signal] ?? 0) : 0), signal);
+    // Any signal may end a program (SIGSEGV, SIGPIPE, SIGWINCH…), not only those the API sends.
+    const number = signal ? (SIGNALS[signal] ?? (osConstants.signals as Record<string, number | undefined>)[signal] ?? 0) : 0;
+    this.#finish(entry, code ?? 128 + number, signal);
   }
 
   /** The sandbox ended under the processes (init died, or the VM was stopped): each is reported killed. */
