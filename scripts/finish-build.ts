@@ -4,6 +4,8 @@
  * dependencies beside it: dns-packet with ip-codec, and @lydell/node-pty with
  * the prebuilt addon for this platform (an N-API binary, so it loads in the
  * guest's Node whatever the host's; guests run on the host's architecture).
+ * Also copies the dashboard's static files (plain ES modules, served as they
+ * are) beside dist/server.
  */
 import { cpSync, mkdirSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -15,3 +17,4 @@ for (const name of ["dns-packet", "@leichtgewicht/ip-codec", "@lydell/node-pty",
   mkdirSync(join(out, "node_modules", dirname(name)), { recursive: true });
   cpSync(join(modules, name), join(out, "node_modules", name), { recursive: true });
 }
+cpSync(new URL("../src/dashboard/", import.meta.url).pathname, new URL("../dist/dashboard/", import.meta.url).pathname, { recursive: true });

@@ -251,7 +251,7 @@ export class Vm extends EventEmitter<VmEvents> {
       // npm 12 holds back install scripts on a workstation; in a VM the sandbox is the
       // boundary, and `npm install` runs them as users of E2B or Daytona expect.
       NPM_CONFIG_DANGEROUSLY_ALLOW_ALL_SCRIPTS: "true",
-      NODE_OPTIONS: `--require ${INIT_DIR}/node-preload.js --max-old-space-size=${init.limits.memoryMb}`,
+      NODE_OPTIONS: `--require ${INIT_DIR}/node-preload.cjs --max-old-space-size=${init.limits.memoryMb}`,
       ...EGRESS_ENV,
     };
     const root = this.root;
@@ -713,10 +713,10 @@ export function parseLimits(value: unknown): Required<VmLimits> {
   return out;
 }
 
-/** What the Node preload reads at /run/agentvm-guest.json (see init/node-preload.ts). */
+/** What the Node preload reads at /run/agentvm-guest.json (see init/node-preload.cts). */
 async function writeGuestConfig(vmDir: string, listen: ListenPolicy, network: NetworkPolicy): Promise<string> {
   const file = join(vmDir, "etc/agentvm-guest.json");
-  await writeFile(file, JSON.stringify({ listenDenials: listenDenials(listen, network), autoRange: autoRange(listen) }));
+  await writeFile(file, JSON.stringify({ servicePort: EGRESS_PORTS.node, listenDenials: listenDenials(listen, network), autoRange: autoRange(listen) }));
   return file;
 }
 

@@ -8,7 +8,9 @@
  *   GET  /api/:definition/:key/terminal          a terminal over a WebSocket (terminal-route.ts)
  *   GET  /api/:definition/vms                    list a definition's VMs (API key holders)
  *   DELETE /api/:definition/:key?confirm=:key    destroy a VM: processes, files, rows, previews
+ *   GET  /api/definitions                        the registry's VM definition names (API key holders)
  *   POST /api/tokens                             mint a scoped token (API key holders)
+ *   GET  /  and /dashboard/*                     the dashboard page (static; it calls the API above)
  *   GET  /health                                 no credentials needed
  *
  * Every failure is `{ "error": { "code", "message" } }` with a status derived
@@ -21,6 +23,7 @@ import { isVmAction } from "../actions.ts";
 import { AgentVmError, type ErrorCode } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
 import type { Authenticator, TokenRequest } from "./auth.ts";
+import { isDashboardPath, serveDashboard } from "./dashboard-route.ts";
 import { refuseFormPost, requireBodyType, type OriginPolicy } from "./request-origin.ts";
 import type { DestroyResult, VmActor, VmSummary } from "./vm-actor.ts";
 import type { ProcessOutputEvent } from "../vm.ts";
@@ -90,6 +93,8 @@ export interface ApiContext {
   /** Finds (or creates) the actor for a definition and key; undefined when the definition is unknown. */
   actor(definition: string, key: string): VmActor | undefined;
   hasDefinition(definition: string): boolean;
+  /** The registry's definition names. */
+  definitions(): string[];
   /** A definition's VMs in key order, after `after`, at most `limit`. */
   listVms(definition: string, options: { after?: string; limit?: number }): VmSummary[];
   destroyVm(definition: string, key: string): Promise<DestroyResult>;
@@ -155,6 +160,7 @@ function decodeKey(raw: string): string {
 type Route =
   | { kind: "health" }
   | { kind: "tokens" }
+  | { kind: "definitions" }
   | { kind: "list"; definition: string }
   | {
       kind: "vm";
@@ -190,6 +196,10 @@ export function resolveRoute(context: ApiContext, request: IncomingMessage, url:
     if (request.method !== "POST") throw new AgentVmError("UNKNOWN_ACTION", `tokens are minted with POST, not ${request.method}`);
     return { kind: "tokens" };
   }
+  if (url.pathname === "/api/definitions") {
+    if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `definitions are listed with GET, not ${request.method}`);
+    return { kind: "definitions" };
+  }
   const item = VM_ITEM.exec(url.pathname);
   if (item && (request.method === "DELETE" || (request.method === "GET" && item[2] === "vms"))) {
     const definition = decodeDefinition(item[1]!);
@@ -217,6 +227,10 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     context.origins.checkHost(request);
     context.origins.checkOrigin(request);
     const url = new URL(request.url ?? "/", "http://localhost");
+    if (isDashboardPath(url.pathname)) {
+      await serveDashboard(request, response, url.pathname);
+      return;
+    }
     // Credentials first (401 before 404), except for the health probe.
     const credentialHeader = request.headers[AUTH_HEADER] !== undefined ? AUTH_HEADER : "authorization";
     const credential = url.pathname === "/health" ? undefined : context.auth.authenticate(headerText(request.headers[credentialHeader]));
@@ -229,6 +243,11 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
       context.auth.requireApiKey(credential!, "minting a token (POST /api/tokens)");
       requireBodyType(request, "POST /api/tokens");
       await mintToken(context, request, response);
+      return;
+    }
+    if (route.kind === "definitions") {
+      context.auth.requireApiKey(credential!, "listing definitions (GET /api/definitions)");
+      sendJson(response, context.definitions());
       return;
     }
     if (route.kind === "list") {
