@@ -201,6 +201,8 @@ export class Vm extends EventEmitter<VmEvents> {
   #previews: PreviewTokens | undefined;
   /** Opened here only for an embedded VM's previews; a server passes its own. */
   #ownStore: SqliteStore | undefined;
+  /** One for the tokens and the preview servers alike: the store remembers lookups, and forgets only what its own writes change. */
+  #ownPreviewStore: PreviewStore | undefined;
   readonly #servedByRegistry: boolean;
   readonly #previewServers = new Set<() => Promise<void>>();
   /** Each running servePreviews() server's origin, in start order. */
@@ -560,7 +562,7 @@ export class Vm extends EventEmitter<VmEvents> {
     const host = options.host === undefined ? "127.0.0.1" : expectString("options.host", options.host, { nonEmpty: true });
     this.#previewTokens();
     const gateway = new PreviewGateway({
-      store: new PreviewStore(this.#ownStore!),
+      store: this.#ownPreviewStore!,
       ...(options.previewHost !== undefined ? { previewHost: expectString("options.previewHost", options.previewHost, { nonEmpty: true }) } : {}),
       owns: (row) => row.definition === "" && row.key === this.name,
       acquire: async () => ({ vm: this, release() {} }),
@@ -610,7 +612,8 @@ export class Vm extends EventEmitter<VmEvents> {
   #previewTokens(): PreviewTokens {
     if (!this.#previews) {
       this.#ownStore = new SqliteStore(this.#dataDir);
-      this.#previews = new PreviewTokens(new PreviewStore(this.#ownStore), this.#previewConfig, { definition: "", key: this.name });
+      this.#ownPreviewStore = new PreviewStore(this.#ownStore);
+      this.#previews = new PreviewTokens(this.#ownPreviewStore, this.#previewConfig, { definition: "", key: this.name });
     }
     return this.#previews;
   }
