@@ -222,7 +222,7 @@ export class ProcessTable {
 
   /** Called by the sandbox's events. */
   output(pid: number, stream: OutputStream, data: Uint8Array): void {
-    const entry = this.#entries.get(pid);
+    const entry = this.#running(pid);
     if (!entry) return void this.#unclaimedFor(pid)?.output.push([stream, data]);
     if (entry.early) entry.early.push([stream, data]);
     else this.#deliver(entry, stream, data);
@@ -272,13 +272,12 @@ export class ProcessTable {
   }
 
   exited(pid: number, code: number | null, signal: string | null): void {
-    const entry = this.#entries.get(pid);
+    const entry = this.#running(pid);
     if (!entry) {
       const unclaimed = this.#unclaimedFor(pid);
       if (unclaimed) unclaimed.exit = [code, signal];
       return;
     }
-    if (!entry.info.running) return;
     // Any signal may end a program (SIGSEGV, SIGPIPE, SIGWINCH…), not only those the API sends.
     const number = signal ? (SIGNALS[signal] ?? (osConstants.signals as Record<string, number | undefined>)[signal] ?? 0) : 0;
     this.#finish(entry, code ?? 128 + number, signal);
@@ -305,6 +304,16 @@ export class ProcessTable {
     if (entry.early) return; // reported with its early output, see spawn()
     entry.exited.resolve(exitCode);
     this.#options.onExit(entry.info.pid, exitCode, signal);
+  }
+
+  /**
+   * The running entry an event from init is for. An exited entry with that pid is an earlier
+   * process: pids are reused, above all by the next sandbox, whose pid namespace starts afresh.
+   * Its events then belong to a spawn whose reply is still on its way (see #unclaimed).
+   */
+  #running(pid: number): Entry | undefined {
+    const entry = this.#entries.get(pid);
+    return entry?.info.running ? entry : undefined;
   }
 
   #unclaimedFor(pid: number) {
