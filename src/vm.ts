@@ -15,6 +15,7 @@ import { AgentVmError, invalidArgument } from "./errors.ts";
 import { ensureImage, type VmImage } from "./image/index.ts";
 import { parseSoftware, type SoftwareEntry } from "./image/software.ts";
 import { VmFilesystem, type VmStat } from "./sandbox/filesystem.ts";
+import { beginRun, endRun } from "./sandbox/interrupted-writes.ts";
 import { autoRange, listenDenials, parseListenPolicy, type ListenConfig, type ListenPolicy } from "./policy/listen-policy.ts";
 import { Egress, type Denial } from "./net/egress.ts";
 import { parseNetworkPolicy, type NetworkPermission, type NetworkPolicy } from "./policy/network-policy.ts";
@@ -189,6 +190,7 @@ export class Vm extends EventEmitter<VmEvents> {
   readonly #denials: Denial[] = [];
   #denialCount = 0;
   readonly #dataDir: string;
+  readonly #vmDir: string;
   readonly #previewConfig: ResolvedPreviewConfig;
   #previews: PreviewTokens | undefined;
   /** Opened here only for an embedded VM's previews; a server passes its own. */
@@ -224,6 +226,7 @@ export class Vm extends EventEmitter<VmEvents> {
     this.name = init.name;
     this.root = join(init.vmDir, "root");
     this.#dataDir = init.dataDir;
+    this.#vmDir = init.vmDir;
     this.#previewConfig = init.preview;
     this.#previews = init.services.previews;
     this.#servedByRegistry = init.services.previews !== undefined;
@@ -559,6 +562,7 @@ export class Vm extends EventEmitter<VmEvents> {
     await Promise.all([...this.#previewServers].map((close) => close()));
     this.#ownStore?.close();
     this.removeAllListeners();
+    await endRun(this.#vmDir).catch(() => undefined);
   }
 
   #previewTokens(): PreviewTokens {
@@ -625,6 +629,7 @@ export async function createVm(options: CreateVmOptions, services: VmHostService
   const [bwrap, image] = await Promise.all([findBubblewrap(), ensureImage({ software, ...(nodeOverride !== undefined ? { node: nodeOverride } : {}) })]);
   const vmDir = join(dataDir, "vms", vmDirectoryName(name));
   await prepareVmDirectory(vmDir);
+  await beginRun(vmDir, join(vmDir, "root"));
   return new Vm({ name, vmDir, dataDir, listen, network, hosts, limits, preview, bwrap, image, services });
 }
 

@@ -14,6 +14,7 @@ import { constants } from "node:fs";
 import type { Stats } from "node:fs";
 import * as path from "node:path";
 import { AgentVmError, invalidArgument, type ErrorCode, POSIX_CODES } from "../errors.ts";
+import { TEMP_FILE_PATTERN, tempFileName } from "./interrupted-writes.ts";
 import { describe, expectKnownKeys, expectObject, expectString, expectStringArray, toBytes } from "../validate.ts";
 
 export interface VmStat {
@@ -60,8 +61,6 @@ interface Resolved {
 }
 
 const POSIX: ReadonlySet<string> = new Set<string>(POSIX_CODES);
-
-let tempCounter = 0;
 
 export class VmFilesystem {
   static readonly HOME = "/home/agentos";
@@ -128,7 +127,7 @@ export class VmFilesystem {
 
     // Same directory as the target so the rename is atomic: readers see the old
     // content or the new, never a partial write.
-    const temp = path.join(dir, `.agentvm-${process.pid}-${++tempCounter}-${Math.random().toString(36).slice(2, 10)}.tmp`);
+    const temp = path.join(dir, tempFileName());
     let created = false;
     try {
       const handle = await fs.open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o644);
@@ -219,7 +218,8 @@ export class VmFilesystem {
     if (!r.stats.isDirectory()) throw fail("ENOTDIR", op, guest, r, "is not a directory", "use readFile or stat on it instead");
     await this.#confirmInside(op, guest, r.host);
     try {
-      return (await fs.readdir(r.host)).sort();
+      // A write in flight (or one a crash interrupted) is not a file of the guest's.
+      return (await fs.readdir(r.host)).filter((name) => !TEMP_FILE_PATTERN.test(name)).sort();
     } catch (err) {
       throw fsError(err, op, guest, r);
     }
@@ -446,23 +446,39 @@ export class VmFilesystem {
     }
   }
 
-  /** mkdir -p over resolved components, one level at a time so each level is checked. */
+  /**
+   * mkdir -p over resolved components, one level at a time so each level is checked.
+   * The first new level's parent is confirmed with realpath; every deeper parent is
+   * one this call just created, so it is confirmed by identity instead: its path must
+   * still lead to the directory made a moment ago (a swapped-in symlink would lead
+   * elsewhere). One lstat per level, not a realpath that walks every level again —
+   * that made a path 2,000 directories deep take minutes.
+   */
   async #createDirs(op: Op, guest: string, parts: readonly string[], existing: number): Promise<void> {
     if (existing >= parts.length) return;
     const root = await this.#rootPath(op, guest);
     this.#checkWritable(op, guest, `/${parts.join("/")}`);
+    let host = path.join(root, ...parts.slice(0, existing));
+    await this.#confirmInside(op, guest, host);
+    let made: Stats | undefined;
     for (let i = existing; i < parts.length; i++) {
-      const host = path.join(root, ...parts.slice(0, i + 1));
-      await this.#confirmInside(op, guest, path.dirname(host));
+      const parent = host;
+      host = path.join(parent, parts[i]!);
+      if (made) {
+        const now = await fs.lstat(parent).catch(() => null);
+        if (!now?.isDirectory() || now.ino !== made.ino || now.dev !== made.dev) {
+          throw new AgentVmError("PATH_OUTSIDE_VM", `${op} ${guest}: a directory it was creating was replaced while it ran; access refused, retry once the path is stable`);
+        }
+      }
       try {
         await fs.mkdir(host);
       } catch (err) {
         if (errno(err) !== "EEXIST") throw fsError(err, op, guest);
-        // Someone (likely the guest) created it meanwhile; fine if it is a directory.
-        const st = await fs.lstat(host).catch(() => null);
-        if (!st?.isDirectory()) {
-          throw fail("ENOTDIR", op, guest, undefined, `/${parts.slice(0, i + 1).join("/")} is not a directory`, "fix the path, or move that file out of the way");
-        }
+      }
+      // Someone (likely the guest) may have created it meanwhile; fine if it is a directory.
+      made = (await fs.lstat(host).catch(() => null)) ?? undefined;
+      if (!made?.isDirectory()) {
+        throw fail("ENOTDIR", op, guest, undefined, `/${parts.slice(0, i + 1).join("/")} is not a directory`, "fix the path, or move that file out of the way");
       }
     }
   }

@@ -21,7 +21,7 @@ import { AgentVmError, type ErrorCode } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
 import type { Authenticator, TokenRequest } from "./auth.ts";
 import { refuseFormPost, requireBodyType, type OriginPolicy } from "./request-origin.ts";
-import type { DestroyResult, VmActor, VmSummary } from "./vm-actor.ts";
+import type { DestroyResult, VmActor, VmStatus, VmSummary } from "./vm-actor.ts";
 import type { ProcessOutputEvent } from "../vm.ts";
 
 export const MAX_KEY_LENGTH = 256;
@@ -54,6 +54,9 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   ENOTDIR: 409,
   VM_DISPOSED: 410,
   PAYLOAD_TOO_LARGE: 413,
+  HEADERS_TOO_LARGE: 431,
+  TOO_MANY_CONNECTIONS: 429,
+  TOO_MANY_VMS: 507,
   EAGAIN: 429,
   LIMIT_EXCEEDED: 429,
   EMFILE: 429,
@@ -90,12 +93,16 @@ export interface ApiContext {
   /** A definition's VMs in key order, after `after`, at most `limit`. */
   listVms(definition: string, options: { after?: string; limit?: number }): VmSummary[];
   destroyVm(definition: string, key: string): Promise<DestroyResult>;
+  /** A VM's status, read without creating an actor for it or waking it. */
+  vmStatus(definition: string, key: string): VmStatus;
   auth: Authenticator;
   origins: OriginPolicy;
   maxBodyBytes: number;
 }
 
 const TOKEN_BODY_LIMIT = 64 * 1024;
+/** No action takes more arguments than this; more would only be spread onto the stack. */
+export const MAX_ACTION_ARGS = 8;
 
 /** The HTTP status an error code is answered with (docs/errors.md lists them). */
 export function httpStatus(code: ErrorCode): number {
@@ -109,15 +116,24 @@ export function sendError(response: ServerResponse, error: unknown, extraHeaders
     return;
   }
   const body = JSON.stringify({ error: shaped.toJSON() });
+  // A refused body is not read to its end: the connection closes after the answer.
+  const refusedBody = shaped.code === "PAYLOAD_TOO_LARGE";
   response.writeHead(httpStatus(shaped.code), {
     "content-type": "application/json",
     "content-length": Buffer.byteLength(body),
     "x-agentvm-error": "1",
+    ...(refusedBody ? { connection: "close" } : {}),
     ...extraHeaders,
   });
   response.end(body);
+  if (refusedBody) response.once("finish", () => response.req?.destroy());
 }
 
+/**
+ * Reads a body up to `limit` bytes. Past the limit (declared or streamed) it stops
+ * reading at once: the error response closes the connection, so the rest of the
+ * body is never read or held.
+ */
 async function readBody(request: IncomingMessage, limit: number): Promise<Uint8Array> {
   const declared = Number(request.headers["content-length"] ?? 0);
   if (declared > limit) throw tooLarge(limit);
@@ -132,7 +148,10 @@ async function readBody(request: IncomingMessage, limit: number): Promise<Uint8A
 }
 
 function tooLarge(limit: number): AgentVmError {
-  return new AgentVmError("PAYLOAD_TOO_LARGE", `request body is larger than the server's limit of ${limit} bytes (maxBodyBytes); send big data in pieces or use vmFetchStream`);
+  return new AgentVmError(
+    "PAYLOAD_TOO_LARGE",
+    `request body is larger than the server's limit of ${limit} bytes (start({ limits: { maxBodyBytes } }) / AGENTVM_MAX_BODY_BYTES); send big data in pieces or through vmFetch, which streams`,
+  );
 }
 
 function decodeKey(raw: string): string {
@@ -140,7 +159,7 @@ function decodeKey(raw: string): string {
   try {
     key = decodeURIComponent(raw);
   } catch {
-    throw new AgentVmError("INVALID_ARGUMENT", "VM key in the URL is not valid percent-encoding");
+    throw new AgentVmError("MALFORMED_REQUEST", "VM key in the URL is not valid percent-encoding (e.g. %ff); encode it with encodeURIComponent");
   }
   if (key.length === 0 || key.length > MAX_KEY_LENGTH) {
     throw new AgentVmError("INVALID_ARGUMENT", `VM key must be 1 to ${MAX_KEY_LENGTH} characters, got ${key.length}`);
@@ -177,7 +196,7 @@ function decodeDefinition(raw: string): string {
   try {
     return decodeURIComponent(raw);
   } catch {
-    throw new AgentVmError("UNKNOWN_ACTION", "the definition name in the URL is not valid percent-encoding");
+    throw new AgentVmError("MALFORMED_REQUEST", "the definition name in the URL is not valid percent-encoding (e.g. %ff); encode it with encodeURIComponent");
   }
 }
 
@@ -241,17 +260,23 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     }
     if (route.route === "actions" && request.method === "POST") requireBodyType(request, `action ${route.segment}`);
     if (route.route === "fetch") refuseFormPost(request);
+    // A status read creates nothing: asking about a million keys must not keep a million actors.
+    if (route.route === "status" && route.rest === undefined && request.method === "GET") return sendJson(response, context.vmStatus(route.definition, route.key));
     const actor = context.actor(route.definition, route.key);
     if (!actor) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(route.definition)} in this registry`);
-    if (route.route === "actions" && route.rest === undefined) await callAction(context, actor, route.segment, request, response);
-    else if (route.route === "fetch") {
-      // The credential is ours, not the guest's: it is not forwarded.
-      const consumed = credential!.kind === "open" ? AUTH_HEADER : credentialHeader;
-      await proxyFetch(actor, route.segment, `${route.rest ?? "/"}${url.search}`, request, response, consumed);
+    // Held for the whole request, so even a request refused halfway lets the actor go idle (and be dropped).
+    const release = actor.hold();
+    try {
+      if (route.route === "actions" && route.rest === undefined) await callAction(context, actor, route.segment, request, response);
+      else if (route.route === "fetch") {
+        // The credential is ours, not the guest's: it is not forwarded.
+        const consumed = credential!.kind === "open" ? AUTH_HEADER : credentialHeader;
+        await proxyFetch(actor, route.segment, `${route.rest ?? "/"}${url.search}`, request, response, consumed);
+      } else if (route.route === "events" && route.rest === undefined) await streamEvents(actor, request, response);
+      else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
+    } finally {
+      release();
     }
-    else if (route.route === "events" && route.rest === undefined) await streamEvents(actor, request, response);
-    else if (route.route === "status" && route.rest === undefined && request.method === "GET") sendJson(response, actor.status());
-    else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
   } catch (error) {
     sendError(response, error);
   }
@@ -320,6 +345,7 @@ async function callAction(context: ApiContext, actor: VmActor, action: string, r
   }
   if (args === null || args === undefined) args = [];
   if (!Array.isArray(args)) throw new AgentVmError("MALFORMED_REQUEST", `${action}: the body must carry an array of arguments, e.g. {"value": ["/home/agentos/a.txt"]}`);
+  if (args.length > MAX_ACTION_ARGS) throw new AgentVmError("MALFORMED_REQUEST", `${action}: ${args.length} arguments; no action takes more than ${MAX_ACTION_ARGS}`);
   const result = await actor.use((vm) => (vm[action] as (...a: unknown[]) => unknown).apply(vm, args as unknown[]));
   const wantsEnvelope = String(request.headers.accept ?? "").includes(ENVELOPE_TYPE);
   const encoded = encodeValue(result, { base64: !wantsEnvelope });

@@ -16,12 +16,14 @@ import { isVmDefinition, type VmDefinition } from "./definition.ts";
 import { handleApi, MAX_LIST_LIMIT, sendError } from "./http-api.ts";
 import { apiKeysFromEnv, Authenticator, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
 import { isLoopbackHost, OriginPolicy } from "./request-origin.ts";
-import { VmActor, type DestroyResult, type VmSummary } from "./vm-actor.ts";
+import { asleepStatus, VmActor, type DestroyResult, type VmStatus, type VmSummary } from "./vm-actor.ts";
 import { canonicalKey } from "../client/client.ts";
 import { PreviewGateway } from "../net/gateway.ts";
 import { PreviewRedirect } from "../net/preview-redirect.ts";
 import { PreviewStore } from "../store/preview-store.ts";
 import type { Duplex } from "node:stream";
+import { parseServerLimits, type ServerLimits } from "./server-limits.ts";
+import { guardConnections } from "./connection-guard.ts";
 
 export interface StartOptions {
   /** Port to listen on (default: PORT, else 6420; 0 picks a free one). */
@@ -30,8 +32,10 @@ export interface StartOptions {
   host?: string;
   /** Where SQLite and VM directories live (default: AGENTVM_DATA_DIR, else ./.agentvm). */
   dataDir?: string;
-  /** Largest action request body in bytes (default 1 GiB). vmFetch bodies stream and are not capped. */
+  /** Same as limits.maxBodyBytes (kept for existing callers). */
   maxBodyBytes?: number;
+  /** Caps on what one client can make the server hold; see src/server/server-limits.ts for defaults and env variables. */
+  limits?: Partial<ServerLimits>;
   /** Shut down cleanly on SIGINT/SIGTERM and exit (default true). */
   handleSignals?: boolean;
   /**
@@ -77,6 +81,8 @@ export interface RunningServer {
   readonly dataDir: string;
   /** False while the API is open (loopback, no API key configured). */
   readonly authRequired: boolean;
+  /** VM actors held in memory now: the awake VMs plus any with a request or stream in flight (asleep, idle VMs cost nothing). */
+  readonly actorsInMemory: number;
   /** Mints a short-lived token scoped to one VM and a set of actions. */
   createToken(request: TokenRequest): MintedToken;
   /** Accepts another API key from now on. */
@@ -118,6 +124,9 @@ export class Registry<Use extends Record<string, VmDefinition>> {
           get authRequired() {
             return server.authRequired;
           },
+          get actorsInMemory() {
+            return server.actorsInMemory;
+          },
           close: () => server.close().finally(forget),
         }),
         (error) => {
@@ -154,7 +163,8 @@ export function setup<Use extends Record<string, VmDefinition>>(input: { use: Us
 
 async function startServer(use: Record<string, VmDefinition>, options: StartOptions): Promise<RunningServer> {
   const config = expectObject("start options", options);
-  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "handleSignals", "preview", "auth", "allowedHosts", "allowedOrigins"]);
+  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "limits", "handleSignals", "preview", "auth", "allowedHosts", "allowedOrigins"]);
+  const limits = parseServerLimits(config.limits, process.env, config.maxBodyBytes);
   const authOptions = config.auth === undefined ? {} : expectObject("start options.auth", config.auth);
   expectKnownKeys("start options.auth", authOptions, ["apiKeys", "maxTokenTtlSeconds"]);
   if (authOptions.apiKeys !== undefined && !Array.isArray(authOptions.apiKeys)) throw invalidArgument(`start options.auth.apiKeys must be an array of keys, got ${describe(authOptions.apiKeys)}`);
@@ -172,7 +182,6 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   }
   if (port !== 0 && previewPort === port && previewHost === host) throw invalidArgument(`preview.port must differ from the API port ${port}: previews are served on their own origin`);
   const dataDir = resolve(options.dataDir ?? process.env.AGENTVM_DATA_DIR ?? ".agentvm");
-  const maxBodyBytes = options.maxBodyBytes ?? 1024 ** 3;
   const origins = new OriginPolicy({
     host,
     ...(options.allowedHosts !== undefined ? { allowedHosts: options.allowedHosts } : {}),
@@ -215,7 +224,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     if (!Object.hasOwn(use, name)) throw new AgentVmError("UNKNOWN_ACTION", `${what}: no VM definition named ${JSON.stringify(name)} in this registry`);
   };
   const context = {
-    maxBodyBytes,
+    maxBodyBytes: limits.maxBodyBytes,
     auth,
     origins,
     hasDefinition: (name: string) => Object.hasOwn(use, name),
@@ -233,6 +242,10 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
         ...(record.destroying ? { destroying: true as const } : {}),
       }));
     },
+    vmStatus(definitionName: string, key: string): VmStatus {
+      requireDefinition(definitionName, "status");
+      return actors.get(`${definitionName}\u0000${key}`)?.status() ?? asleepStatus(store, definitionName, key);
+    },
     destroyVm(definitionName: string, key: string): Promise<DestroyResult> {
       requireDefinition(definitionName, "destroyVm");
       return context.actor(definitionName, key)!.destroy();
@@ -244,7 +257,12 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       const id = `${definitionName}\u0000${key}`;
       let actor = actors.get(id);
       if (!actor) {
-        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewOrigin: previewUrl });
+        // An actor is kept only while it holds something (an awake VM, a request, a stream);
+        // an idle one is dropped, so keys that were only asked about cost nothing.
+        const onIdle = (idle: VmActor) => {
+          if (actors.get(id) === idle) actors.delete(id);
+        };
+        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewOrigin: previewUrl, onIdle, maxVms: limits.maxVmsPerDefinition });
         actors.set(id, actor);
       }
       return actor;
@@ -287,9 +305,9 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   let servers: Server[];
   let previewServers: Server[];
   try {
-    servers = await listenAll(host, port, apiHandler);
+    servers = await listenAll(host, port, apiHandler, limits, "API");
     try {
-      previewServers = await listenAll(previewHost, previewPort as number, previewHandler, "preview.port / AGENTVM_PREVIEW_PORT");
+      previewServers = await listenAll(previewHost, previewPort as number, previewHandler, limits, "preview origin", "preview.port / AGENTVM_PREVIEW_PORT");
     } catch (error) {
       for (const server of servers) server.close();
       throw error;
@@ -371,6 +389,9 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     get authRequired() {
       return !auth.open;
     },
+    get actorsInMemory() {
+      return actors.size;
+    },
     createToken: (request: TokenRequest) => auth.mintToken(request),
     addApiKey: (key: string | { sha256: string }) => auth.addApiKey(key),
     revokeApiKey: (key: string | { sha256: string }) => auth.revokeApiKey(key),
@@ -381,12 +402,21 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
 }
 
 /** "localhost" means both loopback families, as browsers and fetch may try either. */
-async function listenAll(host: string, port: number, handler: (request: IncomingMessage, response: ServerResponse) => void, portOption = "start({ port }) / PORT"): Promise<Server[]> {
+async function listenAll(
+  host: string,
+  port: number,
+  handler: (request: IncomingMessage, response: ServerResponse) => void,
+  limits: ServerLimits,
+  what: string,
+  portOption = "start({ port }) / PORT",
+): Promise<Server[]> {
   const hosts = host === "localhost" ? ["127.0.0.1", "::1"] : [host];
   const servers: Server[] = [];
   let chosenPort = port;
   for (const [index, address] of hosts.entries()) {
-    const server = createServer({ keepAliveTimeout: 65_000 }, handler);
+    const server = createServer({ keepAliveTimeout: 65_000, maxHeaderSize: limits.maxHeaderBytes }, handler);
+    server.maxHeadersCount = limits.maxHeadersCount;
+    guardConnections(server, { maxConnectionsPerClient: limits.maxConnectionsPerClient, maxHeaderBytes: limits.maxHeaderBytes, what });
     try {
       await new Promise<void>((done, fail) => {
         server.once("error", fail);

@@ -49,6 +49,21 @@ export interface DestroyResult {
   existed: boolean;
 }
 
+/** What GET …/status answers. Times in epoch ms; null for a VM that was never created. */
+export interface VmStatus {
+  awake: boolean;
+  runningProcesses: number;
+  createdAt: number | null;
+  lastActiveAt: number | null;
+  wakeCount: number;
+}
+
+/** The status of a VM that has no actor: asleep, or never created. */
+export function asleepStatus(store: SqliteStore, definitionName: string, key: string): VmStatus {
+  const record = store.getVm(definitionName, key);
+  return { awake: false, runningProcesses: 0, createdAt: record?.createdAt ?? null, lastActiveAt: record?.lastActiveAt ?? null, wakeCount: record?.wakeCount ?? 0 };
+}
+
 /** SQLite's last_active_at is advisory: write it at most this often per VM. */
 const TOUCH_EVERY_MS = 1000;
 
@@ -70,8 +85,24 @@ export class VmActor {
   readonly #previews: PreviewStore;
   /** Where the server's preview listener answers; preview `url`s are built on it. */
   readonly #previewOrigin: string;
+  /** Told when the actor holds nothing (asleep, unused): the registry then forgets it. */
+  readonly #onIdle: ((actor: VmActor) => void) | undefined;
+  readonly #maxVms: number;
 
-  constructor(init: { definitionName: string; key: string; definition: VmDefinition; dataDir: string; store: SqliteStore; previews: PreviewStore; previewOrigin: string }) {
+  constructor(init: {
+    definitionName: string;
+    key: string;
+    definition: VmDefinition;
+    dataDir: string;
+    store: SqliteStore;
+    previews: PreviewStore;
+    previewOrigin: string;
+    onIdle?: (actor: VmActor) => void;
+    /** VMs the definition may have; a new key past it is TOO_MANY_VMS. */
+    maxVms?: number;
+  }) {
+    this.#maxVms = init.maxVms ?? Number.POSITIVE_INFINITY;
+    this.#onIdle = init.onIdle;
     this.#previews = init.previews;
     this.#previewOrigin = init.previewOrigin;
     this.definitionName = init.definitionName;
@@ -86,15 +117,8 @@ export class VmActor {
   }
 
   /** For operators: the actor's state, read without waking it. */
-  status(): { awake: boolean; runningProcesses: number; createdAt: number | null; lastActiveAt: number | null; wakeCount: number } {
-    const record = this.#store.getVm(this.definitionName, this.key);
-    return {
-      awake: this.awake,
-      runningProcesses: this.#vm ? this.#vm.runningProcessCount() : 0,
-      createdAt: record?.createdAt ?? null,
-      lastActiveAt: record?.lastActiveAt ?? null,
-      wakeCount: record?.wakeCount ?? 0,
-    };
+  status(): VmStatus {
+    return { ...asleepStatus(this.#store, this.definitionName, this.key), awake: this.awake, runningProcesses: this.#vm ? this.#vm.runningProcessCount() : 0 };
   }
 
   /** Runs `work` against the awake VM, keeping it awake until the work settles. */
@@ -117,12 +141,25 @@ export class VmActor {
       released = true;
       this.#holds--;
       this.#scheduleSleep();
+      this.#checkIdle();
     };
   }
 
   subscribe(listener: VmEventListener): () => void {
     this.#listeners.add(listener);
-    return () => this.#listeners.delete(listener);
+    return () => {
+      this.#listeners.delete(listener);
+      this.#checkIdle();
+    };
+  }
+
+  /** True when nothing refers to this actor's state: it may be dropped and made anew on next use. */
+  get idle(): boolean {
+    return !this.#vm && !this.#waking && !this.#destroying && this.#holds === 0 && this.#listeners.size === 0;
+  }
+
+  #checkIdle(): void {
+    if (this.idle && !this.#closed) this.#onIdle?.(this);
   }
 
   wake(): Promise<Vm> {
@@ -131,7 +168,10 @@ export class VmActor {
     if (this.#destroying) return this.#destroying.then(() => this.wake(), () => this.wake());
     this.#touch();
     if (this.#vm) return Promise.resolve(this.#vm);
-    this.#waking ??= this.#create().finally(() => (this.#waking = undefined));
+    this.#waking ??= this.#create().finally(() => {
+      this.#waking = undefined;
+      this.#checkIdle();
+    });
     return this.#waking;
   }
 
@@ -141,6 +181,7 @@ export class VmActor {
     const vm = this.#vm;
     this.#vm = undefined;
     await vm?.dispose();
+    this.#checkIdle();
   }
 
   async close(): Promise<void> {
@@ -152,7 +193,10 @@ export class VmActor {
 
   /** Ends the VM for good (see the file header); concurrent destroys share one. */
   destroy(): Promise<DestroyResult> {
-    this.#destroying ??= this.#destroy().finally(() => (this.#destroying = undefined));
+    this.#destroying ??= this.#destroy().finally(() => {
+      this.#destroying = undefined;
+      this.#checkIdle();
+    });
     return this.#destroying;
   }
 
@@ -186,7 +230,17 @@ export class VmActor {
     if (record?.destroying) {
       throw new AgentVmError("VM_DESTROY_FAILED", `VM ${JSON.stringify(this.key)} (${this.definitionName}) is half destroyed (a destroy failed or was interrupted); destroy it again to finish, then the key starts a fresh VM`);
     }
-    if (!record) this.#store.ensureVm(this.definitionName, this.key, vmDirectoryName(this.key));
+    if (!record) {
+      // Counted and inserted in one synchronous step, so concurrent creations cannot pass the cap together.
+      const count = this.#store.countVms(this.definitionName);
+      if (count >= this.#maxVms) {
+        throw new AgentVmError(
+          "TOO_MANY_VMS",
+          `cannot create VM ${JSON.stringify(this.key)}: definition ${this.definitionName} already has ${count} VMs (limits.maxVmsPerDefinition = ${this.#maxVms}); destroy VMs you no longer need, or raise the limit`,
+        );
+      }
+      this.#store.ensureVm(this.definitionName, this.key, vmDirectoryName(this.key));
+    }
     else this.#store.recordWake(this.definitionName, this.key);
     const vm = await createVm(
       {

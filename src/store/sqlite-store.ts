@@ -65,6 +65,7 @@ export class SqliteStore {
     listVms: StatementSync;
     deleteVm: StatementSync;
     markDestroying: StatementSync;
+    countVms: StatementSync;
   };
 
   constructor(dataDir: string) {
@@ -80,6 +81,7 @@ export class SqliteStore {
       listVms: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying FROM vms WHERE definition = ? AND key > ? ORDER BY key LIMIT ?"),
       markDestroying: this.db.prepare("UPDATE vms SET destroying = 1 WHERE definition = ? AND key = ?"),
       deleteVm: this.db.prepare("DELETE FROM vms WHERE definition = ? AND key = ?"),
+      countVms: this.db.prepare("SELECT COUNT(*) AS count FROM vms WHERE definition = ?"),
     };
   }
 
@@ -108,6 +110,10 @@ export class SqliteStore {
   /** A definition's VMs in key order, after `after` (exclusive), at most `limit` of them. */
   listVms(definition: string, after: string, limit: number): VmRecord[] {
     return (this.#statements.listVms.all(definition, after, limit) as Record<string, unknown>[]).map(toVmRecord);
+  }
+
+  countVms(definition: string): number {
+    return Number((this.#statements.countVms.get(definition) as { count: number }).count);
   }
 
   /** Records that a destroy of this VM has begun (survives a crash until deleteVm). */
