@@ -87,6 +87,25 @@ export interface CreateVmOptions {
 /** Wiring a server passes to createVm (not for embedders). */
 export interface VmHostServices {
   previews?: PreviewTokens;
+  /** Where spawn's restartOnWake processes are recorded; only a registry server's VMs sleep and wake. */
+  wakeProcesses?: WakeProcessRecords;
+}
+
+/** The durable list of a VM's restart-on-wake processes (SQLite on a server). */
+export interface WakeProcessRecords {
+  add(process: { command: string; args: string[]; cwd?: string; env?: Record<string, string> }): number;
+  remove(id: number): void;
+}
+
+export interface SpawnOptions {
+  cwd?: string;
+  env?: Record<string, string>;
+  /**
+   * Start this process again whenever the VM wakes after a sleep (a dev server
+   * its previews show), until it is killed with killProcess. Only on a VM served
+   * by a registry (an embedded VM does not sleep).
+   */
+  restartOnWake?: boolean;
 }
 
 export interface ProcessOutputEvent {
@@ -205,6 +224,9 @@ export class Vm extends EventEmitter<VmEvents> {
   /** Connections handed out of the VM that are still open (vmFetch, previews). */
   #openConnections = 0;
   #disposed = false;
+  readonly #wakeProcesses: WakeProcessRecords | undefined;
+  /** pid → its restart-on-wake record. */
+  readonly #wakeProcessIds = new Map<number, number>();
 
   /** Use createVm(); the constructor expects validated options and a prepared root. */
   constructor(init: {
@@ -230,6 +252,7 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#previewConfig = init.preview;
     this.#previews = init.services.previews;
     this.#servedByRegistry = init.services.previews !== undefined;
+    this.#wakeProcesses = init.services.wakeProcesses;
     this.listenPolicy = init.listen;
     this.#fs = new VmFilesystem(this.root, { readOnly: READ_ONLY, mounts: imageMounts(init.image, init.vmDir) });
     this.#egress = new EgressBroker(
@@ -339,9 +362,32 @@ export class Vm extends EventEmitter<VmEvents> {
   }
 
   // Processes.
-  async spawn(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<{ pid: number }> {
+  async spawn(command: string, args: string[] = [], options: SpawnOptions = {}): Promise<{ pid: number }> {
     this.#alive();
-    return this.#processes.spawn(command, args, options);
+    const opts = expectObject("options", options ?? {});
+    const { restartOnWake, ...spawnOptions } = opts;
+    if (restartOnWake === undefined || restartOnWake === false) return this.#processes.spawn(command, args, spawnOptions);
+    if (restartOnWake !== true) throw invalidArgument(`spawn: options.restartOnWake must be a boolean, got ${describe(restartOnWake)}`);
+    const records = this.#wakeProcesses;
+    if (!records) throw invalidArgument("spawn: restartOnWake needs a VM served by a registry server (an embedded VM never sleeps, so there is no wake to restart on)");
+    const { pid } = await this.#processes.spawn(command, args, spawnOptions);
+    // Recorded once it started: a command that cannot start is not retried on every wake.
+    const id = records.add({
+      command,
+      args,
+      ...(spawnOptions.cwd !== undefined ? { cwd: spawnOptions.cwd as string } : {}),
+      ...(spawnOptions.env !== undefined ? { env: spawnOptions.env as Record<string, string> } : {}),
+    });
+    this.#wakeProcessIds.set(pid, id);
+    return { pid };
+  }
+
+  /** Starts a recorded restart-on-wake process again (the server calls this as the VM wakes). */
+  async resumeWakeProcess(process: { id: number; command: string; args: string[]; cwd?: string; env?: Record<string, string> }): Promise<{ pid: number }> {
+    this.#alive();
+    const { pid } = await this.#processes.spawn(process.command, process.args, { ...(process.cwd ? { cwd: process.cwd } : {}), ...(process.env ? { env: process.env } : {}) });
+    this.#wakeProcessIds.set(pid, process.id);
+    return { pid };
   }
   /** Runs a program to completion and returns its exit code and output. */
   /**
@@ -396,7 +442,13 @@ export class Vm extends EventEmitter<VmEvents> {
   }
   async killProcess(pid: number, signal?: string | number): Promise<void> {
     this.#alive();
-    return this.#processes.kill(pid, signal);
+    // Signalled through the API (whatever the signal): it is not restarted on the next wake.
+    const wakeId = this.#wakeProcessIds.get(pid);
+    if (wakeId !== undefined) {
+      this.#wakeProcessIds.delete(pid);
+      this.#wakeProcesses?.remove(wakeId);
+    }
+    await this.#processes.kill(pid, signal);
   }
   /** Processes started through the API (exited ones too) and every other process running in the VM. */
   async listProcesses(): Promise<ProcessInfo[]> {

@@ -23,6 +23,7 @@ import { PreviewRedirect } from "../net/preview-redirect.ts";
 import { PreviewStore } from "../store/preview-store.ts";
 import type { Duplex } from "node:stream";
 import { parseServerLimits, type ServerLimits } from "./server-limits.ts";
+import { startLifetimeSweep } from "./lifetime-sweep.ts";
 import { guardConnections } from "./connection-guard.ts";
 
 export interface StartOptions {
@@ -239,6 +240,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
         createdAt: record.createdAt,
         lastActiveAt: record.lastActiveAt,
         wakeCount: record.wakeCount,
+        diskBytes: record.diskBytes,
         ...(record.destroying ? { destroying: true as const } : {}),
       }));
     },
@@ -269,6 +271,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     },
   };
 
+  const previewResponseTimeoutMs = Number(previewOptions.responseTimeoutMs ?? 60_000);
   const gateway = new PreviewGateway({
     store: previews,
     ...(previewOptions.host !== undefined ? { previewHost: String(previewOptions.host) } : {}),
@@ -279,7 +282,10 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       if (!actor) throw new AgentVmError("UNKNOWN_ACTION", `this server no longer defines ${row.definition}`);
       const release = actor.hold();
       try {
-        return { vm: await actor.wake(), release };
+        const vm = await actor.wake();
+        // A dev server that restarts on wake needs a moment before its port answers.
+        await actor.waitForRestartedPort(vm, row.port, previewResponseTimeoutMs);
+        return { vm, release };
       } catch (error) {
         release();
         throw error;
@@ -288,6 +294,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   });
   const sweep = setInterval(() => previews.sweep(Date.now()), Number(previewOptions.sweepIntervalMs ?? 60_000));
   sweep.unref();
+  const lifetimes = startLifetimeSweep(use, store, (definition, key) => context.destroyVm(definition, key));
 
   let redirect: PreviewRedirect | undefined;
   const apiHandler = (request: IncomingMessage, response: ServerResponse) => {
@@ -314,6 +321,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     }
   } catch (error) {
     clearInterval(sweep);
+    lifetimes.stop();
     store.close();
     throw error;
   }
@@ -350,6 +358,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     (closed ??= (async () => {
       closing = true;
       clearInterval(sweep);
+      lifetimes.stop();
       process.off("SIGINT", onSignal);
       process.off("SIGTERM", onSignal);
       for (const socket of upgraded) socket.destroy();

@@ -15,7 +15,7 @@
  * is refused with VM_DESTROY_FAILED; the next destroy picks up where the last
  * one stopped. Once it is gone, the key starts a fresh, empty VM.
  */
-import { access } from "node:fs/promises";
+import { access, lstat, readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { AgentVmError } from "../errors.ts";
 import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEvent, type Vm } from "../vm.ts";
@@ -39,6 +39,8 @@ export interface VmSummary {
   createdAt: number;
   lastActiveAt: number;
   wakeCount: number;
+  /** Bytes its directory took on disk when it last went to sleep; null before its first sleep. */
+  diskBytes: number | null;
   /** Present when a destroy started and did not finish: destroy it again. */
   destroying?: true;
 }
@@ -78,6 +80,8 @@ export class VmActor {
   #waking: Promise<Vm> | undefined;
   #destroying: Promise<DestroyResult> | undefined;
   #holds = 0;
+  /** Processes started by this wake (services, restartOnWake) that are still running. */
+  readonly #restarted = new Set<number>();
   #sleepTimer: NodeJS.Timeout | undefined;
   #lastTouch = 0;
   #closed = false;
@@ -168,6 +172,11 @@ export class VmActor {
     if (this.#destroying) return this.#destroying.then(() => this.wake(), () => this.wake());
     this.#touch();
     if (this.#vm) return Promise.resolve(this.#vm);
+    if (!this.#waking && this.#pastLifetime()) {
+      // Its time is up: it goes for good, and this use gets a fresh VM.
+      console.warn(`agentvm: VM ${JSON.stringify(this.key)} (${this.definitionName}) reached lifecycle.maxLifetimeSeconds; destroying it`);
+      return this.destroy().then(() => this.wake());
+    }
     this.#waking ??= this.#create().finally(() => {
       this.#waking = undefined;
       this.#checkIdle();
@@ -175,13 +184,44 @@ export class VmActor {
     return this.#waking;
   }
 
+  /** True when the definition bounds a VM's life and this one's is over. */
+  #pastLifetime(): boolean {
+    const lifetime = this.#definition.lifecycle.maxLifetimeSeconds;
+    if (lifetime === undefined) return false;
+    const record = this.#store.getVm(this.definitionName, this.key);
+    return record !== undefined && !record.destroying && record.createdAt + lifetime * 1000 <= Date.now();
+  }
+
   /** Stops the VM's processes and frees it; files and SQLite rows stay. */
   async sleep(): Promise<void> {
     this.#cancelSleep();
     const vm = this.#vm;
     this.#vm = undefined;
+    this.#restarted.clear();
     await vm?.dispose();
+    if (vm && !this.#destroying) await this.#recordDiskUse();
     this.#checkIdle();
+  }
+
+  /** Measured as it goes to sleep, when nothing writes: listing VMs then costs no walk of their files. */
+  async #recordDiskUse(): Promise<void> {
+    const record = this.#store.getVm(this.definitionName, this.key);
+    if (!record) return;
+    const bytes = await diskUsage(join(this.#dataDir, "vms", record.directory)).catch(() => undefined);
+    if (bytes !== undefined && this.#store.db.isOpen) this.#store.setDiskBytes(this.definitionName, this.key, bytes);
+  }
+
+  /**
+   * After a wake that restarted processes, waits until `port` listens in the VM (or
+   * those processes all ended, or `timeoutMs` passed), so a preview of a dev server
+   * that was asleep is served by it rather than refused while it starts.
+   */
+  async waitForRestartedPort(vm: Vm, port: number, timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.#restarted.size > 0 && this.#vm === vm && Date.now() < deadline) {
+      if ((await vm.listeningPorts()).includes(port)) return;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
   }
 
   async close(): Promise<void> {
@@ -252,18 +292,45 @@ export class VmActor {
         ...(this.#definition.limits ? { limits: this.#definition.limits } : {}),
         ...(this.#definition.hosts ? { hosts: this.#definition.hosts } : {}),
       },
-      { previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, origin: this.#previewOrigin }) },
+      {
+        previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, origin: this.#previewOrigin }),
+        wakeProcesses: {
+          add: (process) => this.#store.addWakeProcess(this.definitionName, this.key, process),
+          remove: (id) => this.#store.removeWakeProcess(this.definitionName, this.key, id),
+        },
+      },
     );
     vm.on("processOutput", (event) => {
       for (const listener of this.#listeners) listener.processOutput(event);
     });
     vm.on("processExit", (event) => {
+      this.#restarted.delete(event.pid);
       for (const listener of this.#listeners) listener.processExit(event);
       this.#scheduleSleep();
     });
     this.#vm = vm;
+    await this.#startOnWake(vm);
     this.#scheduleSleep();
     return vm;
+  }
+
+  /** The definition's services and the processes spawned with restartOnWake, started as the VM wakes. */
+  async #startOnWake(vm: Vm): Promise<void> {
+    const starts: [what: string, start: () => Promise<{ pid: number }>][] = [
+      ...this.#definition.services.map((service): [string, () => Promise<{ pid: number }>] => [
+        service.command,
+        () => vm.spawn(service.command, [...(service.args ?? [])], { ...(service.cwd ? { cwd: service.cwd } : {}), ...(service.env ? { env: { ...service.env } } : {}) }),
+      ]),
+      ...this.#store.wakeProcesses(this.definitionName, this.key).map((process): [string, () => Promise<{ pid: number }>] => [process.command, () => vm.resumeWakeProcess(process)]),
+    ];
+    for (const [what, start] of starts) {
+      try {
+        this.#restarted.add((await start()).pid);
+      } catch (error) {
+        // One that cannot start does not keep the VM from waking; it is tried again on the next wake.
+        console.warn(`agentvm: VM ${JSON.stringify(this.key)} (${this.definitionName}): could not start ${JSON.stringify(what)} on wake: ${(error as Error).message}`);
+      }
+    }
   }
 
   #touch(): void {
@@ -277,14 +344,20 @@ export class VmActor {
     this.#cancelSleep();
     const vm = this.#vm;
     if (!vm || this.#holds > 0 || this.#closed) return;
-    if (vm.runningProcessCount() > 0) return;
-    this.#sleepTimer = setTimeout(() => {
-      this.#sleepTimer = undefined;
-      // Re-check: a process may have started since the timer was set.
-      if (this.#holds === 0 && !this.#vm?.runningProcessCount()) {
+    // Running processes keep a VM awake, unless lifecycle.idleTimeoutSeconds says how long they may without any client.
+    const idleTimeoutSeconds = this.#definition.lifecycle.idleTimeoutSeconds;
+    const busy = vm.runningProcessCount() > 0;
+    if (busy && idleTimeoutSeconds === undefined) return;
+    this.#sleepTimer = setTimeout(
+      () => {
+        this.#sleepTimer = undefined;
+        // Re-check: a request or a process may have started since the timer was set.
+        if (this.#holds > 0 || this.#vm !== vm) return;
+        if (!busy && vm.runningProcessCount() > 0) return this.#scheduleSleep();
         void this.sleep();
-      }
-    }, this.#definition.sleepAfterMs);
+      },
+      busy ? idleTimeoutSeconds! * 1000 : this.#definition.sleepAfterMs,
+    );
     this.#sleepTimer.unref();
   }
 
@@ -292,6 +365,24 @@ export class VmActor {
     if (this.#sleepTimer) clearTimeout(this.#sleepTimer);
     this.#sleepTimer = undefined;
   }
+}
+
+/** Bytes a directory tree takes on disk (allocated blocks), not following symlinks. */
+async function diskUsage(root: string): Promise<number> {
+  let total = 0;
+  const pending = [root];
+  while (pending.length > 0) {
+    const dir = pending.pop()!;
+    const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
+    for (const entry of entries) {
+      const path = join(dir, entry.name);
+      const stats = await lstat(path).catch(() => undefined);
+      if (!stats) continue;
+      total += stats.blocks * 512;
+      if (entry.isDirectory()) pending.push(path);
+    }
+  }
+  return total;
 }
 
 async function pathExists(path: string): Promise<boolean> {

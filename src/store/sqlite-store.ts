@@ -2,11 +2,14 @@
  * The server's durable state in SQLite (WAL): which VMs exist and when they were
  * used. A VM's files live in its directory, not here.
  *
- * Schema (version 3):
+ * Schema (version 4):
  *   meta(key PRIMARY KEY, value)                    — schema_version
  *   vms(definition, key, directory, created_at,     — one row per VM actor;
  *       last_active_at, wake_count, destroying,       destroying = 1 from the start
- *       PRIMARY KEY (definition, key))                of a destroy until the row goes
+ *       disk_bytes,                                   of a destroy until the row goes;
+ *       PRIMARY KEY (definition, key))                disk_bytes as of its last sleep
+ *   wake_processes(id PRIMARY KEY, definition, key, — processes spawned with
+ *       command, args, cwd, env, created_at)          restartOnWake (JSON args/env)
  *   previews(token_hash PRIMARY KEY, token_prefix,  — preview tokens, stored only
  *       definition, key, port, created_at,            as SHA-256; times in epoch ms
  *       expires_at, last_used_at)
@@ -42,7 +45,28 @@ const MIGRATIONS: string[] = [
    CREATE INDEX previews_by_vm ON previews (definition, key, expires_at);
    CREATE INDEX previews_by_expiry ON previews (expires_at);`,
   `ALTER TABLE vms ADD COLUMN destroying INTEGER NOT NULL DEFAULT 0;`,
+  `ALTER TABLE vms ADD COLUMN disk_bytes INTEGER;
+   CREATE TABLE wake_processes (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     definition TEXT NOT NULL,
+     key TEXT NOT NULL,
+     command TEXT NOT NULL,
+     args TEXT NOT NULL,
+     cwd TEXT,
+     env TEXT,
+     created_at INTEGER NOT NULL
+   );
+   CREATE INDEX wake_processes_by_vm ON wake_processes (definition, key);`,
 ];
+
+/** A process to start again whenever its VM wakes (spawn's restartOnWake). */
+export interface WakeProcess {
+  id: number;
+  command: string;
+  args: string[];
+  cwd?: string;
+  env?: Record<string, string>;
+}
 
 export interface VmRecord {
   definition: string;
@@ -53,6 +77,8 @@ export interface VmRecord {
   wakeCount: number;
   /** A destroy started and has not finished: the VM must not wake until one does. */
   destroying: boolean;
+  /** Bytes its directory used when it last went to sleep; null before its first sleep. */
+  diskBytes: number | null;
 }
 
 export class SqliteStore {
@@ -66,6 +92,12 @@ export class SqliteStore {
     deleteVm: StatementSync;
     markDestroying: StatementSync;
     countVms: StatementSync;
+    createdBefore: StatementSync;
+    setDiskBytes: StatementSync;
+    insertWake: StatementSync;
+    listWake: StatementSync;
+    deleteWake: StatementSync;
+    deleteWakeAll: StatementSync;
   };
 
   constructor(dataDir: string) {
@@ -74,14 +106,20 @@ export class SqliteStore {
     this.db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;");
     this.#migrate();
     this.#statements = {
-      getVm: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying FROM vms WHERE definition = ? AND key = ?"),
+      getVm: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes FROM vms WHERE definition = ? AND key = ?"),
       insertVm: this.db.prepare("INSERT INTO vms (definition, key, directory, created_at, last_active_at, wake_count) VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING"),
       touchVm: this.db.prepare("UPDATE vms SET last_active_at = ? WHERE definition = ? AND key = ?"),
       wokeVm: this.db.prepare("UPDATE vms SET wake_count = wake_count + 1, last_active_at = ? WHERE definition = ? AND key = ?"),
-      listVms: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying FROM vms WHERE definition = ? AND key > ? ORDER BY key LIMIT ?"),
+      listVms: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes FROM vms WHERE definition = ? AND key > ? ORDER BY key LIMIT ?"),
       markDestroying: this.db.prepare("UPDATE vms SET destroying = 1 WHERE definition = ? AND key = ?"),
       deleteVm: this.db.prepare("DELETE FROM vms WHERE definition = ? AND key = ?"),
       countVms: this.db.prepare("SELECT COUNT(*) AS count FROM vms WHERE definition = ?"),
+      createdBefore: this.db.prepare("SELECT key FROM vms WHERE definition = ? AND created_at <= ? ORDER BY created_at LIMIT ?"),
+      setDiskBytes: this.db.prepare("UPDATE vms SET disk_bytes = ? WHERE definition = ? AND key = ?"),
+      insertWake: this.db.prepare("INSERT INTO wake_processes (definition, key, command, args, cwd, env, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+      listWake: this.db.prepare("SELECT id, command, args, cwd, env FROM wake_processes WHERE definition = ? AND key = ? ORDER BY id"),
+      deleteWake: this.db.prepare("DELETE FROM wake_processes WHERE id = ? AND definition = ? AND key = ?"),
+      deleteWakeAll: this.db.prepare("DELETE FROM wake_processes WHERE definition = ? AND key = ?"),
     };
   }
 
@@ -112,6 +150,42 @@ export class SqliteStore {
     return (this.#statements.listVms.all(definition, after, limit) as Record<string, unknown>[]).map(toVmRecord);
   }
 
+  /** Keys of a definition's VMs created at or before `time` (epoch ms), oldest first. */
+  vmsCreatedBefore(definition: string, time: number, limit: number): string[] {
+    return (this.#statements.createdBefore.all(definition, time, limit) as { key: string }[]).map((row) => String(row.key));
+  }
+
+  setDiskBytes(definition: string, key: string, bytes: number): void {
+    this.#statements.setDiskBytes.run(bytes, definition, key);
+  }
+
+  addWakeProcess(definition: string, key: string, process: Omit<WakeProcess, "id">): number {
+    const result = this.#statements.insertWake.run(
+      definition,
+      key,
+      process.command,
+      JSON.stringify(process.args),
+      process.cwd ?? null,
+      process.env ? JSON.stringify(process.env) : null,
+      Date.now(),
+    );
+    return Number(result.lastInsertRowid);
+  }
+
+  wakeProcesses(definition: string, key: string): WakeProcess[] {
+    return (this.#statements.listWake.all(definition, key) as Record<string, unknown>[]).map((row) => ({
+      id: Number(row.id),
+      command: String(row.command),
+      args: JSON.parse(String(row.args)) as string[],
+      ...(row.cwd !== null ? { cwd: String(row.cwd) } : {}),
+      ...(row.env !== null ? { env: JSON.parse(String(row.env)) as Record<string, string> } : {}),
+    }));
+  }
+
+  removeWakeProcess(definition: string, key: string, id: number): void {
+    this.#statements.deleteWake.run(id, definition, key);
+  }
+
   countVms(definition: string): number {
     return Number((this.#statements.countVms.get(definition) as { count: number }).count);
   }
@@ -121,8 +195,9 @@ export class SqliteStore {
     this.#statements.markDestroying.run(definition, key);
   }
 
-  /** Forgets a VM; true when it had a row. */
+  /** Forgets a VM (and its restart-on-wake processes); true when it had a row. */
   deleteVm(definition: string, key: string): boolean {
+    this.#statements.deleteWakeAll.run(definition, key);
     return Number(this.#statements.deleteVm.run(definition, key).changes) > 0;
   }
 
@@ -154,6 +229,7 @@ function toVmRecord(row: Record<string, unknown>): VmRecord {
     createdAt: Number(row.created_at),
     lastActiveAt: Number(row.last_active_at),
     wakeCount: Number(row.wake_count),
+    diskBytes: row.disk_bytes === null || row.disk_bytes === undefined ? null : Number(row.disk_bytes),
     destroying: Number(row.destroying) === 1,
   };
 }
