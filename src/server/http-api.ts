@@ -9,6 +9,7 @@
  *   DELETE /api/:definition/:key?confirm=:key    destroy a VM: processes, files, rows, previews
  *   POST /api/tokens                             mint a scoped token (API key holders)
  *   GET  /health                                 no credentials needed
+ *   GET  /openapi.json                           this API as OpenAPI 3.1 (openapi.ts), no credentials needed
  *
  * Every failure is `{ "error": { "code", "message" } }` with a status derived
  * from the code and the `x-agentvm-error: 1` header, so a client can tell our
@@ -93,6 +94,8 @@ export interface ApiContext {
   /** A definition's VMs in key order, after `after`, at most `limit`. */
   listVms(definition: string, options: { after?: string; limit?: number }): VmSummary[];
   destroyVm(definition: string, key: string): Promise<DestroyResult>;
+  /** The OpenAPI document of this server (GET /openapi.json). */
+  openApi(): unknown;
   /** A VM's status, read without creating an actor for it or waking it. */
   vmStatus(definition: string, key: string): VmStatus;
   auth: Authenticator;
@@ -170,6 +173,7 @@ function decodeKey(raw: string): string {
 
 type Route =
   | { kind: "health" }
+  | { kind: "openapi" }
   | { kind: "tokens" }
   | { kind: "list"; definition: string }
   | {
@@ -189,6 +193,9 @@ const VM_ROUTE = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|
 /** `/api/{definition}/{key}`: GET /api/{definition}/vms lists, DELETE destroys the VM `key` (which may be "vms"). */
 const VM_ITEM = /^\/api\/([^/]+)\/([^/]+)$/;
 
+/** Paths answered without credentials: they reveal nothing about any VM. */
+const PUBLIC_PATHS: ReadonlySet<string> = new Set(["/health", "/openapi.json"]);
+
 /** Largest page of GET /api/{definition}/vms. */
 export const MAX_LIST_LIMIT = 1000;
 
@@ -202,6 +209,7 @@ function decodeDefinition(raw: string): string {
 
 function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): Route {
   if (url.pathname === "/health") return { kind: "health" };
+  if (url.pathname === "/openapi.json" && request.method === "GET") return { kind: "openapi" };
   if (url.pathname === "/api/tokens") {
     if (request.method !== "POST") throw new AgentVmError("UNKNOWN_ACTION", `tokens are minted with POST, not ${request.method}`);
     return { kind: "tokens" };
@@ -235,10 +243,14 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     const url = new URL(request.url ?? "/", "http://localhost");
     // Credentials first (401 before 404), except for the health probe.
     const credentialHeader = request.headers[AUTH_HEADER] !== undefined ? AUTH_HEADER : "authorization";
-    const credential = url.pathname === "/health" ? undefined : context.auth.authenticate(headerText(request.headers[credentialHeader]));
+    const credential = PUBLIC_PATHS.has(url.pathname) ? undefined : context.auth.authenticate(headerText(request.headers[credentialHeader]));
     const route = resolveRoute(context, request, url);
     if (route.kind === "health") {
       sendRaw(response, { ok: true });
+      return;
+    }
+    if (route.kind === "openapi") {
+      sendRaw(response, context.openApi());
       return;
     }
     if (route.kind === "tokens") {

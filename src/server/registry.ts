@@ -24,6 +24,7 @@ import { PreviewStore } from "../store/preview-store.ts";
 import type { Duplex } from "node:stream";
 import { parseServerLimits, type ServerLimits } from "./server-limits.ts";
 import { startLifetimeSweep } from "./lifetime-sweep.ts";
+import { buildOpenApi } from "./openapi.ts";
 import { guardConnections } from "./connection-guard.ts";
 
 export interface StartOptions {
@@ -224,8 +225,10 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const requireDefinition = (name: string, what: string) => {
     if (!Object.hasOwn(use, name)) throw new AgentVmError("UNKNOWN_ACTION", `${what}: no VM definition named ${JSON.stringify(name)} in this registry`);
   };
+  let openApiDocument: unknown;
   const context = {
     maxBodyBytes: limits.maxBodyBytes,
+    openApi: () => (openApiDocument ??= buildOpenApi(Object.keys(use))),
     auth,
     origins,
     hasDefinition: (name: string) => Object.hasOwn(use, name),
