@@ -16,6 +16,7 @@ import { ensureImage, type VmImage } from "./image/index.ts";
 import { parseSoftware, type SoftwareEntry } from "./image/software.ts";
 import { VmFilesystem, type VmStat } from "./sandbox/filesystem.ts";
 import { beginRun, endRun } from "./sandbox/interrupted-writes.ts";
+import { DenialLog } from "./net/denial-log.ts";
 import { autoRange, listenDenials, parseListenPolicy, type ListenConfig, type ListenPolicy } from "./policy/listen-policy.ts";
 import { Egress, type Denial } from "./net/egress.ts";
 import { parseNetworkPolicy, type NetworkPermission, type NetworkPolicy } from "./policy/network-policy.ts";
@@ -208,6 +209,7 @@ export class Vm extends EventEmitter<VmEvents> {
   readonly #egress: EgressBroker;
   readonly #denials: Denial[] = [];
   #denialCount = 0;
+  readonly #denialLog: DenialLog;
   readonly #dataDir: string;
   readonly #vmDir: string;
   readonly #previewConfig: ResolvedPreviewConfig;
@@ -249,6 +251,7 @@ export class Vm extends EventEmitter<VmEvents> {
     this.root = join(init.vmDir, "root");
     this.#dataDir = init.dataDir;
     this.#vmDir = init.vmDir;
+    this.#denialLog = new DenialLog(init.name);
     this.#previewConfig = init.preview;
     this.#previews = init.services.previews;
     this.#servedByRegistry = init.services.previews !== undefined;
@@ -614,6 +617,7 @@ export class Vm extends EventEmitter<VmEvents> {
     await Promise.all([...this.#previewServers].map((close) => close()));
     this.#ownStore?.close();
     this.removeAllListeners();
+    this.#denialLog.flush();
     await endRun(this.#vmDir).catch(() => undefined);
   }
 
@@ -639,8 +643,8 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#denialCount++;
     this.#denials.push(denial);
     if (this.#denials.length > RECENT_DENIALS) this.#denials.shift();
-    // One structured line per denial, for whoever collects the server's logs.
-    console.warn(`agentvm network denied ${JSON.stringify(denial)}`);
+    // A structured line per denial for whoever collects the server's logs, rate-limited per VM.
+    this.#denialLog.report(denial);
   }
 
   async #connect(port: number): Promise<Socket> {

@@ -4,6 +4,7 @@
  * the VMs nobody touches. It runs every tenth of the shortest lifetime (between
  * 100 ms and a minute), so a VM outlives its lifetime by at most that much.
  */
+import { log } from "../log.ts";
 import type { SqliteStore } from "../store/sqlite-store.ts";
 import type { VmDefinition } from "./definition.ts";
 
@@ -27,9 +28,9 @@ export function startLifetimeSweep(
         const id = `${name}\u0000${key}`;
         if (inFlight.has(id)) continue;
         inFlight.add(id);
-        console.warn(`agentvm: VM ${JSON.stringify(key)} (${name}) reached lifecycle.maxLifetimeSeconds; destroying it`);
+        log("warn", `VM ${JSON.stringify(key)} reached lifecycle.maxLifetimeSeconds; destroying it`, { definition: name, key });
         destroy(name, key)
-          .catch((error: Error) => console.error(`agentvm: destroying VM ${JSON.stringify(key)} (${name}) at the end of its lifetime failed: ${error.message}`))
+          .catch((error: Error) => log("error", `destroying VM ${JSON.stringify(key)} at the end of its lifetime failed: ${error.message}`, { definition: name, key }))
           .finally(() => inFlight.delete(id));
       }
     }

@@ -25,6 +25,8 @@ import type { Duplex } from "node:stream";
 import { parseServerLimits, type ServerLimits } from "./server-limits.ts";
 import { startLifetimeSweep } from "./lifetime-sweep.ts";
 import { buildOpenApi } from "./openapi.ts";
+import { withAccessLog } from "./access-log.ts";
+import { parseLogLevel, setLogLevel, type LogLevel } from "../log.ts";
 import { guardConnections } from "./connection-guard.ts";
 
 export interface StartOptions {
@@ -38,6 +40,11 @@ export interface StartOptions {
   maxBodyBytes?: number;
   /** Caps on what one client can make the server hold; see src/server/server-limits.ts for defaults and env variables. */
   limits?: Partial<ServerLimits>;
+  /**
+   * Which log lines are written (default: AGENTVM_LOG_LEVEL, else "warn"): "debug", "info"
+   * (adds one JSON access-log line per request), "warn", "error" or "silent".
+   */
+  logLevel?: LogLevel;
   /** Shut down cleanly on SIGINT/SIGTERM and exit (default true). */
   handleSignals?: boolean;
   /**
@@ -165,8 +172,9 @@ export function setup<Use extends Record<string, VmDefinition>>(input: { use: Us
 
 async function startServer(use: Record<string, VmDefinition>, options: StartOptions): Promise<RunningServer> {
   const config = expectObject("start options", options);
-  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "limits", "handleSignals", "preview", "auth", "allowedHosts", "allowedOrigins"]);
+  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "limits", "logLevel", "handleSignals", "preview", "auth", "allowedHosts", "allowedOrigins"]);
   const limits = parseServerLimits(config.limits, process.env, config.maxBodyBytes);
+  setLogLevel(parseLogLevel(config.logLevel));
   const authOptions = config.auth === undefined ? {} : expectObject("start options.auth", config.auth);
   expectKnownKeys("start options.auth", authOptions, ["apiKeys", "maxTokenTtlSeconds"]);
   if (authOptions.apiKeys !== undefined && !Array.isArray(authOptions.apiKeys)) throw invalidArgument(`start options.auth.apiKeys must be an array of keys, got ${describe(authOptions.apiKeys)}`);
@@ -300,17 +308,17 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const lifetimes = startLifetimeSweep(use, store, (definition, key) => context.destroyVm(definition, key));
 
   let redirect: PreviewRedirect | undefined;
-  const apiHandler = (request: IncomingMessage, response: ServerResponse) => {
+  const apiHandler = withAccessLog("api", (request: IncomingMessage, response: ServerResponse) => {
     // A preview URL sent to the API origin goes to the preview origin: it is never served here.
     if (redirect!.handleRequest(request, response)) return;
     handleApi(context, request, response).catch((error) => sendError(response, error));
-  };
-  const previewHandler = (request: IncomingMessage, response: ServerResponse) => {
+  });
+  const previewHandler = withAccessLog("preview", (request: IncomingMessage, response: ServerResponse) => {
     if (gateway.handleRequest(request, response)) return;
     const body = `Not a preview URL. Previews are /preview/<token>/… or <token>.${gateway.previewHost}; the API is on another origin.\n`;
     response.writeHead(404, { "content-type": "text/plain; charset=utf-8", "content-length": Buffer.byteLength(body), "access-control-allow-origin": "*" });
     response.end(body);
-  };
+  });
 
   let servers: Server[];
   let previewServers: Server[];

@@ -18,6 +18,7 @@
 import { access, lstat, readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { AgentVmError } from "../errors.ts";
+import { log } from "../log.ts";
 import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEvent, type Vm } from "../vm.ts";
 import type { SqliteStore } from "../store/sqlite-store.ts";
 import type { PreviewStore } from "../store/preview-store.ts";
@@ -174,7 +175,7 @@ export class VmActor {
     if (this.#vm) return Promise.resolve(this.#vm);
     if (!this.#waking && this.#pastLifetime()) {
       // Its time is up: it goes for good, and this use gets a fresh VM.
-      console.warn(`agentvm: VM ${JSON.stringify(this.key)} (${this.definitionName}) reached lifecycle.maxLifetimeSeconds; destroying it`);
+      log("warn", `VM ${JSON.stringify(this.key)} reached lifecycle.maxLifetimeSeconds; destroying it`, { definition: this.definitionName, key: this.key });
       return this.destroy().then(() => this.wake());
     }
     this.#waking ??= this.#create().finally(() => {
@@ -328,7 +329,7 @@ export class VmActor {
         this.#restarted.add((await start()).pid);
       } catch (error) {
         // One that cannot start does not keep the VM from waking; it is tried again on the next wake.
-        console.warn(`agentvm: VM ${JSON.stringify(this.key)} (${this.definitionName}): could not start ${JSON.stringify(what)} on wake: ${(error as Error).message}`);
+        log("warn", `could not start ${JSON.stringify(what)} on wake: ${(error as Error).message}`, { definition: this.definitionName, key: this.key });
       }
     }
   }
