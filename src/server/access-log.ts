@@ -21,6 +21,8 @@ const FIXED = new Set(["/health", "/openapi.json", "/api/tokens"]);
 export function describeRoute(pathname: string): { route: string; definition?: string; key?: string } {
   if (FIXED.has(pathname)) return { route: pathname };
   if (/^\/preview\/[^/]*(\/.*)?$/.test(pathname)) return { route: "/preview/{token}/*" };
+  // May carry a whole token (revoking by token): never logged.
+  if (pathname.startsWith("/api/tokens/")) return { route: "/api/tokens/{id}" };
   const parts = pathname.split("/");
   if (parts[1] !== "api" || parts.length < 4) return { route: "(unknown)" };
   const definition = safeDecode(parts[2]!);

@@ -8,6 +8,7 @@
  *   GET  /api/:definition/vms                    list a definition's VMs (API key holders)
  *   DELETE /api/:definition/:key?confirm=:key    destroy a VM: processes, files, rows, previews
  *   POST /api/tokens                             mint a scoped token (API key holders)
+ *   DELETE /api/tokens/:id                       revoke a scoped token (API key holders)
  *   GET  /health                                 no credentials needed
  *   GET  /openapi.json                           this API as OpenAPI 3.1 (openapi.ts), no credentials needed
  *
@@ -175,6 +176,7 @@ type Route =
   | { kind: "health" }
   | { kind: "openapi" }
   | { kind: "tokens" }
+  | { kind: "revokeToken"; id: string }
   | { kind: "list"; definition: string }
   | {
       kind: "vm";
@@ -189,6 +191,8 @@ type Route =
       rest: string | undefined;
     };
 
+/** `/api/tokens/{id}`: DELETE revokes a scoped token. */
+const TOKEN_ITEM = /^\/api\/tokens\/([^/]+)$/;
 const VM_ROUTE = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status)(\/.*)?$/;
 /** `/api/{definition}/{key}`: GET /api/{definition}/vms lists, DELETE destroys the VM `key` (which may be "vms"). */
 const VM_ITEM = /^\/api\/([^/]+)\/([^/]+)$/;
@@ -213,6 +217,11 @@ function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): 
   if (url.pathname === "/api/tokens") {
     if (request.method !== "POST") throw new AgentVmError("UNKNOWN_ACTION", `tokens are minted with POST, not ${request.method}`);
     return { kind: "tokens" };
+  }
+  const revoke = TOKEN_ITEM.exec(url.pathname);
+  if (revoke && !context.hasDefinition("tokens")) {
+    if (request.method !== "DELETE") throw new AgentVmError("UNKNOWN_ACTION", `a token is revoked with DELETE, not ${request.method}`);
+    return { kind: "revokeToken", id: decodeKey(revoke[1]!) };
   }
   const item = VM_ITEM.exec(url.pathname);
   if (item && (request.method === "DELETE" || (request.method === "GET" && item[2] === "vms"))) {
@@ -257,6 +266,11 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
       context.auth.requireApiKey(credential!, "minting a token (POST /api/tokens)");
       requireBodyType(request, "POST /api/tokens");
       await mintToken(context, request, response);
+      return;
+    }
+    if (route.kind === "revokeToken") {
+      context.auth.requireApiKey(credential!, "revoking a token (DELETE /api/tokens/{id})");
+      sendJson(response, { revoked: context.auth.revokeToken(route.id) });
       return;
     }
     if (route.kind === "list") {

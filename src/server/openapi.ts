@@ -160,6 +160,15 @@ export function buildOpenApi(definitions: readonly string[]): Record<string, unk
         responses: { "200": json(valueOf(obj({ token: str, definition: str, key: str, actions: {}, expiresAt: int }))), ...errorResponses([...COMMON_ERRORS, ...BODY_ERRORS, "INVALID_ARGUMENT"]) },
       },
     },
+    "/api/tokens/{id}": {
+      delete: {
+        operationId: "revokeToken",
+        summary: "Revoke a scoped token at once (API key only); the path holds its id (or the token itself)",
+        tags: ["auth"],
+        parameters: [{ name: "id", in: "path", required: true, schema: str }],
+        responses: { "200": json(valueOf(obj({ revoked: bool }, ["revoked"]))), ...errorResponses([...COMMON_ERRORS, "INVALID_ARGUMENT"]) },
+      },
+    },
     "/api/{definition}/vms": {
       get: {
         operationId: "listVms",

@@ -14,7 +14,8 @@ import { ensureImage } from "../image/index.ts";
 import { describe, expectKnownKeys, expectObject, expectString } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
 import { handleApi, MAX_LIST_LIMIT, sendError } from "./http-api.ts";
-import { apiKeysFromEnv, Authenticator, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
+import { TokenRevocations } from "../store/token-revocations.ts";
+import { apiKeysFromEnv, Authenticator, DEFAULT_MAX_TOKEN_TTL_SECONDS, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
 import { isLoopbackHost, OriginPolicy } from "./request-origin.ts";
 import { asleepStatus, VmActor, type DestroyResult, type VmStatus, type VmSummary } from "./vm-actor.ts";
 import { canonicalKey } from "../client/client.ts";
@@ -98,6 +99,8 @@ export interface RunningServer {
   addApiKey(key: string | { sha256: string }): void;
   /** Refuses an API key from now on; true when it was known. */
   revokeApiKey(key: string | { sha256: string }): boolean;
+  /** Ends one scoped token at once (the token, or its `id`); false when it was revoked already. Lasts across restarts. */
+  revokeToken(tokenOrId: string): boolean;
   /** A definition's VMs in key order (at most `limit`, default and maximum 1000; page with `after`: the last key seen). */
   listVms(definition: string, options?: { after?: string; limit?: number }): VmSummary[];
   /**
@@ -213,6 +216,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   // Say it at start-up, not only on the first spawn: without bubblewrap no guest can run.
   findBubblewrap().catch((error: Error) => console.error(`agentvm: ${error.message}`));
   const store = new SqliteStore(dataDir);
+  const revocations = new TokenRevocations(store);
   let auth: Authenticator;
   try {
     auth = new Authenticator({
@@ -220,6 +224,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       secret: loadTokenSecret(dataDir),
       definitions: Object.keys(use),
       ...(authOptions.maxTokenTtlSeconds !== undefined ? { maxTokenTtlSeconds: authOptions.maxTokenTtlSeconds as number } : {}),
+      revocations,
     });
   } catch (error) {
     store.close();
@@ -261,7 +266,10 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     },
     destroyVm(definitionName: string, key: string): Promise<DestroyResult> {
       requireDefinition(definitionName, "destroyVm");
-      return context.actor(definitionName, key)!.destroy();
+      const actor = context.actor(definitionName, key)!;
+      // Its tokens end with it: the key may start a fresh VM that they must not reach.
+      auth.revokeTokensOfVm(definitionName, key);
+      return actor.destroy();
     },
     actor(definitionName: string, key: string): VmActor | undefined {
       const definition = Object.hasOwn(use, definitionName) ? use[definitionName] : undefined;
@@ -303,7 +311,11 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       }
     },
   });
-  const sweep = setInterval(() => previews.sweep(Date.now()), Number(previewOptions.sweepIntervalMs ?? 60_000));
+  const maxTokenTtlMs = Number(authOptions.maxTokenTtlSeconds ?? DEFAULT_MAX_TOKEN_TTL_SECONDS) * 1000;
+  const sweep = setInterval(() => {
+    previews.sweep(Date.now());
+    revocations.sweep(Date.now(), maxTokenTtlMs);
+  }, Number(previewOptions.sweepIntervalMs ?? 60_000));
   sweep.unref();
   const lifetimes = startLifetimeSweep(use, store, (definition, key) => context.destroyVm(definition, key));
 
@@ -415,6 +427,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     createToken: (request: TokenRequest) => auth.mintToken(request),
     addApiKey: (key: string | { sha256: string }) => auth.addApiKey(key),
     revokeApiKey: (key: string | { sha256: string }) => auth.revokeApiKey(key),
+    revokeToken: (tokenOrId: string) => auth.revokeToken(tokenOrId),
     listVms: (definition: string, options?: { after?: string; limit?: number }) => context.listVms(definition, options),
     destroyVm: async (definition: string, key: string | readonly string[]) => context.destroyVm(definition, canonicalKey(key)),
     close,

@@ -2,7 +2,7 @@
  * The server's durable state in SQLite (WAL): which VMs exist and when they were
  * used. A VM's files live in its directory, not here.
  *
- * Schema (version 4):
+ * Schema (version 5):
  *   meta(key PRIMARY KEY, value)                    — schema_version
  *   vms(definition, key, directory, created_at,     — one row per VM actor;
  *       last_active_at, wake_count, destroying,       destroying = 1 from the start
@@ -10,6 +10,9 @@
  *       PRIMARY KEY (definition, key))                disk_bytes as of its last sleep
  *   wake_processes(id PRIMARY KEY, definition, key, — processes spawned with
  *       command, args, cwd, env, created_at)          restartOnWake (JSON args/env)
+ *   revoked_tokens(id PRIMARY KEY, expires_at)      — scoped tokens revoked one by one
+ *   token_cutoffs(definition, key, not_before)      — tokens for a VM issued before it
+ *                                                     was destroyed (see token-revocations.ts)
  *   previews(token_hash PRIMARY KEY, token_prefix,  — preview tokens, stored only
  *       definition, key, port, created_at,            as SHA-256; times in epoch ms
  *       expires_at, last_used_at)
@@ -57,6 +60,8 @@ const MIGRATIONS: string[] = [
      created_at INTEGER NOT NULL
    );
    CREATE INDEX wake_processes_by_vm ON wake_processes (definition, key);`,
+  `CREATE TABLE revoked_tokens (id TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+   CREATE TABLE token_cutoffs (definition TEXT NOT NULL, key TEXT NOT NULL, not_before INTEGER NOT NULL, PRIMARY KEY (definition, key));`,
 ];
 
 /** A process to start again whenever its VM wakes (spawn's restartOnWake). */
