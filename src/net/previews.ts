@@ -127,9 +127,14 @@ export class PreviewTokens {
   readonly #definition: string;
   readonly #key: string;
   #origin: string | undefined;
+  readonly #urlFor: ((token: string) => string) | undefined;
 
-  /** `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known. */
-  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string }) {
+  /**
+   * `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known;
+   * `urlFor`: builds the URL for a token instead (a server's public URL, subdomain mode).
+   */
+  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string; urlFor?: (token: string) => string }) {
+    this.#urlFor = scope.urlFor;
     this.#store = store;
     this.#config = config;
     this.#definition = scope.definition;
@@ -166,7 +171,8 @@ export class PreviewTokens {
       expiresAt,
     });
     const path = `/preview/${token}/`;
-    return { ...(this.#origin !== undefined ? { url: `${this.#origin}${path}` } : {}), path, token, port, expiresAt };
+    const url = this.#urlFor ? this.#urlFor(token) : this.#origin !== undefined ? `${this.#origin}${path}` : undefined;
+    return { ...(url !== undefined ? { url } : {}), path, token, port, expiresAt };
   }
 
   /** Revokes a token of this VM; returns whether it was active. */

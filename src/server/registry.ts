@@ -27,6 +27,7 @@ import { parseServerLimits, type ServerLimits } from "./server-limits.ts";
 import { startLifetimeSweep } from "./lifetime-sweep.ts";
 import { buildOpenApi } from "./openapi.ts";
 import { withAccessLog } from "./access-log.ts";
+import { parsePreviewPublicConfig, previewUrlBuilder, type PreviewUrlMode } from "./preview-public-url.ts";
 import { parseLogLevel, setLogLevel, type LogLevel } from "../log.ts";
 import { guardConnections } from "./connection-guard.ts";
 
@@ -78,6 +79,14 @@ export interface StartOptions {
     maxBodyBytes?: number;
     /** How often expired tokens are deleted (default 60000 ms). */
     sweepIntervalMs?: number;
+    /**
+     * The origin browsers reach previews on when it is not the listener's own (behind a proxy),
+     * e.g. "https://previews.example.com": `preview.url` and the API's redirects use it.
+     * Default: AGENTVM_PREVIEW_PUBLIC_URL, else the listener's address.
+     */
+    publicUrl?: string;
+    /** "path" (default): `<origin>/preview/<token>/`; "subdomain": `<scheme>://<token>.<host>[:port]/`. */
+    mode?: PreviewUrlMode;
   };
 }
 
@@ -183,7 +192,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   if (authOptions.apiKeys !== undefined && !Array.isArray(authOptions.apiKeys)) throw invalidArgument(`start options.auth.apiKeys must be an array of keys, got ${describe(authOptions.apiKeys)}`);
   const apiKeys = [...((authOptions.apiKeys as AuthOptions["apiKeys"]) ?? []), ...apiKeysFromEnv(process.env.AGENTVM_API_KEYS)];
   const previewOptions = config.preview === undefined ? {} : expectObject("start options.preview", config.preview);
-  expectKnownKeys("start options.preview", previewOptions, ["port", "listenHost", "host", "responseTimeoutMs", "maxBodyBytes", "sweepIntervalMs"]);
+  expectKnownKeys("start options.preview", previewOptions, ["port", "listenHost", "host", "responseTimeoutMs", "maxBodyBytes", "sweepIntervalMs", "publicUrl", "mode"]);
+  const previewPublic = parsePreviewPublicConfig(previewOptions.publicUrl, previewOptions.mode);
   const port = options.port ?? (process.env.PORT ? Number(process.env.PORT) : 6420);
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw invalidArgument(`port must be an integer from 0 to 65535, got ${describe(port)}`);
   const host = options.host ?? process.env.HOST ?? "localhost";
@@ -235,6 +245,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   let closing = false;
   /** Set once the preview listener is bound, before the API takes requests. */
   let previewUrl = "";
+  let previewUrlFor: (token: string) => string = () => "";
   const requireDefinition = (name: string, what: string) => {
     if (!Object.hasOwn(use, name)) throw new AgentVmError("UNKNOWN_ACTION", `${what}: no VM definition named ${JSON.stringify(name)} in this registry`);
   };
@@ -283,7 +294,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
         const onIdle = (idle: VmActor) => {
           if (actors.get(id) === idle) actors.delete(id);
         };
-        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewOrigin: previewUrl, onIdle, maxVms: limits.maxVmsPerDefinition });
+        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewUrl: (token) => previewUrlFor(token), onIdle, maxVms: limits.maxVmsPerDefinition });
         actors.set(id, actor);
       }
       return actor;
@@ -293,7 +304,11 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const previewResponseTimeoutMs = Number(previewOptions.responseTimeoutMs ?? 60_000);
   const gateway = new PreviewGateway({
     store: previews,
-    ...(previewOptions.host !== undefined ? { previewHost: String(previewOptions.host) } : {}),
+    ...(previewOptions.host !== undefined
+      ? { previewHost: String(previewOptions.host) }
+      : previewPublic.mode === "subdomain" && previewPublic.publicUrl
+        ? { previewHost: previewPublic.publicUrl.hostname }
+        : {}),
     ...(previewOptions.responseTimeoutMs !== undefined ? { responseTimeoutMs: Number(previewOptions.responseTimeoutMs) } : {}),
     ...(previewOptions.maxBodyBytes !== undefined ? { maxBodyBytes: Number(previewOptions.maxBodyBytes) } : {}),
     async acquire(row) {
@@ -325,7 +340,13 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     if (redirect!.handleRequest(request, response)) return;
     handleApi(context, request, response).catch((error) => sendError(response, error));
   });
+  let previewHosts: OriginPolicy | undefined;
   const previewHandler = withAccessLog("preview", (request: IncomingMessage, response: ServerResponse) => {
+    try {
+      previewHosts!.checkHost(request);
+    } catch (error) {
+      return sendError(response, error);
+    }
     if (gateway.handleRequest(request, response)) return;
     const body = `Not a preview URL. Previews are /preview/<token>/… or <token>.${gateway.previewHost}; the API is on another origin.\n`;
     response.writeHead(404, { "content-type": "text/plain; charset=utf-8", "content-length": Buffer.byteLength(body), "access-control-allow-origin": "*" });
@@ -352,7 +373,18 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const url = `http://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
   const boundPreviewPort = (previewServers[0]!.address() as { port: number }).port;
   previewUrl = `http://${previewHost.includes(":") ? `[${previewHost}]` : previewHost}:${boundPreviewPort}`;
-  redirect = new PreviewRedirect(gateway, previewUrl);
+  previewUrlFor = previewUrlBuilder(previewPublic, previewUrl, gateway.previewHost);
+  // Browsers are sent where they can reach previews: the public URL when the server is behind a proxy.
+  redirect = new PreviewRedirect(gateway, previewPublic.publicUrl?.origin ?? previewUrl);
+  // The preview listener answers its own names only (DNS rebinding): loopback names and IPs, its
+  // listen host, the subdomain host and its subdomains, the public URL's host, and allowedHosts.
+  previewHosts = new OriginPolicy({
+    host: previewHost,
+    allowedHosts:
+      options.allowedHosts === true
+        ? true
+        : [...(options.allowedHosts ?? []), `.${gateway.previewHost}`, ...(previewPublic.publicUrl ? [previewPublic.publicUrl.hostname] : [])],
+  });
   // Upgraded sockets (preview WebSockets) leave the HTTP server's bookkeeping, so
   // closeAllConnections does not end them and server.close would wait for them forever.
   const upgraded = new Set<Duplex>();
@@ -364,7 +396,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   }
   for (const server of previewServers) {
     server.on("upgrade", (request: IncomingMessage, socket: Duplex, head: Buffer) => {
-      if (closing || !gateway.handleUpgrade(request, socket, head)) return void socket.destroy();
+      if (closing || !hostAllowed(previewHosts!, request) || !gateway.handleUpgrade(request, socket, head)) return void socket.destroy();
       upgraded.add(socket);
       socket.once("close", () => upgraded.delete(socket));
     });
@@ -432,6 +464,15 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     destroyVm: async (definition: string, key: string | readonly string[]) => context.destroyVm(definition, canonicalKey(key)),
     close,
   };
+}
+
+function hostAllowed(policy: OriginPolicy, request: IncomingMessage): boolean {
+  try {
+    policy.checkHost(request);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** "localhost" means both loopback families, as browsers and fetch may try either. */

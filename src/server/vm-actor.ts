@@ -88,8 +88,8 @@ export class VmActor {
   #closed = false;
 
   readonly #previews: PreviewStore;
-  /** Where the server's preview listener answers; preview `url`s are built on it. */
-  readonly #previewOrigin: string;
+  /** Builds a preview token's `url` (the server's preview origin, or its public URL). */
+  readonly #previewUrl: (token: string) => string;
   /** Told when the actor holds nothing (asleep, unused): the registry then forgets it. */
   readonly #onIdle: ((actor: VmActor) => void) | undefined;
   readonly #maxVms: number;
@@ -101,7 +101,7 @@ export class VmActor {
     dataDir: string;
     store: SqliteStore;
     previews: PreviewStore;
-    previewOrigin: string;
+    previewUrl: (token: string) => string;
     onIdle?: (actor: VmActor) => void;
     /** VMs the definition may have; a new key past it is TOO_MANY_VMS. */
     maxVms?: number;
@@ -109,7 +109,7 @@ export class VmActor {
     this.#maxVms = init.maxVms ?? Number.POSITIVE_INFINITY;
     this.#onIdle = init.onIdle;
     this.#previews = init.previews;
-    this.#previewOrigin = init.previewOrigin;
+    this.#previewUrl = init.previewUrl;
     this.definitionName = init.definitionName;
     this.key = init.key;
     this.#definition = init.definition;
@@ -294,7 +294,7 @@ export class VmActor {
         ...(this.#definition.hosts ? { hosts: this.#definition.hosts } : {}),
       },
       {
-        previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, origin: this.#previewOrigin }),
+        previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, urlFor: this.#previewUrl }),
         wakeProcesses: {
           add: (process) => this.#store.addWakeProcess(this.definitionName, this.key, process),
           remove: (id) => this.#store.removeWakeProcess(this.definitionName, this.key, id),
