@@ -90,7 +90,20 @@ export interface VmHostServices {
   previews?: PreviewTokens;
   /** Where spawn's restartOnWake processes are recorded; only a registry server's VMs sleep and wake. */
   wakeProcesses?: WakeProcessRecords;
+  /** Keeps the VM's own lifecycle bounds (setLifecycle); only a registry server's VMs have a lifecycle. */
+  lifecycle?: { set(bounds: { maxLifetimeSeconds?: number | null; idleTimeoutSeconds?: number | null }): VmLifecycle };
 }
+
+/** A VM's lifecycle bounds in force: its own (setLifecycle), else its definition's; null for none. */
+export interface VmLifecycle {
+  maxLifetimeSeconds: number | null;
+  idleTimeoutSeconds: number | null;
+  /** When the VM will be destroyed (epoch ms), or null. */
+  expiresAt: number | null;
+}
+
+/** The longest bound setLifecycle takes (ten years), as agentOS({ lifecycle }) does. */
+const MAX_LIFECYCLE_SECONDS = 10 * 365 * 86_400;
 
 /** The durable list of a VM's restart-on-wake processes (SQLite on a server). */
 export interface WakeProcessRecords {
@@ -227,6 +240,7 @@ export class Vm extends EventEmitter<VmEvents> {
   #openConnections = 0;
   #disposed = false;
   readonly #wakeProcesses: WakeProcessRecords | undefined;
+  readonly #lifecycle: VmHostServices["lifecycle"];
   /** pid → its restart-on-wake record. */
   readonly #wakeProcessIds = new Map<number, number>();
 
@@ -256,6 +270,7 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#previews = init.services.previews;
     this.#servedByRegistry = init.services.previews !== undefined;
     this.#wakeProcesses = init.services.wakeProcesses;
+    this.#lifecycle = init.services.lifecycle;
     this.listenPolicy = init.listen;
     this.#fs = new VmFilesystem(this.root, { readOnly: READ_ONLY, mounts: imageMounts(init.image, init.vmDir) });
     this.#egress = new EgressBroker(
@@ -383,6 +398,34 @@ export class Vm extends EventEmitter<VmEvents> {
     });
     this.#wakeProcessIds.set(pid, id);
     return { pid };
+  }
+
+  /**
+   * Sets this VM's own lifecycle bounds, in place of its definition's: a number of
+   * seconds, or null to go back to the definition's (a key left out keeps its current
+   * value). maxLifetimeSeconds counts from the VM's creation; a VM already past it is
+   * destroyed. Returns the bounds now in force. Only on a VM served by a registry.
+   */
+  async setLifecycle(options: { maxLifetimeSeconds?: number | null; idleTimeoutSeconds?: number | null }): Promise<VmLifecycle> {
+    this.#alive();
+    const opts = expectObject("setLifecycle options", options);
+    expectKnownKeys("setLifecycle options", opts, ["maxLifetimeSeconds", "idleTimeoutSeconds"]);
+    const bound = (name: string): number | null | undefined => {
+      const value = opts[name];
+      if (value === undefined || value === null) return value;
+      if (typeof value !== "number" || !Number.isFinite(value) || value <= 0 || value > MAX_LIFECYCLE_SECONDS) {
+        throw invalidArgument(`setLifecycle: ${name} must be a number of seconds > 0 and at most ${MAX_LIFECYCLE_SECONDS}, or null for the definition's, got ${describe(value)}`);
+      }
+      return value;
+    };
+    const maxLifetimeSeconds = bound("maxLifetimeSeconds");
+    const idleTimeoutSeconds = bound("idleTimeoutSeconds");
+    const lifecycle = this.#lifecycle;
+    if (!lifecycle) throw invalidArgument("setLifecycle: only a VM served by a registry server has a lifecycle (an embedded VM lives until dispose())");
+    return lifecycle.set({
+      ...(maxLifetimeSeconds !== undefined ? { maxLifetimeSeconds } : {}),
+      ...(idleTimeoutSeconds !== undefined ? { idleTimeoutSeconds } : {}),
+    });
   }
 
   /** Starts a recorded restart-on-wake process again (the server calls this as the VM wakes). */

@@ -107,6 +107,24 @@ describe("lifetime and disk use", () => {
     assert.ok(listed.diskBytes !== null && listed.diskBytes >= 256 * 1024, `diskBytes ${listed.diskBytes}`);
   });
 
+  it("setLifecycle gives one VM bounds of its own: a lifetime its definition does not have ends it", async () => {
+    const vm = client.dev.getOrCreate("own-lifetime");
+    await vm.writeFile("/home/agentos/x", "x");
+    const error = await vm.setLifecycle({ maxLifetimeSeconds: -1 }).then(
+      () => undefined,
+      (caught: { code?: string }) => caught.code,
+    );
+    assert.equal(error, "INVALID_ARGUMENT");
+    const bounds = await vm.setLifecycle({ maxLifetimeSeconds: 2 });
+    assert.equal(bounds.maxLifetimeSeconds, 2);
+    assert.equal(bounds.idleTimeoutSeconds, 1, "the definition's idle timeout stays in force");
+    assert.ok(bounds.expiresAt !== null && bounds.expiresAt > Date.now() - 60_000);
+    assert.deepEqual(await vm.setLifecycle({ idleTimeoutSeconds: 30 }).then((b) => [b.maxLifetimeSeconds, b.idleTimeoutSeconds]), [2, 30]);
+    assert.deepEqual(await vm.setLifecycle({ idleTimeoutSeconds: null }).then((b) => [b.maxLifetimeSeconds, b.idleTimeoutSeconds]), [2, 1]);
+    await waitFor(() => !server.listVms("dev").some((entry) => entry.key === "own-lifetime"), "the VM to be destroyed at the end of its own lifetime", 20_000);
+    assert.equal(await vm.exists("/home/agentos/x"), false);
+  });
+
   it("a VM past lifecycle.maxLifetimeSeconds is destroyed, asleep or awake; its key then starts a fresh VM", async () => {
     const asleep = client.shortLived.getOrCreate("mayfly");
     const busy = client.shortLived.getOrCreate("mayfly-busy");

@@ -77,3 +77,14 @@ it("revocations are in SQLite: they hold after a restart", async () => {
   assert.equal((await call("/api/vm/persist/status", minted.token)).status, 401);
   assert.equal(server.revokeToken(minted.id), false, "already revoked before the restart");
 });
+
+it('a "*" token does not cover setLifecycle (nor destroy): a token must list it', async () => {
+  const all = server.createToken({ key: "bounds" });
+  const refused = await call("/api/vm/bounds/actions/setLifecycle", all.token, { method: "POST", headers: { "content-type": "application/json" }, body: '[{"maxLifetimeSeconds": 100000}]' });
+  assert.equal(refused.status, 403);
+  assert.equal(refused.body.error?.code, "FORBIDDEN");
+  const listed = server.createToken({ key: "bounds", actions: ["setLifecycle"] });
+  const set = await call("/api/vm/bounds/actions/setLifecycle", listed.token, { method: "POST", headers: { "content-type": "application/json" }, body: '[{"maxLifetimeSeconds": 100000}]' });
+  assert.equal(set.status, 200);
+  assert.equal((set.body.value as { maxLifetimeSeconds: number }).maxLifetimeSeconds, 100000);
+});

@@ -33,11 +33,12 @@ import type { TokenRevocationStore } from "../store/token-revocations.ts";
 
 /**
  * What a token can allow: every VM action, plus the routes that are not actions.
- * `destroy` cannot be undone, so "*" does not include it: a token must list it.
+ * `destroy` cannot be undone, and `setLifecycle` could let an agent outlive the
+ * bounds its backend set, so "*" does not include them: a token must list them.
  */
 export const TOKEN_ACTIONS = [...VM_ACTIONS, "vmFetch", "connect", "status", "destroy"] as const;
 /** Actions a "*" token does not cover. */
-const EXPLICIT_ONLY: ReadonlySet<string> = new Set(["destroy"]);
+const EXPLICIT_ONLY: ReadonlySet<string> = new Set(["destroy", "setLifecycle"]);
 export type TokenAction = (typeof TOKEN_ACTIONS)[number];
 const TOKEN_ACTION_SET: ReadonlySet<string> = new Set(TOKEN_ACTIONS);
 

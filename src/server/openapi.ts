@@ -68,6 +68,11 @@ export const ACTION_SCHEMAS: Partial<Record<VmActionName, ActionSchema>> = {
   closeProcessStdin: { summary: "Close a process's stdin", args: [pid], result: nil },
   listeningPorts: { summary: "Ports guests listen on", args: [], result: arrayOf(int) },
   usage: { summary: "Resources the VM uses against its limits", args: [], result: { type: "object" } },
+  setLifecycle: {
+    summary: "Set this VM's own lifetime and idle timeout (null: the definition's); a token must list it",
+    args: [{ name: "options", schema: obj({ maxLifetimeSeconds: { oneOf: [{ type: "number" }, nil] }, idleTimeoutSeconds: { oneOf: [{ type: "number" }, nil] } }) }],
+    result: obj({ maxLifetimeSeconds: { oneOf: [{ type: "number" }, nil] }, idleTimeoutSeconds: { oneOf: [{ type: "number" }, nil] }, expiresAt: { oneOf: [int, nil] } }),
+  },
   createSignedPreviewUrl: {
     summary: "Mint a preview URL for a port",
     args: [{ name: "port", schema: int }, { name: "ttlSeconds", schema: { type: "number" }, optional: true }],

@@ -19,7 +19,7 @@ import { access, lstat, readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { AgentVmError } from "../errors.ts";
 import { log } from "../log.ts";
-import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEvent, type Vm } from "../vm.ts";
+import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEvent, type Vm, type VmLifecycle } from "../vm.ts";
 import type { SqliteStore } from "../store/sqlite-store.ts";
 import type { PreviewStore } from "../store/preview-store.ts";
 import { PreviewTokens } from "../net/previews.ts";
@@ -81,6 +81,8 @@ export class VmActor {
   #waking: Promise<Vm> | undefined;
   #destroying: Promise<DestroyResult> | undefined;
   #holds = 0;
+  /** The idle timeout in force while awake (read as it wakes and on setLifecycle). */
+  #idleTimeoutSeconds: number | null = null;
   /** Processes started by this wake (services, restartOnWake) that are still running. */
   readonly #restarted = new Set<number>();
   #sleepTimer: NodeJS.Timeout | undefined;
@@ -175,7 +177,7 @@ export class VmActor {
     if (this.#vm) return Promise.resolve(this.#vm);
     if (!this.#waking && this.#pastLifetime()) {
       // Its time is up: it goes for good, and this use gets a fresh VM.
-      log("warn", `VM ${JSON.stringify(this.key)} reached lifecycle.maxLifetimeSeconds; destroying it`, { definition: this.definitionName, key: this.key });
+      log("warn", `VM ${JSON.stringify(this.key)} reached its maxLifetimeSeconds; destroying it`, { definition: this.definitionName, key: this.key });
       return this.destroy().then(() => this.wake());
     }
     this.#waking ??= this.#create().finally(() => {
@@ -185,12 +187,38 @@ export class VmActor {
     return this.#waking;
   }
 
-  /** True when the definition bounds a VM's life and this one's is over. */
+  /** The bounds in force: the VM's own (setLifecycle), else its definition's. */
+  #lifecycle(record = this.#store.getVm(this.definitionName, this.key)): VmLifecycle {
+    const maxLifetimeSeconds = record?.maxLifetimeSeconds ?? this.#definition.lifecycle.maxLifetimeSeconds ?? null;
+    return {
+      maxLifetimeSeconds,
+      idleTimeoutSeconds: record?.idleTimeoutSeconds ?? this.#definition.lifecycle.idleTimeoutSeconds ?? null,
+      expiresAt: record && maxLifetimeSeconds !== null ? record.createdAt + maxLifetimeSeconds * 1000 : null,
+    };
+  }
+
+  /** True when this VM's lifetime is bounded and over. */
   #pastLifetime(): boolean {
-    const lifetime = this.#definition.lifecycle.maxLifetimeSeconds;
-    if (lifetime === undefined) return false;
     const record = this.#store.getVm(this.definitionName, this.key);
-    return record !== undefined && !record.destroying && record.createdAt + lifetime * 1000 <= Date.now();
+    if (!record || record.destroying) return false;
+    const { expiresAt } = this.#lifecycle(record);
+    return expiresAt !== null && expiresAt <= Date.now();
+  }
+
+  /** setLifecycle on the awake VM: stored on its row; a lifetime already over destroys it. */
+  #setLifecycle(bounds: { maxLifetimeSeconds?: number | null; idleTimeoutSeconds?: number | null }): VmLifecycle {
+    const record = this.#store.getVm(this.definitionName, this.key)!;
+    this.#store.setLifecycle(
+      this.definitionName,
+      this.key,
+      bounds.maxLifetimeSeconds === undefined ? record.maxLifetimeSeconds : bounds.maxLifetimeSeconds,
+      bounds.idleTimeoutSeconds === undefined ? record.idleTimeoutSeconds : bounds.idleTimeoutSeconds,
+    );
+    // In force from the next sleep check (this call holds the VM awake until it answers). A
+    // lifetime already over is the sweep's to end, within a second, after this answer goes out.
+    const inForce = this.#lifecycle();
+    this.#idleTimeoutSeconds = inForce.idleTimeoutSeconds;
+    return inForce;
   }
 
   /** Stops the VM's processes and frees it; files and SQLite rows stay. */
@@ -299,6 +327,7 @@ export class VmActor {
           add: (process) => this.#store.addWakeProcess(this.definitionName, this.key, process),
           remove: (id) => this.#store.removeWakeProcess(this.definitionName, this.key, id),
         },
+        lifecycle: { set: (bounds) => this.#setLifecycle(bounds) },
       },
     );
     vm.on("processOutput", (event) => {
@@ -310,6 +339,7 @@ export class VmActor {
       this.#scheduleSleep();
     });
     this.#vm = vm;
+    this.#idleTimeoutSeconds = this.#lifecycle().idleTimeoutSeconds;
     await this.#startOnWake(vm);
     this.#scheduleSleep();
     return vm;
@@ -346,9 +376,9 @@ export class VmActor {
     const vm = this.#vm;
     if (!vm || this.#holds > 0 || this.#closed) return;
     // Running processes keep a VM awake, unless lifecycle.idleTimeoutSeconds says how long they may without any client.
-    const idleTimeoutSeconds = this.#definition.lifecycle.idleTimeoutSeconds;
+    const idleTimeoutSeconds = this.#idleTimeoutSeconds;
     const busy = vm.runningProcessCount() > 0;
-    if (busy && idleTimeoutSeconds === undefined) return;
+    if (busy && idleTimeoutSeconds === null) return;
     this.#sleepTimer = setTimeout(
       () => {
         this.#sleepTimer = undefined;

@@ -6,8 +6,9 @@
  *   meta(key PRIMARY KEY, value)                    — schema_version
  *   vms(definition, key, directory, created_at,     — one row per VM actor;
  *       last_active_at, wake_count, destroying,       destroying = 1 from the start
- *       disk_bytes,                                   of a destroy until the row goes;
- *       PRIMARY KEY (definition, key))                disk_bytes as of its last sleep
+ *       disk_bytes, max_lifetime_s,                   of a destroy until the row goes;
+ *       idle_timeout_s,                               disk_bytes as of its last sleep;
+ *       PRIMARY KEY (definition, key))                the VM's own lifecycle (null: its definition's)
  *   wake_processes(id PRIMARY KEY, definition, key, — processes spawned with
  *       command, args, cwd, env, created_at)          restartOnWake (JSON args/env)
  *   revoked_tokens(id PRIMARY KEY, expires_at)      — scoped tokens revoked one by one
@@ -49,6 +50,8 @@ const MIGRATIONS: string[] = [
    CREATE INDEX previews_by_expiry ON previews (expires_at);`,
   `ALTER TABLE vms ADD COLUMN destroying INTEGER NOT NULL DEFAULT 0;`,
   `ALTER TABLE vms ADD COLUMN disk_bytes INTEGER;
+   ALTER TABLE vms ADD COLUMN max_lifetime_s REAL;
+   ALTER TABLE vms ADD COLUMN idle_timeout_s REAL;
    CREATE TABLE wake_processes (
      id INTEGER PRIMARY KEY AUTOINCREMENT,
      definition TEXT NOT NULL,
@@ -84,6 +87,9 @@ export interface VmRecord {
   destroying: boolean;
   /** Bytes its directory used when it last went to sleep; null before its first sleep. */
   diskBytes: number | null;
+  /** The VM's own lifecycle bounds (setLifecycle); null where its definition's apply. */
+  maxLifetimeSeconds: number | null;
+  idleTimeoutSeconds: number | null;
 }
 
 export class SqliteStore {
@@ -97,7 +103,8 @@ export class SqliteStore {
     deleteVm: StatementSync;
     markDestroying: StatementSync;
     countVms: StatementSync;
-    createdBefore: StatementSync;
+    pastLifetime: StatementSync;
+    setLifecycle: StatementSync;
     setDiskBytes: StatementSync;
     insertWake: StatementSync;
     listWake: StatementSync;
@@ -111,15 +118,18 @@ export class SqliteStore {
     this.db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;");
     this.#migrate();
     this.#statements = {
-      getVm: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes FROM vms WHERE definition = ? AND key = ?"),
+      getVm: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes, max_lifetime_s, idle_timeout_s FROM vms WHERE definition = ? AND key = ?"),
       insertVm: this.db.prepare("INSERT INTO vms (definition, key, directory, created_at, last_active_at, wake_count) VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING"),
       touchVm: this.db.prepare("UPDATE vms SET last_active_at = ? WHERE definition = ? AND key = ?"),
       wokeVm: this.db.prepare("UPDATE vms SET wake_count = wake_count + 1, last_active_at = ? WHERE definition = ? AND key = ?"),
-      listVms: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes FROM vms WHERE definition = ? AND key > ? ORDER BY key LIMIT ?"),
+      listVms: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes, max_lifetime_s, idle_timeout_s FROM vms WHERE definition = ? AND key > ? ORDER BY key LIMIT ?"),
       markDestroying: this.db.prepare("UPDATE vms SET destroying = 1 WHERE definition = ? AND key = ?"),
       deleteVm: this.db.prepare("DELETE FROM vms WHERE definition = ? AND key = ?"),
       countVms: this.db.prepare("SELECT COUNT(*) AS count FROM vms WHERE definition = ?"),
-      createdBefore: this.db.prepare("SELECT key FROM vms WHERE definition = ? AND created_at <= ? ORDER BY created_at LIMIT ?"),
+      pastLifetime: this.db.prepare(
+        "SELECT key FROM vms WHERE definition = ? AND destroying = 0 AND created_at + COALESCE(max_lifetime_s, ?) * 1000 <= ? ORDER BY created_at LIMIT ?",
+      ),
+      setLifecycle: this.db.prepare("UPDATE vms SET max_lifetime_s = ?, idle_timeout_s = ? WHERE definition = ? AND key = ?"),
       setDiskBytes: this.db.prepare("UPDATE vms SET disk_bytes = ? WHERE definition = ? AND key = ?"),
       insertWake: this.db.prepare("INSERT INTO wake_processes (definition, key, command, args, cwd, env, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
       listWake: this.db.prepare("SELECT id, command, args, cwd, env FROM wake_processes WHERE definition = ? AND key = ? ORDER BY id"),
@@ -155,9 +165,16 @@ export class SqliteStore {
     return (this.#statements.listVms.all(definition, after, limit) as Record<string, unknown>[]).map(toVmRecord);
   }
 
-  /** Keys of a definition's VMs created at or before `time` (epoch ms), oldest first. */
-  vmsCreatedBefore(definition: string, time: number, limit: number): string[] {
-    return (this.#statements.createdBefore.all(definition, time, limit) as { key: string }[]).map((row) => String(row.key));
+  /**
+   * Keys of a definition's VMs whose lifetime (their own, else `defaultSeconds`; none when both
+   * are null) ended by `now`, oldest first.
+   */
+  vmsPastLifetime(definition: string, defaultSeconds: number | null, now: number, limit: number): string[] {
+    return (this.#statements.pastLifetime.all(definition, defaultSeconds, now, limit) as { key: string }[]).map((row) => String(row.key));
+  }
+
+  setLifecycle(definition: string, key: string, maxLifetimeSeconds: number | null, idleTimeoutSeconds: number | null): void {
+    this.#statements.setLifecycle.run(maxLifetimeSeconds, idleTimeoutSeconds, definition, key);
   }
 
   setDiskBytes(definition: string, key: string, bytes: number): void {
@@ -226,6 +243,10 @@ export class SqliteStore {
   }
 }
 
+function nullableNumber(value: unknown): number | null {
+  return value === null || value === undefined ? null : Number(value);
+}
+
 function toVmRecord(row: Record<string, unknown>): VmRecord {
   return {
     definition: String(row.definition),
@@ -234,7 +255,9 @@ function toVmRecord(row: Record<string, unknown>): VmRecord {
     createdAt: Number(row.created_at),
     lastActiveAt: Number(row.last_active_at),
     wakeCount: Number(row.wake_count),
-    diskBytes: row.disk_bytes === null || row.disk_bytes === undefined ? null : Number(row.disk_bytes),
+    diskBytes: nullableNumber(row.disk_bytes),
+    maxLifetimeSeconds: nullableNumber(row.max_lifetime_s),
+    idleTimeoutSeconds: nullableNumber(row.idle_timeout_s),
     destroying: Number(row.destroying) === 1,
   };
 }
