@@ -109,6 +109,43 @@ describe("the OpenAPI document", () => {
     assert.ok(checked.length >= VM_ACTIONS.length + 8);
   });
 
+  it("bad input on every route (no credential, foreign origin, oversized headers, wrong content type, malformed JSON) gets a typed error the document lists", async () => {
+    const cases: string[] = [];
+    for (const { path, method: lower, operation } of operations()) {
+      if (lower === "head" || lower === "options") continue;
+      // fetch upper-cases only some methods; "patch" would be sent as is (and refused as not HTTP).
+      const method = lower.toUpperCase();
+      const url = `${server.url}${path.replace("{definition}", "vm").replace("{key}", "bad-input").replace("{port}", "3000").replace("{path}", "x").replace("{id}", "x")}`;
+      const isPublic = (operation as { security?: unknown[] }).security?.length === 0;
+      const readsBody = path === "/api/tokens" || path.includes("/actions/");
+      const auth = { authorization: `Bearer ${apiKey}` };
+      const json = { "content-type": "application/json" };
+      const attempts: [what: string, init: RequestInit, expected: string][] = [
+        ["a foreign Origin", { method, headers: { ...auth, ...json, origin: "https://evil.example" }, ...(readsBody ? { body: "[]" } : {}) }, "ORIGIN_NOT_ALLOWED"],
+        ["headers over the cap", { method, headers: { ...auth, "x-padding": "p".repeat(64 * 1024) } }, "HEADERS_TOO_LARGE"],
+      ];
+      if (!isPublic) attempts.push(["no credential", { method, headers: json, ...(readsBody ? { body: "[]" } : {}) }, "UNAUTHENTICATED"], ["a forged token", { method, headers: { authorization: "Bearer avt_e30.AAAA", ...json } }, "UNAUTHENTICATED"]);
+      if (readsBody) {
+        attempts.push(
+          ["a form content type", { method, headers: { ...auth, "content-type": "text/plain" }, body: "[]" }, "UNSUPPORTED_MEDIA_TYPE"],
+          ["malformed JSON", { method, headers: { ...auth, ...json }, body: "[{" }, "MALFORMED_REQUEST"],
+        );
+      }
+      for (const [what, init, expected] of attempts) {
+        const response = await fetch(url, init);
+        assert.equal(response.headers.get("x-agentvm-error"), "1", `${method} ${path} with ${what}: not a typed error (${response.status})`);
+        const { code } = ((await response.json()) as { error: { code: string } }).error;
+        assert.equal(code, expected, `${method} ${path} with ${what}`);
+        const listed = operation.responses[String(response.status)]?.content?.["application/json"]?.schema.properties?.error?.properties.code.enum ?? [];
+        assert.ok(listed.includes(code), `${method} ${path} with ${what} answered ${response.status} ${code}, which the document does not list`);
+        cases.push(`${method} ${path} ${what}`);
+      }
+    }
+    const health = await fetch(`${server.url}/health`);
+    assert.equal(health.status, 200, "the server still answers");
+    assert.ok(cases.length > 4 * operations().length - 20, `${cases.length} cases`);
+  });
+
   it("docs/http-api.md lists every action", () => {
     const httpApi = readFileSync(new URL("../docs/http-api.md", import.meta.url), "utf8");
     for (const action of VM_ACTIONS) assert.match(httpApi, new RegExp(`^\\| \`${action}\`|^\\| \`[a-zA-Z]+\` / \`${action}\``, "m"), `docs/http-api.md does not list ${action}`);

@@ -41,6 +41,8 @@ export function guardConnections(server: Server, options: { maxConnectionsPerCli
   });
   server.on("clientError", (error: NodeJS.ErrnoException, socket: Socket) => {
     if (!socket.writable || error.code === "ECONNRESET") return void socket.destroy();
+    // A request that took longer than Node's requestTimeout: answered as Node itself would.
+    if (error.code === "ERR_HTTP_REQUEST_TIMEOUT") return void socket.end("HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
     const response =
       error.code === "HPE_HEADER_OVERFLOW"
         ? rawErrorResponse("HEADERS_TOO_LARGE", `the request's headers are larger than ${options.maxHeaderBytes} bytes (limits.maxHeaderBytes); send less in headers (big data belongs in the body)`)

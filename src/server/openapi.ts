@@ -85,6 +85,8 @@ export const ACTION_SCHEMAS: Partial<Record<VmActionName, ActionSchema>> = {
 
 /** Errors any API route can answer (checks that run before the route's own work). */
 const COMMON_ERRORS: ErrorCode[] = ["UNAUTHENTICATED", "FORBIDDEN", "HOST_NOT_ALLOWED", "ORIGIN_NOT_ALLOWED", "UNKNOWN_ACTION", "MALFORMED_REQUEST", "HEADERS_TOO_LARGE", "TOO_MANY_CONNECTIONS", "SERVER_CLOSING", "INTERNAL"];
+/** What the public routes (no credentials) can answer: the checks below the route. */
+const PUBLIC_ERRORS: ErrorCode[] = ["HOST_NOT_ALLOWED", "ORIGIN_NOT_ALLOWED", "MALFORMED_REQUEST", "HEADERS_TOO_LARGE", "TOO_MANY_CONNECTIONS", "INTERNAL"];
 /** …plus these on routes that read a body. */
 const BODY_ERRORS: ErrorCode[] = ["UNSUPPORTED_MEDIA_TYPE", "PAYLOAD_TOO_LARGE"];
 /** …plus these where a VM is woken. */
@@ -154,8 +156,8 @@ function actionOperation(action: VmActionName, definitions: readonly string[]): 
 export function buildOpenApi(definitions: readonly string[]): Record<string, unknown> {
   const vmParams = [definitionParam(definitions), keyParam];
   const paths: Record<string, unknown> = {
-    "/health": { get: { operationId: "health", summary: "Liveness probe (no credentials)", tags: ["server"], security: [], responses: { "200": json(obj({ ok: { const: true } })) } } },
-    "/openapi.json": { get: { operationId: "openapi", summary: "This document (no credentials)", tags: ["server"], security: [], responses: { "200": json({ type: "object" }) } } },
+    "/health": { get: { operationId: "health", summary: "Liveness probe (no credentials)", tags: ["server"], security: [], responses: { "200": json(obj({ ok: { const: true } })), ...errorResponses(PUBLIC_ERRORS) } } },
+    "/openapi.json": { get: { operationId: "openapi", summary: "This document (no credentials)", tags: ["server"], security: [], responses: { "200": json({ type: "object" }), ...errorResponses(PUBLIC_ERRORS) } } },
     "/api/tokens": {
       post: {
         operationId: "createToken",
