@@ -64,6 +64,12 @@ describe("restart on wake", () => {
     await waitFor(async () => !(await awake("dev", "restarting")), "the VM to sleep past its idle timeout", 20_000);
     assert.deepEqual(await fetchText(`${preview.url}after-sleep`), { status: 200, text: "dev server says /after-sleep" });
     assert.equal(await awake("dev", "restarting"), true);
+
+    // vmFetch through the API right after a wake waits for it too.
+    await waitFor(async () => !(await awake("dev", "restarting")), "the VM to sleep again", 20_000);
+    const fetched = await vm.vmFetch(3000, "/api-after-sleep");
+    assert.equal(fetched.status, 200);
+    assert.equal(new TextDecoder().decode(fetched.body), "dev server says /api-after-sleep");
   });
 
   it("killProcess on it stops the restarting: after the next sleep the preview has nothing to reach", async () => {
@@ -101,10 +107,10 @@ describe("lifetime and disk use", () => {
   it("the VM list reports the disk use measured when a VM last slept", async () => {
     const vm = client.shortLived.getOrCreate("disk");
     await vm.writeFile("/home/agentos/blob.bin", new Uint8Array(256 * 1024).fill(1));
-    await waitFor(async () => !(await awake("shortLived", "disk")), "the VM to sleep", 20_000);
-    const [listed] = server.listVms("shortLived").filter((entry) => entry.key === "disk");
-    assert.ok(listed, "the VM is listed");
-    assert.ok(listed.diskBytes !== null && listed.diskBytes >= 256 * 1024, `diskBytes ${listed.diskBytes}`);
+    assert.equal(server.listVms("shortLived").find((entry) => entry.key === "disk")?.diskBytes, null, "not measured before its first sleep");
+    // Measured as the sleep finishes (just after the VM stops counting as awake).
+    const listed = await waitFor(() => server.listVms("shortLived").find((entry) => entry.key === "disk" && entry.diskBytes !== null), "the VM to sleep and its disk use to be measured", 20_000);
+    assert.ok(listed.diskBytes! >= 256 * 1024, `diskBytes ${listed.diskBytes}`);
   });
 
   it("setLifecycle gives one VM bounds of its own: a lifetime its definition does not have ends it", async () => {

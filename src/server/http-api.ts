@@ -403,14 +403,16 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   const release = actor.hold();
   response.once("close", release);
   try {
-    const upstream = await actor.use((vm) =>
-      vm.vmFetchReadable(port, path, {
+    const upstream = await actor.use(async (vm) => {
+      // Right after a wake, a restarted dev server may not listen yet: give it the time a preview gets.
+      await actor.waitForRestartedPort(vm, port, RESTART_WAIT_MS);
+      return vm.vmFetchReadable(port, path, {
         method: request.method ?? "GET",
         headers,
         body: hasBody ? (request as AsyncIterable<Uint8Array>) : null,
         ...(typeof timeoutMs === "string" ? { timeoutMs: Number(timeoutMs) } : {}),
-      }),
-    );
+      });
+    });
     const outHeaders: Record<string, string | string[]> = {};
     for (const [name, value] of Object.entries(upstream.headers)) {
       if (HOP_BY_HOP.has(name)) continue;
@@ -430,6 +432,9 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
     throw error;
   }
 }
+
+/** How long a vmFetch right after a wake waits for a restarted process's port. */
+const RESTART_WAIT_MS = 30_000;
 
 /** How far an event subscriber may fall behind before it is cut off, and how long its last words wait to be read. */
 const EVENTS_BUFFER_BYTES = 8 * 1024 * 1024;

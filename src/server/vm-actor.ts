@@ -67,6 +67,9 @@ export function asleepStatus(store: SqliteStore, definitionName: string, key: st
   return { awake: false, runningProcesses: 0, createdAt: record?.createdAt ?? null, lastActiveAt: record?.lastActiveAt ?? null, wakeCount: record?.wakeCount ?? 0 };
 }
 
+/** How long after a wake requests wait for restarted processes' ports (see waitForRestartedPort). */
+const RESTART_GRACE_MS = 15_000;
+
 /** SQLite's last_active_at is advisory: write it at most this often per VM. */
 const TOUCH_EVERY_MS = 1000;
 
@@ -81,6 +84,8 @@ export class VmActor {
   #waking: Promise<Vm> | undefined;
   #destroying: Promise<DestroyResult> | undefined;
   #holds = 0;
+  /** When the VM last woke (epoch ms). */
+  #wokeAt = 0;
   /** The idle timeout in force while awake (read as it wakes and on setLifecycle). */
   #idleTimeoutSeconds: number | null = null;
   /** Processes started by this wake (services, restartOnWake) that are still running. */
@@ -243,10 +248,13 @@ export class VmActor {
   /**
    * After a wake that restarted processes, waits until `port` listens in the VM (or
    * those processes all ended, or `timeoutMs` passed), so a preview of a dev server
-   * that was asleep is served by it rather than refused while it starts.
+   * that was asleep is served by it rather than refused while it starts. Only in
+   * the first RESTART_GRACE_MS after the wake: which ports a restarted process will
+   * open is not known, so a port none of them opens must not make every request wait.
    */
   async waitForRestartedPort(vm: Vm, port: number, timeoutMs: number): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
+    if (!Number.isInteger(port) || port < 1 || port > 65535) return;
+    const deadline = Math.min(Date.now() + timeoutMs, this.#wokeAt + RESTART_GRACE_MS);
     while (this.#restarted.size > 0 && this.#vm === vm && Date.now() < deadline) {
       if ((await vm.listeningPorts()).includes(port)) return;
       await new Promise((resolve) => setTimeout(resolve, 50));
@@ -339,6 +347,7 @@ export class VmActor {
       this.#scheduleSleep();
     });
     this.#vm = vm;
+    this.#wokeAt = Date.now();
     this.#idleTimeoutSeconds = this.#lifecycle().idleTimeoutSeconds;
     await this.#startOnWake(vm);
     this.#scheduleSleep();
