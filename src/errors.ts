@@ -100,6 +100,10 @@ export const AGENTVM_CODES = [
   "SERVER_CLOSING",
   /** The client could not reach the server. */
   "SERVER_UNREACHABLE",
+  /** A write found the VM's disk full (ENOSPC, or its disk cap); nothing was left half-written. */
+  "VM_DISK_FULL",
+  /** A download's Range header names no bytes of the file. */
+  "RANGE_NOT_SATISFIABLE",
   /** Something that should not happen; the message says what. */
   "INTERNAL",
 ] as const;

@@ -13,5 +13,8 @@ export { agentOS, agentOs, setup, Registry, generateApiKey, hashApiKey, TOKEN_AC
 export type { AuthOptions, MintedToken, TokenAction, TokenRequest } from "./server/index.ts";
 export type { AgentOsConfig, PreviewConfig, SoftwarePackage, VmDefinition, StartOptions, RunningServer, DestroyResult, VmSummary, VmStatus } from "./server/index.ts";
 export type { LifecycleConfig, ServiceConfig, ServerLimits, LogLevel, PreviewUrlMode } from "./server/index.ts";
-export type { ExecOptions, ExecResult, ProcessLogs, SpawnOptions, VmLifecycle } from "./vm.ts";
+export type { ExecOptions, ExecResult, ProcessLogs, FileReadStream, SpawnOptions, VmLifecycle } from "./vm.ts";
+export type { WriteOptions } from "./sandbox/filesystem.ts";
+export type { TarExtractResult } from "./sandbox/vm-tar.ts";
+export type { VmWatch, WatchEvent, WatchOptions } from "./watch-stream.ts";
 export type { PreviewUrl, PreviewInfo } from "./net/previews.ts";

@@ -9,6 +9,7 @@ import { readFileSync } from "node:fs";
 import { after, before, describe, it } from "node:test";
 import { agentOS, generateApiKey, setup, type RunningServer } from "agentvm";
 import { VM_ACTIONS } from "../src/actions.ts";
+import { TRANSFER_ROUTES } from "../src/server/file-transfer-route.ts";
 import { tempDataDir } from "./helpers.ts";
 
 delete process.env.AGENTVM_API_KEYS;
@@ -53,13 +54,15 @@ describe("the OpenAPI document", () => {
   it("holds every route the dispatcher matches (read from src/server/http-api.ts)", () => {
     const source = readFileSync(new URL("../src/server/http-api.ts", import.meta.url), "utf8");
     const paths = Object.keys(document.paths);
-    // The per-VM routes: the alternatives of VM_ROUTE, e.g. actions/…, fetch/…, events, status.
-    const vmRoute = /const VM_ROUTE = \/(.+)\/;/.exec(source)?.[1];
+    // The per-VM routes: the literal alternatives of VM_ROUTE (actions/…, fetch/…, events, status)
+    // and the streamed file routes it is built with.
+    const vmRoute = /const VM_ROUTE = (.+);/.exec(source)?.[1];
     assert.ok(vmRoute, "VM_ROUTE not found in http-api.ts");
-    const alternatives = /\(((?:[a-z]+(?:\\\/\[\^\/\]\+)?\|?)+)\)/.exec(vmRoute)?.[1]?.split("|") ?? [];
-    assert.ok(alternatives.length >= 4, `could not read the routes of ${vmRoute}`);
+    const literal = /\(((?:[a-z]+(?:\\?\/\[\^\/\]\+)?\|)+)/.exec(vmRoute)?.[1]?.split("|").filter(Boolean) ?? [];
+    assert.ok(literal.length >= 4, `could not read the routes of ${vmRoute}`);
+    const alternatives = [...literal, ...(vmRoute.includes("TRANSFER_ROUTES") ? TRANSFER_ROUTES : [])];
     for (const alternative of alternatives) {
-      const segment = alternative.replace(/\\\/.*$/, "");
+      const segment = alternative.replace(/\\?\/.*$/, "");
       assert.ok(paths.some((path) => path.startsWith(`/api/{definition}/{key}/${segment}`)), `route …/${segment} is missing from /openapi.json`);
     }
     // Fixed paths the dispatcher compares against.

@@ -61,6 +61,7 @@ export const TOKEN_PATTERN = /^[a-z2-7]{32}$/;
 const TOKEN_BYTES = 20;
 const BASE32 = "abcdefghijklmnopqrstuvwxyz234567";
 const PREFIX_LENGTH = 6;
+const PREFIX_PATTERN = /^[a-z2-7]{6}$/;
 
 export function parsePreviewConfig(value: unknown, field = "preview"): ResolvedPreviewConfig {
   const config = value === undefined ? {} : expectObject(field, value);
@@ -175,12 +176,23 @@ export class PreviewTokens {
     return { ...(url !== undefined ? { url } : {}), path, token, port, expiresAt };
   }
 
-  /** Revokes a token of this VM; returns whether it was active. */
+  /**
+   * Revokes a token of this VM; returns whether it was active. Takes the token,
+   * or the `tokenPrefix` listPreviewUrls shows — whoever may list a VM's tokens
+   * and expire them could expire them all anyway, so a prefix grants nothing
+   * more, and it lets a listing (the dashboard) revoke one token it never held.
+   */
   expire(tokenArg: unknown): boolean {
     if (typeof tokenArg !== "string" || tokenArg.length === 0 || tokenArg.length > 256) {
-      throw invalidArgument(`expireSignedPreviewUrl: token must be the token string createSignedPreviewUrl returned, got ${describe(tokenArg)}`);
+      throw invalidArgument(`expireSignedPreviewUrl: token must be the token string createSignedPreviewUrl returned (or its tokenPrefix from listPreviewUrls), got ${describe(tokenArg)}`);
     }
-    return this.#store.delete(hashToken(tokenArg), { definition: this.#definition, key: this.#key });
+    const scope = { definition: this.#definition, key: this.#key };
+    if (!PREFIX_PATTERN.test(tokenArg)) return this.#store.delete(hashToken(tokenArg), scope);
+    const hashes = this.#store.findByPrefix(this.#definition, this.#key, tokenArg);
+    if (hashes.length > 1) {
+      throw invalidArgument(`expireSignedPreviewUrl: more than one preview URL of this VM starts with ${JSON.stringify(tokenArg)}; pass the whole token, or expireAllPreviewUrls(port)`);
+    }
+    return hashes.length === 1 && this.#store.delete(hashes[0]!, scope);
   }
 
   list(): PreviewInfo[] {

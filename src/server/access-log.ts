@@ -15,11 +15,12 @@ import { log, logEnabled } from "../log.ts";
 
 type Handler = (request: IncomingMessage, response: ServerResponse) => void;
 
-const FIXED = new Set(["/health", "/openapi.json", "/api/tokens"]);
+const FIXED = new Set(["/health", "/openapi.json", "/api/tokens", "/api/definitions"]);
 
 /** The route template of a path, with the VM it names (when it names one). */
 export function describeRoute(pathname: string): { route: string; definition?: string; key?: string } {
   if (FIXED.has(pathname)) return { route: pathname };
+  if (pathname === "/" || pathname.startsWith("/dashboard/")) return { route: "/dashboard" };
   if (/^\/preview\/[^/]*(\/.*)?$/.test(pathname)) return { route: "/preview/{token}/*" };
   // May carry a whole token (revoking by token): never logged.
   if (pathname.startsWith("/api/tokens/")) return { route: "/api/tokens/{id}" };
@@ -37,6 +38,10 @@ export function describeRoute(pathname: string): { route: string; definition?: s
     case "events":
     case "status":
       return { route: `${base}/${parts[4]}`, definition, key };
+    case "files":
+    case "tar":
+    case "watch":
+      return { route: `${base}/${parts[4]}/*`, definition, key };
     default:
       return { route: "(unknown)", definition, key };
   }

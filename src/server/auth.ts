@@ -28,6 +28,7 @@ import { join } from "node:path";
 import { VM_ACTIONS } from "../actions.ts";
 import { canonicalKey } from "../client/client.ts";
 import { AgentVmError, invalidArgument } from "../errors.ts";
+import { TRANSFER_ACTIONS } from "./file-transfer-route.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
 import type { TokenRevocationStore } from "../store/token-revocations.ts";
 
@@ -36,7 +37,7 @@ import type { TokenRevocationStore } from "../store/token-revocations.ts";
  * `destroy` cannot be undone, and `setLifecycle` could let an agent outlive the
  * bounds its backend set, so "*" does not include them: a token must list them.
  */
-export const TOKEN_ACTIONS = [...VM_ACTIONS, "vmFetch", "connect", "status", "destroy"] as const;
+export const TOKEN_ACTIONS = [...VM_ACTIONS, ...TRANSFER_ACTIONS, "vmFetch", "connect", "status", "destroy"] as const;
 /** Actions a "*" token does not cover. */
 const EXPLICIT_ONLY: ReadonlySet<string> = new Set(["destroy", "setLifecycle"]);
 export type TokenAction = (typeof TOKEN_ACTIONS)[number];
@@ -64,7 +65,7 @@ export interface TokenRequest {
   definition?: string;
   /** The VM key the token is bound to (`["a"]` and `"a"` are the same VM). */
   key: string | readonly string[];
-  /** The actions it allows (VM actions, "vmFetch", "connect", "status", "destroy"), or "*" (default: every one but "destroy"). */
+  /** The actions it allows (VM actions, "uploadFile", "downloadFile", "uploadTar", "downloadTar", "watch", "vmFetch", "connect", "status", "destroy"), or "*" (default: every one but "destroy"). */
   actions?: readonly TokenAction[] | "*";
   /** Lifetime in seconds (default 900, at most auth.maxTokenTtlSeconds). */
   expiresInSeconds?: number;

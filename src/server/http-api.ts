@@ -5,10 +5,13 @@
  *   ANY  /api/:definition/:key/fetch/:port/*     vmFetch, streamed both ways
  *   GET  /api/:definition/:key/events            processOutput / processExit as Server-Sent Events
  *   GET  /api/:definition/:key/status            awake or asleep, without waking it
+ *   GET|PUT /api/:definition/:key/files/*, tar/*, GET watch/*   streamed files (file-transfer-route.ts)
  *   GET  /api/:definition/vms                    list a definition's VMs (API key holders)
  *   DELETE /api/:definition/:key?confirm=:key    destroy a VM: processes, files, rows, previews
+ *   GET  /api/definitions                        the registry's VM definition names (API key holders)
  *   POST /api/tokens                             mint a scoped token (API key holders)
  *   DELETE /api/tokens/:id                       revoke a scoped token (API key holders)
+ *   GET  /  and /dashboard/*                     the dashboard page (static; it calls the API above)
  *   GET  /health                                 no credentials needed
  *   GET  /openapi.json                           this API as OpenAPI 3.1 (openapi.ts), no credentials needed
  *
@@ -22,7 +25,10 @@ import { isVmAction } from "../actions.ts";
 import { AgentVmError, type ErrorCode } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
 import type { Authenticator, TokenRequest } from "./auth.ts";
+import { isDashboardPath, serveDashboard } from "./dashboard-route.ts";
 import { refuseFormPost, requireBodyType, type OriginPolicy } from "./request-origin.ts";
+import { EventStream } from "./event-stream.ts";
+import { isTransferRoute, serveTransfer, transferAction, TRANSFER_ROUTES, type TransferRoute } from "./file-transfer-route.ts";
 import type { DestroyResult, VmActor, VmStatus, VmSummary } from "./vm-actor.ts";
 import type { ProcessOutputEvent } from "../vm.ts";
 
@@ -73,6 +79,8 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   GUEST_RUNTIME_MISSING: 503,
   SERVER_CLOSING: 503,
   ETIMEDOUT: 504,
+  VM_DISK_FULL: 507,
+  RANGE_NOT_SATISFIABLE: 416,
 };
 
 /** Headers that describe one hop, never forwarded by a proxy (RFC 9110 §7.6.1). */
@@ -92,6 +100,8 @@ export interface ApiContext {
   /** Finds (or creates) the actor for a definition and key; undefined when the definition is unknown. */
   actor(definition: string, key: string): VmActor | undefined;
   hasDefinition(definition: string): boolean;
+  /** The registry's definition names. */
+  definitions(): string[];
   /** A definition's VMs in key order, after `after`, at most `limit`. */
   listVms(definition: string, options: { after?: string; limit?: number }): VmSummary[];
   destroyVm(definition: string, key: string): Promise<DestroyResult>;
@@ -177,12 +187,13 @@ type Route =
   | { kind: "openapi" }
   | { kind: "tokens" }
   | { kind: "revokeToken"; id: string }
+  | { kind: "definitions" }
   | { kind: "list"; definition: string }
   | {
       kind: "vm";
       definition: string;
       key: string;
-      route: "actions" | "fetch" | "events" | "status" | "destroy";
+      route: "actions" | "fetch" | "events" | "status" | "destroy" | TransferRoute;
       /** The action name or the port ("" for events and status). */
       segment: string;
       /** What a token's actions list must hold for this request. */
@@ -193,7 +204,7 @@ type Route =
 
 /** `/api/tokens/{id}`: DELETE revokes a scoped token. */
 const TOKEN_ITEM = /^\/api\/tokens\/([^/]+)$/;
-const VM_ROUTE = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status)(\/.*)?$/;
+const VM_ROUTE = new RegExp(`^/api/([^/]+)/([^/]+)/(actions/[^/]+|fetch/[^/]+|events|status|${TRANSFER_ROUTES.join("|")})(/.*)?$`);
 /** `/api/{definition}/{key}`: GET /api/{definition}/vms lists, DELETE destroys the VM `key` (which may be "vms"). */
 const VM_ITEM = /^\/api\/([^/]+)\/([^/]+)$/;
 
@@ -223,6 +234,10 @@ function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): 
     if (request.method !== "DELETE") throw new AgentVmError("UNKNOWN_ACTION", `a token is revoked with DELETE, not ${request.method}`);
     return { kind: "revokeToken", id: decodeKey(revoke[1]!) };
   }
+  if (url.pathname === "/api/definitions") {
+    if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `definitions are listed with GET, not ${request.method}`);
+    return { kind: "definitions" };
+  }
   const item = VM_ITEM.exec(url.pathname);
   if (item && (request.method === "DELETE" || (request.method === "GET" && item[2] === "vms"))) {
     const definition = decodeDefinition(item[1]!);
@@ -235,8 +250,8 @@ function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): 
   const definition = decodeDefinition(match[1]!);
   if (!context.hasDefinition(definition)) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(definition)} in this registry`);
   const key = decodeKey(match[2]!);
-  const [route, segment = ""] = match[3]!.split("/") as ["actions" | "fetch" | "events" | "status", string | undefined];
-  const action = route === "actions" ? segment : route === "fetch" ? "vmFetch" : route === "events" ? "connect" : "status";
+  const [route, segment = ""] = match[3]!.split("/") as ["actions" | "fetch" | "events" | "status" | TransferRoute, string | undefined];
+  const action = isTransferRoute(route) ? transferAction(route, request.method) : route === "actions" ? segment : route === "fetch" ? "vmFetch" : route === "events" ? "connect" : "status";
   return { kind: "vm", definition, key, route, segment, action, rest: match[4] };
 }
 
@@ -250,6 +265,10 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     context.origins.checkHost(request);
     context.origins.checkOrigin(request);
     const url = new URL(request.url ?? "/", "http://localhost");
+    if (isDashboardPath(url.pathname)) {
+      await serveDashboard(request, response, url.pathname);
+      return;
+    }
     // Credentials first (401 before 404), except for the health probe.
     const credentialHeader = request.headers[AUTH_HEADER] !== undefined ? AUTH_HEADER : "authorization";
     const credential = PUBLIC_PATHS.has(url.pathname) ? undefined : context.auth.authenticate(headerText(request.headers[credentialHeader]));
@@ -271,6 +290,11 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     if (route.kind === "revokeToken") {
       context.auth.requireApiKey(credential!, "revoking a token (DELETE /api/tokens/{id})");
       sendJson(response, { revoked: context.auth.revokeToken(route.id) });
+      return;
+    }
+    if (route.kind === "definitions") {
+      context.auth.requireApiKey(credential!, "listing definitions (GET /api/definitions)");
+      sendJson(response, context.definitions());
       return;
     }
     if (route.kind === "list") {
@@ -299,6 +323,7 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
         const consumed = credential!.kind === "open" ? AUTH_HEADER : credentialHeader;
         await proxyFetch(actor, route.segment, `${route.rest ?? "/"}${url.search}`, request, response, consumed);
       } else if (route.route === "events" && route.rest === undefined) await streamEvents(actor, request, response);
+      else if (isTransferRoute(route.route)) await serveTransfer(actor, route.route, route.rest, url, request, response);
       else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
     } finally {
       release();
@@ -436,10 +461,6 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
 /** How long a vmFetch right after a wake waits for a restarted process's port. */
 const RESTART_WAIT_MS = 30_000;
 
-/** How far an event subscriber may fall behind before it is cut off, and how long its last words wait to be read. */
-const EVENTS_BUFFER_BYTES = 8 * 1024 * 1024;
-const EVENTS_DRAIN_MS = 5_000;
-
 async function streamEvents(actor: VmActor, request: IncomingMessage, response: ServerResponse): Promise<void> {
   if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `events are read with GET, not ${request.method}`);
   const sinceParam = new URL(request.url ?? "/", "http://x").searchParams.get("since");
@@ -449,45 +470,19 @@ async function streamEvents(actor: VmActor, request: IncomingMessage, response: 
   }
   const vm = await actor.wake();
   const release = actor.hold();
-  response.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", "x-accel-buffering": "no" });
-  response.flushHeaders();
-  let cutOff = false;
-  const send = (event: string, data: unknown) => {
-    if (cutOff) return;
-    // A subscriber that does not read would make the server hold every event for it.
-    if (response.writableLength > EVENTS_BUFFER_BYTES) {
-      closeWith(new AgentVmError("EVENTS_TOO_SLOW", `this event stream fell more than ${EVENTS_BUFFER_BYTES} bytes behind and was closed; read events as they come, or reconnect`));
-      return;
-    }
-    response.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
-  };
-  /** Ends the stream with a last `error` event saying why. */
-  const closeWith = (reason: AgentVmError) => {
-    if (cutOff) return;
-    cutOff = true;
+  const stream = new EventStream(response, () => {
     unsubscribe();
-    // The connection ends with the stream (not kept alive), and if the reader never reads
-    // again, what is buffered for it is let go.
-    const socket = response.socket;
-    response.end(`event: error\ndata: ${JSON.stringify(reason.toJSON())}\n\n`, () => socket?.end());
-    setTimeout(() => socket?.destroy(), EVENTS_DRAIN_MS).unref();
-  };
-  const output = (event: ProcessOutputEvent) => send("processOutput", { pid: event.pid, stream: event.stream, seq: event.seq, data: { $base64: toBase64(event.data) } });
+    release();
+  });
+  const output = (event: ProcessOutputEvent) => stream.send("processOutput", { pid: event.pid, stream: event.stream, seq: event.seq, data: { $base64: toBase64(event.data) } });
   // `?since=<seq>` first replays what the processes' logs hold after that position. Read and
   // subscribe in the same turn, so no event falls between the replay and the live ones.
   const backlog = since === undefined ? [] : vm.outputSince(since);
   const unsubscribe = actor.subscribe({
     processOutput: output,
-    processExit: (event) => send("processExit", event),
-    destroyed: () => closeWith(new AgentVmError("VM_DISPOSED", `VM ${JSON.stringify(actor.key)} was destroyed; its processes and files are gone (the key starts a fresh VM on next use)`)),
+    processExit: (event) => stream.send("processExit", event),
+    destroyed: () => stream.closeWith(new AgentVmError("VM_DISPOSED", `VM ${JSON.stringify(actor.key)} was destroyed; its processes and files are gone (the key starts a fresh VM on next use)`)),
   });
-  response.write(": connected\n\n");
+  stream.open();
   for (const event of backlog) output(event);
-  const heartbeat = setInterval(() => response.write(": keep-alive\n\n"), 15_000);
-  heartbeat.unref();
-  response.once("close", () => {
-    clearInterval(heartbeat);
-    unsubscribe();
-    release();
-  });
 }

@@ -152,6 +152,50 @@ function actionOperation(action: VmActionName, definitions: readonly string[]): 
   };
 }
 
+/** The streamed file routes (file-transfer-route.ts): bodies are raw bytes, never JSON. */
+function transferPaths(vmParams: unknown[]): Record<string, unknown> {
+  const guestPath = { name: "path", in: "path", required: true, schema: str, description: "A VM path (may contain slashes), relative to /" };
+  const errors = errorResponses([...COMMON_ERRORS, ...VM_ERRORS, ...ACTION_ERRORS]);
+  const bytes = (type: string, description: string) => ({ description, content: { [type]: { schema: { type: "string", format: "binary" } } } });
+  const uploaded = json(valueOf({ type: "object" }));
+  return {
+    "/api/{definition}/{key}/files/{path}": {
+      parameters: [...vmParams, guestPath],
+      get: { operationId: "downloadFile", summary: "Download a file, streamed (Range: bytes=… answered with 206)", tags: ["files"], responses: { "200": bytes("application/octet-stream", "The file's bytes"), "206": bytes("application/octet-stream", "The requested range"), ...errors } },
+      head: { operationId: "statFile", summary: "A file's size and headers without its bytes", tags: ["files"], responses: { "200": { description: "Headers only" }, ...errors } },
+      put: {
+        operationId: "uploadFile",
+        summary: "Upload a file, streamed; it appears under its name once the body ended (?mode=644, ?append=1)",
+        tags: ["files"],
+        parameters: [{ name: "mode", in: "query", schema: str }, { name: "append", in: "query", schema: str }],
+        requestBody: { required: true, content: { "application/octet-stream": { schema: { type: "string", format: "binary" } } } },
+        responses: { "200": uploaded, ...errors },
+      },
+    },
+    "/api/{definition}/{key}/tar/{path}": {
+      parameters: [...vmParams, guestPath],
+      get: { operationId: "downloadTar", summary: "A directory as a tar stream", tags: ["files"], responses: { "200": bytes("application/x-tar", "A tar archive"), ...errors } },
+      put: {
+        operationId: "uploadTar",
+        summary: "Extract a tar stream into a directory",
+        tags: ["files"],
+        requestBody: { required: true, content: { "application/x-tar": { schema: { type: "string", format: "binary" } } } },
+        responses: { "200": uploaded, ...errors },
+      },
+    },
+    "/api/{definition}/{key}/watch/{path}": {
+      parameters: [...vmParams, guestPath],
+      get: {
+        operationId: "watch",
+        summary: "Changes under a path as Server-Sent Events (?recursive=1)",
+        tags: ["files"],
+        parameters: [{ name: "recursive", in: "query", schema: str }],
+        responses: { "200": { description: "An event stream", content: { "text/event-stream": { schema: str } } }, ...errors },
+      },
+    },
+  };
+}
+
 /** The document for a registry with these definition names. */
 export function buildOpenApi(definitions: readonly string[]): Record<string, unknown> {
   const vmParams = [definitionParam(definitions), keyParam];
@@ -174,6 +218,14 @@ export function buildOpenApi(definitions: readonly string[]): Record<string, unk
         tags: ["auth"],
         parameters: [{ name: "id", in: "path", required: true, schema: str }],
         responses: { "200": json(valueOf(obj({ revoked: bool }, ["revoked"]))), ...errorResponses([...COMMON_ERRORS, "INVALID_ARGUMENT"]) },
+      },
+    },
+    "/api/definitions": {
+      get: {
+        operationId: "listDefinitions",
+        summary: "The registry's VM definition names (API key only)",
+        tags: ["vms"],
+        responses: { "200": json(valueOf(arrayOf(str))), ...errorResponses(COMMON_ERRORS) },
       },
     },
     "/api/{definition}/vms": {
@@ -233,6 +285,7 @@ export function buildOpenApi(definitions: readonly string[]): Record<string, unk
       ),
     },
   };
+  Object.assign(paths, transferPaths(vmParams));
   for (const action of VM_ACTIONS) paths[`/api/{definition}/{key}/actions/${action}`] = actionOperation(action, definitions);
   return {
     openapi: "3.1.0",

@@ -256,6 +256,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     auth,
     origins,
     hasDefinition: (name: string) => Object.hasOwn(use, name),
+    definitions: () => Object.keys(use),
     listVms(definitionName: string, options: { after?: string; limit?: number } = {}): VmSummary[] {
       requireDefinition(definitionName, "listVms");
       const limit = options.limit ?? MAX_LIST_LIMIT;
