@@ -9,6 +9,8 @@
 import { isVmAction } from "../actions.ts";
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, fromBase64 } from "../wire.ts";
+import { readServerEvents } from "./server-events.ts";
+import { fileTransfers } from "./file-transfer.ts";
 import type { AgentVmClient, ClientFetchInit, ClientOptions, DestroyResult, VmConnection, VmConnectionEvents, VmHandle, VmSummary } from "./types.ts";
 import type { ExecOptions } from "../vm.ts";
 import { execStreamed, wantsStream } from "./exec-stream.ts";
@@ -57,7 +59,7 @@ export function canonicalKey(key: unknown): string {
   return canonical;
 }
 
-class Transport {
+export class Transport {
   readonly base: string;
   readonly #headers: Record<string, string>;
   readonly #authorization: string | undefined;
@@ -216,6 +218,7 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
           ),
       });
     },
+    ...fileTransfers(transport, prefix),
     async vmFetch(port: number, path: string, init?: ClientFetchInit) {
       const response = await fetchFromVm(port, path, init);
       let body: Uint8Array;
@@ -302,26 +305,7 @@ function openConnection(transport: Transport, url: string): VmConnection {
   let disposed = false;
   const done = (async () => {
     const response = await transport.request(url, { method: "GET", headers: { accept: "text/event-stream" }, signal: controller.signal });
-    const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done: finished } = await reader.read();
-      if (finished) throw new AgentVmError("ECONNRESET", `the server ended the event connection ${url}`);
-      buffer += value;
-      let end: number;
-      while ((end = buffer.indexOf("\n\n")) !== -1) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        if (block.startsWith(": connected")) resolveReady();
-        let event = "message";
-        let data = "";
-        for (const line of block.split("\n")) {
-          if (line.startsWith("event: ")) event = line.slice(7);
-          else if (line.startsWith("data: ")) data += line.slice(6);
-        }
-        if (data) dispatch(event, data);
-      }
-    }
+    await readServerEvents(response.body!, url, { connected: resolveReady, event: dispatch });
   })();
   // Settles when the connection ends: resolves after dispose(), rejects when the server or network ended it.
   const closed = done.then(
