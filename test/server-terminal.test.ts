@@ -139,6 +139,8 @@ describe("terminals over the WebSocket route", () => {
     const terminal = await handle.openTerminal();
     assert.throws(() => terminal.resize(0, 10), { code: "INVALID_ARGUMENT" });
     await terminal.close();
+    // close() resolves once the hang-up ended the program, so nothing is left running.
+    assert.deepEqual(await terminal.exited, { exitCode: 128 + 1, signal: "SIGHUP" });
     assert.equal((await handle.listProcesses()).filter((process) => process.running).length, 0);
   });
 

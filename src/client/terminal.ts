@@ -31,7 +31,7 @@ export interface ClientTerminal {
    * for not reading (EVENTS_TOO_SLOW), the VM destroyed, the connection lost (ECONNRESET).
    */
   readonly exited: Promise<TerminalExit>;
-  /** Hangs up (SIGHUP), waits for the program to exit (at most 3 s), then closes the connection. */
+  /** Hangs up (SIGHUP), waits for the program to exit (at most 10 s), then closes the connection. */
   close(): Promise<void>;
 }
 
@@ -48,7 +48,7 @@ const TERMINAL_PROTOCOL = "agentvm.terminal.v1";
 const AUTH_PROTOCOL_PREFIX = "agentvm.auth.";
 const EARLY_OUTPUT_BYTES = 1 << 20;
 /** How long close() waits for the program to exit on SIGHUP before closing the connection anyway. */
-const CLOSE_GRACE_MS = 3_000;
+const CLOSE_GRACE_MS = 10_000;
 
 /** The route's query for these options (validated on the server too). */
 export function terminalQuery(options: OpenTerminalOptions): string {
