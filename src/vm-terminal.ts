@@ -40,6 +40,7 @@ export interface TerminalHost {
 export const DEFAULT_TERMINAL_SIZE: TerminalSize = { cols: 80, rows: 24 };
 /** Output kept for a terminal before anyone listens with onData (the process's log keeps it too, see getProcessLogs). */
 const EARLY_OUTPUT_BYTES = 1 << 20;
+const HANGUP_REPEAT_MS = 200;
 
 /** Validated openTerminal options, with defaults filled in. */
 export function parseTerminalOptions(options: unknown): { command: string; args: string[]; size: TerminalSize; cwd: string | undefined; env: Record<string, string> } {
@@ -158,11 +159,15 @@ export class VmTerminal {
   async close(graceMs = 2000): Promise<TerminalExit> {
     expectInteger("graceMs", graceMs, 0, 60_000);
     if (this.#exit) return this.#exit;
-    await this.kill("SIGHUP").catch(() => {});
+    const hangUp = () => void this.kill("SIGHUP").catch(() => {});
+    hangUp();
+    // Again while it runs: bash that is still starting up loses a SIGHUP (it sets its handlers up then).
+    const again = setInterval(hangUp, HANGUP_REPEAT_MS);
     const timer = setTimeout(() => void this.kill("SIGKILL").catch(() => {}), graceMs);
     try {
       return await this.exited;
     } finally {
+      clearInterval(again);
       clearTimeout(timer);
     }
   }

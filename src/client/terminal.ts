@@ -31,7 +31,7 @@ export interface ClientTerminal {
    * for not reading (EVENTS_TOO_SLOW), the VM destroyed, the connection lost (ECONNRESET).
    */
   readonly exited: Promise<TerminalExit>;
-  /** Hangs up (SIGHUP), waits for the program to exit (at most 10 s), then closes the connection. */
+  /** Hangs up (SIGHUP; SIGKILL 2 s later if it is still there), waits for the exit (at most 10 s), then closes the connection. */
   close(): Promise<void>;
 }
 
@@ -142,10 +142,10 @@ export function openTerminal(connection: TerminalConnection): Promise<ClientTerm
     },
     exited: exited.promise,
     async close() {
-      // Hang up and wait for the exit, so that when close() resolves the program is gone; a
-      // program that ignores SIGHUP is the server's to end once the socket closes.
+      // Hang up and wait for the exit, so that when close() resolves the program is gone.
       if (ws.readyState === Socket.OPEN && !settled) {
-        ws.send(JSON.stringify({ type: "kill", signal: "SIGHUP" }));
+        // The server hangs up (SIGHUP, SIGKILL after its grace) and then sends the exit.
+        ws.send(JSON.stringify({ type: "close" }));
         let timer: ReturnType<typeof setTimeout> | undefined;
         await Promise.race([exited.promise.catch(() => {}), new Promise((resolve) => (timer = setTimeout(resolve, CLOSE_GRACE_MS)))]);
         clearTimeout(timer);

@@ -6,7 +6,7 @@
  *              arg (repeated, in order), cwd, env (a JSON object)
  *   binary     frames both ways: the terminal's output; keys typed into it
  *   text       JSON control messages. Client → server: {"type":"resize","cols":120,"rows":40},
- *              {"type":"kill","signal":"SIGINT"}. Server → client: {"type":"ready","pid":9,"cols":80,"rows":24}
+ *              {"type":"kill","signal":"SIGINT"}, {"type":"close"} (hang up). Server → client: {"type":"ready","pid":9,"cols":80,"rows":24}
  *              first, {"type":"exit","exitCode":3,"signal":null} last (then close 1000), or
  *              {"type":"error","error":{"code","message"}} (then close 4000).
  *
@@ -198,5 +198,9 @@ async function handleControl(terminal: VmTerminal, text: string): Promise<void> 
   }
   if (message?.type === "resize") return terminal.resize(message.cols as number, message.rows as number);
   if (message?.type === "kill") return terminal.kill(message.signal === undefined ? undefined : (message.signal as string));
-  throw new AgentVmError("MALFORMED_REQUEST", `terminal: unknown control message type ${JSON.stringify(message?.type)}; use "resize" or "kill"`);
+  if (message?.type === "close") {
+    await terminal.close(HANGUP_GRACE_MS);
+    return;
+  }
+  throw new AgentVmError("MALFORMED_REQUEST", `terminal: unknown control message type ${JSON.stringify(message?.type)}; use "resize", "kill" or "close"`);
 }
