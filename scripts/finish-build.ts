@@ -1,8 +1,11 @@
 /**
  * After tsc: makes dist/init self-contained, because it is mounted alone into
- * every VM (at /opt/agentvm): its package.json (ES modules) and its one
- * dependency, dns-packet with ip-codec, beside it. Also copies the dashboard's
- * static files (plain ES modules, served as they are) beside dist/server.
+ * every VM (at /opt/agentvm): its package.json (ES modules) and its
+ * dependencies beside it: dns-packet with ip-codec, and @lydell/node-pty with
+ * the prebuilt addon for this platform (an N-API binary, so it loads in the
+ * guest's Node whatever the host's; guests run on the host's architecture).
+ * Also copies the dashboard's static files (plain ES modules, served as they
+ * are) beside dist/server.
  */
 import { cpSync, mkdirSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -10,7 +13,7 @@ import { dirname, join } from "node:path";
 const modules = new URL("../node_modules/", import.meta.url).pathname;
 const out = new URL("../dist/init/", import.meta.url).pathname;
 cpSync(new URL("../src/init/package.json", import.meta.url).pathname, join(out, "package.json"));
-for (const name of ["dns-packet", "@leichtgewicht/ip-codec"]) {
+for (const name of ["dns-packet", "@leichtgewicht/ip-codec", "@lydell/node-pty", `@lydell/node-pty-${process.platform}-${process.arch}`]) {
   mkdirSync(join(out, "node_modules", dirname(name)), { recursive: true });
   cpSync(join(modules, name), join(out, "node_modules", name), { recursive: true });
 }

@@ -70,6 +70,12 @@ export const AGENTVM_CODES = [
   "MALFORMED_REQUEST",
   /** A request body is larger than the server accepts. */
   "PAYLOAD_TOO_LARGE",
+  /** A request's headers are larger than the server accepts (limits.maxHeaderBytes). */
+  "HEADERS_TOO_LARGE",
+  /** A client address has limits.maxConnectionsPerClient connections open already. */
+  "TOO_MANY_CONNECTIONS",
+  /** A definition has limits.maxVmsPerDefinition VMs; destroy some before a new key can start one. */
+  "TOO_MANY_VMS",
   /** The request carries no valid API key or token (missing, unknown, revoked, expired or badly signed). */
   "UNAUTHENTICATED",
   /** The request's token does not cover this VM or action, or the route needs an API key. */
@@ -80,8 +86,10 @@ export const AGENTVM_CODES = [
   "ORIGIN_NOT_ALLOWED",
   /** The request body's content type is not one the route accepts (cross-site form defence). */
   "UNSUPPORTED_MEDIA_TYPE",
-  /** An event stream fell too far behind its reader and was closed; the last event says so. */
+  /** An event stream, a terminal or a streamed exec fell too far behind its reader and was closed; its last message says so. */
   "EVENTS_TOO_SLOW",
+  /** A WebSocket route (the terminal) was requested without a WebSocket upgrade. */
+  "UPGRADE_REQUIRED",
   /** exec ran longer than its timeoutMs; the process was killed and `details` holds what it printed. */
   "EXEC_TIMEOUT",
   /** exec printed more than its maxOutputBytes; the process was killed and `details` holds the output up to the cap. */

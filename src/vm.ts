@@ -19,6 +19,8 @@ import { parseSoftware, type SoftwareEntry } from "./image/software.ts";
 import { normaliseGuestPath, VmFilesystem, type VmStat, type WriteOptions } from "./sandbox/filesystem.ts";
 import { extractInto, packDirectory, type TarExtractResult } from "./sandbox/vm-tar.ts";
 import { WatchStream, type VmWatch, type WatchOptions } from "./watch-stream.ts";
+import { beginRun, endRun } from "./sandbox/interrupted-writes.ts";
+import { DenialLog } from "./net/denial-log.ts";
 import { autoRange, listenDenials, parseListenPolicy, type ListenConfig, type ListenPolicy } from "./policy/listen-policy.ts";
 import { Egress, type Denial } from "./net/egress.ts";
 import { parseNetworkPolicy, type NetworkPermission, type NetworkPolicy } from "./policy/network-policy.ts";
@@ -36,6 +38,7 @@ import { VmCgroup } from "./sandbox/cgroup.ts";
 import { VmDisk } from "./sandbox/vm-disk.ts";
 import { release, stage } from "./sandbox/staging.ts";
 import { guestIdentity, type GuestIdentity } from "./sandbox/guest-identity.ts";
+import { parseTerminalOptions, VmTerminal, type OpenTerminalOptions, type TerminalExit } from "./vm-terminal.ts";
 import { describe, expectInteger, expectKnownKeys, expectObject, expectPort, expectString, toBytes } from "./validate.ts";
 
 export interface VmLimits {
@@ -99,6 +102,38 @@ export interface CreateVmOptions {
 /** Wiring a server passes to createVm (not for embedders). */
 export interface VmHostServices {
   previews?: PreviewTokens;
+  /** Where spawn's restartOnWake processes are recorded; only a registry server's VMs sleep and wake. */
+  wakeProcesses?: WakeProcessRecords;
+  /** Keeps the VM's own lifecycle bounds (setLifecycle); only a registry server's VMs have a lifecycle. */
+  lifecycle?: { set(bounds: { maxLifetimeSeconds?: number | null; idleTimeoutSeconds?: number | null }): VmLifecycle };
+}
+
+/** A VM's lifecycle bounds in force: its own (setLifecycle), else its definition's; null for none. */
+export interface VmLifecycle {
+  maxLifetimeSeconds: number | null;
+  idleTimeoutSeconds: number | null;
+  /** When the VM will be destroyed (epoch ms), or null. */
+  expiresAt: number | null;
+}
+
+/** The longest bound setLifecycle takes (ten years), as agentOS({ lifecycle }) does. */
+const MAX_LIFECYCLE_SECONDS = 10 * 365 * 86_400;
+
+/** The durable list of a VM's restart-on-wake processes (SQLite on a server). */
+export interface WakeProcessRecords {
+  add(process: { command: string; args: string[]; cwd?: string; env?: Record<string, string> }): number;
+  remove(id: number): void;
+}
+
+export interface SpawnOptions {
+  cwd?: string;
+  env?: Record<string, string>;
+  /**
+   * Start this process again whenever the VM wakes after a sleep (a dev server
+   * its previews show), until it is killed with killProcess. Only on a VM served
+   * by a registry (an embedded VM does not sleep).
+   */
+  restartOnWake?: boolean;
 }
 
 export interface ProcessOutputEvent {
@@ -118,7 +153,10 @@ export interface ProcessLogs {
 
 export interface ProcessExitEvent {
   pid: number;
+  /** The exit code, or 128 + the signal's number when a signal ended it. */
   exitCode: number;
+  /** The signal that ended it, e.g. "SIGKILL", or null. */
+  signal: string | null;
 }
 
 export interface ExecOptions {
@@ -128,6 +166,10 @@ export interface ExecOptions {
   timeoutMs?: number;
   /** Kill the program and fail with EXEC_OUTPUT_LIMIT past this much stdout and stderr together (default 64 MiB). */
   maxOutputBytes?: number;
+  /** Called with each chunk of stdout as it comes (before exec resolves); the result still holds all of it. */
+  onStdout?: (data: Uint8Array) => void;
+  /** Called with each chunk of stderr as it comes. */
+  onStderr?: (data: Uint8Array) => void;
 }
 
 export interface ExecResult {
@@ -214,7 +256,9 @@ export class Vm extends EventEmitter<VmEvents> {
   readonly #egress: EgressBroker;
   readonly #denials: Denial[] = [];
   #denialCount = 0;
+  readonly #denialLog: DenialLog;
   readonly #dataDir: string;
+  readonly #vmDir: string;
   readonly #previewConfig: ResolvedPreviewConfig;
   #previews: PreviewTokens | undefined;
   /** Opened here only for an embedded VM's previews; a server passes its own. */
@@ -235,6 +279,10 @@ export class Vm extends EventEmitter<VmEvents> {
   #openConnections = 0;
   readonly #watches = new Set<WatchStream>();
   #disposed = false;
+  readonly #wakeProcesses: WakeProcessRecords | undefined;
+  readonly #lifecycle: VmHostServices["lifecycle"];
+  /** pid → its restart-on-wake record. */
+  readonly #wakeProcessIds = new Map<number, number>();
 
   /** Use createVm(); the constructor expects validated options and a prepared root. */
   constructor(init: {
@@ -258,9 +306,13 @@ export class Vm extends EventEmitter<VmEvents> {
     this.name = init.name;
     this.root = join(init.vmDir, "root");
     this.#dataDir = init.dataDir;
+    this.#vmDir = init.vmDir;
+    this.#denialLog = new DenialLog(init.name);
     this.#previewConfig = init.preview;
     this.#previews = init.services.previews;
     this.#servedByRegistry = init.services.previews !== undefined;
+    this.#wakeProcesses = init.services.wakeProcesses;
+    this.#lifecycle = init.services.lifecycle;
     this.listenPolicy = init.listen;
     this.#disk = init.disk;
     this.#fs = new VmFilesystem(this.root, { readOnly: READ_ONLY, mounts: imageMounts(init.image, init.vmDir), ...(init.identity ? { owner: init.identity } : {}) });
@@ -337,7 +389,7 @@ export class Vm extends EventEmitter<VmEvents> {
       },
       onOutput: (pid, stream, data, seq) => this.emit("processOutput", { pid, stream, data, seq }),
       logBytes: init.limits.logBytes,
-      onExit: (pid, exitCode) => this.emit("processExit", { pid, exitCode }),
+      onExit: (pid, exitCode, signal) => this.emit("processExit", { pid, exitCode, signal }),
     });
     this.#fetcher = new VmFetcher((port) => this.#connect(port), init.name, () => this.#processes.startupGraceMs());
   }
@@ -463,12 +515,62 @@ export class Vm extends EventEmitter<VmEvents> {
   }
 
   // Processes.
-  async spawn(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<{ pid: number }> {
+  async spawn(command: string, args: string[] = [], options: SpawnOptions = {}): Promise<{ pid: number }> {
     this.#alive();
     await this.#disk.refuseIfFull(`spawn ${command}`);
-    return this.#processes.spawn(command, args, options);
+    const opts = expectObject("options", options ?? {});
+    const { restartOnWake, ...spawnOptions } = opts;
+    if (restartOnWake === undefined || restartOnWake === false) return this.#processes.spawn(command, args, spawnOptions);
+    if (restartOnWake !== true) throw invalidArgument(`spawn: options.restartOnWake must be a boolean, got ${describe(restartOnWake)}`);
+    const records = this.#wakeProcesses;
+    if (!records) throw invalidArgument("spawn: restartOnWake needs a VM served by a registry server (an embedded VM never sleeps, so there is no wake to restart on)");
+    const { pid } = await this.#processes.spawn(command, args, spawnOptions);
+    // Recorded once it started: a command that cannot start is not retried on every wake.
+    const id = records.add({
+      command,
+      args,
+      ...(spawnOptions.cwd !== undefined ? { cwd: spawnOptions.cwd as string } : {}),
+      ...(spawnOptions.env !== undefined ? { env: spawnOptions.env as Record<string, string> } : {}),
+    });
+    this.#wakeProcessIds.set(pid, id);
+    return { pid };
   }
-  /** Runs a program to completion and returns its exit code and output. */
+
+  /**
+   * Sets this VM's own lifecycle bounds, in place of its definition's: a number of
+   * seconds, or null to go back to the definition's (a key left out keeps its current
+   * value). maxLifetimeSeconds counts from the VM's creation; a VM already past it is
+   * destroyed. Returns the bounds now in force. Only on a VM served by a registry.
+   */
+  async setLifecycle(options: { maxLifetimeSeconds?: number | null; idleTimeoutSeconds?: number | null }): Promise<VmLifecycle> {
+    this.#alive();
+    const opts = expectObject("setLifecycle options", options);
+    expectKnownKeys("setLifecycle options", opts, ["maxLifetimeSeconds", "idleTimeoutSeconds"]);
+    const bound = (name: string): number | null | undefined => {
+      const value = opts[name];
+      if (value === undefined || value === null) return value;
+      if (typeof value !== "number" || !Number.isFinite(value) || value <= 0 || value > MAX_LIFECYCLE_SECONDS) {
+        throw invalidArgument(`setLifecycle: ${name} must be a number of seconds > 0 and at most ${MAX_LIFECYCLE_SECONDS}, or null for the definition's, got ${describe(value)}`);
+      }
+      return value;
+    };
+    const maxLifetimeSeconds = bound("maxLifetimeSeconds");
+    const idleTimeoutSeconds = bound("idleTimeoutSeconds");
+    const lifecycle = this.#lifecycle;
+    if (!lifecycle) throw invalidArgument("setLifecycle: only a VM served by a registry server has a lifecycle (an embedded VM lives until dispose())");
+    return lifecycle.set({
+      ...(maxLifetimeSeconds !== undefined ? { maxLifetimeSeconds } : {}),
+      ...(idleTimeoutSeconds !== undefined ? { idleTimeoutSeconds } : {}),
+    });
+  }
+
+  /** Starts a recorded restart-on-wake process again (the server calls this as the VM wakes). */
+  async resumeWakeProcess(process: { id: number; command: string; args: string[]; cwd?: string; env?: Record<string, string> }): Promise<{ pid: number }> {
+    this.#alive();
+    const { pid } = await this.#processes.spawn(process.command, process.args, { ...(process.cwd ? { cwd: process.cwd } : {}), ...(process.env ? { env: process.env } : {}) });
+    this.#wakeProcessIds.set(pid, process.id);
+    return { pid };
+  }
   /**
    * Runs a program to completion and returns its exit code and output. Bounded:
    * past `timeoutMs` (default 10 minutes) or `maxOutputBytes` of output (default
@@ -478,12 +580,14 @@ export class Vm extends EventEmitter<VmEvents> {
   async exec(command: string, args: string[] = [], options: ExecOptions = {}): Promise<ExecResult> {
     this.#alive();
     const opts = expectObject("options", options ?? {});
-    const { timeoutMs: rawTimeout, maxOutputBytes: rawCap, ...spawnOptions } = opts;
+    const { timeoutMs: rawTimeout, maxOutputBytes: rawCap, onStdout, onStderr, ...spawnOptions } = opts;
+    const callbacks = { stdout: expectCallback("options.onStdout", onStdout), stderr: expectCallback("options.onStderr", onStderr) };
     const timeoutMs = rawTimeout === undefined ? EXEC_TIMEOUT_MS : expectInteger("options.timeoutMs", rawTimeout, 1, 7 * 24 * 3600 * 1000);
     const maxOutputBytes = rawCap === undefined ? EXEC_MAX_OUTPUT : expectInteger("options.maxOutputBytes", rawCap, 0, Number.MAX_SAFE_INTEGER);
     const output = { stdout: [] as Uint8Array[], stderr: [] as Uint8Array[], bytes: 0 };
     let pid = -1;
     let exceeded: "EXEC_TIMEOUT" | "EXEC_OUTPUT_LIMIT" | undefined;
+    let callbackError: unknown;
     const stop = (why: "EXEC_TIMEOUT" | "EXEC_OUTPUT_LIMIT") => {
       if (exceeded) return;
       exceeded = why;
@@ -494,7 +598,17 @@ export class Vm extends EventEmitter<VmEvents> {
       if (pid === -1) return void early.push(event);
       if (event.pid !== pid || exceeded === "EXEC_OUTPUT_LIMIT") return;
       const room = maxOutputBytes - output.bytes;
-      output[event.stream].push(event.data.byteLength > room ? event.data.subarray(0, room) : event.data);
+      const kept = event.data.byteLength > room ? event.data.subarray(0, room) : event.data;
+      output[event.stream].push(kept);
+      if (kept.byteLength > 0 && callbacks[event.stream] && callbackError === undefined) {
+        try {
+          callbacks[event.stream]!(kept);
+        } catch (error) {
+          // The caller's bug: it must neither reach the VM's event plumbing nor leave the program running unobserved.
+          callbackError = error;
+          void this.#processes.kill(pid, "SIGKILL").catch(() => {});
+        }
+      }
       output.bytes += Math.min(room, event.data.byteLength);
       if (event.data.byteLength > room) stop("EXEC_OUTPUT_LIMIT");
     };
@@ -508,6 +622,7 @@ export class Vm extends EventEmitter<VmEvents> {
       const exitCode = await this.#processes.wait(pid);
       const text = (parts: Uint8Array[]) => Buffer.concat(parts).toString("utf8");
       const result = { pid, exitCode, stdout: text(output.stdout), stderr: text(output.stderr) };
+      if (callbackError !== undefined) throw callbackError;
       if (exceeded === "EXEC_TIMEOUT") throw new AgentVmError(exceeded, `exec ${command}: still running after ${timeoutMs} ms (options.timeoutMs); it was killed`, { details: result });
       if (exceeded) throw new AgentVmError(exceeded, `exec ${command}: printed more than ${maxOutputBytes} bytes (options.maxOutputBytes); it was killed — use spawn and processOutput events for large output`, { details: result });
       return result;
@@ -516,13 +631,46 @@ export class Vm extends EventEmitter<VmEvents> {
       this.off("processOutput", collect);
     }
   }
+  /**
+   * Runs a program on a pseudo-terminal in the VM (default: bash, 80 × 24,
+   * TERM=xterm-256color) and returns its handle: write keys, read output,
+   * resize, signal, wait for its exit. Several may be open at once; each is a
+   * process of the VM (limits.maxProcesses counts it).
+   */
+  async openTerminal(options: OpenTerminalOptions = {}): Promise<VmTerminal> {
+    this.#alive();
+    const { command, args, size, cwd, env } = parseTerminalOptions(options);
+    await this.#disk.refuseIfFull(`openTerminal ${command}`);
+    const { pid } = await this.#processes.spawn(command, args, { ...(cwd !== undefined ? { cwd } : {}), env }, size);
+    return new VmTerminal(pid, size, {
+      write: (target, data) => this.writeProcessStdin(target, data),
+      resize: (target, next) => this.#processes.resize(target, next),
+      kill: (target, signal) => this.killProcess(target, signal),
+      subscribe: (target, onData, onExit) => {
+        const output = (event: ProcessOutputEvent) => event.pid === target && onData(event.data);
+        const exit = (event: ProcessExitEvent) => event.pid === target && onExit({ exitCode: event.exitCode, signal: event.signal } satisfies TerminalExit);
+        this.on("processOutput", output);
+        this.on("processExit", exit);
+        return () => {
+          this.off("processOutput", output);
+          this.off("processExit", exit);
+        };
+      },
+    });
+  }
   async waitProcess(pid: number): Promise<number> {
     this.#alive();
     return this.#processes.wait(pid);
   }
   async killProcess(pid: number, signal?: string | number): Promise<void> {
     this.#alive();
-    return this.#processes.kill(pid, signal);
+    // Signalled through the API (whatever the signal): it is not restarted on the next wake.
+    const wakeId = this.#wakeProcessIds.get(pid);
+    if (wakeId !== undefined) {
+      this.#wakeProcessIds.delete(pid);
+      this.#wakeProcesses?.remove(wakeId);
+    }
+    await this.#processes.kill(pid, signal);
   }
   /** Processes started through the API (exited ones too) and every other process running in the VM. */
   async listProcesses(): Promise<ProcessInfo[]> {
@@ -692,6 +840,8 @@ export class Vm extends EventEmitter<VmEvents> {
     await Promise.all([...this.#previewServers].map((close) => close()));
     this.#ownStore?.close();
     this.removeAllListeners();
+    this.#denialLog.flush();
+    await endRun(this.#vmDir).catch(() => undefined);
   }
 
   /**
@@ -733,8 +883,8 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#denialCount++;
     this.#denials.push(denial);
     if (this.#denials.length > RECENT_DENIALS) this.#denials.shift();
-    // One structured line per denial, for whoever collects the server's logs.
-    console.warn(`agentvm network denied ${JSON.stringify(denial)}`);
+    // A structured line per denial for whoever collects the server's logs, rate-limited per VM.
+    this.#denialLog.report(denial);
   }
 
   async #connect(port: number): Promise<Socket> {
@@ -749,6 +899,12 @@ export class Vm extends EventEmitter<VmEvents> {
   #alive(): void {
     if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `VM ${this.name} was disposed; create a new one with createVm()`);
   }
+}
+
+function expectCallback(name: string, value: unknown): ((data: Uint8Array) => void) | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== "function") throw invalidArgument(`${name} must be a function, got ${describe(value)}`);
+  return value as (data: Uint8Array) => void;
 }
 
 function writeOptions(options: unknown): WriteOptions | undefined {
@@ -781,6 +937,8 @@ export async function createVm(options: CreateVmOptions, services: VmHostService
   const [bwrap, image] = await Promise.all([findBubblewrap(), ensureImage({ software, ...(nodeOverride !== undefined ? { node: nodeOverride } : {}) })]);
   const vmDir = join(dataDir, "vms", vmDirectoryName(name));
   const { disk, identity } = await prepareVmDirectory(bwrap, dataDir, vmDir, limits);
+  // After the disk is mounted: the temporary files a crash left are inside it.
+  await beginRun(vmDir, join(vmDir, "root"));
   return new Vm({ name, vmDir, dataDir, listen, network, hosts, limits, preview, bwrap, image, services, disk, identity });
 }
 

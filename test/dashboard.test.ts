@@ -116,4 +116,23 @@ describe("the dashboard on a server with an API key", { skip: browserSkip }, () 
       await waitFor(async () => (await page.locator("#sign-in").isHidden()) || undefined, "the sign-in form to hide");
     });
   });
+
+  test("opens a terminal into the VM with the key (as a WebSocket subprotocol) and types into it", async () => {
+    await onPage(browser, "terminal", async (page) => {
+      await page.goto(`${server.url}/`);
+      await page.fill("#credential", key);
+      await page.click("#sign-in button");
+      await page.locator("#vm-list button", { hasText: "keyed" }).click();
+      await page.click("#open-terminal");
+      await page.locator("#terminal-state", { hasText: "connected" }).waitFor();
+      await page.locator("#terminal .xterm-rows", { hasText: /[#$]/ }).waitFor();
+      await page.locator("#terminal textarea").focus();
+      await page.keyboard.type("echo dashboard-$((40+2))");
+      await page.keyboard.press("Enter");
+      await page.locator("#terminal .xterm-rows", { hasText: "dashboard-42" }).waitFor();
+      await page.keyboard.type("exit 7");
+      await page.keyboard.press("Enter");
+      await page.locator("#terminal-state", { hasText: "exited with 7" }).waitFor();
+    });
+  });
 });

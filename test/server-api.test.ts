@@ -230,7 +230,7 @@ describe("processes", () => {
       await vm.writeProcessStdin(pid, new TextEncoder().encode("client"));
       await vm.closeProcessStdin(pid);
       await waitFor(() => exits.some((event) => event.pid === pid), `processExit for ${pid}`);
-      assert.deepEqual(exits.find((event) => event.pid === pid), { pid, exitCode: 7 });
+      assert.deepEqual(exits.find((event) => event.pid === pid), { pid, exitCode: 7, signal: null });
       const mine = output.filter((event) => event.pid === pid);
       assert.ok(mine.every((event) => event.data instanceof Uint8Array));
       const stdout = Buffer.concat(mine.filter((event) => event.stream === "stdout").map((event) => event.data));

@@ -94,7 +94,7 @@ describe("vm processes", () => {
       assert.equal(result.stdout, "to-out\nmore-out\n");
       assert.equal(result.stderr, "to-err\nmore-err\n");
       await waitFor(() => exits.some((event) => event.pid === result.pid), "the processExit event");
-      assert.deepEqual(exits.find((event) => event.pid === result.pid), { pid: result.pid, exitCode: 0 });
+      assert.deepEqual(exits.find((event) => event.pid === result.pid), { pid: result.pid, exitCode: 0, signal: null });
     } finally {
       vm.off("processExit", onExit);
     }

@@ -12,6 +12,10 @@ import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE,
 import { readServerEvents } from "./server-events.ts";
 import { fileTransfers } from "./file-transfer.ts";
 import type { AgentVmClient, ClientFetchInit, ClientOptions, DestroyResult, VmConnection, VmConnectionEvents, VmHandle, VmSummary } from "./types.ts";
+import type { ExecOptions } from "../vm.ts";
+import { execStreamed, wantsStream } from "./exec-stream.ts";
+import { processHandle } from "./process-handle.ts";
+import { openTerminal, terminalQuery, type OpenTerminalOptions } from "./terminal.ts";
 
 /** Response headers that describe our hop, not the guest's answer. */
 const HOP_HEADERS = new Set(["connection", "keep-alive", "transfer-encoding", "date"]);
@@ -60,6 +64,9 @@ export class Transport {
   readonly #headers: Record<string, string>;
   readonly #authorization: string | undefined;
   readonly #fetch: typeof fetch;
+  /** The API key or token, for routes that cannot send it as a header (WebSockets). */
+  readonly token: string | undefined;
+  readonly WebSocket: typeof WebSocket | undefined;
 
   constructor(base: string, options: ClientOptions) {
     this.base = base;
@@ -70,6 +77,8 @@ export class Transport {
     if (custom !== undefined && options.token !== undefined) delete headers[custom];
     const token = options.token ?? (custom === undefined ? environmentToken() : undefined);
     this.#authorization = token ? `Bearer ${token}` : undefined;
+    this.token = token || undefined;
+    this.WebSocket = options.WebSocket;
     this.#headers = headers;
     this.#fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
   }
@@ -128,13 +137,17 @@ async function errorFrom(response: Response): Promise<AgentVmError> {
 function createHandle(transport: Transport, definition: string, key: string): VmHandle {
   const prefix = `${transport.base}/api/${encodeURIComponent(definition)}/${encodeURIComponent(key)}`;
 
-  async function call(action: string, args: unknown[]): Promise<unknown> {
+  function post(action: string, args: unknown[], accept: string): Promise<Response> {
     const encoded = encodeValue(args);
-    const response = await transport.request(`${prefix}/actions/${action}`, {
+    return transport.request(`${prefix}/actions/${action}`, {
       method: "POST",
-      headers: { "content-type": encoded.contentType, accept: `${ENVELOPE_TYPE}, application/json` },
+      headers: { "content-type": encoded.contentType, accept },
       body: encoded.body as RequestInit["body"],
     });
+  }
+
+  async function call(action: string, args: unknown[]): Promise<unknown> {
+    const response = await post(action, args, `${ENVELOPE_TYPE}, application/json`);
     const body = new Uint8Array(await response.arrayBuffer());
     try {
       return decodeValue(response.headers.get("content-type") ?? "application/json", body);
@@ -173,6 +186,38 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
 
   const special = {
     key,
+    async spawn(command: string, args?: string[], options?: { cwd?: string; env?: Record<string, string> }) {
+      const spawnArgs: unknown[] = options === undefined ? (args === undefined ? [command] : [command, args]) : [command, args ?? [], options];
+      const { pid } = (await call("spawn", spawnArgs)) as { pid: number };
+      return processHandle(pid, call);
+    },
+    async exec(command: string, args?: string[], options?: ExecOptions) {
+      if (!wantsStream(options)) return call("exec", options === undefined ? (args === undefined ? [command] : [command, args]) : [command, args ?? [], options]);
+      return execStreamed((execArgs, accept) => post("exec", execArgs, accept), command, args, options);
+    },
+    openTerminal(options: OpenTerminalOptions = {}) {
+      const path = `${prefix}/terminal`;
+      let query: string;
+      try {
+        query = terminalQuery(options);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      return openTerminal({
+        url: `${path.replace(/^http/, "ws")}${query}`,
+        token: transport.token,
+        WebSocket: transport.WebSocket,
+        // A plain GET of the route runs the same checks: its error says why the WebSocket was refused.
+        diagnose: () =>
+          transport.request(`${path}${query}`, { method: "GET" }).then(
+            () => new AgentVmError("SERVER_UNREACHABLE", `openTerminal: the WebSocket to ${path} could not be opened`),
+            (error: unknown) =>
+              AgentVmError.from(error).code === "UPGRADE_REQUIRED"
+                ? new AgentVmError("SERVER_UNREACHABLE", `openTerminal: the WebSocket to ${path} could not be opened (a proxy in between may not pass WebSockets)`)
+                : AgentVmError.from(error),
+          ),
+      });
+    },
     ...fileTransfers(transport, prefix),
     async vmFetch(port: number, path: string, init?: ClientFetchInit) {
       const response = await fetchFromVm(port, path, init);

@@ -6,7 +6,9 @@
 import type { VmActionName } from "../actions.ts";
 import type { Registry } from "../server/registry.ts";
 import type { VmDefinition } from "../server/definition.ts";
-import type { ProcessExitEvent, ProcessOutputEvent, Vm } from "../vm.ts";
+import type { ExecOptions, ExecResult, ProcessExitEvent, ProcessOutputEvent, Vm } from "../vm.ts";
+import type { ClientProcess } from "./process-handle.ts";
+import type { ClientTerminal, OpenTerminalOptions, TerminalExit } from "./terminal.ts";
 import type { VmFetchInit, VmFetchResponse, VmFetchStreamResponse } from "../net/vm-fetch.ts";
 import type { PreviewUrl } from "../net/previews.ts";
 import type { DestroyResult, VmSummary } from "../server/vm-actor.ts";
@@ -14,7 +16,7 @@ import type { TarExtractResult } from "../sandbox/vm-tar.ts";
 import type { VmWatch } from "../watch-stream.ts";
 import type { ClientWatchOptions, DownloadOptions, TransferOptions, UploadBody, UploadOptions } from "./file-transfer.ts";
 
-export type { DestroyResult, VmSummary };
+export type { ClientProcess, ClientTerminal, DestroyResult, ExecOptions, ExecResult, OpenTerminalOptions, TerminalExit, VmSummary };
 
 type Remote<F> = F extends (...args: infer A) => infer R ? (...args: A) => Promise<Awaited<R>> : never;
 
@@ -23,8 +25,10 @@ export type ServerPreviewUrl = PreviewUrl & { url: string };
 
 type RemoteActions = { [K in VmActionName]: Remote<Vm[K]> };
 
-export type VmActions = Omit<RemoteActions, "createSignedPreviewUrl"> & {
+export type VmActions = Omit<RemoteActions, "createSignedPreviewUrl" | "spawn"> & {
   createSignedPreviewUrl(...args: Parameters<Vm["createSignedPreviewUrl"]>): Promise<ServerPreviewUrl>;
+  /** Starts a program; the result is `{ pid }` with methods for that process (wait, kill, stdin, logs). */
+  spawn(...args: Parameters<Vm["spawn"]>): Promise<ClientProcess>;
 };
 
 /** vmFetch options on the client: what fetch accepts, minus what only the host has. */
@@ -61,6 +65,12 @@ export type VmHandle = VmActions & {
    * seen), output the processes' logs still hold after it comes first.
    */
   connect(options?: { since?: number }): VmConnection;
+  /**
+   * Opens an interactive terminal in the VM over a WebSocket (default: bash,
+   * 80 × 24, TERM=xterm-256color). Needs an API key or a token that allows
+   * "openTerminal"; refusals and bad options reject with a typed error.
+   */
+  openTerminal(options?: OpenTerminalOptions): Promise<ClientTerminal>;
   /**
    * Uploads a file of any size as a stream (PUT …/files/<path>). It appears
    * under `path` only once the whole body arrived; an upload that breaks off
@@ -113,4 +123,6 @@ export interface ClientOptions {
   headers?: Record<string, string>;
   /** A fetch implementation (default: the global fetch). */
   fetch?: typeof fetch;
+  /** A WebSocket implementation for openTerminal (default: the global WebSocket of Node ≥ 22 and browsers). */
+  WebSocket?: typeof WebSocket;
 }

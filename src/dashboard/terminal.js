@@ -23,8 +23,8 @@ export async function openTerminal(container, vm, onState) {
   url.searchParams.set("cols", String(xterm.cols));
   url.searchParams.set("rows", String(xterm.rows));
   const token = credential();
-  // A browser WebSocket cannot send headers: the credential rides as a subprotocol.
-  const socket = new WebSocket(url, token ? ["agentvm.terminal", `agentvm.bearer.${token}`] : ["agentvm.terminal"]);
+  // A browser WebSocket cannot send headers: the credential rides as a subprotocol, base64url-encoded.
+  const socket = new WebSocket(url, token ? ["agentvm.terminal.v1", `agentvm.auth.${base64url(token)}`] : ["agentvm.terminal.v1"]);
   socket.binaryType = "arraybuffer";
   const encoder = new TextEncoder();
   socket.addEventListener("open", () => {
@@ -38,7 +38,7 @@ export async function openTerminal(container, vm, onState) {
     }
     const message = JSON.parse(event.data);
     if (message.type === "exit") onState(message.signal ? `ended by ${message.signal}` : `exited with ${message.exitCode}`);
-    if (message.type === "error") onState(`${message.code}: ${message.message}`);
+    if (message.type === "error") onState(`${message.error.code}: ${message.error.message}`);
   });
   socket.addEventListener("close", (event) => {
     if (event.code !== 1000) onState(`disconnected${event.reason ? `: ${event.reason}` : ""}`);
@@ -60,4 +60,11 @@ export async function openTerminal(container, vm, onState) {
       xterm.dispose();
     },
   };
+}
+
+/** @param {string} text */
+function base64url(text) {
+  let binary = "";
+  for (const byte of new TextEncoder().encode(text)) binary += String.fromCharCode(byte);
+  return btoa(binary).replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
 }

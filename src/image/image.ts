@@ -22,7 +22,7 @@ import { LAYER_MOUNT_POINTS, parseSoftware, type SoftwareEntry } from "./softwar
 import { configure, extractPackages, mergeUsr, strip, topLevelEntries } from "./userland.ts";
 
 /** Bump when the build lays files out differently: every machine then rebuilds. */
-export const LAYOUT_VERSION = 1;
+export const LAYOUT_VERSION = 2;
 
 /** Written at the image root: what the image was built from. */
 export const MANIFEST = ".agentvm-image.json";

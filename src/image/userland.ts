@@ -51,6 +51,8 @@ const ALTERNATIVES: Record<string, string> = {
   "usr/bin/w": "w.procps",
   "usr/bin/lzma": "xz",
   "usr/bin/unlzma": "unxz",
+  // busybox is a multi-call binary: named vi, it is vi (for terminals; Debian links no applets).
+  "usr/bin/vi": "busybox",
   "usr/bin/lzcat": "xzcat",
 };
 

@@ -68,6 +68,9 @@ process.on("message", (message: ToInit, handle: Socket | undefined) => {
     case "stdin-end":
       supervisor.endStdin(message.pid);
       return;
+    case "resize":
+      supervisor.resize(message.pid, { cols: message.cols, rows: message.rows });
+      return;
     case "ports":
       send({ t: "reply", id: message.id, ok: true, ports: listeningPorts() });
       return;

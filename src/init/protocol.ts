@@ -11,7 +11,9 @@
 
 /** Server → init. */
 export type ToInit =
-  | { t: "spawn"; id: number; command: string; args: string[]; cwd: string; env: Record<string, string> }
+  | { t: "spawn"; id: number; command: string; args: string[]; cwd: string; env: Record<string, string>; terminal?: TerminalSize }
+  /** A new window size for a program started with `terminal` (SIGWINCH to its foreground group). */
+  | { t: "resize"; pid: number; cols: number; rows: number }
   | { t: "signal"; pid: number; signal: string }
   | { t: "stdin"; id: number; pid: number; data: string }
   | { t: "stdin-end"; pid: number }
@@ -55,6 +57,15 @@ export interface WatchEvent {
   path: string;
   oldPath?: string;
 }
+
+/** A pseudo-terminal's window, in character cells. */
+export interface TerminalSize {
+  cols: number;
+  rows: number;
+}
+
+/** The window sizes the API accepts, in each dimension. */
+export const TERMINAL_SIZE_RANGE = { min: 1, max: 1000 } as const;
 
 /** A process of the VM as init reads it from /proc. */
 export interface VmProcess {

@@ -16,7 +16,7 @@ import { describe, expectKnownKeys, expectObject, expectPort } from "../validate
 export interface PreviewConfig {
   /** Lifetime when createSignedPreviewUrl gets no TTL (or 0). Default 3600. */
   defaultExpiresInSeconds?: number;
-  /** Longest lifetime a caller may ask for; unset means no cap. */
+  /** Longest lifetime a caller may ask for. Default 604800 (7 days), at most 3153600000 (100 years). */
   maxExpiresInSeconds?: number;
   /** Preview tokens alive at once per VM. Default 1024. */
   maxActiveTokens?: number;
@@ -24,9 +24,14 @@ export interface PreviewConfig {
 
 export interface ResolvedPreviewConfig {
   defaultExpiresInSeconds: number;
-  maxExpiresInSeconds: number | undefined;
+  maxExpiresInSeconds: number;
   maxActiveTokens: number;
 }
+
+/** The default cap on a preview URL's lifetime: a forgotten URL stops working within a week. */
+export const DEFAULT_MAX_PREVIEW_TTL_SECONDS = 7 * 86_400;
+/** The cap on the cap: keeps `expiresAt` (epoch ms) far inside the safe-integer range. */
+export const MAX_PREVIEW_TTL_SECONDS = 100 * 365 * 86_400;
 
 export interface PreviewUrl {
   /**
@@ -67,12 +72,16 @@ export function parsePreviewConfig(value: unknown, field = "preview"): ResolvedP
     if (typeof raw !== "number" || !Number.isInteger(raw) || raw <= 0) {
       throw invalidArgument(`${field}.${key} must be a positive integer, got ${describe(raw)}`);
     }
+    if (key !== "maxActiveTokens" && raw > MAX_PREVIEW_TTL_SECONDS) {
+      throw invalidArgument(`${field}.${key} must be at most ${MAX_PREVIEW_TTL_SECONDS} seconds (100 years), got ${raw}`);
+    }
     return raw;
   };
   const defaultExpiresInSeconds = positiveInteger("defaultExpiresInSeconds", 3600)!;
-  const maxExpiresInSeconds = positiveInteger("maxExpiresInSeconds", undefined);
+  // Without an explicit cap, a longer default raises the cap with it rather than failing.
+  const maxExpiresInSeconds = positiveInteger("maxExpiresInSeconds", Math.max(DEFAULT_MAX_PREVIEW_TTL_SECONDS, defaultExpiresInSeconds))!;
   const maxActiveTokens = positiveInteger("maxActiveTokens", 1024)!;
-  if (maxExpiresInSeconds !== undefined && defaultExpiresInSeconds > maxExpiresInSeconds) {
+  if (defaultExpiresInSeconds > maxExpiresInSeconds) {
     throw invalidArgument(`${field}.defaultExpiresInSeconds (${defaultExpiresInSeconds}) must not exceed ${field}.maxExpiresInSeconds (${maxExpiresInSeconds})`);
   }
   return { defaultExpiresInSeconds, maxExpiresInSeconds, maxActiveTokens };
@@ -119,9 +128,14 @@ export class PreviewTokens {
   readonly #definition: string;
   readonly #key: string;
   #origin: string | undefined;
+  readonly #urlFor: ((token: string) => string) | undefined;
 
-  /** `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known. */
-  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string }) {
+  /**
+   * `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known;
+   * `urlFor`: builds the URL for a token instead (a server's public URL, subdomain mode).
+   */
+  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string; urlFor?: (token: string) => string }) {
+    this.#urlFor = scope.urlFor;
     this.#store = store;
     this.#config = config;
     this.#definition = scope.definition;
@@ -147,6 +161,8 @@ export class PreviewTokens {
     }
     const token = base32(randomBytes(TOKEN_BYTES));
     const expiresAt = now + Math.round(ttl * 1000);
+    // #ttl bounds ttl, so this holds; checked anyway because a row past 2^53 could not be read back.
+    if (!Number.isSafeInteger(expiresAt)) throw new AgentVmError("PREVIEW_TTL_INVALID", `createSignedPreviewUrl: ttlSeconds ${ttl} gives an expiry past what can be stored`);
     this.#store.insert(hashToken(token), {
       tokenPrefix: token.slice(0, PREFIX_LENGTH),
       definition: this.#definition,
@@ -156,7 +172,8 @@ export class PreviewTokens {
       expiresAt,
     });
     const path = `/preview/${token}/`;
-    return { ...(this.#origin !== undefined ? { url: `${this.#origin}${path}` } : {}), path, token, port, expiresAt };
+    const url = this.#urlFor ? this.#urlFor(token) : this.#origin !== undefined ? `${this.#origin}${path}` : undefined;
+    return { ...(url !== undefined ? { url } : {}), path, token, port, expiresAt };
   }
 
   /**
@@ -202,8 +219,8 @@ export class PreviewTokens {
       );
     }
     const max = this.#config.maxExpiresInSeconds;
-    if (max !== undefined && value > max) {
-      throw new AgentVmError("PREVIEW_TTL_TOO_LONG", `createSignedPreviewUrl: ttlSeconds ${value} is above preview.maxExpiresInSeconds (${max})`);
+    if (value > max) {
+      throw new AgentVmError("PREVIEW_TTL_TOO_LONG", `createSignedPreviewUrl: ttlSeconds ${value} is above preview.maxExpiresInSeconds (${max}); ask for less, or raise the cap in agentOS({ preview: { maxExpiresInSeconds } })`);
     }
     return value;
   }

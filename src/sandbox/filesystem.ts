@@ -13,6 +13,7 @@ import { constants } from "node:fs";
 import type { Stats } from "node:fs";
 import * as path from "node:path";
 import { AgentVmError, invalidArgument, type ErrorCode, POSIX_CODES } from "../errors.ts";
+import { TEMP_FILE_PATTERN, tempFileName } from "./interrupted-writes.ts";
 import { describe, expectKnownKeys, expectObject, expectString, expectStringArray, toBytes } from "../validate.ts";
 
 export interface VmStat {
@@ -130,8 +131,6 @@ async function removeTree(parent: fs.FileHandle, name: string): Promise<void> {
 
 const POSIX: ReadonlySet<string> = new Set<string>(POSIX_CODES);
 
-let tempCounter = 0;
-
 export class VmFilesystem {
   static readonly HOME = "/home/agentos";
 
@@ -224,7 +223,7 @@ export class VmFilesystem {
     // Same directory as the target so the rename is atomic: readers see the old
     // content or the new, never a partial write. The directory stays open until
     // commit or abort, so the rename lands where the walk checked.
-    const temp = `.agentvm-${process.pid}-${++tempCounter}-${Math.random().toString(36).slice(2, 10)}.tmp`;
+    const temp = tempFileName();
     let handle: fs.FileHandle;
     try {
       handle = await fs.open(at(target.dir, temp), constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
@@ -469,7 +468,8 @@ export class VmFilesystem {
       try {
         const handle = r.final ? await fs.open(this.#pathOf(r), DIRECTORY) : undefined;
         try {
-          return (await fs.readdir(at(handle ?? r.dirs[0]!))).sort();
+          // A write in flight (or one a crash interrupted) is not a file of the guest's.
+          return (await fs.readdir(at(handle ?? r.dirs[0]!))).filter((name) => !TEMP_FILE_PATTERN.test(name)).sort();
         } finally {
           await handle?.close();
         }

@@ -7,8 +7,9 @@
  * Owns: the table of API-started processes and the sandbox handle. Programs
  * those processes start themselves are the VM's business (init reaps them).
  */
+import { constants as osConstants } from "node:os";
 import { AgentVmError } from "../errors.ts";
-import { SIGNALS } from "../init/protocol.ts";
+import { SIGNALS, type TerminalSize } from "../init/protocol.ts";
 import { expectKnownKeys, expectObject, expectString, expectStringArray, expectStringRecord } from "../validate.ts";
 import { GUEST_HOME } from "./bubblewrap.ts";
 import { SpawnPacer } from "./spawn-pacer.ts";
@@ -36,6 +37,8 @@ export interface ProcessInfo {
   startedAt: number;
   /** Whether older output of this process fell out of its log (limits.logBytes); only for processes started through the API. */
   logDropped?: boolean;
+  /** Set for a program started with openTerminal: it runs on a pseudo-terminal, its output is all "stdout". */
+  terminal?: true;
 }
 
 /** One chunk of a process's output, as kept in its log and sent to subscribers. */
@@ -121,7 +124,8 @@ export class ProcessTable {
     return grace;
   }
 
-  async spawn(command: unknown, args: unknown = [], options: unknown = {}): Promise<{ pid: number }> {
+  /** Starts a program (validating what the API passed); `terminal` (already validated) runs it on a pseudo-terminal. */
+  async spawn(command: unknown, args: unknown = [], options: unknown = {}, terminal?: TerminalSize): Promise<{ pid: number }> {
     const name = expectString("command", command, { nonEmpty: true, max: 4096 });
     const argv = expectStringArray("args", args);
     const opts = expectObject("options", options ?? {});
@@ -143,7 +147,7 @@ export class ProcessTable {
       await this.#spawnPace.take();
       if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed`);
       const sandbox = await this.#ensureSandbox();
-      pid = await sandbox.spawn(name, argv, cwd, env);
+      pid = await sandbox.spawn(name, argv, cwd, env, terminal);
     } catch (error) {
       if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed while ${name} was starting`, { cause: error });
       throw error;
@@ -151,7 +155,7 @@ export class ProcessTable {
       this.#starting--;
     }
     if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `spawn: VM ${this.#options.vmName} was disposed while ${name} was starting`);
-    const info: ProcessInfo = { pid, ppid: 0, command: name, args: argv, cwd, running: true, exitCode: null, signal: null, startedAt: Date.now() };
+    const info: ProcessInfo = { pid, ppid: 0, command: name, args: argv, cwd, running: true, exitCode: null, signal: null, startedAt: Date.now(), ...(terminal ? { terminal: true as const } : {}) };
     const unclaimed = this.#unclaimed.get(pid);
     this.#unclaimed.delete(pid);
     const entry: Entry = { info: { ...info, logDropped: false }, exited: Promise.withResolvers<number>(), early: unclaimed?.output ?? [], log: [], logSize: 0 };
@@ -217,6 +221,13 @@ export class ProcessTable {
     await (await this.#sandbox)!.writeStdin(entry.info.pid, data);
   }
 
+  /** A new window size for a program started on a terminal (nothing for one that has exited). */
+  resize(pid: unknown, size: TerminalSize): void {
+    const entry = this.#get(pid, "resizeTerminal");
+    if (!entry.info.terminal) throw new AgentVmError("INVALID_ARGUMENT", `resizeTerminal: process ${entry.info.pid} does not run on a terminal (start it with openTerminal)`);
+    if (entry.info.running) void this.#sandbox?.then((sandbox) => sandbox.resize(entry.info.pid, size));
+  }
+
   closeStdin(pid: unknown): void {
     const entry = this.#get(pid, "closeProcessStdin");
     if (entry.info.running) void this.#sandbox?.then((sandbox) => sandbox.endStdin(entry.info.pid));
@@ -224,7 +235,7 @@ export class ProcessTable {
 
   /** Called by the sandbox's events. */
   output(pid: number, stream: OutputStream, data: Uint8Array): void {
-    const entry = this.#entries.get(pid);
+    const entry = this.#running(pid);
     if (!entry) return void this.#unclaimedFor(pid)?.output.push([stream, data]);
     if (entry.early) entry.early.push([stream, data]);
     else this.#deliver(entry, stream, data);
@@ -274,14 +285,15 @@ export class ProcessTable {
   }
 
   exited(pid: number, code: number | null, signal: string | null): void {
-    const entry = this.#entries.get(pid);
+    const entry = this.#running(pid);
     if (!entry) {
       const unclaimed = this.#unclaimedFor(pid);
       if (unclaimed) unclaimed.exit = [code, signal];
       return;
     }
-    if (!entry.info.running) return;
-    this.#finish(entry, code ?? 128 + (signal ? (SIGNALS[signal] ?? 0) : 0), signal);
+    // Any signal may end a program (SIGSEGV, SIGPIPE, SIGWINCH…), not only those the API sends.
+    const number = signal ? (SIGNALS[signal] ?? (osConstants.signals as Record<string, number | undefined>)[signal] ?? 0) : 0;
+    this.#finish(entry, code ?? 128 + number, signal);
   }
 
   /** The sandbox ended under the processes (init died, or the VM was stopped): each is reported killed. */
@@ -305,6 +317,16 @@ export class ProcessTable {
     if (entry.early) return; // reported with its early output, see spawn()
     entry.exited.resolve(exitCode);
     this.#options.onExit(entry.info.pid, exitCode, signal);
+  }
+
+  /**
+   * The running entry an event from init is for. An exited entry with that pid is an earlier
+   * process: pids are reused, above all by the next sandbox, whose pid namespace starts afresh.
+   * Its events then belong to a spawn whose reply is still on its way (see #unclaimed).
+   */
+  #running(pid: number): Entry | undefined {
+    const entry = this.#entries.get(pid);
+    return entry?.info.running ? entry : undefined;
   }
 
   #unclaimedFor(pid: number) {

@@ -14,7 +14,7 @@ import { open, type FileHandle } from "node:fs/promises";
 import type { Socket } from "node:net";
 import type { Readable } from "node:stream";
 import { AgentVmError, isErrorCode } from "../errors.ts";
-import type { FromInit, VmProcess, WatchEvent } from "../init/protocol.ts";
+import type { FromInit, TerminalSize, VmProcess, WatchEvent } from "../init/protocol.ts";
 import { bubblewrapArgs, INIT_DIR, prepareMountPoints, type SandboxLayout } from "./bubblewrap.ts";
 import type { VmCgroup } from "./cgroup.ts";
 import type { GuestIdentity } from "./guest-identity.ts";
@@ -151,9 +151,14 @@ export class VmSandbox {
     return sandbox;
   }
 
-  async spawn(command: string, args: string[], cwd: string, env: Record<string, string>): Promise<number> {
-    const { reply } = await this.#channel.request({ t: "spawn", command, args, cwd, env });
+  /** Starts a program; with `terminal`, on a pseudo-terminal of that size. */
+  async spawn(command: string, args: string[], cwd: string, env: Record<string, string>, terminal?: TerminalSize): Promise<number> {
+    const { reply } = await this.#channel.request({ t: "spawn", command, args, cwd, env, ...(terminal ? { terminal } : {}) });
     return reply.pid!;
+  }
+
+  resize(pid: number, size: TerminalSize): void {
+    this.#channel.notify({ t: "resize", pid, cols: size.cols, rows: size.rows });
   }
 
   signal(pid: number, signal: string): void {

@@ -29,9 +29,12 @@ export class PreviewStore {
 
   constructor(store: SqliteStore) {
     const db = store.db;
-    const columns = "token_prefix, definition, key, port, created_at, expires_at, last_used_at";
+    // expires_at is read clamped: a row written before TTLs were capped may hold a number past
+    // 2^53, which node:sqlite refuses to read (every listing of that VM would fail).
+    const columns = `token_prefix, definition, key, port, created_at, MIN(expires_at, ${Number.MAX_SAFE_INTEGER}) AS expires_at, last_used_at`;
+    const insertColumns = "token_prefix, definition, key, port, created_at, expires_at, last_used_at";
     this.#statements = {
-      insert: db.prepare(`INSERT INTO previews (token_hash, ${columns}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)`),
+      insert: db.prepare(`INSERT INTO previews (token_hash, ${insertColumns}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)`),
       find: db.prepare(`SELECT ${columns} FROM previews WHERE token_hash = ?`),
       countActive: db.prepare("SELECT COUNT(*) AS count FROM previews WHERE definition = ? AND key = ? AND expires_at > ?"),
       listActive: db.prepare(`SELECT ${columns} FROM previews WHERE definition = ? AND key = ? AND expires_at > ? ORDER BY created_at`),

@@ -7,7 +7,7 @@
  * Imports use the package names a user would (`agentvm`, `agentvm/client`).
  */
 import { agentOS, agentOs, setup, type MintedToken, type ProcessInfo, type TokenRequest, type VmStat } from "agentvm";
-import { AgentVmError, createClient, type DestroyResult, type ErrorCode, type TarExtractResult, type TransferProgress, type VmConnection, type VmHandle, type VmSummary, type VmWatch, type WatchEvent } from "agentvm/client";
+import { AgentVmError, createClient, type ClientProcess, type ClientTerminal, type DestroyResult, type ErrorCode, type TarExtractResult, type TerminalExit, type TransferProgress, type VmConnection, type VmHandle, type VmSummary, type VmWatch, type WatchEvent } from "agentvm/client";
 
 const registry = setup({ use: { vm: agentOS({ software: [] }), other: agentOs({ options: { software: [] } }) } });
 
@@ -48,6 +48,29 @@ export async function correctlyTyped(): Promise<void> {
   const processes: ProcessInfo[] = await listing;
   const running: boolean | undefined = processes[0]?.running;
   const ports: number[] = await h.listeningPorts();
+  // The spawn handle: still { pid }, plus methods for that process.
+  const spawned: ClientProcess = await h.spawn("cat");
+  const spawnedPid: number = spawned.pid;
+  await spawned.stdin.write("x\n");
+  await spawned.stdin.end();
+  const spawnedExit: number = await spawned.wait();
+  await spawned.kill("SIGKILL");
+  const spawnedLogs = await spawned.logs({ tail: 100 });
+  const logBytes: Uint8Array | undefined = spawnedLogs.output[0]?.data;
+  // Streamed exec.
+  const streamedExec = await h.exec("ls", [], { onStdout: (chunk: Uint8Array) => void chunk, onStderr: (chunk) => void chunk, timeoutMs: 1000 });
+  const streamedOut: string = streamedExec.stdout;
+  // Terminals.
+  const terminal: ClientTerminal = await h.openTerminal({ command: "bash", args: ["-l"], cols: 120, rows: 40, cwd: "/tmp", env: { LANG: "C.UTF-8" } });
+  const unsubscribeData: () => void = terminal.onData((data: Uint8Array) => void data);
+  terminal.onExit((exit: TerminalExit) => void [exit.exitCode satisfies number, exit.signal satisfies string | null]);
+  terminal.write("ls\r");
+  terminal.write(new Uint8Array([3]));
+  terminal.resize(100, 30);
+  terminal.kill("SIGINT");
+  const terminalExit: TerminalExit = await terminal.exited;
+  await terminal.close();
+  void [spawnedPid, spawnedExit, logBytes, streamedOut, unsubscribeData, terminalExit];
 
   // Network.
   const response = await h.vmFetch(3000, "/", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ key: "value" }) });
@@ -199,6 +222,12 @@ export async function wronglyTyped(): Promise<void> {
   await h.spawn("node", [], { env: { PORT: 3000 } });
   // @ts-expect-error a key is a string or an array of strings
   client.vm.getOrCreate(42);
+  // @ts-expect-error terminal sizes are numbers
+  await h.openTerminal({ cols: "80" });
+  // @ts-expect-error a terminal takes text or bytes
+  (await h.openTerminal()).write(42);
+  // @ts-expect-error exec callbacks get bytes
+  await h.exec("ls", [], { onStdout: (chunk: string) => void chunk });
   // @ts-expect-error no such action
   await h.formatDisk();
   // @ts-expect-error destroy needs its confirmation
