@@ -231,6 +231,9 @@ export class VmFilesystem {
       await release(r);
       throw fsError(err, op, guest, r);
     }
+    // A streamed write may take long: of the walk's directories only the target's stays open.
+    await Promise.all(r.opened.filter((dir) => dir !== target.dir).map((dir) => dir.close().catch(() => {})));
+    r.opened = [target.dir];
     const owner = this.#owner;
     return fileWriter(handle, op, guest, r, {
       async commit() {
