@@ -37,7 +37,7 @@ test("a descriptor the server inherited without close-on-exec is not open in the
   };
   const stdout = read(child.stdout!);
   const stderr = read(child.stderr!);
-  const leaked = read(child.stdio[7] as Readable);
+  const leaked = read((child.stdio as unknown as Readable[])[7]!);
   const code = await new Promise<number | null>((resolve) => child.once("exit", resolve));
   assert.equal(code, 0, stderr());
   const line = stdout().split("\n").find((entry) => entry.startsWith("{"));
