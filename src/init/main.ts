@@ -9,6 +9,7 @@
 import { writeFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import { startEgressServers } from "./egress-servers.ts";
+import { closeInheritedDescriptors } from "./inherited-descriptors.ts";
 import { connectToPort } from "./port-connector.ts";
 import { PathWatcher } from "./path-watcher.ts";
 import { listeningPorts, vmProcesses } from "./proc-reader.ts";
@@ -25,6 +26,7 @@ export interface InitConfig {
   setpriv: string;
 }
 
+closeInheritedDescriptors();
 const config = JSON.parse(process.env.AGENTVM_INIT ?? "{}") as InitConfig;
 delete process.env.AGENTVM_INIT;
 
