@@ -152,7 +152,30 @@ export function setup<Use extends Record<string, VmDefinition>>(input: { use: Us
   return new Registry(use as Use);
 }
 
-async function startServer(use: Record<string, VmDefinition>, options: StartOptions): Promise<RunningServer> {
+/**
+ * What a cluster node (src/cluster/node.ts) adds to the server: a placement
+ * check before any VM route does work, and access to the VM actors so the
+ * RivetKit actor can drive the same ones the HTTP API does.
+ */
+export interface ServerHooks {
+  /** Throws (VM_MOVED) when this server does not hold the VM. */
+  placement?(definition: string, key: string): void;
+  /** Called once the server listens. */
+  ready?(internals: ServerInternals): void;
+}
+
+export interface ServerInternals {
+  actor(definition: string, key: string): VmActor | undefined;
+  /** True when this server has the VM's row (it holds its files). */
+  holds(definition: string, key: string): boolean;
+}
+
+/** registry.start() with cluster hooks; not part of the public API. */
+export function startServerWithHooks(registry: Registry<Record<string, VmDefinition>>, options: StartOptions, hooks: ServerHooks): Promise<RunningServer> {
+  return startServer(registry.use, options, hooks);
+}
+
+async function startServer(use: Record<string, VmDefinition>, options: StartOptions, hooks: ServerHooks = {}): Promise<RunningServer> {
   const config = expectObject("start options", options);
   expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "handleSignals", "preview", "auth", "allowedHosts", "allowedOrigins"]);
   const authOptions = config.auth === undefined ? {} : expectObject("start options.auth", config.auth);
@@ -216,6 +239,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   };
   const context = {
     maxBodyBytes,
+    ...(hooks.placement ? { placement: hooks.placement } : {}),
     auth,
     origins,
     hasDefinition: (name: string) => Object.hasOwn(use, name),
@@ -326,6 +350,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       `agentvm: the API on ${url} is OPEN: no API key is set, so any program on this machine can run code in every VM. Set AGENTVM_API_KEYS or start({ auth: { apiKeys } }) to require one.`,
     );
   }
+
+  hooks.ready?.({ actor: (definition, key) => context.actor(definition, key), holds: (definition, key) => store.getVm(definition, key) !== undefined });
 
   let closed: Promise<void> | undefined;
   const close = () =>

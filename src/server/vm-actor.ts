@@ -66,6 +66,8 @@ export class VmActor {
   #sleepTimer: NodeJS.Timeout | undefined;
   #lastTouch = 0;
   #closed = false;
+  /** Resolved on the next sleep (a cluster runner keeps its actor awake until then). */
+  #asleep: PromiseWithResolvers<void> | undefined;
 
   readonly #previews: PreviewStore;
   /** Where the server's preview listener answers; preview `url`s are built on it. */
@@ -141,6 +143,16 @@ export class VmActor {
     const vm = this.#vm;
     this.#vm = undefined;
     await vm?.dispose();
+    const asleep = this.#asleep;
+    this.#asleep = undefined;
+    asleep?.resolve();
+  }
+
+  /** Settles when the VM next goes to sleep (at once when it is asleep). */
+  whenAsleep(): Promise<void> {
+    if (!this.#vm && !this.#waking) return Promise.resolve();
+    this.#asleep ??= Promise.withResolvers<void>();
+    return this.#asleep.promise;
   }
 
   async close(): Promise<void> {

@@ -1,0 +1,86 @@
+/**
+ * `agentvm node`: today's server (files, sandboxes, HTTP API, preview gateway)
+ * plus a RivetKit runner that joins the engine in this node's own pool
+ * (`agentvm.<name>`). A VM is created in the pool of a live node and stays in
+ * it, so it always wakes where its files are. The API refuses VMs this node
+ * does not hold with VM_MOVED, which sends the client back to the engine.
+ */
+import { AgentVmError } from "../errors.ts";
+import type { Registry, RunningServer, ServerInternals } from "../server/registry.ts";
+import { startServerWithHooks } from "../server/registry.ts";
+import type { VmDefinition } from "../server/definition.ts";
+import { NODE_POOL_PREFIX, type NodeOptions } from "./config.ts";
+import { loadRivetKit } from "./rivetkit.ts";
+import { TICKET_TTL_SECONDS, vmActorDefinition, type Location } from "./vm-actor-adapter.ts";
+
+export interface RunningNode {
+  readonly server: RunningServer;
+  readonly pool: string;
+  close(): Promise<void>;
+}
+
+export async function startNode(registry: Registry<Record<string, VmDefinition>>, options: NodeOptions): Promise<RunningNode> {
+  const rivet = await loadRivetKit();
+  const pool = `${NODE_POOL_PREFIX}${options.name}`;
+  await ensurePool(options, pool);
+  let internals: ServerInternals | undefined;
+  const server = await startServerWithHooks(
+    registry,
+    {
+      port: options.port,
+      host: options.host,
+      dataDir: options.dataDir,
+      preview: { port: options.previewPort },
+      handleSignals: false,
+    },
+    {
+      placement(definition, key) {
+        if (internals?.holds(definition, key)) return;
+        throw new AgentVmError("VM_MOVED", `node ${options.name} does not hold VM ${JSON.stringify(key)}; locate it through the engine (the client does this by itself)`);
+      },
+      ready: (value) => (internals = value),
+    },
+  );
+  const locate = (key: string): Location => {
+    const minted = server.authRequired ? server.createToken({ key, expiresInSeconds: TICKET_TTL_SECONDS }) : undefined;
+    return { node: options.name, url: options.advertise, previewUrl: options.advertisePreview, ticket: minted?.token ?? null, expiresAt: minted?.expiresAt ?? Date.now() + TICKET_TTL_SECONDS * 1000 };
+  };
+  const use = Object.fromEntries(Object.keys(registry.use).map((name) => [name, vmActorDefinition(rivet, name, () => internals!, locate)]));
+  const runner = rivet.setup({
+    use,
+    endpoint: options.engine,
+    ...(options.token ? { token: options.token } : {}),
+    namespace: "default",
+    envoy: { poolName: pool },
+    noWelcome: true,
+    // Services are the engine's add-ons; a node needs none, and its process would outlive us.
+    startServices: false,
+    logging: { level: process.env.AGENTVM_RIVET_LOG ?? "error" },
+    shutdown: { disableSignalHandlers: true, gracePeriodMs: 5_000 },
+  }) as { start(): void; shutdown?(): Promise<void> };
+  runner.start();
+  return {
+    server,
+    pool,
+    async close() {
+      await runner.shutdown?.().catch(() => undefined);
+      await server.close();
+    },
+  };
+}
+
+/** A pool must have a runner config before a runner joins it; PUT is idempotent. */
+async function ensurePool(options: NodeOptions, pool: string): Promise<void> {
+  let response: Response;
+  try {
+    response = await fetch(`${options.engine}/runner-configs/${encodeURIComponent(pool)}?namespace=default`, {
+      method: "PUT",
+      headers: { "content-type": "application/json", ...(options.token ? { authorization: `Bearer ${options.token}` } : {}) },
+      body: JSON.stringify({ datacenters: { default: { normal: {} } } }),
+      signal: AbortSignal.timeout(10_000),
+    });
+  } catch (error) {
+    throw new AgentVmError("CLUSTER_UNAVAILABLE", `cannot reach the engine at ${options.engine} (${(error as Error).message}); start it with \`agentvm engine\` and pass the URL it prints`, { cause: error });
+  }
+  if (!response.ok) throw new AgentVmError("CLUSTER_UNAVAILABLE", `the engine at ${options.engine} refused pool ${pool}: ${response.status} ${(await response.text()).slice(0, 300)}`);
+}
