@@ -10,6 +10,7 @@ import { isVmAction } from "../actions.ts";
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, fromBase64 } from "../wire.ts";
 import type { AgentVmClient, ClientFetchInit, ClientOptions, DestroyResult, VmConnection, VmConnectionEvents, VmHandle, VmSummary } from "./types.ts";
+import { ClusterLocator, nodeUnavailable, type Location } from "./cluster-locator.ts";
 
 /** Response headers that describe our hop, not the guest's answer. */
 const HOP_HEADERS = new Set(["connection", "keep-alive", "transfer-encoding", "date"]);
@@ -58,6 +59,7 @@ class Transport {
   readonly #headers: Record<string, string>;
   readonly #authorization: string | undefined;
   readonly #fetch: typeof fetch;
+  #locator: Promise<ClusterLocator | undefined> | undefined;
 
   constructor(base: string, options: ClientOptions) {
     this.base = base;
@@ -72,10 +74,36 @@ class Transport {
     this.#fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
   }
 
-  /** `credentialHeader`: where the token goes; the vmFetch route uses AUTH_HEADER so the guest's own Authorization passes. */
-  async request(url: string, init: RequestInit & { duplex?: "half" }, credentialHeader = "authorization"): Promise<Response> {
+  /**
+   * The endpoint is an agentvm server or, in a cluster, a Rivet Engine (its
+   * /health says `"runtime": "engine"`); asked once per client.
+   */
+  locator(): Promise<ClusterLocator | undefined> {
+    this.#locator ??= (async () => {
+      let body: { runtime?: unknown } = {};
+      try {
+        const response = await this.#fetch(`${this.base}/health`, { headers: this.#headers });
+        body = (await response.json().catch(() => ({}))) as { runtime?: unknown };
+      } catch (error) {
+        this.#locator = undefined;
+        const cause = (error as { cause?: { code?: string; message?: string } }).cause;
+        throw new AgentVmError("SERVER_UNREACHABLE", `cannot reach the agentvm server at ${this.base}: ${cause?.code ?? cause?.message ?? (error as Error).message}`, { cause: error });
+      }
+      if (body.runtime !== "engine") return undefined;
+      const authorization = this.#authorization ? { authorization: this.#authorization } : {};
+      return new ClusterLocator(this.base, (url, init) => this.#fetch(url, { ...init, headers: { ...this.#headers, ...(init.headers as Record<string, string>), ...authorization } }));
+    })();
+    return this.#locator;
+  }
+
+  /**
+   * `credentialHeader`: where the token goes; the vmFetch route uses AUTH_HEADER so the guest's own Authorization passes.
+   * `authorization`: replaces the client's own credential (a cluster node's ticket; null sends none).
+   */
+  async request(url: string, init: RequestInit & { duplex?: "half" }, credentialHeader = "authorization", authorization?: string | null): Promise<Response> {
     let response: Response;
-    const credential = this.#authorization ? { [credentialHeader]: this.#authorization } : {};
+    const value = authorization === undefined ? this.#authorization : (authorization ?? undefined);
+    const credential = value ? { [credentialHeader]: value } : {};
     try {
       response = await this.#fetch(url, { ...init, headers: { ...this.#headers, ...(init.headers as Record<string, string>), ...credential } });
     } catch (error) {
@@ -110,6 +138,9 @@ async function listVms(transport: Transport, definition: string, options: { afte
   if (options.after !== undefined) query.set("after", String(options.after));
   if (options.limit !== undefined) query.set("limit", String(options.limit));
   const search = query.size > 0 ? `?${query}` : "";
+  if (await transport.locator()) {
+    throw new AgentVmError("UNKNOWN_ACTION", `list: ${transport.base} is a cluster engine; each node lists its own VMs (GET /api/${definition}/vms on a node, with its API key)`);
+  }
   const response = await transport.request(`${transport.base}/api/${encodeURIComponent(definition)}/vms${search}`, { method: "GET" });
   return jsonValue<VmSummary[]>(response, "list");
 }
@@ -123,16 +154,58 @@ async function errorFrom(response: Response): Promise<AgentVmError> {
   }
 }
 
+/** Where a VM's requests go: the server, or in a cluster the node that holds the VM (with its ticket). */
+interface Target {
+  prefix: string;
+  authorization?: string | null;
+  location?: Location;
+}
+
 function createHandle(transport: Transport, definition: string, key: string): VmHandle {
-  const prefix = `${transport.base}/api/${encodeURIComponent(definition)}/${encodeURIComponent(key)}`;
+  const path = `/api/${encodeURIComponent(definition)}/${encodeURIComponent(key)}`;
+
+  async function target(): Promise<Target> {
+    const locator = await transport.locator();
+    if (!locator) return { prefix: `${transport.base}${path}` };
+    const location = await locator.locate(definition, key);
+    return { prefix: `${location.url.replace(/\/$/, "")}${path}`, authorization: location.ticket ? `Bearer ${location.ticket}` : null, location };
+  }
+
+  /**
+   * Sends a request to wherever the VM is. In a cluster, a node that no longer
+   * holds the VM (VM_MOVED) or an expired ticket sends us back to the engine once
+   * (when the body can be sent again); an unreachable node is VM_NODE_UNAVAILABLE.
+   */
+  async function send(build: (target: Target) => Promise<Response>, canRetry: boolean): Promise<Response> {
+    const first = await target();
+    try {
+      return await build(first);
+    } catch (error) {
+      if (!first.location) throw error;
+      const code = (error as AgentVmError).code;
+      if (code === "SERVER_UNREACHABLE") {
+        (await transport.locator())!.forget(definition, key);
+        throw nodeUnavailable(first.location.node, key, `its API at ${first.location.url} does not answer`);
+      }
+      if ((code === "VM_MOVED" || code === "UNAUTHENTICATED") && canRetry) {
+        (await transport.locator())!.forget(definition, key);
+        return build(await target());
+      }
+      throw error;
+    }
+  }
 
   async function call(action: string, args: unknown[]): Promise<unknown> {
     const encoded = encodeValue(args);
-    const response = await transport.request(`${prefix}/actions/${action}`, {
-      method: "POST",
-      headers: { "content-type": encoded.contentType, accept: `${ENVELOPE_TYPE}, application/json` },
-      body: encoded.body as RequestInit["body"],
-    });
+    const response = await send(
+      (to) =>
+        transport.request(`${to.prefix}/actions/${action}`, {
+          method: "POST",
+          headers: { "content-type": encoded.contentType, accept: `${ENVELOPE_TYPE}, application/json` },
+          body: encoded.body as RequestInit["body"],
+        }, "authorization", to.authorization),
+      true,
+    );
     const body = new Uint8Array(await response.arrayBuffer());
     try {
       return decodeValue(response.headers.get("content-type") ?? "application/json", body);
@@ -149,13 +222,17 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
     headers.set(FORWARD_HEADERS, JSON.stringify(names));
     if (init.timeoutMs !== undefined) headers.set(FETCH_TIMEOUT, String(init.timeoutMs));
     const body = init.body ?? null;
-    return transport.request(`${prefix}/fetch/${encodeURIComponent(String(port))}${target}`, {
-      method: init.method ?? "GET",
-      headers: Object.fromEntries(headers.entries()),
-      body: body as RequestInit["body"],
-      signal: init.signal ?? null,
-      ...(body instanceof ReadableStream ? { duplex: "half" as const } : {}),
-    }, AUTH_HEADER);
+    return send(
+      (to) =>
+        transport.request(`${to.prefix}/fetch/${encodeURIComponent(String(port))}${target}`, {
+          method: init.method ?? "GET",
+          headers: Object.fromEntries(headers.entries()),
+          body: body as RequestInit["body"],
+          signal: init.signal ?? null,
+          ...(body instanceof ReadableStream ? { duplex: "half" as const } : {}),
+        }, AUTH_HEADER, to.authorization),
+      !(body instanceof ReadableStream),
+    );
   }
 
   function head(response: Response): { status: number; statusText: string; headers: Record<string, string> } {
@@ -205,12 +282,14 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
       if (since !== undefined && !(Number.isSafeInteger(since) && since >= 0)) {
         throw new AgentVmError("INVALID_ARGUMENT", `connect: since must be an output position (an integer ≥ 0), got ${String(since)}`);
       }
-      return openConnection(transport, since === undefined ? `${prefix}/events` : `${prefix}/events?since=${since}`);
+      const query = since === undefined ? "" : `?since=${since}`;
+      return openConnection((signal) => send((to) => transport.request(`${to.prefix}/events${query}`, { method: "GET", headers: { accept: "text/event-stream" }, signal }, "authorization", to.authorization), true), `${path}/events`);
     },
     async destroy(options: { confirm: string | readonly string[] }): Promise<DestroyResult> {
       // An absent or wrong confirmation goes to the server, which refuses it with DESTROY_NOT_CONFIRMED and the way to confirm.
       const confirm = options?.confirm === undefined ? undefined : canonicalKey(options.confirm);
-      const response = await transport.request(confirm === undefined ? prefix : `${prefix}?confirm=${encodeURIComponent(confirm)}`, { method: "DELETE" });
+      const query = confirm === undefined ? "" : `?confirm=${encodeURIComponent(confirm)}`;
+      const response = await send((to) => transport.request(`${to.prefix}${query}`, { method: "DELETE" }, "authorization", to.authorization), true);
       return jsonValue<DestroyResult>(response, "destroy");
     },
   };
@@ -233,7 +312,7 @@ function bodyFailed(error: unknown, port: number, path: string): unknown {
   return new AgentVmError("FETCH_FAILED", `vmFetch ${path} on port ${port}: the response body was cut off (${(error as Error)?.message ?? String(error)})`, { cause: error });
 }
 
-function openConnection(transport: Transport, url: string): VmConnection {
+function openConnection(open: (signal: AbortSignal) => Promise<Response>, url: string): VmConnection {
   const controller = new AbortController();
   const listeners: { [E in keyof VmConnectionEvents]: Set<(payload: VmConnectionEvents[E]) => void> } = {
     processOutput: new Set(),
@@ -256,7 +335,7 @@ function openConnection(transport: Transport, url: string): VmConnection {
 
   let disposed = false;
   const done = (async () => {
-    const response = await transport.request(url, { method: "GET", headers: { accept: "text/event-stream" }, signal: controller.signal });
+    const response = await open(controller.signal);
     const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {

@@ -6,6 +6,7 @@
  * does not hold with VM_MOVED, which sends the client back to the engine.
  */
 import { AgentVmError } from "../errors.ts";
+import { TOKEN_ACTIONS } from "../server/auth.ts";
 import type { Registry, RunningServer, ServerInternals } from "../server/registry.ts";
 import { startServerWithHooks } from "../server/registry.ts";
 import type { VmDefinition } from "../server/definition.ts";
@@ -41,8 +42,9 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
       ready: (value) => (internals = value),
     },
   );
-  const locate = (key: string): Location => {
-    const minted = server.authRequired ? server.createToken({ key, expiresInSeconds: TICKET_TTL_SECONDS }) : undefined;
+  const locate = (definition: string, key: string): Location => {
+    // Whoever can call the engine may do anything to the VM; the ticket carries that to the node, destroy included.
+    const minted = server.authRequired ? server.createToken({ definition, key, actions: [...TOKEN_ACTIONS], expiresInSeconds: TICKET_TTL_SECONDS }) : undefined;
     return { node: options.name, url: options.advertise, previewUrl: options.advertisePreview, ticket: minted?.token ?? null, expiresAt: minted?.expiresAt ?? Date.now() + TICKET_TTL_SECONDS * 1000 };
   };
   const use = Object.fromEntries(Object.keys(registry.use).map((name) => [name, vmActorDefinition(rivet, name, () => internals!, locate)]));

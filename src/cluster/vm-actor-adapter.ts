@@ -42,7 +42,7 @@ export function vmActorDefinition(
   rivet: RivetKit,
   definitionName: string,
   internals: () => ServerInternals,
-  locate: (key: string) => Location,
+  locate: (definition: string, key: string) => Location,
 ): unknown {
   const vmActor = (c: ActorContext): VmActor => {
     const actor = internals().actor(definitionName, canonicalKey([...c.key]));
@@ -58,7 +58,7 @@ export function vmActorDefinition(
     // The VM's row is written before this returns: from now on this node holds the VM.
     await actor.wake();
     c.keepAwake(actor.whenAsleep());
-    return locate(actor.key);
+    return locate(definitionName, actor.key);
   };
   return rivet.actor({
     // The VM's own idle rule decides; this only lets the actor go once the VM slept.
