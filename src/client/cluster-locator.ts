@@ -25,6 +25,9 @@ const NODE_POOL_PREFIX = "agentvm.";
 const STALE_PING_MS = 8_000;
 /** How long a locate through the engine may take (a node that just came back may first wait for its reschedule). */
 const LOCATE_TIMEOUT_MS = 20_000;
+/** The engine's API answers in milliseconds, but can stall for seconds while it handles a lost node. */
+const ENGINE_CALL_TIMEOUT_MS = 5_000;
+const ENGINE_CALL_ATTEMPTS = 3;
 /** Locate again this long before a ticket expires. */
 const TICKET_MARGIN_MS = 30_000;
 
@@ -120,17 +123,20 @@ export class ClusterLocator {
     return (await this.#json<{ envoys: Envoy[] }>("GET", "/envoys?namespace=default")).envoys;
   }
 
+  /** The engine's own API. Every call here is idempotent (lookups, get-or-create), so a call that times out is tried again. */
   async #json<T>(method: string, path: string, body?: unknown): Promise<T> {
-    let response: Response;
-    try {
-      response = await this.#fetch(`${this.#engine}${path}`, {
-        method,
-        headers: body === undefined ? {} : { "content-type": "application/json" },
-        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-        signal: AbortSignal.timeout(10_000),
-      });
-    } catch (error) {
-      throw unreachable(this.#engine, error);
+    let response: Response | undefined;
+    for (let attempt = 1; !response; attempt++) {
+      try {
+        response = await this.#fetch(`${this.#engine}${path}`, {
+          method,
+          headers: body === undefined ? {} : { "content-type": "application/json" },
+          ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+          signal: AbortSignal.timeout(ENGINE_CALL_TIMEOUT_MS),
+        });
+      } catch (error) {
+        if ((error as Error).name !== "TimeoutError" || attempt >= ENGINE_CALL_ATTEMPTS) throw unreachable(this.#engine, error);
+      }
     }
     const text = await response.text();
     if (response.status === 401 || response.status === 403) throw new AgentVmError("UNAUTHENTICATED", `the engine at ${this.#engine} refused the request (${response.status}): pass its token as createClient({ endpoint, token })`);

@@ -21,6 +21,8 @@ export interface RunningNode {
 }
 
 export async function startNode(registry: Registry<Record<string, VmDefinition>>, options: NodeOptions): Promise<RunningNode> {
+  // RivetKit's native core logs through RUST_LOG; its warnings are not ours to show.
+  process.env.RUST_LOG ??= "error";
   const rivet = await loadRivetKit();
   const pool = `${NODE_POOL_PREFIX}${options.name}`;
   await ensurePool(options, pool);
