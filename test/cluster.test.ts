@@ -6,6 +6,10 @@
  * keep serving, and after its restart its VMs answer again with their files.
  * The seed page's client files run unchanged against the engine.
  *
+ * Node loss comes last: Rivet Engine 2.3.19 may stop creating actors after a
+ * runner was killed and came back (docs/cluster.md, "Known engine issue"), so
+ * nothing after it creates a VM.
+ *
  * Skipped, saying why, when the cluster runtime (rivetkit) is not installed.
  */
 import assert from "node:assert/strict";
@@ -165,6 +169,32 @@ require("http").createServer((req, res) => {
     }
   });
 
+  it("the seed page's client files run unchanged against the engine", async () => {
+    const app = await appDir("networking-and-previews", { "client-start.ts": "client-start.ts.txt", "client-fetch.ts": "client-fetch.ts.txt", "client-preview.ts": "client-preview.ts.txt" }, 0, engineUrl);
+    try {
+      assertRan(await runClient(app, "client-start.ts"), "client-start.ts");
+      const agent = createClient(engineUrl).vm.getOrCreate("my-agent");
+      await waitFor(async () => {
+        try {
+          return (await agent.vmFetch(3000, "/")).status === 200;
+        } catch (error) {
+          if ((error as { code?: string }).code === "ECONNREFUSED") return false;
+          throw error;
+        }
+      }, "the seed's guest server", 20_000);
+      const fetched = await runClient(app, "client-fetch.ts");
+      assertRan(fetched, "client-fetch.ts");
+      assert.match(fetched.stdout, /^Status: 200$/m);
+      assert.match(fetched.stdout, /Body: Hello from inside the VM/);
+      const previewed = await runClient(app, "client-preview.ts");
+      assertRan(previewed, "client-preview.ts");
+      assert.match(previewed.stdout, /^Preview path: \/preview\/[^/]+\/$/m);
+      assert.ok(nodeOf("my-agent"), "the seed's VM lives on a node");
+      assert.ok(readdirSync(join(nodes[nodeOf("my-agent")!]!.dataDir, "vms")).includes("my-agent"));
+    } finally {
+      await rm(app, { recursive: true, force: true });
+    }
+  });
   it("a killed node's VMs fail with VM_NODE_UNAVAILABLE while the other node serves; after its restart they answer with their files", async () => {
     const victim = onNode.a!;
     const survivor = onNode.b!;
@@ -192,30 +222,4 @@ require("http").createServer((req, res) => {
     assert.equal(new TextDecoder().decode(await victim.readFile("/home/agentos/spawned.txt")), "started\n");
   });
 
-  it("the seed page's client files run unchanged against the engine", async () => {
-    const app = await appDir("networking-and-previews", { "client-start.ts": "client-start.ts.txt", "client-fetch.ts": "client-fetch.ts.txt", "client-preview.ts": "client-preview.ts.txt" }, 0, engineUrl);
-    try {
-      assertRan(await runClient(app, "client-start.ts"), "client-start.ts");
-      const agent = createClient(engineUrl).vm.getOrCreate("my-agent");
-      await waitFor(async () => {
-        try {
-          return (await agent.vmFetch(3000, "/")).status === 200;
-        } catch (error) {
-          if ((error as { code?: string }).code === "ECONNREFUSED") return false;
-          throw error;
-        }
-      }, "the seed's guest server", 20_000);
-      const fetched = await runClient(app, "client-fetch.ts");
-      assertRan(fetched, "client-fetch.ts");
-      assert.match(fetched.stdout, /^Status: 200$/m);
-      assert.match(fetched.stdout, /Body: Hello from inside the VM/);
-      const previewed = await runClient(app, "client-preview.ts");
-      assertRan(previewed, "client-preview.ts");
-      assert.match(previewed.stdout, /^Preview path: \/preview\/[^/]+\/$/m);
-      assert.ok(nodeOf("my-agent"), "the seed's VM lives on a node");
-      assert.ok(readdirSync(join(nodes[nodeOf("my-agent")!]!.dataDir, "vms")).includes("my-agent"));
-    } finally {
-      await rm(app, { recursive: true, force: true });
-    }
-  });
 });
