@@ -13,10 +13,8 @@
  * Skipped, saying why, when the cluster runtime (rivetkit) is not installed.
  */
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, readdirSync } from "node:fs";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -24,61 +22,12 @@ import type { Registry, VmDefinition } from "agentvm";
 import { createClient as createAnyClient, type VmHandle } from "agentvm/client";
 import { clusterRuntimeInstalled } from "../src/cluster/rivetkit.ts";
 import { rejection, waitFor } from "./helpers.ts";
-import { appDir, assertRan, childEnv, NODE, REPO, runClient } from "./seed-support.ts";
+import { appDir, assertRan, runClient } from "./seed-support.ts";
+import { AgentvmCommand as Command, freePorts } from "./cluster-support.ts";
 
 /** The nodes serve setup({ use: { vm: agentOS() } }). */
 const createClient = (endpoint: string) => createAnyClient<Registry<{ vm: VmDefinition }>>(endpoint);
-const CLI = join(REPO, "src/cli/agentvm.ts");
 const skip = clusterRuntimeInstalled() ? false : "the cluster runtime is not installed (npm run cluster:install); cluster tests skipped";
-
-/** A port whose next `count - 1` ports are free too (the engine takes three). */
-async function freePorts(count: number): Promise<number> {
-  for (let attempt = 0; attempt < 50; attempt++) {
-    const base = 20_000 + Math.floor(Math.random() * 30_000);
-    const servers = [];
-    try {
-      for (let offset = 0; offset < count; offset++) {
-        const server = createServer();
-        await new Promise<void>((done, fail) => server.once("error", fail).listen(base + offset, "127.0.0.1", done));
-        servers.push(server);
-      }
-      return base;
-    } catch {
-      // taken: try another
-    } finally {
-      await Promise.all(servers.map((server) => new Promise((done) => server.close(done))));
-    }
-  }
-  throw new Error("no free port range");
-}
-
-/** One `agentvm` command as a child process; ready once its output says so. */
-class Command {
-  readonly child: ChildProcess;
-  output = "";
-  readonly exited: Promise<void>;
-
-  constructor(args: string[]) {
-    this.child = spawn(NODE, ["--conditions=agentvm-source", CLI, ...args], { env: childEnv({}), stdio: ["ignore", "pipe", "pipe"] });
-    this.child.stdout!.on("data", (chunk) => (this.output += chunk));
-    this.child.stderr!.on("data", (chunk) => (this.output += chunk));
-    this.exited = new Promise((done) => this.child.once("exit", () => done()));
-  }
-
-  async ready(pattern: RegExp, timeoutMs = 30_000): Promise<void> {
-    await waitFor(() => {
-      if (this.child.exitCode !== null || this.child.signalCode !== null) throw new Error(`agentvm exited early:\n${this.output}`);
-      return pattern.test(this.output);
-    }, `agentvm to print ${pattern}\n${this.output}`, timeoutMs, 50);
-  }
-
-  async stop(signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
-    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal);
-    const timer = setTimeout(() => this.child.kill("SIGKILL"), 10_000);
-    await this.exited;
-    clearTimeout(timer);
-  }
-}
 
 describe("cluster: one engine, two nodes", { skip }, () => {
   let dir: string;
