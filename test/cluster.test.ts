@@ -83,9 +83,9 @@ describe("cluster: one engine, two nodes", { skip }, () => {
     }
   });
 
-  it("vmFetch, a 100 MiB streamed body and a preview URL work for VMs on either node", async () => {
+  it("vmFetch, a 100 MiB streamed body and a preview URL work for VMs on either node; a preview token serves through the other node's gateway", async () => {
     const size = 100 * 1024 * 1024;
-    for (const vm of Object.values(onNode)) {
+    for (const [name, vm] of Object.entries(onNode)) {
       await vm.writeFile(
         "/home/agentos/big.js",
         `const chunk = Buffer.alloc(1 << 20, 97);
@@ -115,6 +115,14 @@ require("http").createServer((req, res) => {
       assert.ok(preview.url, "a preview minted in a cluster carries the owning node's preview origin");
       const page = await fetch(`${preview.url}page`, { signal: AbortSignal.timeout(10_000) });
       assert.equal(await page.text(), "hello /page");
+      // The token names its node; the other node's gateway passes it there, and the owner still checks it.
+      assert.match(preview.token, new RegExp(`-${name}$`));
+      const other = nodes[name === "a" ? "b" : "a"]!;
+      const otherGateway = `http://127.0.0.1:${other.port + 1}`;
+      const viaOther = await fetch(`${otherGateway}${preview.path}other`, { signal: AbortSignal.timeout(10_000) });
+      assert.equal(await viaOther.text(), "hello /other");
+      assert.equal(await vm.expireSignedPreviewUrl(preview.token), true);
+      assert.equal((await fetch(`${otherGateway}${preview.path}other`, { signal: AbortSignal.timeout(10_000) })).status, 403);
     }
   });
 

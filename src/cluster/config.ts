@@ -12,12 +12,21 @@ export const ENGINE_DEFAULT_PORT = 6500;
 export const NODE_DEFAULT_PORT = 6430;
 /** Every agentvm node joins the engine in its own pool, named after the node: that is what pins a VM to the node holding its files. */
 export const NODE_POOL_PREFIX = "agentvm.";
-/** Pegboard timeouts short enough that a restarted node's VMs answer within seconds (DESIGN §6, measured). */
+/**
+ * Where a node publishes its addresses: the metadata of a runner config that no
+ * runner joins (a runner rewrites its own pool's config when it connects).
+ */
+export const NODE_ADDRESS_PREFIX = "agentvm-address.";
+/**
+ * Pegboard timeouts short enough that a restarted node's VMs answer within
+ * seconds (DESIGN §6). Not the ping timeouts DESIGN §6 also lists
+ * (`envoy_ping_timeout: 5000`, `envoy_eligible_threshold: 4000`): on a loaded
+ * machine they drop live nodes whose pings run late, and each reconnect risks
+ * the engine's actor-creation stall (docs/cluster.md, "Known engine issue").
+ */
 export const PEGBOARD_TIMEOUTS = {
   reschedule_backoff_max_exponent: 2,
   envoy_lost_threshold: 5000,
-  envoy_ping_timeout: 5000,
-  envoy_eligible_threshold: 4000,
 } as const;
 
 export interface EngineOptions {
@@ -118,7 +127,8 @@ function listenHost(flags: Flags, env: string | undefined): string {
 
 function nodeName(raw: string | undefined): string {
   if (raw === undefined) throw invalidArgument("agentvm node: --name is required (a short name for this node, e.g. --name a); it names the node's pool and appears in VM_NODE_UNAVAILABLE errors");
-  if (!/^[a-z0-9][a-z0-9-]{0,62}$/.test(raw)) throw invalidArgument(`--name must be 1-63 lowercase letters, digits and dashes, got ${JSON.stringify(raw)}`);
+  // It ends every preview token of the node, which must stay a DNS label (≤ 63 characters).
+  if (!/^[a-z0-9][a-z0-9-]{0,29}$/.test(raw)) throw invalidArgument(`--name must be 1-30 lowercase letters, digits and dashes, got ${JSON.stringify(raw)}`);
   return raw;
 }
 

@@ -10,7 +10,8 @@ import { TOKEN_ACTIONS } from "../server/auth.ts";
 import type { Registry, RunningServer, ServerInternals } from "../server/registry.ts";
 import { startServerWithHooks } from "../server/registry.ts";
 import type { VmDefinition } from "../server/definition.ts";
-import { NODE_POOL_PREFIX, type NodeOptions } from "./config.ts";
+import { NODE_ADDRESS_PREFIX, NODE_POOL_PREFIX, type NodeOptions } from "./config.ts";
+import { forwardPreview, NodeDirectory } from "./preview-forwarding.ts";
 import { loadRivetKit } from "./rivetkit.ts";
 import { TICKET_TTL_SECONDS, vmActorDefinition, type Location } from "./vm-actor-adapter.ts";
 
@@ -26,6 +27,7 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
   const rivet = await loadRivetKit();
   const pool = `${NODE_POOL_PREFIX}${options.name}`;
   await ensurePool(options, pool);
+  const directory = new NodeDirectory(options.engine, options.token);
   let internals: ServerInternals | undefined;
   const server = await startServerWithHooks(
     registry,
@@ -42,6 +44,8 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
         throw new AgentVmError("VM_MOVED", `node ${options.name} does not hold VM ${JSON.stringify(key)}; locate it through the engine (the client does this by itself)`);
       },
       ready: (value) => (internals = value),
+      previewOwner: options.name,
+      forwardPreview: (owner, request, response) => forwardPreview(directory, owner, request, response),
     },
   );
   const locate = (definition: string, key: string): Location => {
@@ -73,18 +77,28 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
   };
 }
 
-/** A pool must have a runner config before a runner joins it; PUT is idempotent. */
+/**
+ * A pool must have a runner config before a runner joins it; PUT is idempotent.
+ * A second, runner-less config carries this node's addresses for other nodes'
+ * preview gateways (src/cluster/preview-forwarding.ts).
+ */
 async function ensurePool(options: NodeOptions, pool: string): Promise<void> {
+  const addresses = { url: options.advertise, previewUrl: options.advertisePreview };
+  await putRunnerConfig(options, pool, { default: { normal: {} } });
+  await putRunnerConfig(options, `${NODE_ADDRESS_PREFIX}${options.name}`, { default: { normal: {}, metadata: { agentvm: addresses } } });
+}
+
+async function putRunnerConfig(options: NodeOptions, name: string, datacenters: Record<string, unknown>): Promise<void> {
   let response: Response;
   try {
-    response = await fetch(`${options.engine}/runner-configs/${encodeURIComponent(pool)}?namespace=default`, {
+    response = await fetch(`${options.engine}/runner-configs/${encodeURIComponent(name)}?namespace=default`, {
       method: "PUT",
       headers: { "content-type": "application/json", ...(options.token ? { authorization: `Bearer ${options.token}` } : {}) },
-      body: JSON.stringify({ datacenters: { default: { normal: {} } } }),
+      body: JSON.stringify({ datacenters }),
       signal: AbortSignal.timeout(10_000),
     });
   } catch (error) {
     throw new AgentVmError("CLUSTER_UNAVAILABLE", `cannot reach the engine at ${options.engine} (${(error as Error).message}); start it with \`agentvm engine\` and pass the URL it prints`, { cause: error });
   }
-  if (!response.ok) throw new AgentVmError("CLUSTER_UNAVAILABLE", `the engine at ${options.engine} refused pool ${pool}: ${response.status} ${(await response.text()).slice(0, 300)}`);
+  if (!response.ok) throw new AgentVmError("CLUSTER_UNAVAILABLE", `the engine at ${options.engine} refused runner config ${name}: ${response.status} ${(await response.text()).slice(0, 300)}`);
 }

@@ -51,8 +51,17 @@ export interface PreviewInfo {
   lastUsedAt: number | null;
 }
 
-/** What a gateway path or subdomain label must look like to be looked up at all. */
-export const TOKEN_PATTERN = /^[a-z2-7]{32}$/;
+/**
+ * What a gateway path or subdomain label must look like to be looked up at all:
+ * 32 random characters, and on a cluster node `-<node>`, the node that holds
+ * the VM, so any node's gateway knows where to send it (src/cluster/node.ts).
+ */
+export const TOKEN_PATTERN = /^[a-z2-7]{32}(?:-[a-z0-9][a-z0-9-]{0,29})?$/;
+
+/** The cluster node a token names, if any. */
+export function tokenOwner(token: string): string | undefined {
+  return TOKEN_PATTERN.test(token) && token.length > 33 ? token.slice(33) : undefined;
+}
 const TOKEN_BYTES = 20;
 const BASE32 = "abcdefghijklmnopqrstuvwxyz234567";
 const PREFIX_LENGTH = 6;
@@ -119,9 +128,15 @@ export class PreviewTokens {
   readonly #key: string;
   #origin: string | undefined;
 
-  /** `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known. */
-  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string }) {
+  readonly #owner: string | undefined;
+
+  /**
+   * `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known.
+   * `owner`: the cluster node's name, appended to every token.
+   */
+  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string; owner?: string }) {
     this.#store = store;
+    this.#owner = scope.owner;
     this.#config = config;
     this.#definition = scope.definition;
     this.#key = scope.key;
@@ -144,7 +159,7 @@ export class PreviewTokens {
         `createSignedPreviewUrl: this VM already has ${active} active preview URLs (preview.maxActiveTokens = ${this.#config.maxActiveTokens}); expire some with expireSignedPreviewUrl or expireAllPreviewUrls`,
       );
     }
-    const token = base32(randomBytes(TOKEN_BYTES));
+    const token = `${base32(randomBytes(TOKEN_BYTES))}${this.#owner === undefined ? "" : `-${this.#owner}`}`;
     const expiresAt = now + Math.round(ttl * 1000);
     this.#store.insert(hashToken(token), {
       tokenPrefix: token.slice(0, PREFIX_LENGTH),

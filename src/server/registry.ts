@@ -162,6 +162,10 @@ export interface ServerHooks {
   placement?(definition: string, key: string): void;
   /** Called once the server listens. */
   ready?(internals: ServerInternals): void;
+  /** Preview tokens carry this node name; tokens naming another node are passed to it by `forwardPreview`. */
+  previewOwner?: string;
+  /** Passes a preview request for another node's token to that node; false when it knows no such node. */
+  forwardPreview?(owner: string, request: IncomingMessage, response: ServerResponse): Promise<boolean>;
 }
 
 export interface ServerInternals {
@@ -268,7 +272,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       const id = `${definitionName}\u0000${key}`;
       let actor = actors.get(id);
       if (!actor) {
-        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewOrigin: previewUrl });
+        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewOrigin: previewUrl, ...(hooks.previewOwner !== undefined ? { previewOwner: hooks.previewOwner } : {}) });
         actors.set(id, actor);
       }
       return actor;
@@ -277,6 +281,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
 
   const gateway = new PreviewGateway({
     store: previews,
+    ...(hooks.forwardPreview && hooks.previewOwner !== undefined ? { elsewhere: { self: hooks.previewOwner, forward: hooks.forwardPreview } } : {}),
     ...(previewOptions.host !== undefined ? { previewHost: String(previewOptions.host) } : {}),
     ...(previewOptions.responseTimeoutMs !== undefined ? { responseTimeoutMs: Number(previewOptions.responseTimeoutMs) } : {}),
     ...(previewOptions.maxBodyBytes !== undefined ? { maxBodyBytes: Number(previewOptions.maxBodyBytes) } : {}),

@@ -73,8 +73,12 @@ export class VmActor {
   /** Where the server's preview listener answers; preview `url`s are built on it. */
   readonly #previewOrigin: string;
 
-  constructor(init: { definitionName: string; key: string; definition: VmDefinition; dataDir: string; store: SqliteStore; previews: PreviewStore; previewOrigin: string }) {
+  /** A cluster node's name, carried in its preview tokens. */
+  readonly #previewOwner: string | undefined;
+
+  constructor(init: { definitionName: string; key: string; definition: VmDefinition; dataDir: string; store: SqliteStore; previews: PreviewStore; previewOrigin: string; previewOwner?: string }) {
     this.#previews = init.previews;
+    this.#previewOwner = init.previewOwner;
     this.#previewOrigin = init.previewOrigin;
     this.definitionName = init.definitionName;
     this.key = init.key;
@@ -210,7 +214,7 @@ export class VmActor {
         ...(this.#definition.limits ? { limits: this.#definition.limits } : {}),
         ...(this.#definition.hosts ? { hosts: this.#definition.hosts } : {}),
       },
-      { previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, origin: this.#previewOrigin }) },
+      { previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, origin: this.#previewOrigin, ...(this.#previewOwner !== undefined ? { owner: this.#previewOwner } : {}) }) },
     );
     vm.on("processOutput", (event) => {
       for (const listener of this.#listeners) listener.processOutput(event);
