@@ -31,11 +31,16 @@ const ENGINE_CALL_ATTEMPTS = 3;
 /** Locate again this long before a ticket expires. */
 const TICKET_MARGIN_MS = 30_000;
 
+/** What a node's `locate` action answers (src/cluster/vm-actor-adapter.ts). */
 export interface Location {
   node: string;
+  /** The node's API, where the client sends actions and streams for this VM. */
   url: string;
+  /** The node's preview origin. */
   previewUrl: string;
+  /** A token for this VM only, signed by the node; null when the node's API is open (loopback, no API key). */
   ticket: string | null;
+  /** Epoch ms: locate again before then. */
   expiresAt: number;
 }
 

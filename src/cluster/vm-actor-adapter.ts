@@ -18,20 +18,13 @@ import { AgentVmError } from "../errors.ts";
 import type { ServerInternals } from "../server/registry.ts";
 import type { VmActor } from "../server/vm-actor.ts";
 import type { RivetKit } from "./rivetkit.ts";
+import type { Location } from "../client/cluster-locator.ts";
+
+export type { Location };
 
 /** How long a locate ticket lasts; the client locates again when it expires. */
 export const TICKET_TTL_SECONDS = 300;
 
-export interface Location {
-  node: string;
-  /** The node's API, where the client sends actions and streams for this VM. */
-  url: string;
-  /** The node's preview origin. */
-  previewUrl: string;
-  /** A token for this VM only, signed by the node; undefined when the node's API is open (loopback, no API key). */
-  ticket: string | null;
-  expiresAt: number;
-}
 
 interface ActorContext {
   key: readonly string[];
