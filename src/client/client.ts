@@ -90,7 +90,8 @@ class Transport {
         throw new AgentVmError("SERVER_UNREACHABLE", `cannot reach the agentvm server at ${this.base}: ${cause?.code ?? cause?.message ?? (error as Error).message}`, { cause: error });
       }
       if (body.runtime !== "engine") return undefined;
-      const authorization = this.#authorization ? { authorization: this.#authorization } : {};
+      // The engine's API reads Authorization; its gateway (the locate call) reads x-rivet-token.
+      const authorization = this.#authorization ? { authorization: this.#authorization, "x-rivet-token": this.#authorization.slice("Bearer ".length) } : {};
       return new ClusterLocator(this.base, (url, init) => this.#fetch(url, { ...init, headers: { ...this.#headers, ...(init.headers as Record<string, string>), ...authorization } }));
     })();
     return this.#locator;
