@@ -24,7 +24,7 @@ const NODE_POOL_PREFIX = "agentvm.";
 /** A runner whose last ping is older than this is taken for gone (the engine's envoy_lost_threshold is 5 s). */
 const STALE_PING_MS = 8_000;
 /** How long a locate through the engine may take (a node that just came back may first wait for its reschedule). */
-const LOCATE_TIMEOUT_MS = 20_000;
+const LOCATE_TIMEOUT_MS = 10_000;
 /** The engine's API answers in milliseconds, but can stall for seconds while it handles a lost node. */
 const ENGINE_CALL_TIMEOUT_MS = 5_000;
 const ENGINE_CALL_ATTEMPTS = 3;
