@@ -30,8 +30,9 @@ export interface ServerProcess {
   stop(): Promise<void>;
 }
 
-export async function startServerProcess(dataDir: string, config: AgentOsConfig = {}): Promise<ServerProcess> {
-  const child = spawn(PINNED_NODE, ["--conditions=agentvm-source", CHILD_SCRIPT, dataDir, JSON.stringify(config)], {
+/** `startOptions`: what registry.start() takes beyond port and dataDir (JSON only, e.g. auth). */
+export async function startServerProcess(dataDir: string, config: AgentOsConfig = {}, startOptions: Record<string, unknown> = {}): Promise<ServerProcess> {
+  const child = spawn(PINNED_NODE, ["--conditions=agentvm-source", CHILD_SCRIPT, dataDir, JSON.stringify(config), JSON.stringify(startOptions)], {
     stdio: ["pipe", "pipe", "inherit"],
   });
   const url = await readUrl(child);

@@ -23,6 +23,7 @@ export const VM_ACTIONS = [
   "closeProcessStdin",
   "listeningPorts",
   "usage",
+  "setLifecycle",
   "createSignedPreviewUrl",
   "expireSignedPreviewUrl",
   "listPreviewUrls",

@@ -68,6 +68,12 @@ export const AGENTVM_CODES = [
   "MALFORMED_REQUEST",
   /** A request body is larger than the server accepts. */
   "PAYLOAD_TOO_LARGE",
+  /** A request's headers are larger than the server accepts (limits.maxHeaderBytes). */
+  "HEADERS_TOO_LARGE",
+  /** A client address has limits.maxConnectionsPerClient connections open already. */
+  "TOO_MANY_CONNECTIONS",
+  /** A definition has limits.maxVmsPerDefinition VMs; destroy some before a new key can start one. */
+  "TOO_MANY_VMS",
   /** The request carries no valid API key or token (missing, unknown, revoked, expired or badly signed). */
   "UNAUTHENTICATED",
   /** The request's token does not cover this VM or action, or the route needs an API key. */
@@ -100,6 +106,10 @@ export const AGENTVM_CODES = [
   "VM_NODE_UNAVAILABLE",
   /** This node does not hold the VM (it was placed on another node): locate it again through the engine. */
   "VM_MOVED",
+  /** A write found the VM's disk full (ENOSPC, or its disk cap); nothing was left half-written. */
+  "VM_DISK_FULL",
+  /** A download's Range header names no bytes of the file. */
+  "RANGE_NOT_SATISFIABLE",
   /** Something that should not happen; the message says what. */
   "INTERNAL",
 ] as const;

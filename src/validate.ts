@@ -44,6 +44,12 @@ export function expectObject(name: string, value: unknown): Record<string, unkno
 
 /** Rejects keys a caller probably misspelt, naming them and the keys that exist. */
 export function expectKnownKeys(name: string, value: Record<string, unknown>, known: readonly string[]): void {
+  // An object whose prototype is not a plain object's (`{"__proto__": {…}}` assigned
+  // somewhere) would hand its prototype's keys to every `options.x` read.
+  const prototype: unknown = Object.getPrototypeOf(value);
+  if (prototype !== Object.prototype && prototype !== null) {
+    throw invalidArgument(`${name} must be a plain object (its prototype was replaced, e.g. by a "__proto__" key)`);
+  }
   for (const key of Object.keys(value)) {
     if (!known.includes(key)) {
       throw invalidArgument(`${name}.${key} is not a known option; expected one of: ${known.join(", ")}`);

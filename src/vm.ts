@@ -9,12 +9,16 @@ import { mkdir, writeFile } from "node:fs/promises";
 import { createServer as createHttpServer, type ClientRequest, type OutgoingHttpHeaders } from "node:http";
 import { isIP, type Socket } from "node:net";
 import { basename, join, resolve } from "node:path";
-import type { Readable } from "node:stream";
+import { Readable, Writable } from "node:stream";
 import { fileURLToPath } from "node:url";
 import { AgentVmError, invalidArgument } from "./errors.ts";
 import { ensureImage, type VmImage } from "./image/index.ts";
 import { parseSoftware, type SoftwareEntry } from "./image/software.ts";
-import { VmFilesystem, type VmStat } from "./sandbox/filesystem.ts";
+import { normaliseGuestPath, VmFilesystem, type VmStat, type WriteOptions } from "./sandbox/filesystem.ts";
+import { extractInto, packDirectory, type TarExtractResult } from "./sandbox/vm-tar.ts";
+import { WatchStream, type VmWatch, type WatchOptions } from "./watch-stream.ts";
+import { beginRun, endRun } from "./sandbox/interrupted-writes.ts";
+import { DenialLog } from "./net/denial-log.ts";
 import { autoRange, listenDenials, parseListenPolicy, type ListenConfig, type ListenPolicy } from "./policy/listen-policy.ts";
 import { Egress, type Denial } from "./net/egress.ts";
 import { parseNetworkPolicy, type NetworkPermission, type NetworkPolicy } from "./policy/network-policy.ts";
@@ -86,6 +90,38 @@ export interface CreateVmOptions {
 /** Wiring a server passes to createVm (not for embedders). */
 export interface VmHostServices {
   previews?: PreviewTokens;
+  /** Where spawn's restartOnWake processes are recorded; only a registry server's VMs sleep and wake. */
+  wakeProcesses?: WakeProcessRecords;
+  /** Keeps the VM's own lifecycle bounds (setLifecycle); only a registry server's VMs have a lifecycle. */
+  lifecycle?: { set(bounds: { maxLifetimeSeconds?: number | null; idleTimeoutSeconds?: number | null }): VmLifecycle };
+}
+
+/** A VM's lifecycle bounds in force: its own (setLifecycle), else its definition's; null for none. */
+export interface VmLifecycle {
+  maxLifetimeSeconds: number | null;
+  idleTimeoutSeconds: number | null;
+  /** When the VM will be destroyed (epoch ms), or null. */
+  expiresAt: number | null;
+}
+
+/** The longest bound setLifecycle takes (ten years), as agentOS({ lifecycle }) does. */
+const MAX_LIFECYCLE_SECONDS = 10 * 365 * 86_400;
+
+/** The durable list of a VM's restart-on-wake processes (SQLite on a server). */
+export interface WakeProcessRecords {
+  add(process: { command: string; args: string[]; cwd?: string; env?: Record<string, string> }): number;
+  remove(id: number): void;
+}
+
+export interface SpawnOptions {
+  cwd?: string;
+  env?: Record<string, string>;
+  /**
+   * Start this process again whenever the VM wakes after a sleep (a dev server
+   * its previews show), until it is killed with killProcess. Only on a VM served
+   * by a registry (an embedded VM does not sleep).
+   */
+  restartOnWake?: boolean;
 }
 
 export interface ProcessOutputEvent {
@@ -122,6 +158,19 @@ export interface ExecResult {
   exitCode: number;
   stdout: string;
   stderr: string;
+}
+
+/** A file opened for a streamed read (openReadStream). */
+export interface FileReadStream {
+  /** The bytes from `start` to `end`; destroy it to stop early (the file is closed either way). */
+  stream: Readable;
+  /** The whole file's size in bytes. */
+  size: number;
+  /** Permission bits. */
+  mode: number;
+  /** First and last byte offsets streamed (end is -1 for an empty file). */
+  start: number;
+  end: number;
 }
 
 export interface VmEvents {
@@ -188,11 +237,15 @@ export class Vm extends EventEmitter<VmEvents> {
   readonly #egress: EgressBroker;
   readonly #denials: Denial[] = [];
   #denialCount = 0;
+  readonly #denialLog: DenialLog;
   readonly #dataDir: string;
+  readonly #vmDir: string;
   readonly #previewConfig: ResolvedPreviewConfig;
   #previews: PreviewTokens | undefined;
   /** Opened here only for an embedded VM's previews; a server passes its own. */
   #ownStore: SqliteStore | undefined;
+  /** One PreviewStore for the tokens and the gateway: it caches lookups, so a revocation must go through the one the gateway reads. */
+  #ownPreviewStore: PreviewStore | undefined;
   readonly #servedByRegistry: boolean;
   readonly #previewServers = new Set<() => Promise<void>>();
   /** Each running servePreviews() server's origin, in start order. */
@@ -202,7 +255,12 @@ export class Vm extends EventEmitter<VmEvents> {
   #cgroup: VmCgroup | undefined;
   /** Connections handed out of the VM that are still open (vmFetch, previews). */
   #openConnections = 0;
+  readonly #watches = new Set<WatchStream>();
   #disposed = false;
+  readonly #wakeProcesses: WakeProcessRecords | undefined;
+  readonly #lifecycle: VmHostServices["lifecycle"];
+  /** pid → its restart-on-wake record. */
+  readonly #wakeProcessIds = new Map<number, number>();
 
   /** Use createVm(); the constructor expects validated options and a prepared root. */
   constructor(init: {
@@ -224,9 +282,13 @@ export class Vm extends EventEmitter<VmEvents> {
     this.name = init.name;
     this.root = join(init.vmDir, "root");
     this.#dataDir = init.dataDir;
+    this.#vmDir = init.vmDir;
+    this.#denialLog = new DenialLog(init.name);
     this.#previewConfig = init.preview;
     this.#previews = init.services.previews;
     this.#servedByRegistry = init.services.previews !== undefined;
+    this.#wakeProcesses = init.services.wakeProcesses;
+    this.#lifecycle = init.services.lifecycle;
     this.listenPolicy = init.listen;
     this.#fs = new VmFilesystem(this.root, { readOnly: READ_ONLY, mounts: imageMounts(init.image, init.vmDir) });
     this.#egress = new EgressBroker(
@@ -243,7 +305,7 @@ export class Vm extends EventEmitter<VmEvents> {
       // npm 12 holds back install scripts on a workstation; in a VM the sandbox is the
       // boundary, and `npm install` runs them as users of E2B or Daytona expect.
       NPM_CONFIG_DANGEROUSLY_ALLOW_ALL_SCRIPTS: "true",
-      NODE_OPTIONS: `--require ${INIT_DIR}/node-preload.js --max-old-space-size=${init.limits.memoryMb}`,
+      NODE_OPTIONS: `--require ${INIT_DIR}/node-preload.cjs --max-old-space-size=${init.limits.memoryMb}`,
       ...EGRESS_ENV,
     };
     const root = this.root;
@@ -298,9 +360,86 @@ export class Vm extends EventEmitter<VmEvents> {
 
   // Files. Methods that return a promise are async so that every failure, VM_DISPOSED
   // and bad arguments included, is a rejection rather than a synchronous throw.
-  async writeFile(path: string, content: string | Uint8Array): Promise<void> {
+  /** Writes a whole file; `mode` sets its permission bits (default 0644), `append` adds to what it holds. */
+  async writeFile(path: string, content: string | Uint8Array, options?: WriteOptions): Promise<void> {
     this.#alive();
-    return this.#fs.writeFile(path, toBytes("content", content));
+    return this.#fs.writeFile(path, toBytes("content", content), writeOptions(options));
+  }
+  /**
+   * Streams a file out; `start`/`end` are inclusive byte offsets. Fails with
+   * RANGE_NOT_SATISFIABLE when `start` is at or past the end of a non-empty file.
+   */
+  async openReadStream(path: string, options: { start?: number; end?: number } = {}): Promise<FileReadStream> {
+    this.#alive();
+    const opts = expectObject("options", options ?? {});
+    expectKnownKeys("options", opts, ["start", "end"]);
+    const from = opts.start === undefined ? 0 : expectInteger("options.start", opts.start, 0, Number.MAX_SAFE_INTEGER);
+    const to = opts.end === undefined ? undefined : expectInteger("options.end", opts.end, 0, Number.MAX_SAFE_INTEGER);
+    const { handle, size, mode } = await this.#fs.openRead(path);
+    const end = Math.min(to ?? size - 1, size - 1);
+    if (size === 0 || end < from) {
+      await handle.close();
+      if (size > 0 || from > 0) {
+        throw new AgentVmError("RANGE_NOT_SATISFIABLE", `openReadStream ${path}: bytes ${from}-${to ?? ""} are not in the file (it has ${size} bytes)`);
+      }
+      return { stream: Readable.from([]), size, mode, start: 0, end: -1 };
+    }
+    return { stream: handle.createReadStream({ start: from, end, highWaterMark: 256 * 1024 }), size, mode, start: from, end };
+  }
+  /**
+   * A file as a writable stream. Nothing appears under `path` until the stream
+   * finishes (end()); destroying it leaves no trace (an append is cut back).
+   */
+  async openWriteStream(path: string, options?: WriteOptions): Promise<Writable> {
+    this.#alive();
+    const writer = await this.#fs.openWrite(path, writeOptions(options));
+    return new Writable({
+      highWaterMark: 256 * 1024,
+      write(chunk: Buffer, _encoding, callback) {
+        writer.write(chunk).then(() => callback(), callback);
+      },
+      final(callback) {
+        writer.commit().then(() => callback(), callback);
+      },
+      destroy(error, callback) {
+        writer.abort().then(() => callback(error));
+      },
+    });
+  }
+  /** A directory as a tar stream: modes, symlinks (as links), files; see sandbox/vm-tar.ts. */
+  async readTar(dir: string): Promise<Readable> {
+    this.#alive();
+    return packDirectory(this.#fs, dir);
+  }
+  /** Extracts a tar stream into a directory, confined to it; see sandbox/vm-tar.ts. */
+  async writeTar(dir: string, archive: AsyncIterable<Uint8Array>): Promise<TarExtractResult> {
+    this.#alive();
+    if (archive === null || typeof archive !== "object" || typeof (archive as AsyncIterable<Uint8Array>)[Symbol.asyncIterator] !== "function") {
+      throw invalidArgument(`writeTar: archive must be a stream of bytes (a Readable or an async iterable), got ${describe(archive)}`);
+    }
+    return extractInto(this.#fs, dir, archive);
+  }
+  /**
+   * Watches a path from inside the VM (inotify): create, modify, delete and
+   * rename events with guest paths, coalesced per path over 50 ms. Resolves once
+   * the watch is in place; ENOENT when the path does not exist.
+   */
+  async watch(path: string, options: WatchOptions = {}): Promise<VmWatch> {
+    this.#alive();
+    const guest = normaliseGuestPath("path", path);
+    const opts = expectObject("options", options ?? {});
+    expectKnownKeys("options", opts, ["recursive", "onEvent"]);
+    if (opts.recursive !== undefined && typeof opts.recursive !== "boolean") throw invalidArgument(`watch: options.recursive must be a boolean, got ${describe(opts.recursive)}`);
+    if (opts.onEvent !== undefined && typeof opts.onEvent !== "function") throw invalidArgument(`watch: options.onEvent must be a function, got ${describe(opts.onEvent)}`);
+    const sandbox = await this.#processes.ensureSandbox();
+    let unwatch: (() => void) | undefined;
+    const watch = new WatchStream(guest, opts.onEvent as WatchOptions["onEvent"], () => {
+      this.#watches.delete(watch);
+      unwatch?.();
+    });
+    unwatch = await sandbox.watch(guest, opts.recursive === true, { events: (batch) => watch.push(batch), ended: (error) => watch.end(error) });
+    this.#watches.add(watch);
+    return watch;
   }
   async readFile(path: string): Promise<Uint8Array> {
     this.#alive();
@@ -336,9 +475,60 @@ export class Vm extends EventEmitter<VmEvents> {
   }
 
   // Processes.
-  async spawn(command: string, args: string[] = [], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<{ pid: number }> {
+  async spawn(command: string, args: string[] = [], options: SpawnOptions = {}): Promise<{ pid: number }> {
     this.#alive();
-    return this.#processes.spawn(command, args, options);
+    const opts = expectObject("options", options ?? {});
+    const { restartOnWake, ...spawnOptions } = opts;
+    if (restartOnWake === undefined || restartOnWake === false) return this.#processes.spawn(command, args, spawnOptions);
+    if (restartOnWake !== true) throw invalidArgument(`spawn: options.restartOnWake must be a boolean, got ${describe(restartOnWake)}`);
+    const records = this.#wakeProcesses;
+    if (!records) throw invalidArgument("spawn: restartOnWake needs a VM served by a registry server (an embedded VM never sleeps, so there is no wake to restart on)");
+    const { pid } = await this.#processes.spawn(command, args, spawnOptions);
+    // Recorded once it started: a command that cannot start is not retried on every wake.
+    const id = records.add({
+      command,
+      args,
+      ...(spawnOptions.cwd !== undefined ? { cwd: spawnOptions.cwd as string } : {}),
+      ...(spawnOptions.env !== undefined ? { env: spawnOptions.env as Record<string, string> } : {}),
+    });
+    this.#wakeProcessIds.set(pid, id);
+    return { pid };
+  }
+
+  /**
+   * Sets this VM's own lifecycle bounds, in place of its definition's: a number of
+   * seconds, or null to go back to the definition's (a key left out keeps its current
+   * value). maxLifetimeSeconds counts from the VM's creation; a VM already past it is
+   * destroyed. Returns the bounds now in force. Only on a VM served by a registry.
+   */
+  async setLifecycle(options: { maxLifetimeSeconds?: number | null; idleTimeoutSeconds?: number | null }): Promise<VmLifecycle> {
+    this.#alive();
+    const opts = expectObject("setLifecycle options", options);
+    expectKnownKeys("setLifecycle options", opts, ["maxLifetimeSeconds", "idleTimeoutSeconds"]);
+    const bound = (name: string): number | null | undefined => {
+      const value = opts[name];
+      if (value === undefined || value === null) return value;
+      if (typeof value !== "number" || !Number.isFinite(value) || value <= 0 || value > MAX_LIFECYCLE_SECONDS) {
+        throw invalidArgument(`setLifecycle: ${name} must be a number of seconds > 0 and at most ${MAX_LIFECYCLE_SECONDS}, or null for the definition's, got ${describe(value)}`);
+      }
+      return value;
+    };
+    const maxLifetimeSeconds = bound("maxLifetimeSeconds");
+    const idleTimeoutSeconds = bound("idleTimeoutSeconds");
+    const lifecycle = this.#lifecycle;
+    if (!lifecycle) throw invalidArgument("setLifecycle: only a VM served by a registry server has a lifecycle (an embedded VM lives until dispose())");
+    return lifecycle.set({
+      ...(maxLifetimeSeconds !== undefined ? { maxLifetimeSeconds } : {}),
+      ...(idleTimeoutSeconds !== undefined ? { idleTimeoutSeconds } : {}),
+    });
+  }
+
+  /** Starts a recorded restart-on-wake process again (the server calls this as the VM wakes). */
+  async resumeWakeProcess(process: { id: number; command: string; args: string[]; cwd?: string; env?: Record<string, string> }): Promise<{ pid: number }> {
+    this.#alive();
+    const { pid } = await this.#processes.spawn(process.command, process.args, { ...(process.cwd ? { cwd: process.cwd } : {}), ...(process.env ? { env: process.env } : {}) });
+    this.#wakeProcessIds.set(pid, process.id);
+    return { pid };
   }
   /** Runs a program to completion and returns its exit code and output. */
   /**
@@ -393,7 +583,13 @@ export class Vm extends EventEmitter<VmEvents> {
   }
   async killProcess(pid: number, signal?: string | number): Promise<void> {
     this.#alive();
-    return this.#processes.kill(pid, signal);
+    // Signalled through the API (whatever the signal): it is not restarted on the next wake.
+    const wakeId = this.#wakeProcessIds.get(pid);
+    if (wakeId !== undefined) {
+      this.#wakeProcessIds.delete(pid);
+      this.#wakeProcesses?.remove(wakeId);
+    }
+    await this.#processes.kill(pid, signal);
   }
   /** Processes started through the API (exited ones too) and every other process running in the VM. */
   async listProcesses(): Promise<ProcessInfo[]> {
@@ -514,7 +710,7 @@ export class Vm extends EventEmitter<VmEvents> {
     const host = options.host === undefined ? "127.0.0.1" : expectString("options.host", options.host, { nonEmpty: true });
     this.#previewTokens();
     const gateway = new PreviewGateway({
-      store: new PreviewStore(this.#ownStore!),
+      store: this.#ownPreviewStore!,
       ...(options.previewHost !== undefined ? { previewHost: expectString("options.previewHost", options.previewHost, { nonEmpty: true }) } : {}),
       owns: (row) => row.definition === "" && row.key === this.name,
       acquire: async () => ({ vm: this, release() {} }),
@@ -554,17 +750,21 @@ export class Vm extends EventEmitter<VmEvents> {
   async dispose(): Promise<void> {
     if (this.#disposed) return;
     this.#disposed = true;
+    for (const watch of [...this.#watches]) watch.end(new AgentVmError("VM_DISPOSED", `the watch on ${watch.path} ended: VM ${this.name} was disposed (or went to sleep)`));
     this.#fetcher.close();
     await this.#processes.dispose();
     await Promise.all([...this.#previewServers].map((close) => close()));
     this.#ownStore?.close();
     this.removeAllListeners();
+    this.#denialLog.flush();
+    await endRun(this.#vmDir).catch(() => undefined);
   }
 
   #previewTokens(): PreviewTokens {
     if (!this.#previews) {
       this.#ownStore = new SqliteStore(this.#dataDir);
-      this.#previews = new PreviewTokens(new PreviewStore(this.#ownStore), this.#previewConfig, { definition: "", key: this.name });
+      this.#ownPreviewStore = new PreviewStore(this.#ownStore);
+      this.#previews = new PreviewTokens(this.#ownPreviewStore, this.#previewConfig, { definition: "", key: this.name });
     }
     return this.#previews;
   }
@@ -583,8 +783,8 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#denialCount++;
     this.#denials.push(denial);
     if (this.#denials.length > RECENT_DENIALS) this.#denials.shift();
-    // One structured line per denial, for whoever collects the server's logs.
-    console.warn(`agentvm network denied ${JSON.stringify(denial)}`);
+    // A structured line per denial for whoever collects the server's logs, rate-limited per VM.
+    this.#denialLog.report(denial);
   }
 
   async #connect(port: number): Promise<Socket> {
@@ -599,6 +799,12 @@ export class Vm extends EventEmitter<VmEvents> {
   #alive(): void {
     if (this.#disposed) throw new AgentVmError("VM_DISPOSED", `VM ${this.name} was disposed; create a new one with createVm()`);
   }
+}
+
+function writeOptions(options: unknown): WriteOptions | undefined {
+  if (options === undefined) return undefined;
+  expectKnownKeys("options", expectObject("options", options), ["mode", "append"]);
+  return options as WriteOptions;
 }
 
 export async function createVm(options: CreateVmOptions, services: VmHostServices = {}): Promise<Vm> {
@@ -625,6 +831,7 @@ export async function createVm(options: CreateVmOptions, services: VmHostService
   const [bwrap, image] = await Promise.all([findBubblewrap(), ensureImage({ software, ...(nodeOverride !== undefined ? { node: nodeOverride } : {}) })]);
   const vmDir = join(dataDir, "vms", vmDirectoryName(name));
   await prepareVmDirectory(vmDir);
+  await beginRun(vmDir, join(vmDir, "root"));
   return new Vm({ name, vmDir, dataDir, listen, network, hosts, limits, preview, bwrap, image, services });
 }
 
@@ -661,10 +868,10 @@ export function parseLimits(value: unknown): Required<VmLimits> {
   return out;
 }
 
-/** What the Node preload reads at /run/agentvm-guest.json (see init/node-preload.ts). */
+/** What the Node preload reads at /run/agentvm-guest.json (see init/node-preload.cts). */
 async function writeGuestConfig(vmDir: string, listen: ListenPolicy, network: NetworkPolicy): Promise<string> {
   const file = join(vmDir, "etc/agentvm-guest.json");
-  await writeFile(file, JSON.stringify({ listenDenials: listenDenials(listen, network), autoRange: autoRange(listen) }));
+  await writeFile(file, JSON.stringify({ servicePort: EGRESS_PORTS.node, listenDenials: listenDenials(listen, network), autoRange: autoRange(listen) }));
   return file;
 }
 

@@ -53,13 +53,21 @@ function hasBytes(value: unknown): boolean {
   return false;
 }
 
+/**
+ * Sets an own property, even one named "__proto__": assignment would make that
+ * key the object's prototype, and it would slip past known-key checks unseen.
+ */
+function defineOwn(target: Record<string, unknown>, key: string, value: unknown): void {
+  Object.defineProperty(target, key, { value, enumerable: true, writable: true, configurable: true });
+}
+
 function replaceBytes(value: unknown, onBytes: (bytes: Uint8Array) => Json): Json {
   if (isBytes(value)) return onBytes(value);
   if (value instanceof ArrayBuffer) return onBytes(new Uint8Array(value));
   if (Array.isArray(value)) return value.map((item) => replaceBytes(item, onBytes));
   if (value && typeof value === "object") {
     const out: Record<string, Json> = {};
-    for (const [key, item] of Object.entries(value)) if (item !== undefined) out[key] = replaceBytes(item, onBytes);
+    for (const [key, item] of Object.entries(value)) if (item !== undefined) defineOwn(out, key, replaceBytes(item, onBytes));
     return out;
   }
   // JSON has no NaN or ±Infinity (JSON.stringify writes null), so they travel
@@ -68,8 +76,12 @@ function replaceBytes(value: unknown, onBytes: (bytes: Uint8Array) => Json): Jso
   return value === undefined ? null : (value as Json);
 }
 
-function restoreBytes(value: unknown, fromRef: (ref: { $bytes?: unknown; $base64?: unknown }) => Uint8Array | undefined): unknown {
-  if (Array.isArray(value)) return value.map((item) => restoreBytes(item, fromRef));
+/** Deepest nesting a decoded value may have: no argument needs more, and recursion must stay far from the stack's end. */
+export const MAX_VALUE_DEPTH = 64;
+
+function restoreBytes(value: unknown, fromRef: (ref: { $bytes?: unknown; $base64?: unknown }) => Uint8Array | undefined, depth = 0): unknown {
+  if (depth > MAX_VALUE_DEPTH && value !== null && typeof value === "object") throw new WireFormatError(`the value is nested more than ${MAX_VALUE_DEPTH} levels deep`);
+  if (Array.isArray(value)) return value.map((item) => restoreBytes(item, fromRef, depth + 1));
   if (value && typeof value === "object") {
     const keys = Object.keys(value);
     const tagged = (value as { $number?: unknown }).$number;
@@ -79,7 +91,7 @@ function restoreBytes(value: unknown, fromRef: (ref: { $bytes?: unknown; $base64
       if (bytes) return bytes;
     }
     const out: Record<string, unknown> = {};
-    for (const [key, item] of Object.entries(value)) out[key] = restoreBytes(item, fromRef);
+    for (const [key, item] of Object.entries(value)) defineOwn(out, key, restoreBytes(item, fromRef, depth + 1));
     return out;
   }
   return value;

@@ -3,7 +3,7 @@
  * Keep this file small and stable; several test files import it.
  */
 import { after } from "node:test";
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -200,4 +200,18 @@ export function sandboxRoots(vmRoot?: string): number[] {
 export function sandboxProcessTree(vmRoot?: string, exclude = process.pid): number[] {
   const roots = new Set(sandboxRoots(vmRoot));
   return processTree((_cmdline, pid) => roots.has(pid), exclude);
+}
+
+/** Host paths of the files process `pid` has open under `dir` (read from /proc). */
+export function openFilesUnder(pid: number, dir: string): string[] {
+  const open: string[] = [];
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      const target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+      if (target.startsWith(dir)) open.push(target);
+    } catch {
+      // closed while we looked
+    }
+  }
+  return open;
 }

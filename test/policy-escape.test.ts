@@ -16,6 +16,7 @@
  */
 import { before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { DENIAL_LOG_BURST } from "../src/net/denial-log.ts";
 import dgram from "node:dgram";
 import net from "node:net";
 import os from "node:os";
@@ -313,10 +314,13 @@ describe('escape routes under permissions.network: "allow"', () => {
       const message = outcomes[i]!.message ?? "";
       assert.match(message, /egress floor|reachable only on ports a rule names|no rule names host\.agentvm\.internal/, `${route.label}: ${message}`);
     });
-    // Every refusal was audited for this VM.
+    // Every refusal was audited for this VM; the log has the first DENIAL_LOG_BURST of each 10 s in full
+    // (the rest are counted in one line when the window ends).
+    const refused = list.filter((route) => route.expect === "EACCES").length;
+    const { count } = vm.networkDenials();
+    assert.ok(count >= refused, `${count} denials recorded for ${refused} refused routes`);
     const lines = denialLinesFor("policy-escape");
-    assert.ok(lines.length >= list.filter((route) => route.expect === "EACCES").length, `${lines.length} audit lines`);
-    assert.equal(vm.networkDenials().count, lines.length);
+    assert.ok(lines.length >= Math.min(count, DENIAL_LOG_BURST) && lines.length <= count, `${lines.length} audit lines for ${count} denials`);
   });
 
   test("native programs: namespaces, mounts, raw and netlink sockets, direct TCP — every one refused, zero arrivals", async () => {

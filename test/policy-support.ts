@@ -62,11 +62,15 @@ after(() => {
 
 /** Every `agentvm network denied {…}` line written with console.warn, parsed. */
 export const denialLines: Record<string, unknown>[] = [];
+/** Every `agentvm network denials {…}` line: the count of denials past the per-VM burst (rate-limited). */
+export const denialSummaries: { vm: string; more: number }[] = [];
 const realWarn = console.warn;
 console.warn = (...args: unknown[]) => {
   const line = args.map(String).join(" ");
   const match = /^agentvm network denied (\{.*\})$/.exec(line);
+  const summary = /^agentvm network denials (\{.*\})$/.exec(line);
   if (match) denialLines.push(JSON.parse(match[1]!) as Record<string, unknown>);
+  else if (summary) denialSummaries.push(JSON.parse(summary[1]!) as { vm: string; more: number });
   else realWarn(...args);
 };
 after(() => {

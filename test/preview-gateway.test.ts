@@ -380,6 +380,24 @@ describe("refusals", () => {
     }
   });
 
+  test("a token that has served requests stops at once when revoked: by token, by prefix, or all of a port", async () => {
+    const byToken = await preview();
+    const byPrefix = await preview();
+    const byPort = await preview();
+    const served = async (path: string) => (await rawRequest(server.previewPort, { path })).status;
+    for (const token of [byToken, byPrefix, byPort]) assert.equal(await served(token.path), 200);
+    assert.equal(await vm.expireSignedPreviewUrl(byToken.token), true);
+    assert.equal(await served(byToken.path), 403);
+    assert.equal(await vm.expireSignedPreviewUrl(byPrefix.token.slice(0, 6)), true);
+    assert.equal(await served(byPrefix.path), 403);
+    assert.equal(await served(byPort.path), 200);
+    await vm.expireAllPreviewUrls(PORT);
+    assert.equal(await served(byPort.path), 403);
+    assert.equal(await served(main.path), 403);
+    // main is used by other tests in this file: give it back.
+    main = await preview();
+  });
+
   test("nothing listening on the port is a 502 page that says so, with CORS", async () => {
     const idle = await preview(3999);
     const response = await fetch(`${server.previewUrl}${idle.path}some/page`);

@@ -9,6 +9,8 @@
 import { isVmAction } from "../actions.ts";
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, fromBase64 } from "../wire.ts";
+import { readServerEvents } from "./server-events.ts";
+import { fileTransfers } from "./file-transfer.ts";
 import type { AgentVmClient, ClientFetchInit, ClientOptions, DestroyResult, VmConnection, VmConnectionEvents, VmHandle, VmSummary } from "./types.ts";
 import { ClusterLocator, nodeUnavailable, type Location } from "./cluster-locator.ts";
 
@@ -54,7 +56,7 @@ export function canonicalKey(key: unknown): string {
   return canonical;
 }
 
-class Transport {
+export class Transport {
   readonly base: string;
   readonly #headers: Record<string, string>;
   readonly #authorization: string | undefined;
@@ -155,6 +157,9 @@ async function errorFrom(response: Response): Promise<AgentVmError> {
   }
 }
 
+/** A request to one of a VM's routes; `route` is relative to /api/{definition}/{key}. */
+export type VmRequest = (route: string, init: RequestInit & { duplex?: "half" }) => Promise<Response>;
+
 /** Where a VM's requests go: the server, or in a cluster the node that holds the VM (with its ticket). */
 interface Target {
   prefix: string;
@@ -249,6 +254,10 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
 
   const special = {
     key,
+    // A streamed upload cannot be sent twice, so only bodies held in memory are retried after VM_MOVED.
+    ...fileTransfers((route, init) =>
+      send((to) => transport.request(`${to.prefix}${route}`, init, "authorization", to.authorization), !(init.body instanceof ReadableStream)),
+    ),
     async vmFetch(port: number, path: string, init?: ClientFetchInit) {
       const response = await fetchFromVm(port, path, init);
       let body: Uint8Array;
@@ -337,26 +346,7 @@ function openConnection(open: (signal: AbortSignal) => Promise<Response>, url: s
   let disposed = false;
   const done = (async () => {
     const response = await open(controller.signal);
-    const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done: finished } = await reader.read();
-      if (finished) throw new AgentVmError("ECONNRESET", `the server ended the event connection ${url}`);
-      buffer += value;
-      let end: number;
-      while ((end = buffer.indexOf("\n\n")) !== -1) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        if (block.startsWith(": connected")) resolveReady();
-        let event = "message";
-        let data = "";
-        for (const line of block.split("\n")) {
-          if (line.startsWith("event: ")) event = line.slice(7);
-          else if (line.startsWith("data: ")) data += line.slice(6);
-        }
-        if (data) dispatch(event, data);
-      }
-    }
+    await readServerEvents(response.body!, url, { connected: resolveReady, event: dispatch });
   })();
   // Settles when the connection ends: resolves after dispose(), rejects when the server or network ended it.
   const closed = done.then(

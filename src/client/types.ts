@@ -10,6 +10,9 @@ import type { ProcessExitEvent, ProcessOutputEvent, Vm } from "../vm.ts";
 import type { VmFetchInit, VmFetchResponse, VmFetchStreamResponse } from "../net/vm-fetch.ts";
 import type { PreviewUrl } from "../net/previews.ts";
 import type { DestroyResult, VmSummary } from "../server/vm-actor.ts";
+import type { TarExtractResult } from "../sandbox/vm-tar.ts";
+import type { VmWatch } from "../watch-stream.ts";
+import type { ClientWatchOptions, DownloadOptions, TransferOptions, UploadBody, UploadOptions } from "./file-transfer.ts";
 
 export type { DestroyResult, VmSummary };
 
@@ -58,6 +61,24 @@ export type VmHandle = VmActions & {
    * seen), output the processes' logs still hold after it comes first.
    */
   connect(options?: { since?: number }): VmConnection;
+  /**
+   * Uploads a file of any size as a stream (PUT …/files/<path>). It appears
+   * under `path` only once the whole body arrived; an upload that breaks off
+   * leaves nothing.
+   */
+  upload(path: string, body: UploadBody, options?: UploadOptions): Promise<{ path: string; size: number }>;
+  /** A file as a web ReadableStream (GET …/files/<path>), all of it or bytes `start`..`end`. */
+  download(path: string, options?: DownloadOptions): Promise<ReadableStream<Uint8Array>>;
+  /** Extracts a tar stream into a directory of the VM (PUT …/tar/<dir>). */
+  uploadTar(dir: string, body: UploadBody, options?: TransferOptions): Promise<TarExtractResult>;
+  /** A directory as a tar stream, modes and symlinks kept (GET …/tar/<dir>). */
+  downloadTar(dir: string, options?: TransferOptions): Promise<ReadableStream<Uint8Array>>;
+  /**
+   * Watches a path inside the VM (GET …/watch/<path>): create, modify, delete,
+   * rename (and overflow) events with guest paths. Resolves once the watch is in
+   * place; ENOENT for a missing path. Keeps the VM awake until closed.
+   */
+  watch(path: string, options?: ClientWatchOptions): Promise<VmWatch>;
   /**
    * Destroys the VM for good: ends its processes, deletes its files, rows and
    * preview URLs. `confirm` must be this VM's key (DESTROY_NOT_CONFIRMED

@@ -4,7 +4,9 @@
  * once finds them; the HTTP proxy, the SOCKS5 proxy and the Node guest
  * service are loaded on their first connection (measured: ~20 ms of each
  * VM's start-up, a few MB of init's memory, for VMs that never reach out).
- * A connection that arrives while its server loads waits, paused.
+ * A connection that arrives while its server loads waits, paused. The DNS
+ * server is made at once (UDP has no connection to hold while it loads) but
+ * loads its packet codec with the first question.
  */
 import { createServer, type Server, type Socket } from "node:net";
 import { createDnsServer } from "./egress/dns-server.ts";

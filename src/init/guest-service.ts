@@ -1,5 +1,5 @@
 /**
- * init's service for Node programs in the VM (see node-preload.ts): on one
+ * init's service for Node programs in the VM (see node-preload.cts): on one
  * loopback port it answers two kinds of connection.
  *
  * - A request, from 127.0.0.1: one JSON line, `{"op":"connect",host,port}` or

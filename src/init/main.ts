@@ -10,8 +10,9 @@ import { writeFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import { startEgressServers } from "./egress-servers.ts";
 import { connectToPort } from "./port-connector.ts";
+import { PathWatcher } from "./path-watcher.ts";
 import { listeningPorts, vmProcesses } from "./proc-reader.ts";
-import type { FromInit, ToInit } from "./protocol.ts";
+import { MAX_WATCHES, type FromInit, type ToInit } from "./protocol.ts";
 import { ServerRequests } from "./server-requests.ts";
 import { SpawnError, Supervisor } from "./supervisor.ts";
 
@@ -40,6 +41,7 @@ const requests = new ServerRequests((message) => send(message));
 const openEgress = requests.openEgress.bind(requests);
 const resolveName = requests.resolveName.bind(requests);
 const egressReady = startEgressServers(openEgress, resolveName);
+const watches = new Map<number, PathWatcher>();
 const supervisor = new Supervisor({ setpriv: config.setpriv, send: (message, done) => send(message as FromInit, undefined, done) });
 
 process.on("message", (message: ToInit, handle: Socket | undefined) => {
@@ -71,6 +73,29 @@ process.on("message", (message: ToInit, handle: Socket | undefined) => {
       return;
     case "ps":
       send({ t: "reply", id: message.id, ok: true, processes: vmProcesses() });
+      return;
+    case "watch":
+      try {
+        if (watches.size >= MAX_WATCHES) throw Object.assign(new Error(`the VM has ${MAX_WATCHES} watches open; close one first`), { code: "LIMIT_EXCEEDED" });
+        const id = message.watch;
+        watches.set(
+          id,
+          new PathWatcher(message.path, message.recursive, {
+            events: (events) => send({ t: "watch-events", watch: id, events }),
+            ended: (code, text) => {
+              watches.delete(id);
+              send({ t: "watch-end", watch: id, code, message: text });
+            },
+          }),
+        );
+        send({ t: "reply", id: message.id, ok: true });
+      } catch (error) {
+        send({ t: "reply", id: message.id, ok: false, code: watchErrorCode((error as NodeJS.ErrnoException).code), message: `watch ${message.path}: ${(error as Error).message}` });
+      }
+      return;
+    case "unwatch":
+      watches.get(message.watch)?.close();
+      watches.delete(message.watch);
       return;
     case "connect":
       connectToPort(message.port).then(
@@ -105,6 +130,12 @@ function configureNetwork(): void {
   // An empty range (only privileged ports, not allowed) has no kernel form: Node
   // programs get EADDRINUSE from the preload; others allocate from the default range.
   if (config.portRange[0] <= config.portRange[1]) writeFileSync("/proc/sys/net/ipv4/ip_local_port_range", `${config.portRange[0]} ${config.portRange[1]}`);
+}
+
+/** inotify's ENOSPC and EMFILE mean its per-user watch or instance limit, not a full disk. */
+function watchErrorCode(code: string | undefined): string {
+  if (code === "ENOSPC" || code === "EMFILE" || code === "LIMIT_EXCEEDED") return "LIMIT_EXCEEDED";
+  return code === "ENOENT" || code === "ENOTDIR" || code === "EACCES" || code === "ELOOP" || code === "EPERM" ? code : "INTERNAL";
 }
 
 function shutdown(): void {

@@ -21,6 +21,9 @@ export type ToInit =
   | { t: "ports"; id: number }
   /** Every process of the VM but bubblewrap's reaper and init, as `ps` sees them. */
   | { t: "ps"; id: number }
+  /** Start watching a guest path; events arrive as watch-events for `watch` until unwatch or watch-end. */
+  | { t: "watch"; id: number; watch: number; path: string; recursive: boolean }
+  | { t: "unwatch"; watch: number }
   /** Answer to init's egress request: the handle is the connected socket (ok) or absent (denied/failed). */
   | { t: "egress"; id: number; ok: true }
   | { t: "egress"; id: number; ok: false; code: string; message: string }
@@ -36,7 +39,22 @@ export type FromInit =
   | { t: "exit"; pid: number; code: number | null; signal: string | null }
   /** init asks the server for an outbound connection (its proxies decided nothing yet; the server's policy decides). */
   | { t: "egress"; id: number; host: string; port: number; via: string; pid?: number }
-  | { t: "resolve"; id: number; name: string; family: 4 | 6; pid?: number };
+  | { t: "resolve"; id: number; name: string; family: 4 | 6; pid?: number }
+  | { t: "watch-events"; watch: number; events: WatchEvent[] }
+  /** A watch ended on its own (its path was deleted); no more events for it. */
+  | { t: "watch-end"; watch: number; code: string; message: string };
+
+export const WATCH_EVENT_TYPES = ["create", "modify", "delete", "rename", "overflow"] as const;
+
+/**
+ * A change under a watched path, named by guest paths. `rename` has the old
+ * name in `oldPath`; `overflow` says events were dropped (re-read the tree).
+ */
+export interface WatchEvent {
+  type: (typeof WATCH_EVENT_TYPES)[number];
+  path: string;
+  oldPath?: string;
+}
 
 /** A process of the VM as init reads it from /proc. */
 export interface VmProcess {
@@ -60,6 +78,11 @@ export const SIGNALS: Readonly<Record<string, number>> = {
   SIGCONT: 18,
   SIGSTOP: 19,
 };
+
+/** Most events in one watch-events message (one coalesced batch). */
+export const MAX_WATCH_BATCH = 1024;
+/** Watches a VM may have open at once. */
+export const MAX_WATCHES = 64;
 
 /** Output init may have sent and not yet seen acknowledged before it pauses a process's pipes. */
 export const OUTPUT_WINDOW = 1 << 20;

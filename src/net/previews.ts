@@ -16,7 +16,7 @@ import { describe, expectKnownKeys, expectObject, expectPort } from "../validate
 export interface PreviewConfig {
   /** Lifetime when createSignedPreviewUrl gets no TTL (or 0). Default 3600. */
   defaultExpiresInSeconds?: number;
-  /** Longest lifetime a caller may ask for; unset means no cap. */
+  /** Longest lifetime a caller may ask for. Default 604800 (7 days), at most 3153600000 (100 years). */
   maxExpiresInSeconds?: number;
   /** Preview tokens alive at once per VM. Default 1024. */
   maxActiveTokens?: number;
@@ -24,9 +24,14 @@ export interface PreviewConfig {
 
 export interface ResolvedPreviewConfig {
   defaultExpiresInSeconds: number;
-  maxExpiresInSeconds: number | undefined;
+  maxExpiresInSeconds: number;
   maxActiveTokens: number;
 }
+
+/** The default cap on a preview URL's lifetime: a forgotten URL stops working within a week. */
+export const DEFAULT_MAX_PREVIEW_TTL_SECONDS = 7 * 86_400;
+/** The cap on the cap: keeps `expiresAt` (epoch ms) far inside the safe-integer range. */
+export const MAX_PREVIEW_TTL_SECONDS = 100 * 365 * 86_400;
 
 export interface PreviewUrl {
   /**
@@ -65,6 +70,7 @@ export function tokenOwner(token: string): string | undefined {
 const TOKEN_BYTES = 20;
 const BASE32 = "abcdefghijklmnopqrstuvwxyz234567";
 const PREFIX_LENGTH = 6;
+const PREFIX_PATTERN = /^[a-z2-7]{6}$/;
 
 export function parsePreviewConfig(value: unknown, field = "preview"): ResolvedPreviewConfig {
   const config = value === undefined ? {} : expectObject(field, value);
@@ -75,12 +81,16 @@ export function parsePreviewConfig(value: unknown, field = "preview"): ResolvedP
     if (typeof raw !== "number" || !Number.isInteger(raw) || raw <= 0) {
       throw invalidArgument(`${field}.${key} must be a positive integer, got ${describe(raw)}`);
     }
+    if (key !== "maxActiveTokens" && raw > MAX_PREVIEW_TTL_SECONDS) {
+      throw invalidArgument(`${field}.${key} must be at most ${MAX_PREVIEW_TTL_SECONDS} seconds (100 years), got ${raw}`);
+    }
     return raw;
   };
   const defaultExpiresInSeconds = positiveInteger("defaultExpiresInSeconds", 3600)!;
-  const maxExpiresInSeconds = positiveInteger("maxExpiresInSeconds", undefined);
+  // Without an explicit cap, a longer default raises the cap with it rather than failing.
+  const maxExpiresInSeconds = positiveInteger("maxExpiresInSeconds", Math.max(DEFAULT_MAX_PREVIEW_TTL_SECONDS, defaultExpiresInSeconds))!;
   const maxActiveTokens = positiveInteger("maxActiveTokens", 1024)!;
-  if (maxExpiresInSeconds !== undefined && defaultExpiresInSeconds > maxExpiresInSeconds) {
+  if (defaultExpiresInSeconds > maxExpiresInSeconds) {
     throw invalidArgument(`${field}.defaultExpiresInSeconds (${defaultExpiresInSeconds}) must not exceed ${field}.maxExpiresInSeconds (${maxExpiresInSeconds})`);
   }
   return { defaultExpiresInSeconds, maxExpiresInSeconds, maxActiveTokens };
@@ -127,14 +137,17 @@ export class PreviewTokens {
   readonly #definition: string;
   readonly #key: string;
   #origin: string | undefined;
+  readonly #urlFor: ((token: string) => string) | undefined;
 
   readonly #owner: string | undefined;
 
   /**
-   * `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known.
+   * `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known;
+   * `urlFor`: builds the URL for a token instead (a server's public URL, subdomain mode);
    * `owner`: the cluster node's name, appended to every token.
    */
-  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string; owner?: string }) {
+  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string; urlFor?: (token: string) => string; owner?: string }) {
+    this.#urlFor = scope.urlFor;
     this.#store = store;
     this.#owner = scope.owner;
     this.#config = config;
@@ -161,6 +174,8 @@ export class PreviewTokens {
     }
     const token = `${base32(randomBytes(TOKEN_BYTES))}${this.#owner === undefined ? "" : `-${this.#owner}`}`;
     const expiresAt = now + Math.round(ttl * 1000);
+    // #ttl bounds ttl, so this holds; checked anyway because a row past 2^53 could not be read back.
+    if (!Number.isSafeInteger(expiresAt)) throw new AgentVmError("PREVIEW_TTL_INVALID", `createSignedPreviewUrl: ttlSeconds ${ttl} gives an expiry past what can be stored`);
     this.#store.insert(hashToken(token), {
       tokenPrefix: token.slice(0, PREFIX_LENGTH),
       definition: this.#definition,
@@ -170,15 +185,27 @@ export class PreviewTokens {
       expiresAt,
     });
     const path = `/preview/${token}/`;
-    return { ...(this.#origin !== undefined ? { url: `${this.#origin}${path}` } : {}), path, token, port, expiresAt };
+    const url = this.#urlFor ? this.#urlFor(token) : this.#origin !== undefined ? `${this.#origin}${path}` : undefined;
+    return { ...(url !== undefined ? { url } : {}), path, token, port, expiresAt };
   }
 
-  /** Revokes a token of this VM; returns whether it was active. */
+  /**
+   * Revokes a token of this VM; returns whether it was active. Takes the token,
+   * or the `tokenPrefix` listPreviewUrls shows — whoever may list a VM's tokens
+   * and expire them could expire them all anyway, so a prefix grants nothing
+   * more, and it lets a listing (the dashboard) revoke one token it never held.
+   */
   expire(tokenArg: unknown): boolean {
     if (typeof tokenArg !== "string" || tokenArg.length === 0 || tokenArg.length > 256) {
-      throw invalidArgument(`expireSignedPreviewUrl: token must be the token string createSignedPreviewUrl returned, got ${describe(tokenArg)}`);
+      throw invalidArgument(`expireSignedPreviewUrl: token must be the token string createSignedPreviewUrl returned (or its tokenPrefix from listPreviewUrls), got ${describe(tokenArg)}`);
     }
-    return this.#store.delete(hashToken(tokenArg), { definition: this.#definition, key: this.#key });
+    const scope = { definition: this.#definition, key: this.#key };
+    if (!PREFIX_PATTERN.test(tokenArg)) return this.#store.delete(hashToken(tokenArg), scope);
+    const hashes = this.#store.findByPrefix(this.#definition, this.#key, tokenArg);
+    if (hashes.length > 1) {
+      throw invalidArgument(`expireSignedPreviewUrl: more than one preview URL of this VM starts with ${JSON.stringify(tokenArg)}; pass the whole token, or expireAllPreviewUrls(port)`);
+    }
+    return hashes.length === 1 && this.#store.delete(hashes[0]!, scope);
   }
 
   list(): PreviewInfo[] {
@@ -205,8 +232,8 @@ export class PreviewTokens {
       );
     }
     const max = this.#config.maxExpiresInSeconds;
-    if (max !== undefined && value > max) {
-      throw new AgentVmError("PREVIEW_TTL_TOO_LONG", `createSignedPreviewUrl: ttlSeconds ${value} is above preview.maxExpiresInSeconds (${max})`);
+    if (value > max) {
+      throw new AgentVmError("PREVIEW_TTL_TOO_LONG", `createSignedPreviewUrl: ttlSeconds ${value} is above preview.maxExpiresInSeconds (${max}); ask for less, or raise the cap in agentOS({ preview: { maxExpiresInSeconds } })`);
     }
     return value;
   }

@@ -10,7 +10,7 @@
 import type { ChildProcess } from "node:child_process";
 import { Socket } from "node:net";
 import { AgentVmError } from "../errors.ts";
-import { MAX_DATA_CHARS, type FromInit, type ToInit } from "../init/protocol.ts";
+import { MAX_DATA_CHARS, MAX_WATCH_BATCH, WATCH_EVENT_TYPES, type FromInit, type ToInit } from "../init/protocol.ts";
 
 type Reply = Extract<FromInit, { t: "reply" }>;
 type Request = ToInit extends infer M ? (M extends { id: number } ? Omit<M, "id"> : never) : never;
@@ -122,6 +122,14 @@ function isVmProcess(value: unknown): boolean {
   );
 }
 
+const WATCH_TYPES: ReadonlySet<unknown> = new Set(WATCH_EVENT_TYPES);
+
+function isWatchEvent(value: unknown): boolean {
+  if (typeof value !== "object" || value === null) return false;
+  const e = value as Record<string, unknown>;
+  return WATCH_TYPES.has(e.type) && isText(e.path) && e.path.startsWith("/") && (e.oldPath === undefined || (isText(e.oldPath) && e.oldPath.startsWith("/")));
+}
+
 const isInt = (value: unknown, min = 0, max = 2 ** 31 - 1): value is number => Number.isInteger(value) && (value as number) >= min && (value as number) <= max;
 const isText = (value: unknown, max = 4096): value is string => typeof value === "string" && value.length <= max;
 
@@ -149,6 +157,10 @@ function checkMessage(message: unknown): string | undefined {
       return isInt(m.id, 1) && isText(m.host, 255) && isInt(m.port, 1, 65535) && isText(m.via, 16) && (m.pid === undefined || isInt(m.pid, 1)) ? undefined : "a malformed egress request";
     case "resolve":
       return isInt(m.id, 1) && isText(m.name, 255) && (m.family === 4 || m.family === 6) && (m.pid === undefined || isInt(m.pid, 1)) ? undefined : "a malformed resolve request";
+    case "watch-events":
+      return isInt(m.watch, 1) && Array.isArray(m.events) && m.events.length >= 1 && m.events.length <= MAX_WATCH_BATCH && m.events.every(isWatchEvent) ? undefined : "a malformed watch-events message";
+    case "watch-end":
+      return isInt(m.watch, 1) && isText(m.code, 64) && isText(m.message) ? undefined : "a malformed watch-end message";
     default:
       return `an unknown message type ${JSON.stringify(String(m.t)).slice(0, 40)}`;
   }

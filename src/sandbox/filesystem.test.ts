@@ -386,3 +386,31 @@ describe("VmFilesystem", () => {
     });
   });
 });
+
+describe("deep paths", () => {
+  it("writes and reads a file 2,000 directories deep (each level checked once, not re-walked per level)", async () => {
+    const deep = `/home/agentos/deep/${Array(2000).fill("d").join("/")}/f.txt`;
+    await vm.writeFile(deep, "bottom");
+    assert.equal(Buffer.from(await vm.readFile(deep)).toString(), "bottom");
+    assert.deepEqual(await vm.readdir(path.posix.dirname(deep)), ["f.txt"]);
+  });
+
+  it("a directory it created that is swapped for a symlink mid-write is not followed", async () => {
+    // The swap is made before the write here (the race itself cannot be timed from a test):
+    // an existing symlink on the path is resolved against the VM root, never the host.
+    await fs.mkdir(path.join(root, "home/agentos/swap"), { recursive: true });
+    await fs.symlink(outside, path.join(root, "home/agentos/swap/link"));
+    await vm.writeFile("/home/agentos/swap/link/a/b/c.txt", "inside");
+    await assert.rejects(fs.access(path.join(outside, "a")));
+  });
+});
+
+describe("interrupted writes", () => {
+  it("writeFile's temporary files are hidden from readdir", async () => {
+    await vm.mkdir("/home/agentos/tmpfiles");
+    await vm.writeFile("/home/agentos/tmpfiles/kept.txt", "k");
+    await fs.writeFile(path.join(root, "home/agentos/tmpfiles/.agentvm-123-4-abcdef12.tmp"), "half a write");
+    await fs.writeFile(path.join(root, "home/agentos/tmpfiles/.agentvm-not-ours.tmp"), "a guest's own file");
+    assert.deepEqual(await vm.readdir("/home/agentos/tmpfiles"), [".agentvm-not-ours.tmp", "kept.txt"]);
+  });
+});

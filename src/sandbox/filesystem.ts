@@ -14,6 +14,7 @@ import { constants } from "node:fs";
 import type { Stats } from "node:fs";
 import * as path from "node:path";
 import { AgentVmError, invalidArgument, type ErrorCode, POSIX_CODES } from "../errors.ts";
+import { TEMP_FILE_PATTERN, tempFileName } from "./interrupted-writes.ts";
 import { describe, expectKnownKeys, expectObject, expectString, expectStringArray, toBytes } from "../validate.ts";
 
 export interface VmStat {
@@ -46,7 +47,46 @@ const MAX_PATH = 4096;
 /** Linux's MAXSYMLINKS, so guests see the same ELOOP behaviour as in the kernel. */
 const MAX_SYMLINK_HOPS = 40;
 
-type Op = "readFile" | "writeFile" | "mkdir" | "readdir" | "stat" | "lstat" | "exists" | "deleteFile" | "move" | "hostPath";
+type Op = "readFile" | "writeFile" | "mkdir" | "readdir" | "stat" | "lstat" | "exists" | "deleteFile" | "move" | "hostPath" | "readlink" | "symlink" | "chmod";
+
+/** How a write lands: `mode` (permission bits, default 0644), `append` to what the file holds. */
+export interface WriteOptions {
+  mode?: number;
+  append?: boolean;
+}
+
+/**
+ * Where tar extraction may write: the resolved path must stay inside `within`
+ * (a guest directory), and a final symlink is replaced, never followed.
+ */
+interface ConfineOptions {
+  within?: string;
+}
+
+/** A regular file opened for reading; the caller closes `handle`. */
+export interface OpenedFile {
+  handle: fs.FileHandle;
+  size: number;
+  /** Permission bits (no file-type bits). */
+  mode: number;
+}
+
+/**
+ * A write in progress. Nothing is visible under the final name until commit():
+ * a new file is written to a temporary name in the same directory and renamed;
+ * an append goes to the file itself and abort() cuts it back to its old length.
+ */
+export interface FileWriter {
+  readonly handle: fs.FileHandle;
+  /** Writes all of `data` at the end of what was written so far; a full disk is VM_DISK_FULL. */
+  write(data: Uint8Array): Promise<void>;
+  commit(): Promise<void>;
+  /** Undoes the write (removes the temporary file, or truncates an append); never throws. */
+  abort(): Promise<void>;
+}
+
+/** Permission bits a write may set: setuid, setgid and sticky are not among them. */
+export const MAX_WRITE_MODE = 0o777;
 
 interface Resolved {
   /** The guest path after symlink resolution (a final symlink kept when not following). */
@@ -60,8 +100,6 @@ interface Resolved {
 }
 
 const POSIX: ReadonlySet<string> = new Set<string>(POSIX_CODES);
-
-let tempCounter = 0;
 
 export class VmFilesystem {
   static readonly HOME = "/home/agentos";
@@ -110,13 +148,28 @@ export class VmFilesystem {
     return path.join(root, ...parts);
   }
 
-  async writeFile(file: string, data: string | Uint8Array): Promise<void> {
+  async writeFile(file: string, data: string | Uint8Array, options?: WriteOptions): Promise<void> {
+    const bytes = toBytes("data", data);
+    const writer = await this.openWrite(file, options);
+    try {
+      await writer.write(bytes);
+      await writer.commit();
+    } catch (err) {
+      await writer.abort();
+      throw fsError(err, "writeFile", normalise("path", file));
+    }
+  }
+
+  /** Opens a file for a streamed write; see FileWriter. */
+  async openWrite(file: string, options?: WriteOptions & ConfineOptions): Promise<FileWriter> {
     const op = "writeFile";
     const guest = normalise("path", file);
-    const bytes = toBytes("data", data);
+    const { mode, append, within } = readWriteOptions(options);
     this.#checkWritable(op, guest);
-    const r = await this.#resolve(op, guest, true);
+    // Tar extraction replaces a final symlink instead of writing through it.
+    const r = await this.#resolve(op, guest, within === undefined);
     this.#checkWritable(op, guest, r.guest);
+    checkWithin(op, guest, r, within);
     if (r.stats?.isDirectory()) {
       throw fail("EISDIR", op, guest, r, "is a directory", "write to a file path inside it, or delete the directory first");
     }
@@ -125,31 +178,84 @@ export class VmFilesystem {
     await this.#createDirs(op, guest, dirParts, Math.min(r.existing, dirParts.length));
     const dir = path.dirname(r.host);
     await this.#confirmInside(op, guest, dir);
+    if (append && r.stats?.isFile()) return this.#openAppend(op, guest, r, mode);
 
     // Same directory as the target so the rename is atomic: readers see the old
     // content or the new, never a partial write.
-    const temp = path.join(dir, `.agentvm-${process.pid}-${++tempCounter}-${Math.random().toString(36).slice(2, 10)}.tmp`);
-    let created = false;
+    const temp = path.join(dir, tempFileName());
+    let handle: fs.FileHandle;
     try {
-      const handle = await fs.open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o644);
-      created = true;
-      try {
-        await handle.writeFile(bytes);
-        // The open mode is filtered by the host's umask; the guest expects 0644.
-        await handle.chmod(0o644);
-      } finally {
-        await handle.close();
-      }
-      await fs.rename(temp, r.host);
-      created = false;
+      handle = await fs.open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
     } catch (err) {
       throw fsError(err, op, guest, r);
-    } finally {
-      if (created) await fs.unlink(temp).catch(() => {});
     }
+    return fileWriter(handle, op, guest, r, {
+      async commit() {
+        try {
+          // The open mode is filtered by the host's umask; set the bits the guest asked for.
+          await handle.chmod(mode ?? 0o644);
+          await handle.close();
+          await fs.rename(temp, r.host);
+        } catch (err) {
+          await handle.close().catch(() => {});
+          await fs.unlink(temp).catch(() => {});
+          throw err;
+        }
+      },
+      async abort() {
+        await handle.close().catch(() => {});
+        await fs.unlink(temp).catch(() => {});
+      },
+    });
+  }
+
+  async #openAppend(op: Op, guest: string, r: Resolved, mode: number | undefined): Promise<FileWriter> {
+    let handle: fs.FileHandle;
+    try {
+      handle = await fs.open(r.host, constants.O_WRONLY | constants.O_APPEND | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+    } catch (err) {
+      throw fsError(err, op, guest, r);
+    }
+    let length: number;
+    try {
+      // Checked on the open descriptor, so what we append to is what we checked.
+      const st = await handle.stat();
+      if (!st.isFile()) throw fail("EINVAL", op, guest, r, "is not a regular file", "append only to regular files");
+      if (st.nlink > 1) throw hardLink(op, guest, r);
+      length = st.size;
+    } catch (err) {
+      await handle.close();
+      throw fsError(err, op, guest, r);
+    }
+    return fileWriter(handle, op, guest, r, {
+      async commit() {
+        try {
+          if (mode !== undefined) await handle.chmod(mode);
+        } finally {
+          await handle.close();
+        }
+      },
+      async abort() {
+        // The append never happened: the file is cut back to what it held.
+        await handle.truncate(length).catch(() => {});
+        await handle.close().catch(() => {});
+      },
+    });
   }
 
   async readFile(file: string): Promise<Uint8Array> {
+    const { handle } = await this.openRead(file);
+    try {
+      return await handle.readFile();
+    } catch (err) {
+      throw fsError(err, "readFile", normalise("path", file));
+    } finally {
+      await handle.close();
+    }
+  }
+
+  /** Opens a regular file for a streamed read; the caller closes the handle. */
+  async openRead(file: string): Promise<OpenedFile> {
     const op = "readFile";
     const guest = normalise("path", file);
     const r = await this.#resolve(op, guest, true);
@@ -172,22 +278,90 @@ export class VmFilesystem {
         throw fail("EINVAL", op, guest, r, "is not a regular file (a FIFO, socket or device)", "only regular files can be read from the host");
       }
       if (st.nlink > 1) throw hardLink(op, guest, r);
-      return await handle.readFile();
+      return { handle, size: st.size, mode: st.mode & 0o7777 };
+    } catch (err) {
+      await handle.close();
+      throw fsError(err, op, guest, r);
+    }
+  }
+
+  /** The target of a symlink, as the guest wrote it. */
+  async readlink(file: string): Promise<string> {
+    const op = "readlink";
+    const guest = normalise("path", file);
+    const r = await this.#resolve(op, guest, false);
+    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
+    if (!r.stats.isSymbolicLink()) throw fail("EINVAL", op, guest, r, "is not a symbolic link", "use stat or readFile on it instead");
+    await this.#confirmInside(op, guest, parentOf(r.host, this.#realRoot));
+    try {
+      return await fs.readlink(r.host);
     } catch (err) {
       throw fsError(err, op, guest, r);
-    } finally {
-      await handle.close();
+    }
+  }
+
+  /**
+   * Makes `file` a symlink to `target` (any text: it is interpreted inside the
+   * VM, never on the host), replacing a file or symlink already there.
+   */
+  async symlink(target: string, file: string, options?: ConfineOptions): Promise<void> {
+    const op = "symlink";
+    const guest = normalise("path", file);
+    const linkTarget = expectString("target", target, { nonEmpty: true, max: MAX_PATH });
+    const within = readWithin(options);
+    this.#checkRemovable(op, guest);
+    const r = await this.#resolve(op, guest, false);
+    this.#checkRemovable(op, guest, r.guest);
+    checkWithin(op, guest, r, within);
+    if (r.stats?.isDirectory()) throw fail("EEXIST", op, guest, r, "is a directory", "delete it first");
+    const dirParts = r.parts.slice(0, -1);
+    await this.#createDirs(op, guest, dirParts, Math.min(r.existing, dirParts.length));
+    await this.#confirmInside(op, guest, path.dirname(r.host));
+    try {
+      if (r.stats) await fs.unlink(r.host);
+      await fs.symlink(linkTarget, r.host);
+    } catch (err) {
+      throw fsError(err, op, guest, r);
+    }
+  }
+
+  /** Sets permission bits (at most 0777: never setuid, setgid or sticky); a symlink is left as it is. */
+  async chmod(file: string, mode: number, options?: ConfineOptions): Promise<void> {
+    const op = "chmod";
+    const guest = normalise("path", file);
+    const bits = readMode("mode", mode);
+    const within = readWithin(options);
+    this.#checkWritable(op, guest);
+    const r = await this.#resolve(op, guest, false);
+    this.#checkWritable(op, guest, r.guest);
+    checkWithin(op, guest, r, within);
+    if (!r.stats) throw fail("ENOENT", op, guest, r, "no such file or directory", "check the path with exists() or readdir() of its parent");
+    if (r.stats.isSymbolicLink()) return;
+    await this.#confirmInside(op, guest, r.host);
+    try {
+      await fs.chmod(r.host, bits);
+    } catch (err) {
+      throw fsError(err, op, guest, r);
     }
   }
 
   async mkdir(dir: string, options: { recursive?: boolean } = {}): Promise<void> {
+    return this.#mkdir(dir, readRecursive(options), undefined);
+  }
+
+  /** mkdir -p for tar extraction: the directory must resolve inside `within`. */
+  async mkdirWithin(dir: string, within: string): Promise<void> {
+    return this.#mkdir(dir, true, normalise("within", within));
+  }
+
+  async #mkdir(dir: string, recursive: boolean, within: string | undefined): Promise<void> {
     const op = "mkdir";
     const guest = normalise("path", dir);
-    const recursive = readRecursive(options);
     this.#checkWritable(op, guest);
     if (recursive) {
       const r = await this.#resolve(op, guest, true);
       this.#checkWritable(op, guest, r.guest);
+      checkWithin(op, guest, r, within);
       if (r.stats) {
         if (r.stats.isDirectory()) return;
         throw fail("EEXIST", op, guest, r, "already exists and is not a directory", "choose another name or delete the file first");
@@ -219,7 +393,8 @@ export class VmFilesystem {
     if (!r.stats.isDirectory()) throw fail("ENOTDIR", op, guest, r, "is not a directory", "use readFile or stat on it instead");
     await this.#confirmInside(op, guest, r.host);
     try {
-      return (await fs.readdir(r.host)).sort();
+      // A write in flight (or one a crash interrupted) is not a file of the guest's.
+      return (await fs.readdir(r.host)).filter((name) => !TEMP_FILE_PATTERN.test(name)).sort();
     } catch (err) {
       throw fsError(err, op, guest, r);
     }
@@ -446,23 +621,39 @@ export class VmFilesystem {
     }
   }
 
-  /** mkdir -p over resolved components, one level at a time so each level is checked. */
+  /**
+   * mkdir -p over resolved components, one level at a time so each level is checked.
+   * The first new level's parent is confirmed with realpath; every deeper parent is
+   * one this call just created, so it is confirmed by identity instead: its path must
+   * still lead to the directory made a moment ago (a swapped-in symlink would lead
+   * elsewhere). One lstat per level, not a realpath that walks every level again —
+   * that made a path 2,000 directories deep take minutes.
+   */
   async #createDirs(op: Op, guest: string, parts: readonly string[], existing: number): Promise<void> {
     if (existing >= parts.length) return;
     const root = await this.#rootPath(op, guest);
     this.#checkWritable(op, guest, `/${parts.join("/")}`);
+    let host = path.join(root, ...parts.slice(0, existing));
+    await this.#confirmInside(op, guest, host);
+    let made: Stats | undefined;
     for (let i = existing; i < parts.length; i++) {
-      const host = path.join(root, ...parts.slice(0, i + 1));
-      await this.#confirmInside(op, guest, path.dirname(host));
+      const parent = host;
+      host = path.join(parent, parts[i]!);
+      if (made) {
+        const now = await fs.lstat(parent).catch(() => null);
+        if (!now?.isDirectory() || now.ino !== made.ino || now.dev !== made.dev) {
+          throw new AgentVmError("PATH_OUTSIDE_VM", `${op} ${guest}: a directory it was creating was replaced while it ran; access refused, retry once the path is stable`);
+        }
+      }
       try {
         await fs.mkdir(host);
       } catch (err) {
         if (errno(err) !== "EEXIST") throw fsError(err, op, guest);
-        // Someone (likely the guest) created it meanwhile; fine if it is a directory.
-        const st = await fs.lstat(host).catch(() => null);
-        if (!st?.isDirectory()) {
-          throw fail("ENOTDIR", op, guest, undefined, `/${parts.slice(0, i + 1).join("/")} is not a directory`, "fix the path, or move that file out of the way");
-        }
+      }
+      // Someone (likely the guest) may have created it meanwhile; fine if it is a directory.
+      made = (await fs.lstat(host).catch(() => null)) ?? undefined;
+      if (!made?.isDirectory()) {
+        throw fail("ENOTDIR", op, guest, undefined, `/${parts.slice(0, i + 1).join("/")} is not a directory`, "fix the path, or move that file out of the way");
       }
     }
   }
@@ -492,6 +683,11 @@ export class VmFilesystem {
   }
 }
 
+/** Guest paths resolve the way the VM sees them: relative to the home, `..` clamped at `/`. */
+export function normaliseGuestPath(name: string, value: unknown): string {
+  return normalise(name, value);
+}
+
 function normalise(name: string, value: unknown): string {
   const raw = expectString(name, value, { nonEmpty: true, max: MAX_PATH });
   // posix.normalize clamps `..` at `/` for absolute paths, as a chroot does.
@@ -505,6 +701,67 @@ function splitGuest(guest: string): string[] {
 
 function parentOf(host: string, root: string | undefined): string {
   return host === root ? host : path.dirname(host);
+}
+
+/** A FileWriter over `handle`: commit or abort runs once, whichever comes first; errors are shaped like every fs error. */
+function fileWriter(handle: fs.FileHandle, op: Op, guest: string, r: Resolved, end: { commit(): Promise<void>; abort(): Promise<void> }): FileWriter {
+  let settled = false;
+  return {
+    handle,
+    write: (data) => writeAll(handle, data, op, guest, r),
+    async commit() {
+      if (settled) throw new AgentVmError("INTERNAL", `${op} ${guest}: the write was already committed or aborted`);
+      settled = true;
+      try {
+        await end.commit();
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      }
+    },
+    async abort() {
+      if (settled) return;
+      settled = true;
+      await end.abort();
+    },
+  };
+}
+
+async function writeAll(handle: fs.FileHandle, data: Uint8Array, op: Op, guest: string, r: Resolved): Promise<void> {
+  try {
+    for (let offset = 0; offset < data.byteLength; ) {
+      const { bytesWritten } = await handle.write(data, offset, data.byteLength - offset);
+      offset += bytesWritten;
+    }
+  } catch (err) {
+    throw fsError(err, op, guest, r);
+  }
+}
+
+function readMode(name: string, value: unknown): number {
+  if (typeof value !== "number" || !Number.isInteger(value) || value < 0 || value > MAX_WRITE_MODE) {
+    throw invalidArgument(`${name} must be permission bits from 0 to 0o777 (e.g. 0o644 or 0o755; setuid, setgid and sticky are not allowed), got ${describe(value)}`);
+  }
+  return value;
+}
+
+function readWithin(options: unknown): string | undefined {
+  if (options === undefined) return undefined;
+  const within = (expectObject("options", options) as ConfineOptions).within;
+  return within === undefined ? undefined : normalise("options.within", within);
+}
+
+function readWriteOptions(options: unknown): { mode: number | undefined; append: boolean; within: string | undefined } {
+  if (options === undefined) return { mode: undefined, append: false, within: undefined };
+  const opts = expectObject("options", options);
+  expectKnownKeys("options", opts, ["mode", "append", "within"]);
+  if (opts.append !== undefined && typeof opts.append !== "boolean") throw invalidArgument(`options.append must be a boolean, got ${describe(opts.append)}`);
+  return { mode: opts.mode === undefined ? undefined : readMode("options.mode", opts.mode), append: opts.append === true, within: readWithin(options) };
+}
+
+/** Tar extraction: refuses a path that resolves (through `..` or a symlink) outside the target directory. */
+function checkWithin(op: Op, guest: string, r: Resolved, within: string | undefined): void {
+  if (within === undefined || r.guest === within || r.guest.startsWith(within === "/" ? "/" : `${within}/`)) return;
+  throw new AgentVmError("PATH_OUTSIDE_VM", `${op} ${subject(guest, r)}: leads outside ${within}, the directory being extracted into; the archive entry was refused`);
 }
 
 function readRecursive(options: unknown): boolean {
@@ -584,6 +841,9 @@ function fsError(err: unknown, op: Op, guest: string, r?: Resolved): AgentVmErro
   const code = errno(err);
   if (code === "ENAMETOOLONG") {
     return new AgentVmError("INVALID_ARGUMENT", `${op} ${subject(guest, r)}: a path component is longer than the host allows (255 bytes); use a shorter name`, { cause: err });
+  }
+  if (code === "ENOSPC" || code === "EDQUOT") {
+    return new AgentVmError("VM_DISK_FULL", `${op} ${subject(guest, r)}: the VM's disk is full (${code}); nothing was left half-written — delete files in the VM or ask for a larger disk`, { cause: err });
   }
   if (code === "ENXIO" || code === "ENODEV") {
     return new AgentVmError("EINVAL", `${op} ${subject(guest, r)}: is not a regular file (a socket or device); only regular files can be read from the host`, { cause: err });

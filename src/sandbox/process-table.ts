@@ -301,6 +301,12 @@ export class ProcessTable {
     return unclaimed;
   }
 
+  /** The VM's sandbox, started if it is not running (watches need init). */
+  ensureSandbox(): Promise<VmSandbox> {
+    if (this.#disposed) return Promise.reject(new AgentVmError("VM_DISPOSED", `VM ${this.#options.vmName} was disposed`));
+    return this.#ensureSandbox();
+  }
+
   #ensureSandbox(): Promise<VmSandbox> {
     if (!this.#sandbox) {
       const starting = this.#options.startSandbox();

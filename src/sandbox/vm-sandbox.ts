@@ -12,8 +12,8 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import type { Socket } from "node:net";
 import type { Readable } from "node:stream";
-import { AgentVmError } from "../errors.ts";
-import type { FromInit, VmProcess } from "../init/protocol.ts";
+import { AgentVmError, isErrorCode } from "../errors.ts";
+import type { FromInit, VmProcess, WatchEvent } from "../init/protocol.ts";
 import { bubblewrapArgs, INIT_DIR, prepareMountPoints, type SandboxLayout } from "./bubblewrap.ts";
 import type { VmCgroup } from "./cgroup.ts";
 import { ControlChannel } from "./control-channel.ts";
@@ -42,6 +42,12 @@ export interface SandboxStart {
   events: SandboxEvents;
 }
 
+/** Where a watch's events go; `ended` once, when init ends it or the sandbox goes. */
+export interface WatchListener {
+  events(batch: WatchEvent[]): void;
+  ended(error: AgentVmError): void;
+}
+
 const READY_TIMEOUT_MS = 20_000;
 const SETPRIV = "/usr/bin/setpriv";
 
@@ -53,6 +59,8 @@ export class VmSandbox {
   #stopping = false;
   /** Set once, by whichever comes first: init's channel closing, bubblewrap exiting, a protocol violation, stop(). */
   #ended = false;
+  readonly #watches = new Map<number, WatchListener>();
+  #nextWatch = 1;
   /** Resolves start() when init says it is ready. */
   #readyWaiter: (() => void) | undefined;
 
@@ -163,6 +171,24 @@ export class VmSandbox {
     return reply.ports ?? [];
   }
 
+  /**
+   * Watches a guest path with inotify in the VM. Resolves once the watch is in
+   * place (later changes are seen) with the function that ends it.
+   */
+  async watch(path: string, recursive: boolean, listener: WatchListener): Promise<() => void> {
+    const watch = this.#nextWatch++;
+    this.#watches.set(watch, listener);
+    try {
+      await this.#channel.request({ t: "watch", watch, path, recursive });
+    } catch (error) {
+      this.#watches.delete(watch);
+      throw error;
+    }
+    return () => {
+      if (this.#watches.delete(watch)) this.#channel.notify({ t: "unwatch", watch });
+    };
+  }
+
   get running(): boolean {
     return !this.#ended;
   }
@@ -206,6 +232,15 @@ export class VmSandbox {
       case "exit":
         this.#events.onExit(message.pid, message.code, message.signal);
         return;
+      case "watch-events":
+        this.#watches.get(message.watch)?.events(message.events);
+        return;
+      case "watch-end": {
+        const listener = this.#watches.get(message.watch);
+        this.#watches.delete(message.watch);
+        listener?.ended(new AgentVmError(isErrorCode(message.code) ? message.code : "INTERNAL", message.message));
+        return;
+      }
       case "egress":
         this.#events.onEgress(message.host, message.port, message.via, message.pid).then(
           (socket) => this.#channel.notify({ t: "egress", id: message.id, ok: true }, socket),
@@ -231,6 +266,9 @@ export class VmSandbox {
     if (this.#ended) return;
     this.#ended = true;
     this.#channel.close(error);
+    const watches = [...this.#watches.values()];
+    this.#watches.clear();
+    for (const listener of watches) listener.ended(error);
     void this.#kill();
     if (!this.#stopping) this.#events.onEnded(error);
   }

@@ -10,11 +10,14 @@
  * and key), a set of actions (or "*"), an expiry. They are signed, not stored:
  * `avt_<base64url(JSON payload)>.<base64url(HMAC-SHA256(payload))>` with a
  * 256-bit server secret kept in `<dataDir>/token-secret` (mode 0600, created on
- * first start). Signed because checking one needs no lookup and no write (every
- * request of a busy agent is checked), the same secret serves every process that
- * shares the data directory, and nothing accumulates in SQLite. The price: a
- * token cannot be revoked one by one — keep them short (default 15 minutes,
- * at most `auth.maxTokenTtlSeconds`), or rotate the secret to end them all.
+ * first start). Signed because checking one needs no write (every request of a
+ * busy agent is checked), the same secret serves every process that shares the
+ * data directory, and nothing accumulates in SQLite for tokens that are merely
+ * used. Each token carries an id and its issue time: `revokeToken` records the
+ * id, and destroying a VM records a cutoff for its tokens, both in SQLite
+ * (token-revocations.ts) and read by primary key on each check. Keep tokens
+ * short anyway (default 15 minutes, at most `auth.maxTokenTtlSeconds`); rotating
+ * the secret ends them all.
  *
  * Invariant: the server is "open" (every request allowed, credentials ignored)
  * only if it never had an API key; revoking the last key does not reopen it.
@@ -25,15 +28,18 @@ import { join } from "node:path";
 import { VM_ACTIONS } from "../actions.ts";
 import { canonicalKey } from "../client/client.ts";
 import { AgentVmError, invalidArgument } from "../errors.ts";
+import { TRANSFER_ACTIONS } from "./file-transfer-route.ts";
 import { describe, expectKnownKeys, expectObject } from "../validate.ts";
+import type { TokenRevocationStore } from "../store/token-revocations.ts";
 
 /**
  * What a token can allow: every VM action, plus the routes that are not actions.
- * `destroy` cannot be undone, so "*" does not include it: a token must list it.
+ * `destroy` cannot be undone, and `setLifecycle` could let an agent outlive the
+ * bounds its backend set, so "*" does not include them: a token must list them.
  */
-export const TOKEN_ACTIONS = [...VM_ACTIONS, "vmFetch", "connect", "status", "destroy"] as const;
+export const TOKEN_ACTIONS = [...VM_ACTIONS, ...TRANSFER_ACTIONS, "vmFetch", "connect", "status", "destroy"] as const;
 /** Actions a "*" token does not cover. */
-const EXPLICIT_ONLY: ReadonlySet<string> = new Set(["destroy"]);
+const EXPLICIT_ONLY: ReadonlySet<string> = new Set(["destroy", "setLifecycle"]);
 export type TokenAction = (typeof TOKEN_ACTIONS)[number];
 const TOKEN_ACTION_SET: ReadonlySet<string> = new Set(TOKEN_ACTIONS);
 
@@ -59,7 +65,7 @@ export interface TokenRequest {
   definition?: string;
   /** The VM key the token is bound to (`["a"]` and `"a"` are the same VM). */
   key: string | readonly string[];
-  /** The actions it allows (VM actions, "vmFetch", "connect", "status", "destroy"), or "*" (default: every one but "destroy"). */
+  /** The actions it allows (VM actions, "uploadFile", "downloadFile", "uploadTar", "downloadTar", "watch", "vmFetch", "connect", "status", "destroy"), or "*" (default: every one but "destroy"). */
   actions?: readonly TokenAction[] | "*";
   /** Lifetime in seconds (default 900, at most auth.maxTokenTtlSeconds). */
   expiresInSeconds?: number;
@@ -68,6 +74,8 @@ export interface TokenRequest {
 export interface MintedToken {
   /** Send as `Authorization: Bearer <token>` (the client's `token` option). */
   token: string;
+  /** Names the token for revokeToken (DELETE /api/tokens/{id}) without handing out the token itself. */
+  id: string;
   definition: string;
   key: string;
   actions: readonly TokenAction[] | "*";
@@ -127,17 +135,24 @@ export interface AuthenticatorOptions {
   /** Definition names the registry serves. */
   definitions: readonly string[];
   maxTokenTtlSeconds?: number;
+  /** Where revocations are kept (SQLite on a server); without it no token can be revoked. */
+  revocations?: TokenRevocationStore;
 }
+
+/** What a token id looks like: 128 random bits, base64url. */
+const TOKEN_ID = /^[A-Za-z0-9_-]{22}$/;
 
 export class Authenticator {
   readonly #hashes: Buffer[] = [];
   readonly #secret: Buffer;
   readonly #definitions: readonly string[];
   readonly #maxTtlSeconds: number;
+  readonly #revocations: TokenRevocationStore | undefined;
   #everKeyed = false;
 
   constructor(options: AuthenticatorOptions) {
     this.#secret = options.secret;
+    this.#revocations = options.revocations;
     this.#definitions = options.definitions;
     this.#maxTtlSeconds = options.maxTokenTtlSeconds ?? DEFAULT_MAX_TOKEN_TTL_SECONDS;
     if (!Number.isFinite(this.#maxTtlSeconds) || this.#maxTtlSeconds <= 0) throw invalidArgument(`auth.maxTokenTtlSeconds must be a positive number, got ${describe(options.maxTokenTtlSeconds)}`);
@@ -221,9 +236,38 @@ export class Authenticator {
     if (ttl > this.#maxTtlSeconds) throw invalidArgument(`createToken: expiresInSeconds ${ttl} is above auth.maxTokenTtlSeconds (${this.#maxTtlSeconds})`);
     const expiresAt = Math.floor(now + ttl * 1000);
     const list = actions === "*" ? "*" : ([...new Set(actions as TokenAction[])] as TokenAction[]);
-    const payload = Buffer.from(JSON.stringify({ v: 1, d: definition, k: key, a: list, exp: expiresAt })).toString("base64url");
+    const id = randomBytes(16).toString("base64url");
+    const payload = Buffer.from(JSON.stringify({ v: 1, i: id, d: definition, k: key, a: list, iat: Math.floor(now), exp: expiresAt })).toString("base64url");
     const token = `${TOKEN_PREFIX}${payload}.${this.#sign(payload).toString("base64url")}`;
-    return { token, definition, key, actions: list, expiresAt };
+    return { token, id, definition, key, actions: list, expiresAt };
+  }
+
+  /**
+   * Ends one token at once, named by the token itself or its id; false when it
+   * was revoked already. A token (or id) that was never valid is INVALID_ARGUMENT.
+   */
+  revokeToken(tokenOrId: unknown, now = Date.now()): boolean {
+    if (!this.#revocations) throw new AgentVmError("INTERNAL", "revokeToken: this authenticator has no revocation store");
+    if (typeof tokenOrId !== "string") throw invalidArgument(`revokeToken: pass the token or its id (MintedToken.id), got ${describe(tokenOrId)}`);
+    let id: string;
+    let expiresAt: number;
+    if (tokenOrId.startsWith(TOKEN_PREFIX)) {
+      const claims = this.#claims(tokenOrId);
+      if (typeof claims.i !== "string") throw invalidArgument("revokeToken: this token was minted before tokens had ids; it cannot be revoked alone (it expires by itself, or rotate the token secret)");
+      id = claims.i;
+      expiresAt = claims.exp as number;
+    } else {
+      if (!TOKEN_ID.test(tokenOrId)) throw invalidArgument(`revokeToken: ${describe(tokenOrId)} is neither a token (avt_…) nor a token id (22 base64url characters)`);
+      id = tokenOrId;
+      // Its expiry is not known from the id: keep the record as long as any token may live.
+      expiresAt = now + this.#maxTtlSeconds * 1000;
+    }
+    return this.#revocations.revoke(id, expiresAt);
+  }
+
+  /** Voids every token for this VM issued until now (a destroyed VM's key may start afresh). */
+  revokeTokensOfVm(definition: string, key: string, now = Date.now()): void {
+    this.#revocations?.setCutoff(definition, key, now);
   }
 
   #sign(payload: string): Buffer {
@@ -231,6 +275,19 @@ export class Authenticator {
   }
 
   #verifyToken(token: string, now: number): Credential {
+    const claims = this.#claims(token);
+    const actions = claims.a as readonly string[] | "*";
+    if ((claims.exp as number) <= now) throw new AgentVmError("UNAUTHENTICATED", `the token expired at ${new Date(claims.exp as number).toISOString()}; ask for a new one`);
+    if (typeof claims.i === "string" && this.#revocations?.isRevoked(claims.i)) throw new AgentVmError("UNAUTHENTICATED", "the token was revoked; ask for a new one");
+    const cutoff = this.#revocations?.cutoff(claims.d as string, claims.k as string);
+    if (cutoff !== undefined && (typeof claims.iat === "number" ? claims.iat : 0) < cutoff) {
+      throw new AgentVmError("UNAUTHENTICATED", `the token was issued before VM ${JSON.stringify(claims.k)} was destroyed, which ended it; ask for a new one`);
+    }
+    return { kind: "token", definition: claims.d as string, key: claims.k as string, actions, expiresAt: claims.exp as number };
+  }
+
+  /** A token's checked claims (signature and shape; not its expiry). */
+  #claims(token: string): { v: 1; i?: unknown; d: string; k: string; a: readonly string[] | "*"; iat?: unknown; exp: number } {
     const invalid = new AgentVmError("UNAUTHENTICATED", "the token is not valid on this server (malformed, or signed with another secret)");
     const dot = token.lastIndexOf(".");
     if (dot === -1) throw invalid;
@@ -238,7 +295,7 @@ export class Authenticator {
     const mac = Buffer.from(token.slice(dot + 1), "base64url");
     const expected = this.#sign(payload);
     if (mac.length !== expected.length || !timingSafeEqual(mac, expected)) throw invalid;
-    let claims: { v?: unknown; d?: unknown; k?: unknown; a?: unknown; exp?: unknown };
+    let claims: { v?: unknown; i?: unknown; d?: unknown; k?: unknown; a?: unknown; iat?: unknown; exp?: unknown };
     try {
       claims = JSON.parse(Buffer.from(payload, "base64url").toString("utf8")) as typeof claims;
     } catch {
@@ -246,8 +303,7 @@ export class Authenticator {
     }
     const actions = claims.a === "*" ? "*" : Array.isArray(claims.a) && claims.a.every((a) => typeof a === "string") ? (claims.a as string[]) : undefined;
     if (claims.v !== 1 || typeof claims.d !== "string" || typeof claims.k !== "string" || typeof claims.exp !== "number" || !actions) throw invalid;
-    if (claims.exp <= now) throw new AgentVmError("UNAUTHENTICATED", `the token expired at ${new Date(claims.exp).toISOString()}; ask for a new one`);
-    return { kind: "token", definition: claims.d, key: claims.k, actions, expiresAt: claims.exp };
+    return { ...claims, v: 1, d: claims.d, k: claims.k, a: actions, exp: claims.exp };
   }
 }
 

@@ -5,10 +5,15 @@
  *   ANY  /api/:definition/:key/fetch/:port/*     vmFetch, streamed both ways
  *   GET  /api/:definition/:key/events            processOutput / processExit as Server-Sent Events
  *   GET  /api/:definition/:key/status            awake or asleep, without waking it
+ *   GET|PUT /api/:definition/:key/files/*, tar/*, GET watch/*   streamed files (file-transfer-route.ts)
  *   GET  /api/:definition/vms                    list a definition's VMs (API key holders)
  *   DELETE /api/:definition/:key?confirm=:key    destroy a VM: processes, files, rows, previews
+ *   GET  /api/definitions                        the registry's VM definition names (API key holders)
  *   POST /api/tokens                             mint a scoped token (API key holders)
+ *   DELETE /api/tokens/:id                       revoke a scoped token (API key holders)
+ *   GET  /  and /dashboard/*                     the dashboard page (static; it calls the API above)
  *   GET  /health                                 no credentials needed
+ *   GET  /openapi.json                           this API as OpenAPI 3.1 (openapi.ts), no credentials needed
  *
  * Every failure is `{ "error": { "code", "message" } }` with a status derived
  * from the code and the `x-agentvm-error: 1` header, so a client can tell our
@@ -20,8 +25,11 @@ import { isVmAction } from "../actions.ts";
 import { AgentVmError, type ErrorCode } from "../errors.ts";
 import { AUTH_HEADER, CONTENT_ENCODING, decodeValue, encodeValue, ENVELOPE_TYPE, FETCH_TIMEOUT, FORWARD_HEADERS, toBase64, WireFormatError } from "../wire.ts";
 import type { Authenticator, TokenRequest } from "./auth.ts";
+import { isDashboardPath, serveDashboard } from "./dashboard-route.ts";
 import { refuseFormPost, requireBodyType, type OriginPolicy } from "./request-origin.ts";
-import type { DestroyResult, VmActor, VmSummary } from "./vm-actor.ts";
+import { EventStream } from "./event-stream.ts";
+import { isTransferRoute, serveTransfer, transferAction, TRANSFER_ROUTES, type TransferRoute } from "./file-transfer-route.ts";
+import type { DestroyResult, VmActor, VmStatus, VmSummary } from "./vm-actor.ts";
 import type { ProcessOutputEvent } from "../vm.ts";
 
 export const MAX_KEY_LENGTH = 256;
@@ -54,6 +62,9 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   ENOTDIR: 409,
   VM_DISPOSED: 410,
   PAYLOAD_TOO_LARGE: 413,
+  HEADERS_TOO_LARGE: 431,
+  TOO_MANY_CONNECTIONS: 429,
+  TOO_MANY_VMS: 507,
   EAGAIN: 429,
   LIMIT_EXCEEDED: 429,
   EMFILE: 429,
@@ -70,6 +81,8 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   VM_NODE_UNAVAILABLE: 503,
   VM_MOVED: 409,
   ETIMEDOUT: 504,
+  VM_DISK_FULL: 507,
+  RANGE_NOT_SATISFIABLE: 416,
 };
 
 /** Headers that describe one hop, never forwarded by a proxy (RFC 9110 §7.6.1). */
@@ -89,9 +102,15 @@ export interface ApiContext {
   /** Finds (or creates) the actor for a definition and key; undefined when the definition is unknown. */
   actor(definition: string, key: string): VmActor | undefined;
   hasDefinition(definition: string): boolean;
+  /** The registry's definition names. */
+  definitions(): string[];
   /** A definition's VMs in key order, after `after`, at most `limit`. */
   listVms(definition: string, options: { after?: string; limit?: number }): VmSummary[];
   destroyVm(definition: string, key: string): Promise<DestroyResult>;
+  /** The OpenAPI document of this server (GET /openapi.json). */
+  openApi(): unknown;
+  /** A VM's status, read without creating an actor for it or waking it. */
+  vmStatus(definition: string, key: string): VmStatus;
   auth: Authenticator;
   origins: OriginPolicy;
   maxBodyBytes: number;
@@ -100,6 +119,8 @@ export interface ApiContext {
 }
 
 const TOKEN_BODY_LIMIT = 64 * 1024;
+/** No action takes more arguments than this; more would only be spread onto the stack. */
+export const MAX_ACTION_ARGS = 8;
 
 /** The HTTP status an error code is answered with (docs/errors.md lists them). */
 export function httpStatus(code: ErrorCode): number {
@@ -113,15 +134,24 @@ export function sendError(response: ServerResponse, error: unknown, extraHeaders
     return;
   }
   const body = JSON.stringify({ error: shaped.toJSON() });
+  // A refused body is not read to its end: the connection closes after the answer.
+  const refusedBody = shaped.code === "PAYLOAD_TOO_LARGE";
   response.writeHead(httpStatus(shaped.code), {
     "content-type": "application/json",
     "content-length": Buffer.byteLength(body),
     "x-agentvm-error": "1",
+    ...(refusedBody ? { connection: "close" } : {}),
     ...extraHeaders,
   });
   response.end(body);
+  if (refusedBody) response.once("finish", () => response.req?.destroy());
 }
 
+/**
+ * Reads a body up to `limit` bytes. Past the limit (declared or streamed) it stops
+ * reading at once: the error response closes the connection, so the rest of the
+ * body is never read or held.
+ */
 async function readBody(request: IncomingMessage, limit: number): Promise<Uint8Array> {
   const declared = Number(request.headers["content-length"] ?? 0);
   if (declared > limit) throw tooLarge(limit);
@@ -136,7 +166,10 @@ async function readBody(request: IncomingMessage, limit: number): Promise<Uint8A
 }
 
 function tooLarge(limit: number): AgentVmError {
-  return new AgentVmError("PAYLOAD_TOO_LARGE", `request body is larger than the server's limit of ${limit} bytes (maxBodyBytes); send big data in pieces or use vmFetchStream`);
+  return new AgentVmError(
+    "PAYLOAD_TOO_LARGE",
+    `request body is larger than the server's limit of ${limit} bytes (start({ limits: { maxBodyBytes } }) / AGENTVM_MAX_BODY_BYTES); send big data in pieces or through vmFetch, which streams`,
+  );
 }
 
 function decodeKey(raw: string): string {
@@ -144,7 +177,7 @@ function decodeKey(raw: string): string {
   try {
     key = decodeURIComponent(raw);
   } catch {
-    throw new AgentVmError("INVALID_ARGUMENT", "VM key in the URL is not valid percent-encoding");
+    throw new AgentVmError("MALFORMED_REQUEST", "VM key in the URL is not valid percent-encoding (e.g. %ff); encode it with encodeURIComponent");
   }
   if (key.length === 0 || key.length > MAX_KEY_LENGTH) {
     throw new AgentVmError("INVALID_ARGUMENT", `VM key must be 1 to ${MAX_KEY_LENGTH} characters, got ${key.length}`);
@@ -155,13 +188,16 @@ function decodeKey(raw: string): string {
 
 type Route =
   | { kind: "health" }
+  | { kind: "openapi" }
   | { kind: "tokens" }
+  | { kind: "revokeToken"; id: string }
+  | { kind: "definitions" }
   | { kind: "list"; definition: string }
   | {
       kind: "vm";
       definition: string;
       key: string;
-      route: "actions" | "fetch" | "events" | "status" | "destroy";
+      route: "actions" | "fetch" | "events" | "status" | "destroy" | TransferRoute;
       /** The action name or the port ("" for events and status). */
       segment: string;
       /** What a token's actions list must hold for this request. */
@@ -170,9 +206,14 @@ type Route =
       rest: string | undefined;
     };
 
-const VM_ROUTE = /^\/api\/([^/]+)\/([^/]+)\/(actions\/[^/]+|fetch\/[^/]+|events|status)(\/.*)?$/;
+/** `/api/tokens/{id}`: DELETE revokes a scoped token. */
+const TOKEN_ITEM = /^\/api\/tokens\/([^/]+)$/;
+const VM_ROUTE = new RegExp(`^/api/([^/]+)/([^/]+)/(actions/[^/]+|fetch/[^/]+|events|status|${TRANSFER_ROUTES.join("|")})(/.*)?$`);
 /** `/api/{definition}/{key}`: GET /api/{definition}/vms lists, DELETE destroys the VM `key` (which may be "vms"). */
 const VM_ITEM = /^\/api\/([^/]+)\/([^/]+)$/;
+
+/** Paths answered without credentials: they reveal nothing about any VM. */
+const PUBLIC_PATHS: ReadonlySet<string> = new Set(["/health", "/openapi.json"]);
 
 /** Largest page of GET /api/{definition}/vms. */
 export const MAX_LIST_LIMIT = 1000;
@@ -181,15 +222,25 @@ function decodeDefinition(raw: string): string {
   try {
     return decodeURIComponent(raw);
   } catch {
-    throw new AgentVmError("UNKNOWN_ACTION", "the definition name in the URL is not valid percent-encoding");
+    throw new AgentVmError("MALFORMED_REQUEST", "the definition name in the URL is not valid percent-encoding (e.g. %ff); encode it with encodeURIComponent");
   }
 }
 
 function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): Route {
   if (url.pathname === "/health") return { kind: "health" };
+  if (url.pathname === "/openapi.json" && request.method === "GET") return { kind: "openapi" };
   if (url.pathname === "/api/tokens") {
     if (request.method !== "POST") throw new AgentVmError("UNKNOWN_ACTION", `tokens are minted with POST, not ${request.method}`);
     return { kind: "tokens" };
+  }
+  const revoke = TOKEN_ITEM.exec(url.pathname);
+  if (revoke && !context.hasDefinition("tokens")) {
+    if (request.method !== "DELETE") throw new AgentVmError("UNKNOWN_ACTION", `a token is revoked with DELETE, not ${request.method}`);
+    return { kind: "revokeToken", id: decodeKey(revoke[1]!) };
+  }
+  if (url.pathname === "/api/definitions") {
+    if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `definitions are listed with GET, not ${request.method}`);
+    return { kind: "definitions" };
   }
   const item = VM_ITEM.exec(url.pathname);
   if (item && (request.method === "DELETE" || (request.method === "GET" && item[2] === "vms"))) {
@@ -203,8 +254,8 @@ function resolveRoute(context: ApiContext, request: IncomingMessage, url: URL): 
   const definition = decodeDefinition(match[1]!);
   if (!context.hasDefinition(definition)) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(definition)} in this registry`);
   const key = decodeKey(match[2]!);
-  const [route, segment = ""] = match[3]!.split("/") as ["actions" | "fetch" | "events" | "status", string | undefined];
-  const action = route === "actions" ? segment : route === "fetch" ? "vmFetch" : route === "events" ? "connect" : "status";
+  const [route, segment = ""] = match[3]!.split("/") as ["actions" | "fetch" | "events" | "status" | TransferRoute, string | undefined];
+  const action = isTransferRoute(route) ? transferAction(route, request.method) : route === "actions" ? segment : route === "fetch" ? "vmFetch" : route === "events" ? "connect" : "status";
   return { kind: "vm", definition, key, route, segment, action, rest: match[4] };
 }
 
@@ -218,18 +269,36 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     context.origins.checkHost(request);
     context.origins.checkOrigin(request);
     const url = new URL(request.url ?? "/", "http://localhost");
+    if (isDashboardPath(url.pathname)) {
+      await serveDashboard(request, response, url.pathname);
+      return;
+    }
     // Credentials first (401 before 404), except for the health probe.
     const credentialHeader = request.headers[AUTH_HEADER] !== undefined ? AUTH_HEADER : "authorization";
-    const credential = url.pathname === "/health" ? undefined : context.auth.authenticate(headerText(request.headers[credentialHeader]));
+    const credential = PUBLIC_PATHS.has(url.pathname) ? undefined : context.auth.authenticate(headerText(request.headers[credentialHeader]));
     const route = resolveRoute(context, request, url);
     if (route.kind === "health") {
       sendRaw(response, { ok: true });
+      return;
+    }
+    if (route.kind === "openapi") {
+      sendRaw(response, context.openApi());
       return;
     }
     if (route.kind === "tokens") {
       context.auth.requireApiKey(credential!, "minting a token (POST /api/tokens)");
       requireBodyType(request, "POST /api/tokens");
       await mintToken(context, request, response);
+      return;
+    }
+    if (route.kind === "revokeToken") {
+      context.auth.requireApiKey(credential!, "revoking a token (DELETE /api/tokens/{id})");
+      sendJson(response, { revoked: context.auth.revokeToken(route.id) });
+      return;
+    }
+    if (route.kind === "definitions") {
+      context.auth.requireApiKey(credential!, "listing definitions (GET /api/definitions)");
+      sendJson(response, context.definitions());
       return;
     }
     if (route.kind === "list") {
@@ -246,17 +315,24 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     }
     if (route.route === "actions" && request.method === "POST") requireBodyType(request, `action ${route.segment}`);
     if (route.route === "fetch") refuseFormPost(request);
+    // A status read creates nothing: asking about a million keys must not keep a million actors.
+    if (route.route === "status" && route.rest === undefined && request.method === "GET") return sendJson(response, context.vmStatus(route.definition, route.key));
     const actor = context.actor(route.definition, route.key);
     if (!actor) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(route.definition)} in this registry`);
-    if (route.route === "actions" && route.rest === undefined) await callAction(context, actor, route.segment, request, response);
-    else if (route.route === "fetch") {
-      // The credential is ours, not the guest's: it is not forwarded.
-      const consumed = credential!.kind === "open" ? AUTH_HEADER : credentialHeader;
-      await proxyFetch(actor, route.segment, `${route.rest ?? "/"}${url.search}`, request, response, consumed);
+    // Held for the whole request, so even a request refused halfway lets the actor go idle (and be dropped).
+    const release = actor.hold();
+    try {
+      if (route.route === "actions" && route.rest === undefined) await callAction(context, actor, route.segment, request, response);
+      else if (route.route === "fetch") {
+        // The credential is ours, not the guest's: it is not forwarded.
+        const consumed = credential!.kind === "open" ? AUTH_HEADER : credentialHeader;
+        await proxyFetch(actor, route.segment, `${route.rest ?? "/"}${url.search}`, request, response, consumed);
+      } else if (route.route === "events" && route.rest === undefined) await streamEvents(actor, request, response);
+      else if (isTransferRoute(route.route)) await serveTransfer(actor, route.route, route.rest, url, request, response);
+      else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
+    } finally {
+      release();
     }
-    else if (route.route === "events" && route.rest === undefined) await streamEvents(actor, request, response);
-    else if (route.route === "status" && route.rest === undefined && request.method === "GET") sendJson(response, actor.status());
-    else throw new AgentVmError("UNKNOWN_ACTION", `no route ${request.method} ${url.pathname}`);
   } catch (error) {
     sendError(response, error);
   }
@@ -325,6 +401,7 @@ async function callAction(context: ApiContext, actor: VmActor, action: string, r
   }
   if (args === null || args === undefined) args = [];
   if (!Array.isArray(args)) throw new AgentVmError("MALFORMED_REQUEST", `${action}: the body must carry an array of arguments, e.g. {"value": ["/home/agentos/a.txt"]}`);
+  if (args.length > MAX_ACTION_ARGS) throw new AgentVmError("MALFORMED_REQUEST", `${action}: ${args.length} arguments; no action takes more than ${MAX_ACTION_ARGS}`);
   const result = await actor.use((vm) => (vm[action] as (...a: unknown[]) => unknown).apply(vm, args as unknown[]));
   const wantsEnvelope = String(request.headers.accept ?? "").includes(ENVELOPE_TYPE);
   const encoded = encodeValue(result, { base64: !wantsEnvelope });
@@ -356,14 +433,16 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   const release = actor.hold();
   response.once("close", release);
   try {
-    const upstream = await actor.use((vm) =>
-      vm.vmFetchReadable(port, path, {
+    const upstream = await actor.use(async (vm) => {
+      // Right after a wake, a restarted dev server may not listen yet: give it the time a preview gets.
+      await actor.waitForRestartedPort(vm, port, RESTART_WAIT_MS);
+      return vm.vmFetchReadable(port, path, {
         method: request.method ?? "GET",
         headers,
         body: hasBody ? (request as AsyncIterable<Uint8Array>) : null,
         ...(typeof timeoutMs === "string" ? { timeoutMs: Number(timeoutMs) } : {}),
-      }),
-    );
+      });
+    });
     const outHeaders: Record<string, string | string[]> = {};
     for (const [name, value] of Object.entries(upstream.headers)) {
       if (HOP_BY_HOP.has(name)) continue;
@@ -384,9 +463,8 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   }
 }
 
-/** How far an event subscriber may fall behind before it is cut off, and how long its last words wait to be read. */
-const EVENTS_BUFFER_BYTES = 8 * 1024 * 1024;
-const EVENTS_DRAIN_MS = 5_000;
+/** How long a vmFetch right after a wake waits for a restarted process's port. */
+const RESTART_WAIT_MS = 30_000;
 
 async function streamEvents(actor: VmActor, request: IncomingMessage, response: ServerResponse): Promise<void> {
   if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `events are read with GET, not ${request.method}`);
@@ -397,45 +475,19 @@ async function streamEvents(actor: VmActor, request: IncomingMessage, response: 
   }
   const vm = await actor.wake();
   const release = actor.hold();
-  response.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", "x-accel-buffering": "no" });
-  response.flushHeaders();
-  let cutOff = false;
-  const send = (event: string, data: unknown) => {
-    if (cutOff) return;
-    // A subscriber that does not read would make the server hold every event for it.
-    if (response.writableLength > EVENTS_BUFFER_BYTES) {
-      closeWith(new AgentVmError("EVENTS_TOO_SLOW", `this event stream fell more than ${EVENTS_BUFFER_BYTES} bytes behind and was closed; read events as they come, or reconnect`));
-      return;
-    }
-    response.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
-  };
-  /** Ends the stream with a last `error` event saying why. */
-  const closeWith = (reason: AgentVmError) => {
-    if (cutOff) return;
-    cutOff = true;
+  const stream = new EventStream(response, () => {
     unsubscribe();
-    // The connection ends with the stream (not kept alive), and if the reader never reads
-    // again, what is buffered for it is let go.
-    const socket = response.socket;
-    response.end(`event: error\ndata: ${JSON.stringify(reason.toJSON())}\n\n`, () => socket?.end());
-    setTimeout(() => socket?.destroy(), EVENTS_DRAIN_MS).unref();
-  };
-  const output = (event: ProcessOutputEvent) => send("processOutput", { pid: event.pid, stream: event.stream, seq: event.seq, data: { $base64: toBase64(event.data) } });
+    release();
+  });
+  const output = (event: ProcessOutputEvent) => stream.send("processOutput", { pid: event.pid, stream: event.stream, seq: event.seq, data: { $base64: toBase64(event.data) } });
   // `?since=<seq>` first replays what the processes' logs hold after that position. Read and
   // subscribe in the same turn, so no event falls between the replay and the live ones.
   const backlog = since === undefined ? [] : vm.outputSince(since);
   const unsubscribe = actor.subscribe({
     processOutput: output,
-    processExit: (event) => send("processExit", event),
-    destroyed: () => closeWith(new AgentVmError("VM_DISPOSED", `VM ${JSON.stringify(actor.key)} was destroyed; its processes and files are gone (the key starts a fresh VM on next use)`)),
+    processExit: (event) => stream.send("processExit", event),
+    destroyed: () => stream.closeWith(new AgentVmError("VM_DISPOSED", `VM ${JSON.stringify(actor.key)} was destroyed; its processes and files are gone (the key starts a fresh VM on next use)`)),
   });
-  response.write(": connected\n\n");
+  stream.open();
   for (const event of backlog) output(event);
-  const heartbeat = setInterval(() => response.write(": keep-alive\n\n"), 15_000);
-  heartbeat.unref();
-  response.once("close", () => {
-    clearInterval(heartbeat);
-    unsubscribe();
-    release();
-  });
 }

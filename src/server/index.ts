@@ -1,7 +1,10 @@
 export { agentOS, agentOs, isVmDefinition } from "./definition.ts";
-export type { AgentOsConfig, PreviewConfig, SoftwarePackage, VmDefinition } from "./definition.ts";
+export type { AgentOsConfig, PreviewConfig, SoftwarePackage, VmDefinition, LifecycleConfig, ServiceConfig } from "./definition.ts";
+export type { ServerLimits } from "./server-limits.ts";
+export type { PreviewUrlMode } from "./preview-public-url.ts";
+export type { LogLevel } from "../log.ts";
 export { setup, Registry } from "./registry.ts";
 export type { StartOptions, RunningServer } from "./registry.ts";
-export type { DestroyResult, VmSummary } from "./vm-actor.ts";
+export type { DestroyResult, VmStatus, VmSummary } from "./vm-actor.ts";
 export { generateApiKey, hashApiKey, TOKEN_ACTIONS } from "./auth.ts";
 export type { AuthOptions, MintedToken, TokenAction, TokenRequest } from "./auth.ts";

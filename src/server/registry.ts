@@ -14,14 +14,22 @@ import { ensureImage } from "../image/index.ts";
 import { describe, expectKnownKeys, expectObject, expectString } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
 import { handleApi, MAX_LIST_LIMIT, sendError } from "./http-api.ts";
-import { apiKeysFromEnv, Authenticator, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
+import { TokenRevocations } from "../store/token-revocations.ts";
+import { apiKeysFromEnv, Authenticator, DEFAULT_MAX_TOKEN_TTL_SECONDS, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
 import { isLoopbackHost, OriginPolicy } from "./request-origin.ts";
-import { VmActor, type DestroyResult, type VmSummary } from "./vm-actor.ts";
+import { asleepStatus, VmActor, type DestroyResult, type VmStatus, type VmSummary } from "./vm-actor.ts";
 import { canonicalKey } from "../client/client.ts";
 import { PreviewGateway } from "../net/gateway.ts";
 import { PreviewRedirect } from "../net/preview-redirect.ts";
 import { PreviewStore } from "../store/preview-store.ts";
 import type { Duplex } from "node:stream";
+import { parseServerLimits, type ServerLimits } from "./server-limits.ts";
+import { startLifetimeSweep } from "./lifetime-sweep.ts";
+import { buildOpenApi } from "./openapi.ts";
+import { withAccessLog } from "./access-log.ts";
+import { parsePreviewPublicConfig, previewUrlBuilder, type PreviewUrlMode } from "./preview-public-url.ts";
+import { parseLogLevel, setLogLevel, type LogLevel } from "../log.ts";
+import { guardConnections } from "./connection-guard.ts";
 
 export interface StartOptions {
   /** Port to listen on (default: PORT, else 6420; 0 picks a free one). */
@@ -30,8 +38,15 @@ export interface StartOptions {
   host?: string;
   /** Where SQLite and VM directories live (default: AGENTVM_DATA_DIR, else ./.agentvm). */
   dataDir?: string;
-  /** Largest action request body in bytes (default 1 GiB). vmFetch bodies stream and are not capped. */
+  /** Same as limits.maxBodyBytes (kept for existing callers). */
   maxBodyBytes?: number;
+  /** Caps on what one client can make the server hold; see src/server/server-limits.ts for defaults and env variables. */
+  limits?: Partial<ServerLimits>;
+  /**
+   * Which log lines are written (default: AGENTVM_LOG_LEVEL, else "warn"): "debug", "info"
+   * (adds one JSON access-log line per request), "warn", "error" or "silent".
+   */
+  logLevel?: LogLevel;
   /** Shut down cleanly on SIGINT/SIGTERM and exit (default true). */
   handleSignals?: boolean;
   /**
@@ -64,6 +79,14 @@ export interface StartOptions {
     maxBodyBytes?: number;
     /** How often expired tokens are deleted (default 60000 ms). */
     sweepIntervalMs?: number;
+    /**
+     * The origin browsers reach previews on when it is not the listener's own (behind a proxy),
+     * e.g. "https://previews.example.com": `preview.url` and the API's redirects use it.
+     * Default: AGENTVM_PREVIEW_PUBLIC_URL, else the listener's address.
+     */
+    publicUrl?: string;
+    /** "path" (default): `<origin>/preview/<token>/`; "subdomain": `<scheme>://<token>.<host>[:port]/`. */
+    mode?: PreviewUrlMode;
   };
 }
 
@@ -77,12 +100,16 @@ export interface RunningServer {
   readonly dataDir: string;
   /** False while the API is open (loopback, no API key configured). */
   readonly authRequired: boolean;
+  /** VM actors held in memory now: the awake VMs plus any with a request or stream in flight (asleep, idle VMs cost nothing). */
+  readonly actorsInMemory: number;
   /** Mints a short-lived token scoped to one VM and a set of actions. */
   createToken(request: TokenRequest): MintedToken;
   /** Accepts another API key from now on. */
   addApiKey(key: string | { sha256: string }): void;
   /** Refuses an API key from now on; true when it was known. */
   revokeApiKey(key: string | { sha256: string }): boolean;
+  /** Ends one scoped token at once (the token, or its `id`); false when it was revoked already. Lasts across restarts. */
+  revokeToken(tokenOrId: string): boolean;
   /** A definition's VMs in key order (at most `limit`, default and maximum 1000; page with `after`: the last key seen). */
   listVms(definition: string, options?: { after?: string; limit?: number }): VmSummary[];
   /**
@@ -117,6 +144,9 @@ export class Registry<Use extends Record<string, VmDefinition>> {
           ...server,
           get authRequired() {
             return server.authRequired;
+          },
+          get actorsInMemory() {
+            return server.actorsInMemory;
           },
           close: () => server.close().finally(forget),
         }),
@@ -181,13 +211,16 @@ export function startServerWithHooks(registry: Registry<Record<string, VmDefinit
 
 async function startServer(use: Record<string, VmDefinition>, options: StartOptions, hooks: ServerHooks = {}): Promise<RunningServer> {
   const config = expectObject("start options", options);
-  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "handleSignals", "preview", "auth", "allowedHosts", "allowedOrigins"]);
+  expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "limits", "logLevel", "handleSignals", "preview", "auth", "allowedHosts", "allowedOrigins"]);
+  const limits = parseServerLimits(config.limits, process.env, config.maxBodyBytes);
+  setLogLevel(parseLogLevel(config.logLevel));
   const authOptions = config.auth === undefined ? {} : expectObject("start options.auth", config.auth);
   expectKnownKeys("start options.auth", authOptions, ["apiKeys", "maxTokenTtlSeconds"]);
   if (authOptions.apiKeys !== undefined && !Array.isArray(authOptions.apiKeys)) throw invalidArgument(`start options.auth.apiKeys must be an array of keys, got ${describe(authOptions.apiKeys)}`);
   const apiKeys = [...((authOptions.apiKeys as AuthOptions["apiKeys"]) ?? []), ...apiKeysFromEnv(process.env.AGENTVM_API_KEYS)];
   const previewOptions = config.preview === undefined ? {} : expectObject("start options.preview", config.preview);
-  expectKnownKeys("start options.preview", previewOptions, ["port", "listenHost", "host", "responseTimeoutMs", "maxBodyBytes", "sweepIntervalMs"]);
+  expectKnownKeys("start options.preview", previewOptions, ["port", "listenHost", "host", "responseTimeoutMs", "maxBodyBytes", "sweepIntervalMs", "publicUrl", "mode"]);
+  const previewPublic = parsePreviewPublicConfig(previewOptions.publicUrl, previewOptions.mode);
   const port = options.port ?? (process.env.PORT ? Number(process.env.PORT) : 6420);
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw invalidArgument(`port must be an integer from 0 to 65535, got ${describe(port)}`);
   const host = options.host ?? process.env.HOST ?? "localhost";
@@ -199,7 +232,6 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   }
   if (port !== 0 && previewPort === port && previewHost === host) throw invalidArgument(`preview.port must differ from the API port ${port}: previews are served on their own origin`);
   const dataDir = resolve(options.dataDir ?? process.env.AGENTVM_DATA_DIR ?? ".agentvm");
-  const maxBodyBytes = options.maxBodyBytes ?? 1024 ** 3;
   const origins = new OriginPolicy({
     host,
     ...(options.allowedHosts !== undefined ? { allowedHosts: options.allowedHosts } : {}),
@@ -221,6 +253,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   // Say it at start-up, not only on the first spawn: without bubblewrap no guest can run.
   findBubblewrap().catch((error: Error) => console.error(`agentvm: ${error.message}`));
   const store = new SqliteStore(dataDir);
+  const revocations = new TokenRevocations(store);
   let auth: Authenticator;
   try {
     auth = new Authenticator({
@@ -228,6 +261,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       secret: loadTokenSecret(dataDir),
       definitions: Object.keys(use),
       ...(authOptions.maxTokenTtlSeconds !== undefined ? { maxTokenTtlSeconds: authOptions.maxTokenTtlSeconds as number } : {}),
+      revocations,
     });
   } catch (error) {
     store.close();
@@ -238,15 +272,19 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   let closing = false;
   /** Set once the preview listener is bound, before the API takes requests. */
   let previewUrl = "";
+  let previewUrlFor: (token: string) => string = () => "";
   const requireDefinition = (name: string, what: string) => {
     if (!Object.hasOwn(use, name)) throw new AgentVmError("UNKNOWN_ACTION", `${what}: no VM definition named ${JSON.stringify(name)} in this registry`);
   };
+  let openApiDocument: unknown;
   const context = {
-    maxBodyBytes,
+    maxBodyBytes: limits.maxBodyBytes,
+    openApi: () => (openApiDocument ??= buildOpenApi(Object.keys(use))),
     ...(hooks.placement ? { placement: hooks.placement } : {}),
     auth,
     origins,
     hasDefinition: (name: string) => Object.hasOwn(use, name),
+    definitions: () => Object.keys(use),
     listVms(definitionName: string, options: { after?: string; limit?: number } = {}): VmSummary[] {
       requireDefinition(definitionName, "listVms");
       const limit = options.limit ?? MAX_LIST_LIMIT;
@@ -258,12 +296,20 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
         createdAt: record.createdAt,
         lastActiveAt: record.lastActiveAt,
         wakeCount: record.wakeCount,
+        diskBytes: record.diskBytes,
         ...(record.destroying ? { destroying: true as const } : {}),
       }));
     },
+    vmStatus(definitionName: string, key: string): VmStatus {
+      requireDefinition(definitionName, "status");
+      return actors.get(`${definitionName}\u0000${key}`)?.status() ?? asleepStatus(store, definitionName, key);
+    },
     destroyVm(definitionName: string, key: string): Promise<DestroyResult> {
       requireDefinition(definitionName, "destroyVm");
-      return context.actor(definitionName, key)!.destroy();
+      const actor = context.actor(definitionName, key)!;
+      // Its tokens end with it: the key may start a fresh VM that they must not reach.
+      auth.revokeTokensOfVm(definitionName, key);
+      return actor.destroy();
     },
     actor(definitionName: string, key: string): VmActor | undefined {
       const definition = Object.hasOwn(use, definitionName) ? use[definitionName] : undefined;
@@ -272,17 +318,27 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       const id = `${definitionName}\u0000${key}`;
       let actor = actors.get(id);
       if (!actor) {
-        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewOrigin: previewUrl, ...(hooks.previewOwner !== undefined ? { previewOwner: hooks.previewOwner } : {}) });
+        // An actor is kept only while it holds something (an awake VM, a request, a stream);
+        // an idle one is dropped, so keys that were only asked about cost nothing.
+        const onIdle = (idle: VmActor) => {
+          if (actors.get(id) === idle) actors.delete(id);
+        };
+        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewUrl: (token) => previewUrlFor(token), onIdle, maxVms: limits.maxVmsPerDefinition, ...(hooks.previewOwner !== undefined ? { previewOwner: hooks.previewOwner } : {}) });
         actors.set(id, actor);
       }
       return actor;
     },
   };
 
+  const previewResponseTimeoutMs = Number(previewOptions.responseTimeoutMs ?? 60_000);
   const gateway = new PreviewGateway({
     store: previews,
     ...(hooks.forwardPreview && hooks.previewOwner !== undefined ? { elsewhere: { self: hooks.previewOwner, forward: hooks.forwardPreview } } : {}),
-    ...(previewOptions.host !== undefined ? { previewHost: String(previewOptions.host) } : {}),
+    ...(previewOptions.host !== undefined
+      ? { previewHost: String(previewOptions.host) }
+      : previewPublic.mode === "subdomain" && previewPublic.publicUrl
+        ? { previewHost: previewPublic.publicUrl.hostname }
+        : {}),
     ...(previewOptions.responseTimeoutMs !== undefined ? { responseTimeoutMs: Number(previewOptions.responseTimeoutMs) } : {}),
     ...(previewOptions.maxBodyBytes !== undefined ? { maxBodyBytes: Number(previewOptions.maxBodyBytes) } : {}),
     async acquire(row) {
@@ -290,41 +346,56 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       if (!actor) throw new AgentVmError("UNKNOWN_ACTION", `this server no longer defines ${row.definition}`);
       const release = actor.hold();
       try {
-        return { vm: await actor.wake(), release };
+        const vm = await actor.wake();
+        // A dev server that restarts on wake needs a moment before its port answers.
+        await actor.waitForRestartedPort(vm, row.port, previewResponseTimeoutMs);
+        return { vm, release };
       } catch (error) {
         release();
         throw error;
       }
     },
   });
-  const sweep = setInterval(() => previews.sweep(Date.now()), Number(previewOptions.sweepIntervalMs ?? 60_000));
+  const maxTokenTtlMs = Number(authOptions.maxTokenTtlSeconds ?? DEFAULT_MAX_TOKEN_TTL_SECONDS) * 1000;
+  const sweep = setInterval(() => {
+    previews.sweep(Date.now());
+    revocations.sweep(Date.now(), maxTokenTtlMs);
+  }, Number(previewOptions.sweepIntervalMs ?? 60_000));
   sweep.unref();
+  const lifetimes = startLifetimeSweep(use, store, (definition, key) => context.destroyVm(definition, key));
 
   let redirect: PreviewRedirect | undefined;
-  const apiHandler = (request: IncomingMessage, response: ServerResponse) => {
+  const apiHandler = withAccessLog("api", (request: IncomingMessage, response: ServerResponse) => {
     // A preview URL sent to the API origin goes to the preview origin: it is never served here.
     if (redirect!.handleRequest(request, response)) return;
     handleApi(context, request, response).catch((error) => sendError(response, error));
-  };
-  const previewHandler = (request: IncomingMessage, response: ServerResponse) => {
+  });
+  let previewHosts: OriginPolicy | undefined;
+  const previewHandler = withAccessLog("preview", (request: IncomingMessage, response: ServerResponse) => {
+    try {
+      previewHosts!.checkHost(request);
+    } catch (error) {
+      return sendError(response, error);
+    }
     if (gateway.handleRequest(request, response)) return;
     const body = `Not a preview URL. Previews are /preview/<token>/… or <token>.${gateway.previewHost}; the API is on another origin.\n`;
     response.writeHead(404, { "content-type": "text/plain; charset=utf-8", "content-length": Buffer.byteLength(body), "access-control-allow-origin": "*" });
     response.end(body);
-  };
+  });
 
   let servers: Server[];
   let previewServers: Server[];
   try {
-    servers = await listenAll(host, port, apiHandler);
+    servers = await listenAll(host, port, apiHandler, limits, "API");
     try {
-      previewServers = await listenAll(previewHost, previewPort as number, previewHandler, "preview.port / AGENTVM_PREVIEW_PORT");
+      previewServers = await listenAll(previewHost, previewPort as number, previewHandler, limits, "preview origin", "preview.port / AGENTVM_PREVIEW_PORT");
     } catch (error) {
       for (const server of servers) server.close();
       throw error;
     }
   } catch (error) {
     clearInterval(sweep);
+    lifetimes.stop();
     store.close();
     throw error;
   }
@@ -332,7 +403,18 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const url = `http://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
   const boundPreviewPort = (previewServers[0]!.address() as { port: number }).port;
   previewUrl = `http://${previewHost.includes(":") ? `[${previewHost}]` : previewHost}:${boundPreviewPort}`;
-  redirect = new PreviewRedirect(gateway, previewUrl);
+  previewUrlFor = previewUrlBuilder(previewPublic, previewUrl, gateway.previewHost);
+  // Browsers are sent where they can reach previews: the public URL when the server is behind a proxy.
+  redirect = new PreviewRedirect(gateway, previewPublic.publicUrl?.origin ?? previewUrl);
+  // The preview listener answers its own names only (DNS rebinding): loopback names and IPs, its
+  // listen host, the subdomain host and its subdomains, the public URL's host, and allowedHosts.
+  previewHosts = new OriginPolicy({
+    host: previewHost,
+    allowedHosts:
+      options.allowedHosts === true
+        ? true
+        : [...(options.allowedHosts ?? []), `.${gateway.previewHost}`, ...(previewPublic.publicUrl ? [previewPublic.publicUrl.hostname] : [])],
+  });
   // Upgraded sockets (preview WebSockets) leave the HTTP server's bookkeeping, so
   // closeAllConnections does not end them and server.close would wait for them forever.
   const upgraded = new Set<Duplex>();
@@ -344,7 +426,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   }
   for (const server of previewServers) {
     server.on("upgrade", (request: IncomingMessage, socket: Duplex, head: Buffer) => {
-      if (closing || !gateway.handleUpgrade(request, socket, head)) return void socket.destroy();
+      if (closing || !hostAllowed(previewHosts!, request) || !gateway.handleUpgrade(request, socket, head)) return void socket.destroy();
       upgraded.add(socket);
       socket.once("close", () => upgraded.delete(socket));
     });
@@ -363,6 +445,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     (closed ??= (async () => {
       closing = true;
       clearInterval(sweep);
+      lifetimes.stop();
       process.off("SIGINT", onSignal);
       process.off("SIGTERM", onSignal);
       for (const socket of upgraded) socket.destroy();
@@ -402,22 +485,44 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     get authRequired() {
       return !auth.open;
     },
+    get actorsInMemory() {
+      return actors.size;
+    },
     createToken: (request: TokenRequest) => auth.mintToken(request),
     addApiKey: (key: string | { sha256: string }) => auth.addApiKey(key),
     revokeApiKey: (key: string | { sha256: string }) => auth.revokeApiKey(key),
+    revokeToken: (tokenOrId: string) => auth.revokeToken(tokenOrId),
     listVms: (definition: string, options?: { after?: string; limit?: number }) => context.listVms(definition, options),
     destroyVm: async (definition: string, key: string | readonly string[]) => context.destroyVm(definition, canonicalKey(key)),
     close,
   };
 }
 
+function hostAllowed(policy: OriginPolicy, request: IncomingMessage): boolean {
+  try {
+    policy.checkHost(request);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** "localhost" means both loopback families, as browsers and fetch may try either. */
-async function listenAll(host: string, port: number, handler: (request: IncomingMessage, response: ServerResponse) => void, portOption = "start({ port }) / PORT"): Promise<Server[]> {
+async function listenAll(
+  host: string,
+  port: number,
+  handler: (request: IncomingMessage, response: ServerResponse) => void,
+  limits: ServerLimits,
+  what: string,
+  portOption = "start({ port }) / PORT",
+): Promise<Server[]> {
   const hosts = host === "localhost" ? ["127.0.0.1", "::1"] : [host];
   const servers: Server[] = [];
   let chosenPort = port;
   for (const [index, address] of hosts.entries()) {
-    const server = createServer({ keepAliveTimeout: 65_000 }, handler);
+    const server = createServer({ keepAliveTimeout: 65_000, maxHeaderSize: limits.maxHeaderBytes }, handler);
+    server.maxHeadersCount = limits.maxHeadersCount;
+    guardConnections(server, { maxConnectionsPerClient: limits.maxConnectionsPerClient, maxHeaderBytes: limits.maxHeaderBytes, what });
     try {
       await new Promise<void>((done, fail) => {
         server.once("error", fail);

@@ -140,6 +140,19 @@ export function requireBodyType(request: IncomingMessage, route: string): void {
   );
 }
 
+/**
+ * UNSUPPORTED_MEDIA_TYPE for an upload (PUT of a file or tar) without a content
+ * type or with a form's: uploads declare what they carry (application/octet-stream,
+ * application/x-tar), which no cross-site form can.
+ */
+export function refuseFormUpload(request: IncomingMessage, route: string): void {
+  if (!FORM_TYPES.has(mediaType(request))) return;
+  throw new AgentVmError(
+    "UNSUPPORTED_MEDIA_TYPE",
+    `${route}: send the body as content-type application/octet-stream (a file) or application/x-tar (an archive), not ${mediaType(request) || "without a content type"}; with curl add -H 'content-type: application/octet-stream'`,
+  );
+}
+
 /** UNSUPPORTED_MEDIA_TYPE for a fetch-route POST shaped like a cross-site form. */
 export function refuseFormPost(request: IncomingMessage): void {
   if (request.method !== "POST" || !FORM_TYPES.has(mediaType(request)) || request.headers[FORWARD_HEADERS] !== undefined) return;

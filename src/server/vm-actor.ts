@@ -15,10 +15,11 @@
  * is refused with VM_DESTROY_FAILED; the next destroy picks up where the last
  * one stopped. Once it is gone, the key starts a fresh, empty VM.
  */
-import { access } from "node:fs/promises";
+import { access, lstat, readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { AgentVmError } from "../errors.ts";
-import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEvent, type Vm } from "../vm.ts";
+import { log } from "../log.ts";
+import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEvent, type Vm, type VmLifecycle } from "../vm.ts";
 import type { SqliteStore } from "../store/sqlite-store.ts";
 import type { PreviewStore } from "../store/preview-store.ts";
 import { PreviewTokens } from "../net/previews.ts";
@@ -39,6 +40,8 @@ export interface VmSummary {
   createdAt: number;
   lastActiveAt: number;
   wakeCount: number;
+  /** Bytes its directory took on disk when it last went to sleep; null before its first sleep. */
+  diskBytes: number | null;
   /** Present when a destroy started and did not finish: destroy it again. */
   destroying?: true;
 }
@@ -48,6 +51,24 @@ export interface DestroyResult {
   key: string;
   existed: boolean;
 }
+
+/** What GET …/status answers. Times in epoch ms; null for a VM that was never created. */
+export interface VmStatus {
+  awake: boolean;
+  runningProcesses: number;
+  createdAt: number | null;
+  lastActiveAt: number | null;
+  wakeCount: number;
+}
+
+/** The status of a VM that has no actor: asleep, or never created. */
+export function asleepStatus(store: SqliteStore, definitionName: string, key: string): VmStatus {
+  const record = store.getVm(definitionName, key);
+  return { awake: false, runningProcesses: 0, createdAt: record?.createdAt ?? null, lastActiveAt: record?.lastActiveAt ?? null, wakeCount: record?.wakeCount ?? 0 };
+}
+
+/** How long after a wake requests wait for restarted processes' ports (see waitForRestartedPort). */
+const RESTART_GRACE_MS = 15_000;
 
 /** SQLite's last_active_at is advisory: write it at most this often per VM. */
 const TOUCH_EVERY_MS = 1000;
@@ -63,6 +84,12 @@ export class VmActor {
   #waking: Promise<Vm> | undefined;
   #destroying: Promise<DestroyResult> | undefined;
   #holds = 0;
+  /** When the VM last woke (epoch ms). */
+  #wokeAt = 0;
+  /** The idle timeout in force while awake (read as it wakes and on setLifecycle). */
+  #idleTimeoutSeconds: number | null = null;
+  /** Processes started by this wake (services, restartOnWake) that are still running. */
+  readonly #restarted = new Set<number>();
   #sleepTimer: NodeJS.Timeout | undefined;
   #lastTouch = 0;
   #closed = false;
@@ -70,16 +97,34 @@ export class VmActor {
   #asleep: PromiseWithResolvers<void> | undefined;
 
   readonly #previews: PreviewStore;
-  /** Where the server's preview listener answers; preview `url`s are built on it. */
-  readonly #previewOrigin: string;
+  /** Builds a preview token's `url` (the server's preview origin, or its public URL). */
+  readonly #previewUrl: (token: string) => string;
+  /** Told when the actor holds nothing (asleep, unused): the registry then forgets it. */
+  readonly #onIdle: ((actor: VmActor) => void) | undefined;
+  readonly #maxVms: number;
 
   /** A cluster node's name, carried in its preview tokens. */
   readonly #previewOwner: string | undefined;
 
-  constructor(init: { definitionName: string; key: string; definition: VmDefinition; dataDir: string; store: SqliteStore; previews: PreviewStore; previewOrigin: string; previewOwner?: string }) {
-    this.#previews = init.previews;
+  constructor(init: {
+    definitionName: string;
+    key: string;
+    definition: VmDefinition;
+    dataDir: string;
+    store: SqliteStore;
+    previews: PreviewStore;
+    previewUrl: (token: string) => string;
+    onIdle?: (actor: VmActor) => void;
+    /** VMs the definition may have; a new key past it is TOO_MANY_VMS. */
+    maxVms?: number;
+    /** A cluster node's name, carried in its preview tokens. */
+    previewOwner?: string;
+  }) {
     this.#previewOwner = init.previewOwner;
-    this.#previewOrigin = init.previewOrigin;
+    this.#maxVms = init.maxVms ?? Number.POSITIVE_INFINITY;
+    this.#onIdle = init.onIdle;
+    this.#previews = init.previews;
+    this.#previewUrl = init.previewUrl;
     this.definitionName = init.definitionName;
     this.key = init.key;
     this.#definition = init.definition;
@@ -92,15 +137,8 @@ export class VmActor {
   }
 
   /** For operators: the actor's state, read without waking it. */
-  status(): { awake: boolean; runningProcesses: number; createdAt: number | null; lastActiveAt: number | null; wakeCount: number } {
-    const record = this.#store.getVm(this.definitionName, this.key);
-    return {
-      awake: this.awake,
-      runningProcesses: this.#vm ? this.#vm.runningProcessCount() : 0,
-      createdAt: record?.createdAt ?? null,
-      lastActiveAt: record?.lastActiveAt ?? null,
-      wakeCount: record?.wakeCount ?? 0,
-    };
+  status(): VmStatus {
+    return { ...asleepStatus(this.#store, this.definitionName, this.key), awake: this.awake, runningProcesses: this.#vm ? this.#vm.runningProcessCount() : 0 };
   }
 
   /** Runs `work` against the awake VM, keeping it awake until the work settles. */
@@ -123,12 +161,25 @@ export class VmActor {
       released = true;
       this.#holds--;
       this.#scheduleSleep();
+      this.#checkIdle();
     };
   }
 
   subscribe(listener: VmEventListener): () => void {
     this.#listeners.add(listener);
-    return () => this.#listeners.delete(listener);
+    return () => {
+      this.#listeners.delete(listener);
+      this.#checkIdle();
+    };
+  }
+
+  /** True when nothing refers to this actor's state: it may be dropped and made anew on next use. */
+  get idle(): boolean {
+    return !this.#vm && !this.#waking && !this.#destroying && this.#holds === 0 && this.#listeners.size === 0;
+  }
+
+  #checkIdle(): void {
+    if (this.idle && !this.#closed) this.#onIdle?.(this);
   }
 
   wake(): Promise<Vm> {
@@ -137,8 +188,50 @@ export class VmActor {
     if (this.#destroying) return this.#destroying.then(() => this.wake(), () => this.wake());
     this.#touch();
     if (this.#vm) return Promise.resolve(this.#vm);
-    this.#waking ??= this.#create().finally(() => (this.#waking = undefined));
+    if (!this.#waking && this.#pastLifetime()) {
+      // Its time is up: it goes for good, and this use gets a fresh VM.
+      log("warn", `VM ${JSON.stringify(this.key)} reached its maxLifetimeSeconds; destroying it`, { definition: this.definitionName, key: this.key });
+      return this.destroy().then(() => this.wake());
+    }
+    this.#waking ??= this.#create().finally(() => {
+      this.#waking = undefined;
+      this.#checkIdle();
+    });
     return this.#waking;
+  }
+
+  /** The bounds in force: the VM's own (setLifecycle), else its definition's. */
+  #lifecycle(record = this.#store.getVm(this.definitionName, this.key)): VmLifecycle {
+    const maxLifetimeSeconds = record?.maxLifetimeSeconds ?? this.#definition.lifecycle.maxLifetimeSeconds ?? null;
+    return {
+      maxLifetimeSeconds,
+      idleTimeoutSeconds: record?.idleTimeoutSeconds ?? this.#definition.lifecycle.idleTimeoutSeconds ?? null,
+      expiresAt: record && maxLifetimeSeconds !== null ? record.createdAt + maxLifetimeSeconds * 1000 : null,
+    };
+  }
+
+  /** True when this VM's lifetime is bounded and over. */
+  #pastLifetime(): boolean {
+    const record = this.#store.getVm(this.definitionName, this.key);
+    if (!record || record.destroying) return false;
+    const { expiresAt } = this.#lifecycle(record);
+    return expiresAt !== null && expiresAt <= Date.now();
+  }
+
+  /** setLifecycle on the awake VM: stored on its row; a lifetime already over destroys it. */
+  #setLifecycle(bounds: { maxLifetimeSeconds?: number | null; idleTimeoutSeconds?: number | null }): VmLifecycle {
+    const record = this.#store.getVm(this.definitionName, this.key)!;
+    this.#store.setLifecycle(
+      this.definitionName,
+      this.key,
+      bounds.maxLifetimeSeconds === undefined ? record.maxLifetimeSeconds : bounds.maxLifetimeSeconds,
+      bounds.idleTimeoutSeconds === undefined ? record.idleTimeoutSeconds : bounds.idleTimeoutSeconds,
+    );
+    // In force from the next sleep check (this call holds the VM awake until it answers). A
+    // lifetime already over is the sweep's to end, within a second, after this answer goes out.
+    const inForce = this.#lifecycle();
+    this.#idleTimeoutSeconds = inForce.idleTimeoutSeconds;
+    return inForce;
   }
 
   /** Stops the VM's processes and frees it; files and SQLite rows stay. */
@@ -146,7 +239,10 @@ export class VmActor {
     this.#cancelSleep();
     const vm = this.#vm;
     this.#vm = undefined;
+    this.#restarted.clear();
     await vm?.dispose();
+    if (vm && !this.#destroying) await this.#recordDiskUse();
+    this.#checkIdle();
     const asleep = this.#asleep;
     this.#asleep = undefined;
     asleep?.resolve();
@@ -159,6 +255,30 @@ export class VmActor {
     return this.#asleep.promise;
   }
 
+  /** Measured as it goes to sleep, when nothing writes: listing VMs then costs no walk of their files. */
+  async #recordDiskUse(): Promise<void> {
+    const record = this.#store.getVm(this.definitionName, this.key);
+    if (!record) return;
+    const bytes = await diskUsage(join(this.#dataDir, "vms", record.directory)).catch(() => undefined);
+    if (bytes !== undefined && this.#store.db.isOpen) this.#store.setDiskBytes(this.definitionName, this.key, bytes);
+  }
+
+  /**
+   * After a wake that restarted processes, waits until `port` listens in the VM (or
+   * those processes all ended, or `timeoutMs` passed), so a preview of a dev server
+   * that was asleep is served by it rather than refused while it starts. Only in
+   * the first RESTART_GRACE_MS after the wake: which ports a restarted process will
+   * open is not known, so a port none of them opens must not make every request wait.
+   */
+  async waitForRestartedPort(vm: Vm, port: number, timeoutMs: number): Promise<void> {
+    if (!Number.isInteger(port) || port < 1 || port > 65535) return;
+    const deadline = Math.min(Date.now() + timeoutMs, this.#wokeAt + RESTART_GRACE_MS);
+    while (this.#restarted.size > 0 && this.#vm === vm && Date.now() < deadline) {
+      if ((await vm.listeningPorts()).includes(port)) return;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+
   async close(): Promise<void> {
     this.#closed = true;
     await this.#destroying?.catch(() => undefined);
@@ -168,7 +288,10 @@ export class VmActor {
 
   /** Ends the VM for good (see the file header); concurrent destroys share one. */
   destroy(): Promise<DestroyResult> {
-    this.#destroying ??= this.#destroy().finally(() => (this.#destroying = undefined));
+    this.#destroying ??= this.#destroy().finally(() => {
+      this.#destroying = undefined;
+      this.#checkIdle();
+    });
     return this.#destroying;
   }
 
@@ -202,7 +325,17 @@ export class VmActor {
     if (record?.destroying) {
       throw new AgentVmError("VM_DESTROY_FAILED", `VM ${JSON.stringify(this.key)} (${this.definitionName}) is half destroyed (a destroy failed or was interrupted); destroy it again to finish, then the key starts a fresh VM`);
     }
-    if (!record) this.#store.ensureVm(this.definitionName, this.key, vmDirectoryName(this.key));
+    if (!record) {
+      // Counted and inserted in one synchronous step, so concurrent creations cannot pass the cap together.
+      const count = this.#store.countVms(this.definitionName);
+      if (count >= this.#maxVms) {
+        throw new AgentVmError(
+          "TOO_MANY_VMS",
+          `cannot create VM ${JSON.stringify(this.key)}: definition ${this.definitionName} already has ${count} VMs (limits.maxVmsPerDefinition = ${this.#maxVms}); destroy VMs you no longer need, or raise the limit`,
+        );
+      }
+      this.#store.ensureVm(this.definitionName, this.key, vmDirectoryName(this.key));
+    }
     else this.#store.recordWake(this.definitionName, this.key);
     const vm = await createVm(
       {
@@ -214,18 +347,48 @@ export class VmActor {
         ...(this.#definition.limits ? { limits: this.#definition.limits } : {}),
         ...(this.#definition.hosts ? { hosts: this.#definition.hosts } : {}),
       },
-      { previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, origin: this.#previewOrigin, ...(this.#previewOwner !== undefined ? { owner: this.#previewOwner } : {}) }) },
+      {
+        previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, urlFor: this.#previewUrl, ...(this.#previewOwner !== undefined ? { owner: this.#previewOwner } : {}) }),
+        wakeProcesses: {
+          add: (process) => this.#store.addWakeProcess(this.definitionName, this.key, process),
+          remove: (id) => this.#store.removeWakeProcess(this.definitionName, this.key, id),
+        },
+        lifecycle: { set: (bounds) => this.#setLifecycle(bounds) },
+      },
     );
     vm.on("processOutput", (event) => {
       for (const listener of this.#listeners) listener.processOutput(event);
     });
     vm.on("processExit", (event) => {
+      this.#restarted.delete(event.pid);
       for (const listener of this.#listeners) listener.processExit(event);
       this.#scheduleSleep();
     });
     this.#vm = vm;
+    this.#wokeAt = Date.now();
+    this.#idleTimeoutSeconds = this.#lifecycle().idleTimeoutSeconds;
+    await this.#startOnWake(vm);
     this.#scheduleSleep();
     return vm;
+  }
+
+  /** The definition's services and the processes spawned with restartOnWake, started as the VM wakes. */
+  async #startOnWake(vm: Vm): Promise<void> {
+    const starts: [what: string, start: () => Promise<{ pid: number }>][] = [
+      ...this.#definition.services.map((service): [string, () => Promise<{ pid: number }>] => [
+        service.command,
+        () => vm.spawn(service.command, [...(service.args ?? [])], { ...(service.cwd ? { cwd: service.cwd } : {}), ...(service.env ? { env: { ...service.env } } : {}) }),
+      ]),
+      ...this.#store.wakeProcesses(this.definitionName, this.key).map((process): [string, () => Promise<{ pid: number }>] => [process.command, () => vm.resumeWakeProcess(process)]),
+    ];
+    for (const [what, start] of starts) {
+      try {
+        this.#restarted.add((await start()).pid);
+      } catch (error) {
+        // One that cannot start does not keep the VM from waking; it is tried again on the next wake.
+        log("warn", `could not start ${JSON.stringify(what)} on wake: ${(error as Error).message}`, { definition: this.definitionName, key: this.key });
+      }
+    }
   }
 
   #touch(): void {
@@ -239,14 +402,20 @@ export class VmActor {
     this.#cancelSleep();
     const vm = this.#vm;
     if (!vm || this.#holds > 0 || this.#closed) return;
-    if (vm.runningProcessCount() > 0) return;
-    this.#sleepTimer = setTimeout(() => {
-      this.#sleepTimer = undefined;
-      // Re-check: a process may have started since the timer was set.
-      if (this.#holds === 0 && !this.#vm?.runningProcessCount()) {
+    // Running processes keep a VM awake, unless lifecycle.idleTimeoutSeconds says how long they may without any client.
+    const idleTimeoutSeconds = this.#idleTimeoutSeconds;
+    const busy = vm.runningProcessCount() > 0;
+    if (busy && idleTimeoutSeconds === null) return;
+    this.#sleepTimer = setTimeout(
+      () => {
+        this.#sleepTimer = undefined;
+        // Re-check: a request or a process may have started since the timer was set.
+        if (this.#holds > 0 || this.#vm !== vm) return;
+        if (!busy && vm.runningProcessCount() > 0) return this.#scheduleSleep();
         void this.sleep();
-      }
-    }, this.#definition.sleepAfterMs);
+      },
+      busy ? idleTimeoutSeconds! * 1000 : this.#definition.sleepAfterMs,
+    );
     this.#sleepTimer.unref();
   }
 
@@ -254,6 +423,24 @@ export class VmActor {
     if (this.#sleepTimer) clearTimeout(this.#sleepTimer);
     this.#sleepTimer = undefined;
   }
+}
+
+/** Bytes a directory tree takes on disk (allocated blocks), not following symlinks. */
+async function diskUsage(root: string): Promise<number> {
+  let total = 0;
+  const pending = [root];
+  while (pending.length > 0) {
+    const dir = pending.pop()!;
+    const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
+    for (const entry of entries) {
+      const path = join(dir, entry.name);
+      const stats = await lstat(path).catch(() => undefined);
+      if (!stats) continue;
+      total += stats.blocks * 512;
+      if (entry.isDirectory()) pending.push(path);
+    }
+  }
+  return total;
 }
 
 async function pathExists(path: string): Promise<boolean> {

@@ -2,6 +2,10 @@
  * Preview token rows (table `previews`, see sqlite-store.ts). Tokens are never
  * stored: only their SHA-256, plus a short prefix so people can tell them apart
  * in listings. Statements are prepared once.
+ *
+ * Lookups by hash (one per preview request) are answered from memory after
+ * the first: every write to the table goes through this class, which forgets
+ * what it changed, so a revocation still takes effect on the next request.
  */
 import type { StatementSync } from "node:sqlite";
 import type { SqliteStore } from "./sqlite-store.ts";
@@ -16,18 +20,26 @@ export interface PreviewRow {
   lastUsedAt: number | null;
 }
 
+/** Remembered lookups (hits and misses) before the memory is cleared and refilled. */
+const LOOKUP_MEMORY = 10_000;
+
 export class PreviewStore {
-  readonly #statements: Record<"insert" | "find" | "countActive" | "listActive" | "deleteOne" | "deleteAll" | "deleteAllPort" | "sweep" | "touch" | "deleteOneScoped", StatementSync>;
+  readonly #lookups = new Map<string, PreviewRow | null>();
+  readonly #statements: Record<"insert" | "find" | "countActive" | "listActive" | "deleteOne" | "deleteAll" | "deleteAllPort" | "sweep" | "touch" | "deleteOneScoped" | "findByPrefix", StatementSync>;
 
   constructor(store: SqliteStore) {
     const db = store.db;
-    const columns = "token_prefix, definition, key, port, created_at, expires_at, last_used_at";
+    // expires_at is read clamped: a row written before TTLs were capped may hold a number past
+    // 2^53, which node:sqlite refuses to read (every listing of that VM would fail).
+    const columns = `token_prefix, definition, key, port, created_at, MIN(expires_at, ${Number.MAX_SAFE_INTEGER}) AS expires_at, last_used_at`;
+    const insertColumns = "token_prefix, definition, key, port, created_at, expires_at, last_used_at";
     this.#statements = {
-      insert: db.prepare(`INSERT INTO previews (token_hash, ${columns}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)`),
+      insert: db.prepare(`INSERT INTO previews (token_hash, ${insertColumns}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)`),
       find: db.prepare(`SELECT ${columns} FROM previews WHERE token_hash = ?`),
       countActive: db.prepare("SELECT COUNT(*) AS count FROM previews WHERE definition = ? AND key = ? AND expires_at > ?"),
       listActive: db.prepare(`SELECT ${columns} FROM previews WHERE definition = ? AND key = ? AND expires_at > ? ORDER BY created_at`),
       deleteOne: db.prepare("DELETE FROM previews WHERE token_hash = ?"),
+      findByPrefix: db.prepare("SELECT token_hash FROM previews WHERE definition = ? AND key = ? AND token_prefix = ? LIMIT 2"),
       deleteOneScoped: db.prepare("DELETE FROM previews WHERE token_hash = ? AND definition = ? AND key = ?"),
       deleteAll: db.prepare("DELETE FROM previews WHERE definition = ? AND key = ?"),
       deleteAllPort: db.prepare("DELETE FROM previews WHERE definition = ? AND key = ? AND port = ?"),
@@ -38,11 +50,18 @@ export class PreviewStore {
 
   insert(hash: string, row: Omit<PreviewRow, "lastUsedAt">): void {
     this.#statements.insert.run(hash, row.tokenPrefix, row.definition, row.key, row.port, row.createdAt, row.expiresAt);
+    this.#lookups.delete(hash);
   }
 
+  /** The row for a token hash. The returned row's lastUsedAt may lag (touch() does not refresh it); listActive() has it exactly. */
   find(hash: string): PreviewRow | undefined {
-    const row = this.#statements.find.get(hash) as Record<string, unknown> | undefined;
-    return row && toRow(row);
+    const known = this.#lookups.get(hash);
+    if (known !== undefined) return known ?? undefined;
+    const record = this.#statements.find.get(hash) as Record<string, unknown> | undefined;
+    const row = record && toRow(record);
+    if (this.#lookups.size >= LOOKUP_MEMORY) this.#lookups.clear();
+    this.#lookups.set(hash, row ?? null);
+    return row;
   }
 
   countActive(definition: string, key: string, now: number): number {
@@ -56,16 +75,26 @@ export class PreviewStore {
   /** Deletes one token; scoped to a VM unless `definition` is omitted. Returns whether it existed. */
   delete(hash: string, scope?: { definition: string; key: string }): boolean {
     const result = scope ? this.#statements.deleteOneScoped.run(hash, scope.definition, scope.key) : this.#statements.deleteOne.run(hash);
+    this.#lookups.delete(hash);
     return Number(result.changes) > 0;
+  }
+
+  /** The hashes of a VM's tokens that start with `prefix` (at most two: enough to tell one from many). */
+  findByPrefix(definition: string, key: string, prefix: string): string[] {
+    return (this.#statements.findByPrefix.all(definition, key, prefix) as { token_hash: string }[]).map((row) => String(row.token_hash));
   }
 
   deleteAll(definition: string, key: string, port?: number): number {
     const result = port === undefined ? this.#statements.deleteAll.run(definition, key) : this.#statements.deleteAllPort.run(definition, key, port);
+    // Which hashes went is not known here; forgetting everything is rare and cheap.
+    if (Number(result.changes) > 0) this.#lookups.clear();
     return Number(result.changes);
   }
 
   sweep(now: number): number {
-    return Number(this.#statements.sweep.run(now).changes);
+    const removed = Number(this.#statements.sweep.run(now).changes);
+    if (removed > 0) this.#lookups.clear();
+    return removed;
   }
 
   touch(hash: string, now: number): void {

@@ -2,11 +2,18 @@
  * The server's durable state in SQLite (WAL): which VMs exist and when they were
  * used. A VM's files live in its directory, not here.
  *
- * Schema (version 3):
+ * Schema (version 5):
  *   meta(key PRIMARY KEY, value)                    — schema_version
  *   vms(definition, key, directory, created_at,     — one row per VM actor;
  *       last_active_at, wake_count, destroying,       destroying = 1 from the start
- *       PRIMARY KEY (definition, key))                of a destroy until the row goes
+ *       disk_bytes, max_lifetime_s,                   of a destroy until the row goes;
+ *       idle_timeout_s,                               disk_bytes as of its last sleep;
+ *       PRIMARY KEY (definition, key))                the VM's own lifecycle (null: its definition's)
+ *   wake_processes(id PRIMARY KEY, definition, key, — processes spawned with
+ *       command, args, cwd, env, created_at)          restartOnWake (JSON args/env)
+ *   revoked_tokens(id PRIMARY KEY, expires_at)      — scoped tokens revoked one by one
+ *   token_cutoffs(definition, key, not_before)      — tokens for a VM issued before it
+ *                                                     was destroyed (see token-revocations.ts)
  *   previews(token_hash PRIMARY KEY, token_prefix,  — preview tokens, stored only
  *       definition, key, port, created_at,            as SHA-256; times in epoch ms
  *       expires_at, last_used_at)
@@ -42,7 +49,32 @@ const MIGRATIONS: string[] = [
    CREATE INDEX previews_by_vm ON previews (definition, key, expires_at);
    CREATE INDEX previews_by_expiry ON previews (expires_at);`,
   `ALTER TABLE vms ADD COLUMN destroying INTEGER NOT NULL DEFAULT 0;`,
+  `ALTER TABLE vms ADD COLUMN disk_bytes INTEGER;
+   ALTER TABLE vms ADD COLUMN max_lifetime_s REAL;
+   ALTER TABLE vms ADD COLUMN idle_timeout_s REAL;
+   CREATE TABLE wake_processes (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     definition TEXT NOT NULL,
+     key TEXT NOT NULL,
+     command TEXT NOT NULL,
+     args TEXT NOT NULL,
+     cwd TEXT,
+     env TEXT,
+     created_at INTEGER NOT NULL
+   );
+   CREATE INDEX wake_processes_by_vm ON wake_processes (definition, key);`,
+  `CREATE TABLE revoked_tokens (id TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+   CREATE TABLE token_cutoffs (definition TEXT NOT NULL, key TEXT NOT NULL, not_before INTEGER NOT NULL, PRIMARY KEY (definition, key));`,
 ];
+
+/** A process to start again whenever its VM wakes (spawn's restartOnWake). */
+export interface WakeProcess {
+  id: number;
+  command: string;
+  args: string[];
+  cwd?: string;
+  env?: Record<string, string>;
+}
 
 export interface VmRecord {
   definition: string;
@@ -53,6 +85,11 @@ export interface VmRecord {
   wakeCount: number;
   /** A destroy started and has not finished: the VM must not wake until one does. */
   destroying: boolean;
+  /** Bytes its directory used when it last went to sleep; null before its first sleep. */
+  diskBytes: number | null;
+  /** The VM's own lifecycle bounds (setLifecycle); null where its definition's apply. */
+  maxLifetimeSeconds: number | null;
+  idleTimeoutSeconds: number | null;
 }
 
 export class SqliteStore {
@@ -65,6 +102,14 @@ export class SqliteStore {
     listVms: StatementSync;
     deleteVm: StatementSync;
     markDestroying: StatementSync;
+    countVms: StatementSync;
+    pastLifetime: StatementSync;
+    setLifecycle: StatementSync;
+    setDiskBytes: StatementSync;
+    insertWake: StatementSync;
+    listWake: StatementSync;
+    deleteWake: StatementSync;
+    deleteWakeAll: StatementSync;
   };
 
   constructor(dataDir: string) {
@@ -73,13 +118,23 @@ export class SqliteStore {
     this.db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;");
     this.#migrate();
     this.#statements = {
-      getVm: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying FROM vms WHERE definition = ? AND key = ?"),
+      getVm: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes, max_lifetime_s, idle_timeout_s FROM vms WHERE definition = ? AND key = ?"),
       insertVm: this.db.prepare("INSERT INTO vms (definition, key, directory, created_at, last_active_at, wake_count) VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING"),
       touchVm: this.db.prepare("UPDATE vms SET last_active_at = ? WHERE definition = ? AND key = ?"),
       wokeVm: this.db.prepare("UPDATE vms SET wake_count = wake_count + 1, last_active_at = ? WHERE definition = ? AND key = ?"),
-      listVms: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying FROM vms WHERE definition = ? AND key > ? ORDER BY key LIMIT ?"),
+      listVms: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes, max_lifetime_s, idle_timeout_s FROM vms WHERE definition = ? AND key > ? ORDER BY key LIMIT ?"),
       markDestroying: this.db.prepare("UPDATE vms SET destroying = 1 WHERE definition = ? AND key = ?"),
       deleteVm: this.db.prepare("DELETE FROM vms WHERE definition = ? AND key = ?"),
+      countVms: this.db.prepare("SELECT COUNT(*) AS count FROM vms WHERE definition = ?"),
+      pastLifetime: this.db.prepare(
+        "SELECT key FROM vms WHERE definition = ? AND destroying = 0 AND created_at + COALESCE(max_lifetime_s, ?) * 1000 <= ? ORDER BY created_at LIMIT ?",
+      ),
+      setLifecycle: this.db.prepare("UPDATE vms SET max_lifetime_s = ?, idle_timeout_s = ? WHERE definition = ? AND key = ?"),
+      setDiskBytes: this.db.prepare("UPDATE vms SET disk_bytes = ? WHERE definition = ? AND key = ?"),
+      insertWake: this.db.prepare("INSERT INTO wake_processes (definition, key, command, args, cwd, env, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+      listWake: this.db.prepare("SELECT id, command, args, cwd, env FROM wake_processes WHERE definition = ? AND key = ? ORDER BY id"),
+      deleteWake: this.db.prepare("DELETE FROM wake_processes WHERE id = ? AND definition = ? AND key = ?"),
+      deleteWakeAll: this.db.prepare("DELETE FROM wake_processes WHERE definition = ? AND key = ?"),
     };
   }
 
@@ -110,13 +165,61 @@ export class SqliteStore {
     return (this.#statements.listVms.all(definition, after, limit) as Record<string, unknown>[]).map(toVmRecord);
   }
 
+  /**
+   * Keys of a definition's VMs whose lifetime (their own, else `defaultSeconds`; none when both
+   * are null) ended by `now`, oldest first.
+   */
+  vmsPastLifetime(definition: string, defaultSeconds: number | null, now: number, limit: number): string[] {
+    return (this.#statements.pastLifetime.all(definition, defaultSeconds, now, limit) as { key: string }[]).map((row) => String(row.key));
+  }
+
+  setLifecycle(definition: string, key: string, maxLifetimeSeconds: number | null, idleTimeoutSeconds: number | null): void {
+    this.#statements.setLifecycle.run(maxLifetimeSeconds, idleTimeoutSeconds, definition, key);
+  }
+
+  setDiskBytes(definition: string, key: string, bytes: number): void {
+    this.#statements.setDiskBytes.run(bytes, definition, key);
+  }
+
+  addWakeProcess(definition: string, key: string, process: Omit<WakeProcess, "id">): number {
+    const result = this.#statements.insertWake.run(
+      definition,
+      key,
+      process.command,
+      JSON.stringify(process.args),
+      process.cwd ?? null,
+      process.env ? JSON.stringify(process.env) : null,
+      Date.now(),
+    );
+    return Number(result.lastInsertRowid);
+  }
+
+  wakeProcesses(definition: string, key: string): WakeProcess[] {
+    return (this.#statements.listWake.all(definition, key) as Record<string, unknown>[]).map((row) => ({
+      id: Number(row.id),
+      command: String(row.command),
+      args: JSON.parse(String(row.args)) as string[],
+      ...(row.cwd !== null ? { cwd: String(row.cwd) } : {}),
+      ...(row.env !== null ? { env: JSON.parse(String(row.env)) as Record<string, string> } : {}),
+    }));
+  }
+
+  removeWakeProcess(definition: string, key: string, id: number): void {
+    this.#statements.deleteWake.run(id, definition, key);
+  }
+
+  countVms(definition: string): number {
+    return Number((this.#statements.countVms.get(definition) as { count: number }).count);
+  }
+
   /** Records that a destroy of this VM has begun (survives a crash until deleteVm). */
   markDestroying(definition: string, key: string): void {
     this.#statements.markDestroying.run(definition, key);
   }
 
-  /** Forgets a VM; true when it had a row. */
+  /** Forgets a VM (and its restart-on-wake processes); true when it had a row. */
   deleteVm(definition: string, key: string): boolean {
+    this.#statements.deleteWakeAll.run(definition, key);
     return Number(this.#statements.deleteVm.run(definition, key).changes) > 0;
   }
 
@@ -140,6 +243,10 @@ export class SqliteStore {
   }
 }
 
+function nullableNumber(value: unknown): number | null {
+  return value === null || value === undefined ? null : Number(value);
+}
+
 function toVmRecord(row: Record<string, unknown>): VmRecord {
   return {
     definition: String(row.definition),
@@ -148,6 +255,9 @@ function toVmRecord(row: Record<string, unknown>): VmRecord {
     createdAt: Number(row.created_at),
     lastActiveAt: Number(row.last_active_at),
     wakeCount: Number(row.wake_count),
+    diskBytes: nullableNumber(row.disk_bytes),
+    maxLifetimeSeconds: nullableNumber(row.max_lifetime_s),
+    idleTimeoutSeconds: nullableNumber(row.idle_timeout_s),
     destroying: Number(row.destroying) === 1,
   };
 }

@@ -62,11 +62,12 @@ export interface PreviewServer {
 }
 
 /** Starts a real server (`registry.start`) with one definition named `vm`. */
-export async function startPreviewServer(options: { config?: AgentOsConfig; preview?: PreviewOptions; dataDir?: string } = {}): Promise<PreviewServer> {
+export async function startPreviewServer(options: { config?: AgentOsConfig; preview?: PreviewOptions; dataDir?: string; auth?: StartOptions["auth"] } = {}): Promise<PreviewServer> {
   const dataDir = options.dataDir ?? (await tempDir());
   const registry = setup({ use: { vm: agentOS({ ...options.config }) } });
-  const server = await registry.start({ port: 0, dataDir, handleSignals: false, ...(options.preview ? { preview: options.preview } : {}) });
-  const client = createClient<TestRegistry>(server.url);
+  const server = await registry.start({ port: 0, dataDir, handleSignals: false, ...(options.preview ? { preview: options.preview } : {}), ...(options.auth ? { auth: options.auth } : {}) });
+  const apiKey = options.auth?.apiKeys?.find((entry): entry is string => typeof entry === "string");
+  const client = createClient<TestRegistry>(apiKey ? { endpoint: server.url, token: apiKey } : server.url);
   let closed = false;
   const close = async () => {
     if (closed) return;

@@ -7,7 +7,7 @@
  * Imports use the package names a user would (`agentvm`, `agentvm/client`).
  */
 import { agentOS, agentOs, setup, type MintedToken, type ProcessInfo, type TokenRequest, type VmStat } from "agentvm";
-import { AgentVmError, createClient, type DestroyResult, type ErrorCode, type VmConnection, type VmHandle, type VmSummary } from "agentvm/client";
+import { AgentVmError, createClient, type DestroyResult, type ErrorCode, type TarExtractResult, type TransferProgress, type VmConnection, type VmHandle, type VmSummary, type VmWatch, type WatchEvent } from "agentvm/client";
 
 const registry = setup({ use: { vm: agentOS({ software: [] }), other: agentOs({ options: { software: [] } }) } });
 
@@ -98,6 +98,41 @@ export async function correctlyTyped(): Promise<void> {
   }
 
   void [bytes, written, names, size, isFile, exists, exitCode, stdout, waited, running, ports, status, statusText, headers, body, stream, path, token, expiresAt];
+}
+
+/** Streamed files, tar and watches. */
+export async function fileTransfers(stream: ReadableStream<Uint8Array>, chunks: AsyncIterable<Uint8Array>): Promise<void> {
+  await h.writeFile("/home/agentos/run.sh", "#!/bin/sh\n", { mode: 0o755 });
+  await h.writeFile("/home/agentos/log.txt", "line\n", { append: true });
+  const uploaded: { path: string; size: number } = await h.upload("/home/agentos/big.bin", stream, { mode: 0o600, onProgress: (p: TransferProgress) => void p.bytes });
+  await h.upload("a.bin", chunks, { append: true });
+  await h.upload("b.bin", new Uint8Array(4));
+  await h.upload("c.txt", new Blob(["text"]));
+  const downloaded: ReadableStream<Uint8Array> = await h.download("/home/agentos/big.bin", { start: 0, end: 99, onProgress: ({ bytes, total }) => void [bytes, total] });
+  const archive: ReadableStream<Uint8Array> = await h.downloadTar("/home/agentos");
+  const extracted: TarExtractResult = await h.uploadTar("/home/agentos/copy", archive);
+  const files: number = extracted.files;
+  const watch: VmWatch = await h.watch("/home/agentos", { recursive: true, onEvent: (event: WatchEvent) => void event.path });
+  for await (const event of watch) {
+    const type: "create" | "modify" | "delete" | "rename" | "overflow" = event.type;
+    const oldPath: string | undefined = event.oldPath;
+    void [type, oldPath];
+  }
+  await watch.close();
+  await watch.closed;
+  void [uploaded, downloaded, files];
+}
+
+export async function fileTransfersWronglyTyped(): Promise<void> {
+  // @ts-expect-error a mode is a number (0o755), not a string
+  await h.upload("x", "x", { mode: "755" });
+  // @ts-expect-error writeFile takes mode and append only
+  await h.writeFile("x", "x", { truncate: true });
+  // @ts-expect-error download returns a stream, not bytes
+  const bytes: Uint8Array = await h.download("x");
+  // @ts-expect-error recursive is a boolean
+  await h.watch("/home/agentos", { recursive: "yes" });
+  void bytes;
 }
 
 /** Credentials: the client's token, and tokens minted by the registry. */

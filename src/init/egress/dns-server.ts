@@ -19,7 +19,7 @@
  */
 import dgram from "node:dgram";
 import net from "node:net";
-import dnsPacket from "dns-packet";
+import type DnsPacket from "dns-packet";
 import { errorCode, type ResolveName } from "./types.ts";
 
 export interface DnsServerOptions {
@@ -37,6 +37,14 @@ export interface DnsServer {
   /** Binds UDP and TCP to the same port (0 picks one free on both) and resolves to it. */
   listen(port: number, host: string): Promise<number>;
   close(): Promise<void>;
+}
+
+type Codec = typeof DnsPacket;
+let codec: Promise<Codec> | undefined;
+/** dns-packet is loaded with the first question: ~8 ms of every VM's start-up, for VMs that never resolve a name. */
+function loadCodec(): Promise<Codec> {
+  codec ??= import("dns-packet").then((module) => module.default);
+  return codec;
 }
 
 const RCODE = { NOERROR: 0, FORMERR: 1, SERVFAIL: 2, NXDOMAIN: 3, NOTIMP: 4, REFUSED: 5 } as const;
@@ -105,7 +113,9 @@ function createAnswerer(resolve: ResolveName, options: DnsServerOptions): Answer
   let inFlight = 0;
 
   return async (query, maxBytes) => {
-    let packet: dnsPacket.DecodedPacket;
+    const dnsPacket = await loadCodec();
+    const encode = (packet: DnsPacket.DecodedPacket, rcode: number, answers: DnsPacket.Answer[], bytes: number) => encodeReply(dnsPacket, packet, rcode, answers, bytes);
+    let packet: DnsPacket.DecodedPacket;
     try {
       packet = dnsPacket.decode(query);
     } catch {
@@ -136,7 +146,7 @@ function createAnswerer(resolve: ResolveName, options: DnsServerOptions): Answer
         inFlight--;
       }
     }
-    const answers = addresses.slice(0, MAX_ANSWERS).map((address) => ({ type: question.type, class: "IN", name: question.name, ttl, data: address }) as dnsPacket.Answer);
+    const answers = addresses.slice(0, MAX_ANSWERS).map((address) => ({ type: question.type, class: "IN", name: question.name, ttl, data: address }) as DnsPacket.Answer);
     return encode(packet, RCODE.NOERROR, answers, maxBytes);
   };
 }
@@ -154,7 +164,7 @@ function rcodeFor(code: string): number {
 }
 
 /** The reply to `query`: its id, question and RD bit, with RA set; truncated (TC, no answers) past `maxBytes`. */
-function encode(query: dnsPacket.DecodedPacket, rcode: number, answers: dnsPacket.Answer[], maxBytes: number): Buffer {
+function encodeReply(dnsPacket: Codec, query: DnsPacket.DecodedPacket, rcode: number, answers: DnsPacket.Answer[], maxBytes: number): Buffer {
   const flags = (query.flag_rd ? dnsPacket.RECURSION_DESIRED : 0) | dnsPacket.RECURSION_AVAILABLE | rcode;
   const reply = dnsPacket.encode({ type: "response", id: query.id ?? 0, flags, questions: query.questions ?? [], answers });
   if (reply.length <= maxBytes) return reply;

@@ -16,17 +16,24 @@
  *
  * Everything else about sockets is Node's own.
  */
-import dgram from "node:dgram";
-import dns from "node:dns";
-import { readFileSync } from "node:fs";
-import { syncBuiltinESMExports } from "node:module";
-import net from "node:net";
-import { EGRESS_PORTS } from "./protocol.ts";
+import type * as Dgram from "node:dgram";
+import type * as Dns from "node:dns";
+import type * as Net from "node:net";
+
+// CommonJS on purpose: --require of an ES module starts Node's ESM loader in
+// every program, which cost ~5 ms of start-up and ~1.6 MB per process.
+const dgram: typeof Dgram = require("node:dgram");
+const dns: typeof Dns = require("node:dns");
+const net: typeof Net = require("node:net");
+const { readFileSync }: typeof import("node:fs") = require("node:fs");
+const { syncBuiltinESMExports }: typeof import("node:module") = require("node:module");
 
 /** Written by the server for this VM: refused listen ports as [from, to, message with {port}]. */
 const CONFIG_FILE = "/run/agentvm-guest.json";
 
 interface GuestConfig {
+  /** init's guest service on the VM's loopback (EGRESS_PORTS.node); 0 when there is no config (not in a VM). */
+  servicePort: number;
   listenDenials: [number, number, string][];
   /** Where listen(0) allocates (the VM's ip_local_port_range); empty when low > high. */
   autoRange: [number, number];
@@ -36,11 +43,11 @@ const config: GuestConfig = (() => {
   try {
     return JSON.parse(readFileSync(CONFIG_FILE, "utf8")) as GuestConfig;
   } catch {
-    return { listenDenials: [], autoRange: [1024, 65535] };
+    return { servicePort: 0, listenDenials: [], autoRange: [1024, 65535] };
   }
 })();
 
-const SERVICE = { host: "127.0.0.1", port: EGRESS_PORTS.node };
+const SERVICE = { host: "127.0.0.1", port: config.servicePort };
 
 function isLocal(host: string | undefined): boolean {
   if (host === undefined || host === "") return true;
@@ -58,7 +65,7 @@ function failure(syscall: string, code: string, target: string, why: string, fie
 /** One request to init's guest service: a JSON line out, a JSON line back. */
 function ask(request: object): Promise<Record<string, unknown>> {
   return new Promise((resolve, reject) => {
-    const socket = (originalConnect as (options: net.TcpSocketConnectOpts) => net.Socket).call(new net.Socket(), SERVICE);
+    const socket = (originalConnect as (options: Net.TcpSocketConnectOpts) => Net.Socket).call(new net.Socket(), SERVICE);
     let text = "";
     socket.setEncoding("utf8");
     socket.on("data", (chunk: string) => (text += chunk));
@@ -78,14 +85,14 @@ function ask(request: object): Promise<Record<string, unknown>> {
 const originalConnect = net.Socket.prototype.connect;
 
 /** The (options, callback) Node's own connect derives from its overloads; a unix path passes through. */
-function connectOptions(args: unknown[]): { options: net.TcpSocketConnectOpts; callback?: () => void } | undefined {
+function connectOptions(args: unknown[]): { options: Net.TcpSocketConnectOpts; callback?: () => void } | undefined {
   const [first, second, third] = args;
   const callback = [second, third].find((value) => typeof value === "function") as (() => void) | undefined;
   if (Array.isArray(first)) return connectOptions(first); // Node passes normalized args through tls
   if (typeof first === "object" && first !== null) {
     // As in Node: a truthy path is a unix socket (http passes path: null for TCP).
     if ((first as { path?: unknown }).path) return undefined;
-    return { options: first as net.TcpSocketConnectOpts, ...(callback ? { callback } : {}) };
+    return { options: first as Net.TcpSocketConnectOpts, ...(callback ? { callback } : {}) };
   }
   if (typeof first === "number" || (typeof first === "string" && /^\d+$/.test(first))) {
     return { options: { port: Number(first), ...(typeof second === "string" ? { host: second } : {}) }, ...(callback ? { callback } : {}) };
@@ -93,9 +100,9 @@ function connectOptions(args: unknown[]): { options: net.TcpSocketConnectOpts; c
   return undefined;
 }
 
-net.Socket.prototype.connect = function connect(this: net.Socket, ...args: unknown[]): net.Socket {
+net.Socket.prototype.connect = function connect(this: Net.Socket, ...args: unknown[]): Net.Socket {
   const parsed = connectOptions(args);
-  if (!parsed || isLocal(parsed.options.host)) return (originalConnect as (...a: unknown[]) => net.Socket).apply(this, args);
+  if (!parsed || isLocal(parsed.options.host)) return (originalConnect as (...a: unknown[]) => Net.Socket).apply(this, args);
   const { options, callback } = parsed;
   const host = options.host!.replace(/^\[|\]$/g, "");
   const port = Number(options.port);
@@ -111,7 +118,7 @@ net.Socket.prototype.connect = function connect(this: net.Socket, ...args: unkno
         return;
       }
       const { lookup: _lookup, ...rest } = options;
-      (originalConnect as (options: net.TcpSocketConnectOpts) => net.Socket).call(this, { ...rest, host: SERVICE.host, port: SERVICE.port, localAddress: reply.via, family: 4 });
+      (originalConnect as (options: Net.TcpSocketConnectOpts) => Net.Socket).call(this, { ...rest, host: SERVICE.host, port: SERVICE.port, localAddress: reply.via, family: 4 });
     },
     (error: Error) => this.destroy(error),
   );
@@ -119,11 +126,11 @@ net.Socket.prototype.connect = function connect(this: net.Socket, ...args: unkno
 };
 
 const originalLookup = dns.lookup;
-type LookupCallback = (error: NodeJS.ErrnoException | null, address?: string | dns.LookupAddress[], family?: number) => void;
+type LookupCallback = (error: NodeJS.ErrnoException | null, address?: string | Dns.LookupAddress[], family?: number) => void;
 
 function lookup(hostname: string, options: unknown, callback?: unknown): void {
   const done = (typeof options === "function" ? options : callback) as LookupCallback;
-  const opts = (typeof options === "object" && options !== null ? options : typeof options === "number" ? { family: options } : {}) as dns.LookupOptions;
+  const opts = (typeof options === "object" && options !== null ? options : typeof options === "number" ? { family: options } : {}) as Dns.LookupOptions;
   if (typeof hostname !== "string" || isLocal(hostname) || net.isIP(hostname) !== 0 || typeof done !== "function") {
     return (originalLookup as (...a: unknown[]) => void)(hostname, options, callback);
   }
@@ -139,16 +146,16 @@ function lookup(hostname: string, options: unknown, callback?: unknown): void {
   }, (error: NodeJS.ErrnoException) => done(error));
 }
 dns.lookup = lookup as typeof dns.lookup;
-dns.promises.lookup = ((hostname: string, options?: dns.LookupOptions) =>
+dns.promises.lookup = ((hostname: string, options?: Dns.LookupOptions) =>
   new Promise((resolve, reject) =>
-    lookup(hostname, options ?? {}, (error: NodeJS.ErrnoException | null, address?: string | dns.LookupAddress[], family?: number) =>
+    lookup(hostname, options ?? {}, (error: NodeJS.ErrnoException | null, address?: string | Dns.LookupAddress[], family?: number) =>
       error ? reject(error) : resolve(Array.isArray(address) ? address : { address: address!, family: family! }),
     ),
   )) as typeof dns.promises.lookup;
 
 const originalSend = dgram.Socket.prototype.send;
 /** UDP beyond the VM: the server decides (and audits) it, and relays none, so the send fails with its EACCES. */
-dgram.Socket.prototype.send = function send(this: dgram.Socket, ...args: unknown[]): void {
+dgram.Socket.prototype.send = function send(this: Dgram.Socket, ...args: unknown[]): void {
   const portIndex = args.findIndex((arg, i) => i > 0 && typeof arg === "number" && typeof args[i + 1] === "string");
   const host = portIndex === -1 ? undefined : (args[portIndex + 1] as string);
   if (host === undefined || isLocal(host)) return (originalSend as (...a: unknown[]) => void).apply(this, args);
@@ -166,7 +173,7 @@ dgram.Socket.prototype.send = function send(this: dgram.Socket, ...args: unknown
 };
 
 const originalListen = net.Server.prototype.listen;
-net.Server.prototype.listen = function listen(this: net.Server, ...args: unknown[]): net.Server {
+net.Server.prototype.listen = function listen(this: Net.Server, ...args: unknown[]): Net.Server {
   const [first] = args;
   const raw = typeof first === "object" && first !== null && !("_handle" in first) && !("fd" in first) ? (first as { port?: unknown; path?: unknown }).port : first;
   const port = typeof raw === "number" || (typeof raw === "string" && /^\d+$/.test(raw)) ? Number(raw) : undefined;
@@ -190,7 +197,7 @@ net.Server.prototype.listen = function listen(this: net.Server, ...args: unknown
     this.prependOnceListener("error", explain);
     this.once("listening", () => this.off("error", explain));
   }
-  return (originalListen as (...a: unknown[]) => net.Server).apply(this, args);
+  return (originalListen as (...a: unknown[]) => Net.Server).apply(this, args);
 };
 
 syncBuiltinESMExports();
