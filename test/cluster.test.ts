@@ -84,6 +84,12 @@ describe("cluster: one engine, two nodes", { skip }, () => {
       const { pid } = await vm.spawn("sh", ["-c", "echo started > /home/agentos/spawned.txt"]);
       await vm.waitProcess(pid);
       assert.equal(new TextDecoder().decode(await vm.readFile("/home/agentos/spawned.txt")), "started\n");
+      // File transfers stream to and from the node too.
+      const bytes = new Uint8Array(3 * 1024 * 1024).map((_, index) => index % 251);
+      assert.deepEqual(await vm.upload("/home/agentos/up.bin", bytes), { path: "/home/agentos/up.bin", size: bytes.byteLength });
+      const chunks: Uint8Array[] = [];
+      for await (const chunk of await vm.download("/home/agentos/up.bin")) chunks.push(chunk);
+      assert.deepEqual(new Uint8Array(Buffer.concat(chunks)), bytes);
     }
   });
 
