@@ -104,6 +104,12 @@ export const AGENTVM_CODES = [
   "SERVER_CLOSING",
   /** The client could not reach the server. */
   "SERVER_UNREACHABLE",
+  /** Cluster mode needs rivetkit (the Rivet Engine runner and its engine binary), which is not installed; the message says how to install it. */
+  "CLUSTER_UNAVAILABLE",
+  /** The cluster node that holds this VM's files is down or unreachable; the VM answers again when that node returns. */
+  "VM_NODE_UNAVAILABLE",
+  /** This node does not hold the VM (it was placed on another node): locate it again through the engine. */
+  "VM_MOVED",
   /** A download's Range header names no bytes of the file. */
   "RANGE_NOT_SATISFIABLE",
   /** Something that should not happen; the message says what. */

@@ -13,6 +13,7 @@ import { readServerEvents } from "./server-events.ts";
 import { fileTransfers } from "./file-transfer.ts";
 import type { AgentVmClient, ClientFetchInit, ClientOptions, DestroyResult, VmConnection, VmConnectionEvents, VmHandle, VmSummary } from "./types.ts";
 import type { ExecOptions } from "../vm.ts";
+import { ClusterLocator, nodeUnavailable, type Location } from "./cluster-locator.ts";
 import { execStreamed, wantsStream } from "./exec-stream.ts";
 import { processHandle } from "./process-handle.ts";
 import { openTerminal, terminalQuery, type OpenTerminalOptions } from "./terminal.ts";
@@ -64,6 +65,7 @@ export class Transport {
   readonly #headers: Record<string, string>;
   readonly #authorization: string | undefined;
   readonly #fetch: typeof fetch;
+  #locator: Promise<ClusterLocator | undefined> | undefined;
   /** The API key or token, for routes that cannot send it as a header (WebSockets). */
   readonly token: string | undefined;
   readonly WebSocket: typeof WebSocket | undefined;
@@ -83,10 +85,37 @@ export class Transport {
     this.#fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
   }
 
-  /** `credentialHeader`: where the token goes; the vmFetch route uses AUTH_HEADER so the guest's own Authorization passes. */
-  async request(url: string, init: RequestInit & { duplex?: "half" }, credentialHeader = "authorization"): Promise<Response> {
+  /**
+   * The endpoint is an agentvm server or, in a cluster, a Rivet Engine (its
+   * /health says `"runtime": "engine"`); asked once per client.
+   */
+  locator(): Promise<ClusterLocator | undefined> {
+    this.#locator ??= (async () => {
+      let body: { runtime?: unknown } = {};
+      try {
+        const response = await this.#fetch(`${this.base}/health`, { headers: this.#headers });
+        body = (await response.json().catch(() => ({}))) as { runtime?: unknown };
+      } catch (error) {
+        this.#locator = undefined;
+        const cause = (error as { cause?: { code?: string; message?: string } }).cause;
+        throw new AgentVmError("SERVER_UNREACHABLE", `cannot reach the agentvm server at ${this.base}: ${cause?.code ?? cause?.message ?? (error as Error).message}`, { cause: error });
+      }
+      if (body.runtime !== "engine") return undefined;
+      // The engine's API reads Authorization; its gateway (the locate call) reads x-rivet-token.
+      const authorization = this.#authorization ? { authorization: this.#authorization, "x-rivet-token": this.#authorization.slice("Bearer ".length) } : {};
+      return new ClusterLocator(this.base, (url, init) => this.#fetch(url, { ...init, headers: { ...this.#headers, ...(init.headers as Record<string, string>), ...authorization } }));
+    })();
+    return this.#locator;
+  }
+
+  /**
+   * `credentialHeader`: where the token goes; the vmFetch route uses AUTH_HEADER so the guest's own Authorization passes.
+   * `authorization`: replaces the client's own credential (a cluster node's ticket; null sends none).
+   */
+  async request(url: string, init: RequestInit & { duplex?: "half" }, credentialHeader = "authorization", authorization?: string | null): Promise<Response> {
     let response: Response;
-    const credential = this.#authorization ? { [credentialHeader]: this.#authorization } : {};
+    const value = authorization === undefined ? this.#authorization : (authorization ?? undefined);
+    const credential = value ? { [credentialHeader]: value } : {};
     try {
       response = await this.#fetch(url, { ...init, headers: { ...this.#headers, ...(init.headers as Record<string, string>), ...credential } });
     } catch (error) {
@@ -121,6 +150,9 @@ async function listVms(transport: Transport, definition: string, options: { afte
   if (options.after !== undefined) query.set("after", String(options.after));
   if (options.limit !== undefined) query.set("limit", String(options.limit));
   const search = query.size > 0 ? `?${query}` : "";
+  if (await transport.locator()) {
+    throw new AgentVmError("UNKNOWN_ACTION", `list: ${transport.base} is a cluster engine; each node lists its own VMs (GET /api/${definition}/vms on a node, with its API key)`);
+  }
   const response = await transport.request(`${transport.base}/api/${encodeURIComponent(definition)}/vms${search}`, { method: "GET" });
   return jsonValue<VmSummary[]>(response, "list");
 }
@@ -134,16 +166,61 @@ async function errorFrom(response: Response): Promise<AgentVmError> {
   }
 }
 
+/** A request to one of a VM's routes; `route` is relative to /api/{definition}/{key}. */
+export type VmRequest = (route: string, init: RequestInit & { duplex?: "half" }) => Promise<Response>;
+
+/** Where a VM's requests go: the server, or in a cluster the node that holds the VM (with its ticket). */
+interface Target {
+  prefix: string;
+  authorization?: string | null;
+  location?: Location;
+}
+
 function createHandle(transport: Transport, definition: string, key: string): VmHandle {
-  const prefix = `${transport.base}/api/${encodeURIComponent(definition)}/${encodeURIComponent(key)}`;
+  const path = `/api/${encodeURIComponent(definition)}/${encodeURIComponent(key)}`;
+
+  async function target(): Promise<Target> {
+    const locator = await transport.locator();
+    if (!locator) return { prefix: `${transport.base}${path}` };
+    const location = await locator.locate(definition, key);
+    return { prefix: `${location.url.replace(/\/$/, "")}${path}`, authorization: location.ticket ? `Bearer ${location.ticket}` : null, location };
+  }
+
+  /**
+   * Sends a request to wherever the VM is. In a cluster, a node that no longer
+   * holds the VM (VM_MOVED) or an expired ticket sends us back to the engine once
+   * (when the body can be sent again); an unreachable node is VM_NODE_UNAVAILABLE.
+   */
+  async function send(build: (target: Target) => Promise<Response>, canRetry: boolean): Promise<Response> {
+    const first = await target();
+    try {
+      return await build(first);
+    } catch (error) {
+      if (!first.location) throw error;
+      const code = (error as AgentVmError).code;
+      if (code === "SERVER_UNREACHABLE") {
+        (await transport.locator())!.forget(definition, key);
+        throw nodeUnavailable(first.location.node, key, `its API at ${first.location.url} does not answer`);
+      }
+      if ((code === "VM_MOVED" || code === "UNAUTHENTICATED") && canRetry) {
+        (await transport.locator())!.forget(definition, key);
+        return build(await target());
+      }
+      throw error;
+    }
+  }
 
   function post(action: string, args: unknown[], accept: string): Promise<Response> {
     const encoded = encodeValue(args);
-    return transport.request(`${prefix}/actions/${action}`, {
-      method: "POST",
-      headers: { "content-type": encoded.contentType, accept },
-      body: encoded.body as RequestInit["body"],
-    });
+    return send(
+      (to) =>
+        transport.request(`${to.prefix}/actions/${action}`, {
+          method: "POST",
+          headers: { "content-type": encoded.contentType, accept },
+          body: encoded.body as RequestInit["body"],
+        }, "authorization", to.authorization),
+      true,
+    );
   }
 
   async function call(action: string, args: unknown[]): Promise<unknown> {
@@ -164,13 +241,17 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
     headers.set(FORWARD_HEADERS, JSON.stringify(names));
     if (init.timeoutMs !== undefined) headers.set(FETCH_TIMEOUT, String(init.timeoutMs));
     const body = init.body ?? null;
-    return transport.request(`${prefix}/fetch/${encodeURIComponent(String(port))}${target}`, {
-      method: init.method ?? "GET",
-      headers: Object.fromEntries(headers.entries()),
-      body: body as RequestInit["body"],
-      signal: init.signal ?? null,
-      ...(body instanceof ReadableStream ? { duplex: "half" as const } : {}),
-    }, AUTH_HEADER);
+    return send(
+      (to) =>
+        transport.request(`${to.prefix}/fetch/${encodeURIComponent(String(port))}${target}`, {
+          method: init.method ?? "GET",
+          headers: Object.fromEntries(headers.entries()),
+          body: body as RequestInit["body"],
+          signal: init.signal ?? null,
+          ...(body instanceof ReadableStream ? { duplex: "half" as const } : {}),
+        }, AUTH_HEADER, to.authorization),
+      !(body instanceof ReadableStream),
+    );
   }
 
   function head(response: Response): { status: number; statusText: string; headers: Record<string, string> } {
@@ -195,30 +276,31 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
       if (!wantsStream(options)) return call("exec", options === undefined ? (args === undefined ? [command] : [command, args]) : [command, args ?? [], options]);
       return execStreamed((execArgs, accept) => post("exec", execArgs, accept), command, args, options);
     },
-    openTerminal(options: OpenTerminalOptions = {}) {
-      const path = `${prefix}/terminal`;
-      let query: string;
-      try {
-        query = terminalQuery(options);
-      } catch (error) {
-        return Promise.reject(error);
-      }
+    async openTerminal(options: OpenTerminalOptions = {}) {
+      const query = terminalQuery(options);
+      // In a cluster the terminal is opened on the node that holds the VM, with that node's ticket.
+      const to = await target();
+      const route = `${to.prefix}/terminal`;
+      const token = to.authorization === undefined ? transport.token : (to.authorization?.slice("Bearer ".length) ?? undefined);
       return openTerminal({
-        url: `${path.replace(/^http/, "ws")}${query}`,
-        token: transport.token,
+        url: `${route.replace(/^http/, "ws")}${query}`,
+        token,
         WebSocket: transport.WebSocket,
         // A plain GET of the route runs the same checks: its error says why the WebSocket was refused.
         diagnose: () =>
-          transport.request(`${path}${query}`, { method: "GET" }).then(
-            () => new AgentVmError("SERVER_UNREACHABLE", `openTerminal: the WebSocket to ${path} could not be opened`),
+          transport.request(`${route}${query}`, { method: "GET" }, "authorization", to.authorization).then(
+            () => new AgentVmError("SERVER_UNREACHABLE", `openTerminal: the WebSocket to ${route} could not be opened`),
             (error: unknown) =>
               AgentVmError.from(error).code === "UPGRADE_REQUIRED"
-                ? new AgentVmError("SERVER_UNREACHABLE", `openTerminal: the WebSocket to ${path} could not be opened (a proxy in between may not pass WebSockets)`)
+                ? new AgentVmError("SERVER_UNREACHABLE", `openTerminal: the WebSocket to ${route} could not be opened (a proxy in between may not pass WebSockets)`)
                 : AgentVmError.from(error),
           ),
       });
     },
-    ...fileTransfers(transport, prefix),
+    // A streamed upload cannot be sent twice, so only bodies held in memory are retried after VM_MOVED.
+    ...fileTransfers((route, init) =>
+      send((to) => transport.request(`${to.prefix}${route}`, init, "authorization", to.authorization), !(init.body instanceof ReadableStream)),
+    ),
     async vmFetch(port: number, path: string, init?: ClientFetchInit) {
       const response = await fetchFromVm(port, path, init);
       let body: Uint8Array;
@@ -253,12 +335,14 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
       if (since !== undefined && !(Number.isSafeInteger(since) && since >= 0)) {
         throw new AgentVmError("INVALID_ARGUMENT", `connect: since must be an output position (an integer ≥ 0), got ${String(since)}`);
       }
-      return openConnection(transport, since === undefined ? `${prefix}/events` : `${prefix}/events?since=${since}`);
+      const query = since === undefined ? "" : `?since=${since}`;
+      return openConnection((signal) => send((to) => transport.request(`${to.prefix}/events${query}`, { method: "GET", headers: { accept: "text/event-stream" }, signal }, "authorization", to.authorization), true), `${path}/events`);
     },
     async destroy(options: { confirm: string | readonly string[] }): Promise<DestroyResult> {
       // An absent or wrong confirmation goes to the server, which refuses it with DESTROY_NOT_CONFIRMED and the way to confirm.
       const confirm = options?.confirm === undefined ? undefined : canonicalKey(options.confirm);
-      const response = await transport.request(confirm === undefined ? prefix : `${prefix}?confirm=${encodeURIComponent(confirm)}`, { method: "DELETE" });
+      const query = confirm === undefined ? "" : `?confirm=${encodeURIComponent(confirm)}`;
+      const response = await send((to) => transport.request(`${to.prefix}${query}`, { method: "DELETE" }, "authorization", to.authorization), true);
       return jsonValue<DestroyResult>(response, "destroy");
     },
   };
@@ -281,7 +365,7 @@ function bodyFailed(error: unknown, port: number, path: string): unknown {
   return new AgentVmError("FETCH_FAILED", `vmFetch ${path} on port ${port}: the response body was cut off (${(error as Error)?.message ?? String(error)})`, { cause: error });
 }
 
-function openConnection(transport: Transport, url: string): VmConnection {
+function openConnection(open: (signal: AbortSignal) => Promise<Response>, url: string): VmConnection {
   const controller = new AbortController();
   const listeners: { [E in keyof VmConnectionEvents]: Set<(payload: VmConnectionEvents[E]) => void> } = {
     processOutput: new Set(),
@@ -304,7 +388,7 @@ function openConnection(transport: Transport, url: string): VmConnection {
 
   let disposed = false;
   const done = (async () => {
-    const response = await transport.request(url, { method: "GET", headers: { accept: "text/event-stream" }, signal: controller.signal });
+    const response = await open(controller.signal);
     await readServerEvents(response.body!, url, { connected: resolveReady, event: dispatch });
   })();
   // Settles when the connection ends: resolves after dispose(), rejects when the server or network ended it.

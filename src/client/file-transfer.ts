@@ -9,7 +9,7 @@
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import type { TarExtractResult } from "../sandbox/vm-tar.ts";
 import { WatchStream, type VmWatch, type WatchEvent, type WatchOptions } from "../watch-stream.ts";
-import type { Transport } from "./client.ts";
+import type { VmRequest } from "./client.ts";
 import { readServerEvents } from "./server-events.ts";
 
 export interface TransferProgress {
@@ -47,15 +47,20 @@ export interface ClientWatchOptions extends WatchOptions {
 
 const HOME = "/home/agentos";
 
-export function fileTransfers(transport: Transport, prefix: string) {
+/**
+ * `request(route, init)` sends to the VM's routes (`route` is relative to
+ * /api/{definition}/{key}): on the server, or in a cluster on the node that
+ * holds the VM.
+ */
+export function fileTransfers(request: VmRequest) {
   const url = (route: string, path: string, query: Record<string, string> = {}) => {
     const search = new URLSearchParams(query).toString();
-    return `${prefix}/${route}${encodeGuestPath(path)}${search ? `?${search}` : ""}`;
+    return `/${route}${encodeGuestPath(path)}${search ? `?${search}` : ""}`;
   };
 
   async function put(route: string, path: string, body: UploadBody, type: string, options: UploadOptions, query: Record<string, string>): Promise<unknown> {
     const { body: sent, total } = uploadBody(body, options.onProgress);
-    const response = await transport.request(url(route, path, query), {
+    const response = await request(url(route, path, query), {
       method: "PUT",
       headers: { "content-type": type },
       body: sent as RequestInit["body"],
@@ -68,7 +73,7 @@ export function fileTransfers(transport: Transport, prefix: string) {
   }
 
   async function get(route: string, path: string, options: DownloadOptions, headers: Record<string, string> = {}): Promise<ReadableStream<Uint8Array>> {
-    const response = await transport.request(url(route, path), { method: "GET", headers, signal: options.signal ?? null });
+    const response = await request(url(route, path), { method: "GET", headers, signal: options.signal ?? null });
     const length = response.headers.get("content-length");
     return counted(response.body ?? emptyStream(), options.onProgress, length === null ? undefined : Number(length), (error) =>
       (error as Error)?.name === "AbortError" ? error : new AgentVmError("ECONNRESET", `download ${path}: the transfer broke off (${(error as Error)?.message ?? String(error)})`, { cause: error }),
@@ -114,7 +119,7 @@ export function fileTransfers(transport: Transport, prefix: string) {
       const controller = new AbortController();
       options.signal?.addEventListener("abort", () => controller.abort(), { once: true });
       const target = url("watch", path, options.recursive ? { recursive: "1" } : {});
-      const response = await transport.request(target, { method: "GET", headers: { accept: "text/event-stream" }, signal: controller.signal });
+      const response = await request(target, { method: "GET", headers: { accept: "text/event-stream" }, signal: controller.signal });
       const watch = new WatchStream(normaliseGuestPath(path), options.onEvent, () => controller.abort());
       const connected = Promise.withResolvers<void>();
       readServerEvents(response.body!, target, {

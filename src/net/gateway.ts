@@ -16,10 +16,15 @@ import type { Duplex } from "node:stream";
 import { AgentVmError } from "../errors.ts";
 import type { PreviewRow, PreviewStore } from "../store/preview-store.ts";
 import type { Vm } from "../vm.ts";
-import { findToken, hashToken } from "./previews.ts";
+import { findToken, hashToken, tokenOwner } from "./previews.ts";
 
 export interface GatewayOptions {
   store: PreviewStore;
+  /**
+   * Cluster nodes: tokens that name another node (`<random>-<node>`) are passed to
+   * `forward` instead of being looked up here; `self` is this node's name.
+   */
+  elsewhere?: { self: string; forward(owner: string, request: IncomingMessage, response: ServerResponse): Promise<boolean> };
   /** Limits the gateway to some tokens' VMs (an embedded VM serves only its own); others get the 403. */
   owns?(row: PreviewRow): boolean;
   /** Wakes the token's VM and keeps it awake until `release` is called. */
@@ -129,6 +134,12 @@ export class PreviewGateway {
       });
       response.end();
       return;
+    }
+    const owner = tokenOwner(target.token);
+    const elsewhere = this.#options.elsewhere;
+    if (owner !== undefined && elsewhere && owner !== elsewhere.self) {
+      if (await elsewhere.forward(owner, request, response)) return;
+      return this.#forbidden(response);
     }
     const row = this.#find(target.token);
     if (!row) return this.#forbidden(response);

@@ -56,8 +56,17 @@ export interface PreviewInfo {
   lastUsedAt: number | null;
 }
 
-/** What a gateway path or subdomain label must look like to be looked up at all. */
-export const TOKEN_PATTERN = /^[a-z2-7]{32}$/;
+/**
+ * What a gateway path or subdomain label must look like to be looked up at all:
+ * 32 random characters, and on a cluster node `-<node>`, the node that holds
+ * the VM, so any node's gateway knows where to send it (src/cluster/node.ts).
+ */
+export const TOKEN_PATTERN = /^[a-z2-7]{32}(?:-[a-z0-9][a-z0-9-]{0,29})?$/;
+
+/** The cluster node a token names, if any. */
+export function tokenOwner(token: string): string | undefined {
+  return TOKEN_PATTERN.test(token) && token.length > 33 ? token.slice(33) : undefined;
+}
 const TOKEN_BYTES = 20;
 const BASE32 = "abcdefghijklmnopqrstuvwxyz234567";
 const PREFIX_LENGTH = 6;
@@ -130,13 +139,17 @@ export class PreviewTokens {
   #origin: string | undefined;
   readonly #urlFor: ((token: string) => string) | undefined;
 
+  readonly #owner: string | undefined;
+
   /**
    * `origin`: where the gateway serving these tokens listens (e.g. http://localhost:6421), when known;
-   * `urlFor`: builds the URL for a token instead (a server's public URL, subdomain mode).
+   * `urlFor`: builds the URL for a token instead (a server's public URL, subdomain mode);
+   * `owner`: the cluster node's name, appended to every token.
    */
-  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string; urlFor?: (token: string) => string }) {
+  constructor(store: PreviewStore, config: ResolvedPreviewConfig, scope: { definition: string; key: string; origin?: string; urlFor?: (token: string) => string; owner?: string }) {
     this.#urlFor = scope.urlFor;
     this.#store = store;
+    this.#owner = scope.owner;
     this.#config = config;
     this.#definition = scope.definition;
     this.#key = scope.key;
@@ -159,7 +172,7 @@ export class PreviewTokens {
         `createSignedPreviewUrl: this VM already has ${active} active preview URLs (preview.maxActiveTokens = ${this.#config.maxActiveTokens}); expire some with expireSignedPreviewUrl or expireAllPreviewUrls`,
       );
     }
-    const token = base32(randomBytes(TOKEN_BYTES));
+    const token = `${base32(randomBytes(TOKEN_BYTES))}${this.#owner === undefined ? "" : `-${this.#owner}`}`;
     const expiresAt = now + Math.round(ttl * 1000);
     // #ttl bounds ttl, so this holds; checked anyway because a row past 2^53 could not be read back.
     if (!Number.isSafeInteger(expiresAt)) throw new AgentVmError("PREVIEW_TTL_INVALID", `createSignedPreviewUrl: ttlSeconds ${ttl} gives an expiry past what can be stored`);

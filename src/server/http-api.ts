@@ -82,6 +82,8 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   IMAGE_BUILD_FAILED: 503,
   GUEST_RUNTIME_MISSING: 503,
   SERVER_CLOSING: 503,
+  VM_NODE_UNAVAILABLE: 503,
+  VM_MOVED: 409,
   ETIMEDOUT: 504,
   RANGE_NOT_SATISFIABLE: 416,
 };
@@ -115,6 +117,8 @@ export interface ApiContext {
   auth: Authenticator;
   origins: OriginPolicy;
   maxBodyBytes: number;
+  /** Cluster nodes: throws VM_MOVED for a VM this node does not hold. */
+  placement?(definition: string, key: string): void;
 }
 
 const TOKEN_BODY_LIMIT = 64 * 1024;
@@ -306,6 +310,7 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
       return;
     }
     context.auth.authorize(credential!, route.definition, route.key, route.action);
+    context.placement?.(route.definition, route.key);
     if (route.route === "destroy") {
       requireConfirmation(route.definition, route.key, url);
       sendJson(response, await context.destroyVm(route.definition, route.key));

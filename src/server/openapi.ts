@@ -95,7 +95,7 @@ const VM_ERRORS: ErrorCode[] = ["INVALID_ARGUMENT", "TOO_MANY_VMS", "VM_DESTROY_
  * An action may fail with any code a VM operation has (POSIX and agentvm ones), except those
  * never answered as an HTTP status: raised by the client or start(), or sent inside an event stream.
  */
-const CLIENT_ONLY: ReadonlySet<ErrorCode> = new Set(["SERVER_UNREACHABLE", "AUTH_NOT_CONFIGURED", "EVENTS_TOO_SLOW"]);
+const CLIENT_ONLY: ReadonlySet<ErrorCode> = new Set(["SERVER_UNREACHABLE", "AUTH_NOT_CONFIGURED", "EVENTS_TOO_SLOW", "CLUSTER_UNAVAILABLE"]);
 const ACTION_ERRORS: ErrorCode[] = [...POSIX_CODES, ...AGENTVM_CODES].filter((code) => !CLIENT_ONLY.has(code));
 
 /** Error responses grouped by the status the server answers each code with. */

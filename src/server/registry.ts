@@ -183,7 +183,34 @@ export function setup<Use extends Record<string, VmDefinition>>(input: { use: Us
   return new Registry(use as Use);
 }
 
-async function startServer(use: Record<string, VmDefinition>, options: StartOptions): Promise<RunningServer> {
+/**
+ * What a cluster node (src/cluster/node.ts) adds to the server: a placement
+ * check before any VM route does work, and access to the VM actors so the
+ * RivetKit actor can drive the same ones the HTTP API does.
+ */
+export interface ServerHooks {
+  /** Throws (VM_MOVED) when this server does not hold the VM. */
+  placement?(definition: string, key: string): void;
+  /** Called once the server listens. */
+  ready?(internals: ServerInternals): void;
+  /** Preview tokens carry this node name; tokens naming another node are passed to it by `forwardPreview`. */
+  previewOwner?: string;
+  /** Passes a preview request for another node's token to that node; false when it knows no such node. */
+  forwardPreview?(owner: string, request: IncomingMessage, response: ServerResponse): Promise<boolean>;
+}
+
+export interface ServerInternals {
+  actor(definition: string, key: string): VmActor | undefined;
+  /** True when this server has the VM's row (it holds its files). */
+  holds(definition: string, key: string): boolean;
+}
+
+/** registry.start() with cluster hooks; not part of the public API. */
+export function startServerWithHooks(registry: Registry<Record<string, VmDefinition>>, options: StartOptions, hooks: ServerHooks): Promise<RunningServer> {
+  return startServer(registry.use, options, hooks);
+}
+
+async function startServer(use: Record<string, VmDefinition>, options: StartOptions, hooks: ServerHooks = {}): Promise<RunningServer> {
   const config = expectObject("start options", options);
   expectKnownKeys("start options", config, ["port", "host", "dataDir", "maxBodyBytes", "limits", "logLevel", "handleSignals", "preview", "auth", "allowedHosts", "allowedOrigins"]);
   const limits = parseServerLimits(config.limits, process.env, config.maxBodyBytes);
@@ -254,6 +281,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const context = {
     maxBodyBytes: limits.maxBodyBytes,
     openApi: () => (openApiDocument ??= buildOpenApi(Object.keys(use))),
+    ...(hooks.placement ? { placement: hooks.placement } : {}),
     auth,
     origins,
     hasDefinition: (name: string) => Object.hasOwn(use, name),
@@ -296,7 +324,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
         const onIdle = (idle: VmActor) => {
           if (actors.get(id) === idle) actors.delete(id);
         };
-        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewUrl: (token) => previewUrlFor(token), onIdle, maxVms: limits.maxVmsPerDefinition });
+        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewUrl: (token) => previewUrlFor(token), onIdle, maxVms: limits.maxVmsPerDefinition, ...(hooks.previewOwner !== undefined ? { previewOwner: hooks.previewOwner } : {}) });
         actors.set(id, actor);
       }
       return actor;
@@ -306,6 +334,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const previewResponseTimeoutMs = Number(previewOptions.responseTimeoutMs ?? 60_000);
   const gateway = new PreviewGateway({
     store: previews,
+    ...(hooks.forwardPreview && hooks.previewOwner !== undefined ? { elsewhere: { self: hooks.previewOwner, forward: hooks.forwardPreview } } : {}),
     ...(previewOptions.host !== undefined
       ? { previewHost: String(previewOptions.host) }
       : previewPublic.mode === "subdomain" && previewPublic.publicUrl
@@ -415,6 +444,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       `agentvm: the API on ${url} is OPEN: no API key is set, so any program on this machine can run code in every VM. Set AGENTVM_API_KEYS or start({ auth: { apiKeys } }) to require one.`,
     );
   }
+
+  hooks.ready?.({ actor: (definition, key) => context.actor(definition, key), holds: (definition, key) => store.getVm(definition, key) !== undefined });
 
   let closed: Promise<void> | undefined;
   const close = () =>

@@ -93,6 +93,8 @@ export class VmActor {
   #sleepTimer: NodeJS.Timeout | undefined;
   #lastTouch = 0;
   #closed = false;
+  /** Resolved on the next sleep (a cluster runner keeps its actor awake until then). */
+  #asleep: PromiseWithResolvers<void> | undefined;
 
   readonly #previews: PreviewStore;
   /** Builds a preview token's `url` (the server's preview origin, or its public URL). */
@@ -100,6 +102,9 @@ export class VmActor {
   /** Told when the actor holds nothing (asleep, unused): the registry then forgets it. */
   readonly #onIdle: ((actor: VmActor) => void) | undefined;
   readonly #maxVms: number;
+
+  /** A cluster node's name, carried in its preview tokens. */
+  readonly #previewOwner: string | undefined;
 
   constructor(init: {
     definitionName: string;
@@ -112,7 +117,10 @@ export class VmActor {
     onIdle?: (actor: VmActor) => void;
     /** VMs the definition may have; a new key past it is TOO_MANY_VMS. */
     maxVms?: number;
+    /** A cluster node's name, carried in its preview tokens. */
+    previewOwner?: string;
   }) {
+    this.#previewOwner = init.previewOwner;
     this.#maxVms = init.maxVms ?? Number.POSITIVE_INFINITY;
     this.#onIdle = init.onIdle;
     this.#previews = init.previews;
@@ -235,6 +243,16 @@ export class VmActor {
     await vm?.dispose();
     if (vm && !this.#destroying) await this.#recordDiskUse();
     this.#checkIdle();
+    const asleep = this.#asleep;
+    this.#asleep = undefined;
+    asleep?.resolve();
+  }
+
+  /** Settles when the VM next goes to sleep (at once when it is asleep). */
+  whenAsleep(): Promise<void> {
+    if (!this.#vm && !this.#waking) return Promise.resolve();
+    this.#asleep ??= Promise.withResolvers<void>();
+    return this.#asleep.promise;
   }
 
   /** Measured as it goes to sleep, when nothing writes: listing VMs then costs no walk of their files. */
@@ -330,7 +348,7 @@ export class VmActor {
         ...(this.#definition.hosts ? { hosts: this.#definition.hosts } : {}),
       },
       {
-        previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, urlFor: this.#previewUrl }),
+        previews: new PreviewTokens(this.#previews, this.#definition.preview, { definition: this.definitionName, key: this.key, urlFor: this.#previewUrl, ...(this.#previewOwner !== undefined ? { owner: this.#previewOwner } : {}) }),
         wakeProcesses: {
           add: (process) => this.#store.addWakeProcess(this.definitionName, this.key, process),
           remove: (id) => this.#store.removeWakeProcess(this.definitionName, this.key, id),

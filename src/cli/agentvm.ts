@@ -1,0 +1,131 @@
+#!/usr/bin/env node
+/**
+ * The `agentvm` command:
+ *
+ *   agentvm start    today's single-node server (what `npm start` runs)
+ *   agentvm engine   the Rivet Engine, configured safely, as our child
+ *   agentvm node     an agentvm node: the server plus a runner in its own pool
+ *
+ * Options are parsed in src/cluster/config.ts. Each command says where it
+ * listens and what to run next.
+ */
+import { pathToFileURL } from "node:url";
+import { resolve } from "node:path";
+import { AgentVmError } from "../errors.ts";
+import { ENGINE_DEFAULT_PORT, NODE_DEFAULT_PORT, parseEngineOptions, parseFlags, parseNodeOptions, parseStartOptions } from "../cluster/config.ts";
+
+const HELP: Record<string, string> = {
+  "": `agentvm: a VM per AI agent inside your backend.
+
+Commands:
+  agentvm start     the single-node server (API on :6420, previews on :6421)
+  agentvm engine    run the Rivet Engine for a cluster of agentvm nodes
+  agentvm node      run an agentvm node that joins an engine
+
+Run \`agentvm <command> --help\` for its options. Cluster mode is described in docs/cluster.md.`,
+  start: `agentvm start [--port 6420] [--host localhost] [--data-dir ./.agentvm]
+
+The single-node server with a demo VM, as \`npm start\`. PORT, HOST, AGENTVM_DATA_DIR and
+AGENTVM_API_KEYS work as for registry.start().`,
+  engine: `agentvm engine [--host 127.0.0.1] [--port ${ENGINE_DEFAULT_PORT}] [--data-dir ./.agentvm-engine] [--token <secret>]
+
+Runs the Rivet Engine (from npm, \`npm run cluster:install\`) with a configuration written to
+<data-dir>/engine-config.json: it listens on --host only (loopback, or a private address —
+then --token is required), on --port and the next two ports (peer API, metrics), telemetry
+off, and short failover timeouts. The engine stops with this command.
+Environment: AGENTVM_ENGINE_HOST, AGENTVM_ENGINE_PORT, AGENTVM_ENGINE_DATA_DIR, AGENTVM_ENGINE_TOKEN.`,
+  node: `agentvm node --engine <url> --name <node> [--advertise <url>] [--port ${NODE_DEFAULT_PORT}] [--preview-port <port+1>]
+             [--host 127.0.0.1] [--data-dir ./.agentvm-node-<name>] [--advertise-preview <url>]
+             [--token <engine token>] [--registry <module exporting \`registry\`>]
+
+An agentvm node: the server (API, preview gateway, VM files under --data-dir) plus a
+RivetKit runner in the engine pool "agentvm.<name>". VMs placed on this node stay on it.
+--advertise is the URL clients reach this node's API at (default http://<host>:<port>).
+Without --registry the node serves setup({ use: { vm: agentOS() } }).
+Environment: AGENTVM_ENGINE, AGENTVM_NODE_NAME, AGENTVM_ADVERTISE, PORT, HOST, AGENTVM_DATA_DIR.`,
+};
+
+async function main(argv: string[]): Promise<void> {
+  const [command = "", ...rest] = argv;
+  if (command === "--help" || command === "-h" || command === "help" || command === "") {
+    console.log(HELP[""]);
+    return;
+  }
+  if (!Object.hasOwn(HELP, command)) throw new AgentVmError("INVALID_ARGUMENT", `unknown command ${JSON.stringify(command)}; run agentvm --help`);
+  const known = { start: ["port", "host", "data-dir"], engine: ["host", "port", "data-dir", "token"], node: ["engine", "name", "advertise", "advertise-preview", "port", "preview-port", "host", "data-dir", "token", "registry"] }[command as "start" | "engine" | "node"];
+  const flags = parseFlags(rest, known, command);
+  if (flags.has("help")) {
+    console.log(HELP[command]);
+    return;
+  }
+  if (command === "start") return runStart(parseStartOptions(flags));
+  if (command === "engine") return runEngine(flags);
+  return runNode(flags);
+}
+
+async function runStart(options: ReturnType<typeof parseStartOptions>): Promise<void> {
+  if (options.port !== undefined) process.env.PORT = String(options.port);
+  if (options.host !== undefined) process.env.HOST = options.host;
+  if (options.dataDir !== undefined) process.env.AGENTVM_DATA_DIR = options.dataDir;
+  await import("../main.ts");
+}
+
+async function runEngine(flags: ReturnType<typeof parseFlags>): Promise<void> {
+  const { startEngine } = await import("../cluster/engine.ts");
+  const options = parseEngineOptions(flags);
+  const engine = await startEngine(options);
+  console.log(`agentvm engine: Rivet Engine ${engine.url} (pid ${engine.pid}; config ${engine.configPath}; data in ${options.dataDir})
+
+Next, start nodes (each on its own port and data directory), e.g.:
+  agentvm node --engine ${engine.url} --name a --port ${NODE_DEFAULT_PORT}
+  agentvm node --engine ${engine.url} --name b --port ${NODE_DEFAULT_PORT + 10}
+Then point clients at the engine: createClient<typeof registry>("${engine.url}").vm.getOrCreate("my-vm")
+Ctrl-C stops the engine.`);
+  const stop = (signal: string) => {
+    console.log(`agentvm engine: ${signal}, stopping the engine`);
+    void engine.stop().then(() => process.exit(0));
+  };
+  process.once("SIGINT", () => stop("SIGINT"));
+  process.once("SIGTERM", () => stop("SIGTERM"));
+  const code = await engine.exited;
+  console.error(`agentvm engine: the Rivet Engine exited (${code}); stopping`);
+  process.exit(1);
+}
+
+async function runNode(flags: ReturnType<typeof parseFlags>): Promise<void> {
+  const { startNode } = await import("../cluster/node.ts");
+  const { agentOS, setup } = await import("../server/index.ts");
+  const options = parseNodeOptions(flags);
+  const modulePath = flags.get("registry");
+  const registry = typeof modulePath === "string" ? await loadRegistry(modulePath) : setup({ use: { vm: agentOS() } });
+  const node = await startNode(registry, options);
+  console.log(`agentvm node ${options.name}: API ${node.server.url} (advertised as ${options.advertise}), previews ${node.server.previewUrl} (advertised as ${options.advertisePreview}), data in ${node.server.dataDir}
+Joined the engine ${options.engine} in pool ${node.pool}.
+
+Clients use the engine, not this node: createClient<typeof registry>("${options.engine}").vm.getOrCreate("my-vm")
+Ctrl-C stops the node; its VMs answer VM_NODE_UNAVAILABLE until it is back.`);
+  let stopping = false;
+  const stop = (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    console.log(`agentvm node ${options.name}: ${signal}, shutting down`);
+    void node.close().finally(() => process.exit(0));
+  };
+  process.once("SIGINT", () => stop("SIGINT"));
+  process.once("SIGTERM", () => stop("SIGTERM"));
+}
+
+async function loadRegistry(path: string): Promise<Parameters<typeof import("../cluster/node.ts").startNode>[0]> {
+  const module = (await import(pathToFileURL(resolve(path)).href)) as { registry?: unknown };
+  const registry = module.registry as { use?: unknown } | undefined;
+  if (!registry || typeof registry !== "object" || typeof registry.use !== "object") {
+    throw new AgentVmError("INVALID_ARGUMENT", `--registry ${path} must export \`registry\` (from setup({ use })) and not start it`);
+  }
+  return registry as Parameters<typeof import("../cluster/node.ts").startNode>[0];
+}
+
+main(process.argv.slice(2)).catch((error: unknown) => {
+  const shown = error instanceof AgentVmError ? `${error.code}: ${error.message}` : (error as Error)?.stack ?? String(error);
+  console.error(`agentvm: ${shown}`);
+  process.exit(1);
+});

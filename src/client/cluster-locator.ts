@@ -1,0 +1,201 @@
+/**
+ * Finding a VM in a cluster (docs/cluster.md). The client's endpoint is then a
+ * Rivet Engine, which knows where each VM actor lives. Locating a VM:
+ *
+ * 1. look the actor up by definition and key; a new key is created in the pool
+ *    of a live agentvm node, picked by rendezvous hashing over the live nodes,
+ *    and stays in that pool (the node that holds its files) from then on;
+ * 2. if that node's runner is not connected to the engine, fail at once with
+ *    VM_NODE_UNAVAILABLE naming the node (the engine would wait for it);
+ * 3. call the actor's `locate` action through the engine's gateway: it wakes the
+ *    VM on its node and answers the node's URL and a short-lived ticket.
+ *
+ * Everything after that (actions, vmFetch, events, previews) goes to the node
+ * directly: the engine's gateway buffers streamed bodies, caps them at ~20 MiB
+ * and adds tens of milliseconds per call (DESIGN §6).
+ *
+ * This speaks the engine's public HTTP API with fetch, so the client needs no
+ * RivetKit package, in Node or in a browser.
+ */
+import { AgentVmError } from "../errors.ts";
+
+/** Pool names of agentvm nodes (src/cluster/config.ts NODE_POOL_PREFIX). */
+const NODE_POOL_PREFIX = "agentvm.";
+/** A runner whose last ping is older than this is taken for gone (the engine's envoy_lost_threshold is 5 s). */
+const STALE_PING_MS = 8_000;
+/** How long a locate through the engine may take (a node that just came back may first wait for its reschedule). */
+const LOCATE_TIMEOUT_MS = 10_000;
+/** The engine's API answers in milliseconds, but can stall for seconds while it handles a lost node. */
+const ENGINE_CALL_TIMEOUT_MS = 5_000;
+const ENGINE_CALL_ATTEMPTS = 3;
+/** Locate again this long before a ticket expires. */
+const TICKET_MARGIN_MS = 30_000;
+
+/** What a node's `locate` action answers (src/cluster/vm-actor-adapter.ts). */
+export interface Location {
+  node: string;
+  /** The node's API, where the client sends actions and streams for this VM. */
+  url: string;
+  /** The node's preview origin. */
+  previewUrl: string;
+  /** A token for this VM only, signed by the node; null when the node's API is open (loopback, no API key). */
+  ticket: string | null;
+  /** Epoch ms: locate again before then. */
+  expiresAt: number;
+}
+
+interface EngineActor {
+  actor_id: string;
+  runner_name_selector: string;
+  destroy_ts: number | null;
+}
+
+interface Envoy {
+  pool_name: string;
+  stop_ts: number | null;
+  last_ping_ts: number;
+}
+
+export class ClusterLocator {
+  readonly #engine: string;
+  readonly #fetch: (url: string, init: RequestInit) => Promise<Response>;
+  readonly #cache = new Map<string, Promise<Location>>();
+
+  constructor(engine: string, fetchEngine: (url: string, init: RequestInit) => Promise<Response>) {
+    this.#engine = engine;
+    this.#fetch = fetchEngine;
+  }
+
+  /** Where the VM lives now (cached until it fails or its ticket nears expiry). */
+  locate(definition: string, key: string): Promise<Location> {
+    const id = `${definition}\u0000${key}`;
+    let located = this.#cache.get(id);
+    if (!located) {
+      located = this.#locate(definition, key);
+      this.#cache.set(id, located);
+      located.then(
+        (location) => setTimeout(() => this.#cache.get(id) === located && this.#cache.delete(id), Math.max(0, location.expiresAt - Date.now() - TICKET_MARGIN_MS)).unref?.(),
+        () => this.#cache.get(id) === located && this.#cache.delete(id),
+      );
+    }
+    return located;
+  }
+
+  /** Forgets where the VM was (after VM_MOVED, an expired ticket or an unreachable node). */
+  forget(definition: string, key: string): void {
+    this.#cache.delete(`${definition}\u0000${key}`);
+  }
+
+  async #locate(definition: string, key: string): Promise<Location> {
+    const actorKey = serializeActorKey(key);
+    const found = await this.#json<{ actors: EngineActor[] }>("GET", `/actors?namespace=default&name=${encodeURIComponent(definition)}&key=${encodeURIComponent(actorKey)}`);
+    let actor = found.actors.find((candidate) => candidate.destroy_ts === null);
+    let envoys: Envoy[] | undefined;
+    if (!actor) {
+      envoys = await this.#envoys();
+      const pools = livePools(envoys);
+      if (pools.length === 0) throw new AgentVmError("VM_NODE_UNAVAILABLE", `no agentvm node is connected to the engine at ${this.#engine}; start one with \`agentvm node --engine ${this.#engine} --name <node>\``);
+      const pool = pickPool(key, pools);
+      const created = await this.#json<{ actor: EngineActor }>("PUT", "/actors?namespace=default", { name: definition, key: actorKey, runner_name_selector: pool, crash_policy: "sleep" });
+      actor = created.actor;
+    }
+    const node = nodeName(actor.runner_name_selector);
+    envoys ??= await this.#envoys();
+    if (!livePools(envoys).includes(actor.runner_name_selector)) throw nodeUnavailable(node, key, "its runner is not connected to the engine");
+    let response: Response;
+    try {
+      response = await this.#fetch(`${this.#engine}/gateway/${encodeURIComponent(actor.actor_id)}/action/locate`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-rivet-encoding": "json" },
+        body: JSON.stringify({ args: [] }),
+        signal: AbortSignal.timeout(LOCATE_TIMEOUT_MS),
+      });
+    } catch (error) {
+      if ((error as Error).name === "TimeoutError") throw nodeUnavailable(node, key, `it did not answer through the engine within ${LOCATE_TIMEOUT_MS / 1000} s`);
+      throw unreachable(this.#engine, error);
+    }
+    const text = await response.text();
+    if (!response.ok) {
+      const detail = text.slice(0, 300);
+      throw response.status >= 500 ? nodeUnavailable(node, key, `the engine answered ${response.status}: ${detail}`) : new AgentVmError("INTERNAL", `locating VM ${JSON.stringify(key)} on node ${node}: the engine answered ${response.status}: ${detail}`);
+    }
+    const output = (JSON.parse(text) as { output?: Location }).output;
+    if (!output || typeof output.url !== "string") throw new AgentVmError("INTERNAL", `locating VM ${JSON.stringify(key)}: the engine's answer has no location: ${text.slice(0, 200)}`);
+    return output;
+  }
+
+  async #envoys(): Promise<Envoy[]> {
+    return (await this.#json<{ envoys: Envoy[] }>("GET", "/envoys?namespace=default")).envoys;
+  }
+
+  /** The engine's own API. Every call here is idempotent (lookups, get-or-create), so a call that times out is tried again. */
+  async #json<T>(method: string, path: string, body?: unknown): Promise<T> {
+    let response: Response | undefined;
+    for (let attempt = 1; !response; attempt++) {
+      try {
+        response = await this.#fetch(`${this.#engine}${path}`, {
+          method,
+          headers: body === undefined ? {} : { "content-type": "application/json" },
+          ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+          signal: AbortSignal.timeout(ENGINE_CALL_TIMEOUT_MS),
+        });
+      } catch (error) {
+        if ((error as Error).name !== "TimeoutError" || attempt >= ENGINE_CALL_ATTEMPTS) throw unreachable(this.#engine, error);
+      }
+    }
+    const text = await response.text();
+    if (response.status === 401 || response.status === 403) throw new AgentVmError("UNAUTHENTICATED", `the engine at ${this.#engine} refused the request (${response.status}): pass its token as createClient({ endpoint, token })`);
+    if (!response.ok) throw new AgentVmError("INTERNAL", `${method} ${path} on the engine answered ${response.status}: ${text.slice(0, 300)}`);
+    return JSON.parse(text) as T;
+  }
+}
+
+function nodeName(pool: string): string {
+  return pool.startsWith(NODE_POOL_PREFIX) ? pool.slice(NODE_POOL_PREFIX.length) : pool;
+}
+
+export function nodeUnavailable(node: string, key: string, why: string): AgentVmError {
+  return new AgentVmError("VM_NODE_UNAVAILABLE", `VM ${JSON.stringify(key)} lives on node ${node}, which is unavailable (${why}); its files are on that node, so the VM answers again once node ${node} is back`, { details: { node } });
+}
+
+function unreachable(engine: string, error: unknown): AgentVmError {
+  const cause = (error as { cause?: { code?: string; message?: string } }).cause;
+  return new AgentVmError("SERVER_UNREACHABLE", `cannot reach the engine at ${engine}: ${cause?.code ?? cause?.message ?? (error as Error).message}`, { cause: error });
+}
+
+function livePools(envoys: readonly Envoy[]): string[] {
+  const now = Date.now();
+  return [...new Set(envoys.filter((envoy) => envoy.pool_name.startsWith(NODE_POOL_PREFIX) && envoy.stop_ts === null && now - envoy.last_ping_ts < STALE_PING_MS).map((envoy) => envoy.pool_name))].sort();
+}
+
+/** Rendezvous hashing: each key goes to the live pool with the highest hash of (key, pool), so keys spread evenly and adding a node moves few. */
+function pickPool(key: string, pools: readonly string[]): string {
+  let best = pools[0]!;
+  let bestScore = -1;
+  for (const pool of pools) {
+    const score = fnv1a(`${pool}\u0000${key}`);
+    if (score > bestScore) {
+      best = pool;
+      bestScore = score;
+    }
+  }
+  return best;
+}
+
+function fnv1a(text: string): number {
+  let hash = 0x811c9dc5;
+  for (const byte of new TextEncoder().encode(text)) {
+    hash ^= byte;
+    hash = Math.imul(hash, 0x01000193) >>> 0;
+  }
+  // Finish with a multiply-xorshift so pools that differ only in their last characters still spread.
+  hash ^= hash >>> 16;
+  hash = Math.imul(hash, 0x85ebca6b) >>> 0;
+  hash ^= hash >>> 13;
+  return hash >>> 0;
+}
+
+/** RivetKit's key form: one part per array element, "/" separated, with "\" and "/" escaped. Our canonical key is one part. */
+function serializeActorKey(key: string): string {
+  return key.replace(/\\/g, "\\\\").replace(/\//g, "\\/");
+}

@@ -1,0 +1,55 @@
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { isPrivateAddress, parseEngineOptions, parseFlags, parseNodeOptions } from "./config.ts";
+import { engineConfig } from "./engine.ts";
+
+const engineFlags = (...args: string[]) => parseEngineOptions(parseFlags(args, ["host", "port", "data-dir", "token"], "engine"), {});
+const nodeFlags = (...args: string[]) =>
+  parseNodeOptions(parseFlags(args, ["engine", "name", "advertise", "advertise-preview", "port", "preview-port", "host", "data-dir", "token", "registry"], "node"), {});
+
+describe("agentvm command options", () => {
+  it("the engine listens on loopback by default, on its own ports, with telemetry off and short failover timeouts", () => {
+    const options = engineFlags("--data-dir", "/tmp/e");
+    assert.deepEqual({ host: options.host, port: options.port, token: options.token }, { host: "127.0.0.1", port: 6500, token: undefined });
+    const config = engineConfig(options) as Record<string, Record<string, unknown>>;
+    assert.deepEqual(config.guard, { host: "127.0.0.1", port: 6500 });
+    assert.deepEqual(config.api_peer, { host: "127.0.0.1", port: 6501 });
+    assert.deepEqual(config.metrics, { host: "127.0.0.1", port: 6502 });
+    assert.deepEqual(config.telemetry, { enabled: false });
+    assert.deepEqual(config.pegboard, { reschedule_backoff_max_exponent: 2, envoy_lost_threshold: 5000 });
+    assert.equal(config.auth, undefined);
+  });
+
+  it("off loopback the engine takes only private addresses, and only with a token", () => {
+    assert.throws(() => engineFlags("--host", "0.0.0.0"), { code: "INVALID_ARGUMENT", message: /loopback or on a private address/ });
+    assert.throws(() => engineFlags("--host", "8.8.8.8"), { code: "INVALID_ARGUMENT" });
+    assert.throws(() => engineFlags("--host", "10.1.2.3"), { code: "INVALID_ARGUMENT", message: /--token/ });
+    const options = engineFlags("--host", "10.1.2.3", "--token", "s3cret");
+    assert.deepEqual((engineConfig(options) as { auth: unknown }).auth, { admin_token: "s3cret" });
+    for (const address of ["10.0.0.1", "172.16.0.1", "172.31.255.255", "192.168.1.1", "100.64.0.1", "fd00::1"]) assert.ok(isPrivateAddress(address), address);
+    for (const address of ["172.32.0.1", "11.0.0.1", "2001:db8::1", "example.com"]) assert.ok(!isPrivateAddress(address), address);
+  });
+
+  it("a node needs an engine URL and a name, and advertises its API and preview origins", () => {
+    assert.throws(() => nodeFlags("--name", "a"), { code: "INVALID_ARGUMENT", message: /--engine is required/ });
+    assert.throws(() => nodeFlags("--engine", "http://127.0.0.1:6500"), { code: "INVALID_ARGUMENT", message: /--name is required/ });
+    assert.throws(() => nodeFlags("--engine", "ftp://x", "--name", "a"), { code: "INVALID_ARGUMENT", message: /http\(s\) URL/ });
+    assert.throws(() => nodeFlags("--engine", "http://127.0.0.1:6500", "--name", "Node_A"), { code: "INVALID_ARGUMENT", message: /lowercase/ });
+    assert.throws(() => nodeFlags("--engine", "http://127.0.0.1:6500", "--name", "a".repeat(31)), { code: "INVALID_ARGUMENT" });
+    assert.throws(() => nodeFlags("--engine", "http://127.0.0.1:6500", "--name", "a", "--port", "0"), { code: "INVALID_ARGUMENT", message: /--advertise/ });
+    const options = nodeFlags("--engine", "http://127.0.0.1:6500/", "--name", "a", "--port", "7000");
+    assert.deepEqual(
+      { engine: options.engine, advertise: options.advertise, advertisePreview: options.advertisePreview, previewPort: options.previewPort },
+      { engine: "http://127.0.0.1:6500", advertise: "http://127.0.0.1:7000", advertisePreview: "http://127.0.0.1:7001", previewPort: 7001 },
+    );
+    const advertised = nodeFlags("--engine", "http://10.0.0.2:6500", "--name", "b", "--host", "10.0.0.10", "--advertise", "http://node-b.internal:7000");
+    assert.equal(advertised.advertisePreview, "http://node-b.internal:6431");
+  });
+
+  it("flags: unknown ones and missing values are named", () => {
+    assert.throws(() => parseFlags(["--nope", "1"], ["port"], "engine"), { code: "INVALID_ARGUMENT", message: /unknown option --nope/ });
+    assert.throws(() => parseFlags(["--port"], ["port"], "engine"), { code: "INVALID_ARGUMENT", message: /--port needs a value/ });
+    assert.throws(() => parseFlags(["stray"], ["port"], "engine"), { code: "INVALID_ARGUMENT", message: /unexpected argument/ });
+    assert.equal(parseFlags(["--port=7"], ["port"], "engine").get("port"), "7");
+  });
+});

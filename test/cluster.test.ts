@@ -1,0 +1,192 @@
+/**
+ * Cluster mode on loopback with real processes: `agentvm engine` and two
+ * `agentvm node`s (a and b), each started as its own process and stopped by pid.
+ * One endpoint (the engine) serves VMs on either node; a node killed with
+ * SIGKILL makes its VMs fail with VM_NODE_UNAVAILABLE while the other node's
+ * keep serving, and after its restart its VMs answer again with their files.
+ * The seed page's client files run unchanged against the engine.
+ *
+ * Every VM is created first, and node loss comes last: Rivet Engine 2.3.19 may
+ * stop creating actors after a runner was dropped and came back (docs/cluster.md,
+ * "Known engine issue"); existing VMs are not affected.
+ *
+ * Skipped, saying why, when the cluster runtime (rivetkit) is not installed.
+ */
+import assert from "node:assert/strict";
+import { existsSync, readdirSync } from "node:fs";
+import { mkdtemp, realpath, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import type { Registry, VmDefinition } from "agentvm";
+import { createClient as createAnyClient, type VmHandle } from "agentvm/client";
+import { clusterRuntimeInstalled } from "../src/cluster/rivetkit.ts";
+import { rejection, waitFor } from "./helpers.ts";
+import { appDir, assertRan, runClient } from "./seed-support.ts";
+import { AgentvmCommand as Command, freePorts } from "./cluster-support.ts";
+
+/** The nodes serve setup({ use: { vm: agentOS() } }). */
+const createClient = (endpoint: string) => createAnyClient<Registry<{ vm: VmDefinition }>>(endpoint);
+const skip = clusterRuntimeInstalled() ? false : "the cluster runtime is not installed (npm run cluster:install); cluster tests skipped";
+
+describe("cluster: one engine, two nodes", { skip }, () => {
+  let dir: string;
+  let engineUrl: string;
+  let engine: Command;
+  const nodes: Record<string, { command: Command; port: number; dataDir: string }> = {};
+  const started: Command[] = [];
+
+  const startNode = async (name: string, port: number) => {
+    const dataDir = join(dir, `node-${name}`);
+    const command = new Command(["node", "--engine", engineUrl, "--name", name, "--port", String(port), "--data-dir", dataDir]);
+    started.push(command);
+    nodes[name] = { command, port, dataDir };
+    await command.ready(/Joined the engine/);
+  };
+  /** Which node holds a VM: the one whose data directory has it. */
+  const nodeOf = (key: string) => Object.entries(nodes).find(([, node]) => existsSync(join(node.dataDir, "vms", key)))?.[0];
+
+  before(async () => {
+    dir = await realpath(await mkdtemp(join(tmpdir(), "agentvm-cluster-")));
+    const enginePort = await freePorts(3);
+    engine = new Command(["engine", "--port", String(enginePort), "--data-dir", join(dir, "engine")]);
+    started.push(engine);
+    await engine.ready(/Ctrl-C stops the engine/);
+    engineUrl = `http://127.0.0.1:${enginePort}`;
+    await Promise.all([startNode("a", await freePorts(2)), startNode("b", await freePorts(2))]);
+  });
+
+  after(async () => {
+    for (const command of started.reverse()) await command.stop();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  /** One VM on each node, found by creating keys until both nodes hold one (keys spread by hash). */
+  const onNode: Record<string, VmHandle> = {};
+  const client = () => createClient(engineUrl);
+
+  it("places new VMs over both nodes, and a VM on either answers through the engine", async () => {
+    for (let index = 0; index < 16 && Object.keys(onNode).length < 2; index++) {
+      const key = `spread-${index}`;
+      const vm = client().vm.getOrCreate(key);
+      await vm.writeFile("/home/agentos/who.txt", key);
+      const node = nodeOf(key);
+      assert.ok(node, `VM ${key} should have files on a node`);
+      onNode[node] ??= vm;
+    }
+    assert.deepEqual(Object.keys(onNode).sort(), ["a", "b"]);
+    // The seed page's VM is placed now too: every VM this file uses is created before the
+    // heavy steps (docs/cluster.md, "Known engine issue": a node dropped under load can
+    // stall the engine's actor creation).
+    await client().vm.getOrCreate("my-agent").mkdir("/home/agentos/seed", { recursive: true });
+    for (const [node, vm] of Object.entries(onNode)) {
+      assert.equal(new TextDecoder().decode(await vm.readFile("/home/agentos/who.txt")), vm.key, `VM on node ${node}`);
+      const { pid } = await vm.spawn("sh", ["-c", "echo started > /home/agentos/spawned.txt"]);
+      await vm.waitProcess(pid);
+      assert.equal(new TextDecoder().decode(await vm.readFile("/home/agentos/spawned.txt")), "started\n");
+      // File transfers stream to and from the node too.
+      const bytes = new Uint8Array(3 * 1024 * 1024).map((_, index) => index % 251);
+      assert.deepEqual(await vm.upload("/home/agentos/up.bin", bytes), { path: "/home/agentos/up.bin", size: bytes.byteLength });
+      const chunks: Uint8Array[] = [];
+      for await (const chunk of await vm.download("/home/agentos/up.bin")) chunks.push(chunk);
+      assert.deepEqual(new Uint8Array(Buffer.concat(chunks)), bytes);
+    }
+  });
+
+  it("vmFetch, a 100 MiB streamed body and a preview URL work for VMs on either node; a preview token serves through the other node's gateway", async () => {
+    const size = 100 * 1024 * 1024;
+    for (const [name, vm] of Object.entries(onNode)) {
+      await vm.writeFile(
+        "/home/agentos/big.js",
+        `const chunk = Buffer.alloc(1 << 20, 97);
+require("http").createServer((req, res) => {
+  if (req.url !== "/big") return res.end("hello " + req.url);
+  res.writeHead(200, { "content-type": "application/octet-stream" });
+  let left = ${size / (1 << 20)};
+  const more = () => { while (left > 0) { left--; if (!res.write(chunk)) return res.once("drain", more); } res.end(); };
+  more();
+}).listen(3000);`,
+      );
+      await vm.spawn("node", ["/home/agentos/big.js"]);
+      const small = await waitFor(async () => {
+        try {
+          return await vm.vmFetch(3000, "/small");
+        } catch (error) {
+          if ((error as { code?: string }).code === "ECONNREFUSED") return undefined;
+          throw error;
+        }
+      }, "the guest server", 20_000);
+      assert.equal(new TextDecoder().decode(small.body), "hello /small");
+      const streamed = await vm.vmFetchStream(3000, "/big");
+      let received = 0;
+      for await (const chunk of streamed.body) received += chunk.byteLength;
+      assert.equal(received, size);
+      const preview = await vm.createSignedPreviewUrl(3000, 60);
+      assert.ok(preview.url, "a preview minted in a cluster carries the owning node's preview origin");
+      const page = await fetch(`${preview.url}page`, { signal: AbortSignal.timeout(10_000) });
+      assert.equal(await page.text(), "hello /page");
+      // The token names its node; the other node's gateway passes it there, and the owner still checks it.
+      assert.match(preview.token, new RegExp(`-${name}$`));
+      const other = nodes[name === "a" ? "b" : "a"]!;
+      const otherGateway = `http://127.0.0.1:${other.port + 1}`;
+      const viaOther = await fetch(`${otherGateway}${preview.path}other`, { signal: AbortSignal.timeout(10_000) });
+      assert.equal(await viaOther.text(), "hello /other");
+      assert.equal(await vm.expireSignedPreviewUrl(preview.token), true);
+      assert.equal((await fetch(`${otherGateway}${preview.path}other`, { signal: AbortSignal.timeout(10_000) })).status, 403);
+    }
+  });
+
+  it("the seed page's client files run unchanged against the engine", async () => {
+    const app = await appDir("networking-and-previews", { "client-start.ts": "client-start.ts.txt", "client-fetch.ts": "client-fetch.ts.txt", "client-preview.ts": "client-preview.ts.txt" }, 0, engineUrl);
+    try {
+      assertRan(await runClient(app, "client-start.ts"), "client-start.ts");
+      const agent = createClient(engineUrl).vm.getOrCreate("my-agent");
+      await waitFor(async () => {
+        try {
+          return (await agent.vmFetch(3000, "/")).status === 200;
+        } catch (error) {
+          if ((error as { code?: string }).code === "ECONNREFUSED") return false;
+          throw error;
+        }
+      }, "the seed's guest server", 20_000);
+      const fetched = await runClient(app, "client-fetch.ts");
+      assertRan(fetched, "client-fetch.ts");
+      assert.match(fetched.stdout, /^Status: 200$/m);
+      assert.match(fetched.stdout, /Body: Hello from inside the VM/);
+      const previewed = await runClient(app, "client-preview.ts");
+      assertRan(previewed, "client-preview.ts");
+      assert.match(previewed.stdout, /^Preview path: \/preview\/[^/]+\/$/m);
+      assert.ok(nodeOf("my-agent"), "the seed's VM lives on a node");
+      assert.ok(readdirSync(join(nodes[nodeOf("my-agent")!]!.dataDir, "vms")).includes("my-agent"));
+    } finally {
+      await rm(app, { recursive: true, force: true });
+    }
+  });
+  it("a killed node's VMs fail with VM_NODE_UNAVAILABLE while the other node serves; after its restart they answer with their files", async () => {
+    const victim = onNode.a!;
+    const survivor = onNode.b!;
+    const a = nodes.a!;
+    await a.command.stop("SIGKILL");
+    const error = await rejection(() => createClient(engineUrl).vm.getOrCreate(victim.key).readFile("/home/agentos/who.txt"));
+    assert.equal(error.code, "VM_NODE_UNAVAILABLE", error.message);
+    assert.match(error.message, /node a\b/);
+    // The handle that had located the VM on a also says so.
+    assert.equal((await rejection(() => victim.readFile("/home/agentos/who.txt"))).code, "VM_NODE_UNAVAILABLE");
+    assert.equal(new TextDecoder().decode(await survivor.readFile("/home/agentos/who.txt")), survivor.key);
+
+    const restartedAt = Date.now();
+    await startNode("a", a.port);
+    const text = await waitFor(async () => {
+      try {
+        return new TextDecoder().decode(await createClient(engineUrl).vm.getOrCreate(victim.key).readFile("/home/agentos/who.txt"));
+      } catch (error) {
+        if ((error as { code?: string }).code === "VM_NODE_UNAVAILABLE") return undefined;
+        throw error;
+      }
+    }, "the restarted node's VM", 20_000, 200);
+    assert.equal(text, victim.key);
+    console.log(`# node a's VM answered ${Date.now() - restartedAt} ms after the node was restarted`);
+    assert.equal(new TextDecoder().decode(await victim.readFile("/home/agentos/spawned.txt")), "started\n");
+  });
+
+});
