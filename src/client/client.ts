@@ -279,7 +279,9 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
     async openTerminal(options: OpenTerminalOptions = {}) {
       const query = terminalQuery(options);
       // In a cluster the terminal is opened on the node that holds the VM, with that node's ticket.
-      const to = await target();
+      // A page on another origin cannot read /health (the API sends no CORS) but may open
+      // WebSockets: then the endpoint is taken as the server, and a refusal is told by diagnose().
+      const to = await target().catch((): Target => ({ prefix: `${transport.base}${path}` }));
       const route = `${to.prefix}/terminal`;
       const token = to.authorization === undefined ? transport.token : (to.authorization?.slice("Bearer ".length) ?? undefined);
       return openTerminal({
