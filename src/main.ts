@@ -39,6 +39,8 @@ console.log(`agentvm server listening on ${server.url} (data in ${server.dataDir
 
 The demo VM answered vmFetch(3000, "/"): ${greeting}
 ${auth}
+Open ${server.url}/ in a browser for the dashboard: VMs, processes and logs, preview links, a terminal.
+
 Try next:
   curl ${api}/fetch/3000/hello                       # vmFetch into the demo VM
   curl -X POST ${api}/actions/readdir -H 'content-type: application/json' -d '["/home/agentos"]'
