@@ -21,7 +21,7 @@ import { after, before, describe, it } from "node:test";
 import type { Registry, VmDefinition } from "agentvm";
 import { createClient as createAnyClient, type VmHandle } from "agentvm/client";
 import { clusterRuntimeInstalled } from "../src/cluster/rivetkit.ts";
-import { rejection, waitFor } from "./helpers.ts";
+import { rejection, unmountUnder, waitFor } from "./helpers.ts";
 import { appDir, assertRan, runClient } from "./seed-support.ts";
 import { AgentvmCommand as Command, freePorts } from "./cluster-support.ts";
 
@@ -58,6 +58,8 @@ describe("cluster: one engine, two nodes", { skip }, () => {
 
   after(async () => {
     for (const command of started.reverse()) await command.stop();
+    // A node killed by the test leaves its VMs' disks and their staged views mounted.
+    await unmountUnder(dir);
     await rm(dir, { recursive: true, force: true });
   });
 

@@ -27,13 +27,31 @@ after(async () => {
 /**
  * A VM's disk is a mount while a Vm holds it (src/sandbox/vm-disk.ts), and a
  * server a test file closes in its own after() still holds its VMs when this
- * file's hook runs: detach them so the directory can go.
+ * file's hook runs: detach them so the directory can go. So are the staged
+ * views of them (src/sandbox/staging.ts, under /run/agentvm/stage) that a
+ * server killed by a test leaves behind: a stage whose source lies under `dir`
+ * (a bind of it, or a loop device backed by a file in it) is detached too.
  */
-async function unmountUnder(dir: string): Promise<void> {
+export async function unmountUnder(dir: string): Promise<void> {
+  const inside = (path: string) => path.startsWith(`${dir}/`);
+  const backing = (device: string) => {
+    const loop = /^\/dev\/(loop\d+)$/.exec(device)?.[1];
+    if (!loop) return "";
+    try {
+      return readFileSync(`/sys/block/${loop}/loop/backing_file`, "utf8").trim();
+    } catch {
+      return "";
+    }
+  };
   const points = readFileSync("/proc/self/mountinfo", "utf8")
     .split("\n")
-    .map((line) => line.split(" ")[4] ?? "")
-    .filter((point) => point.startsWith(`${dir}/`))
+    .filter(Boolean)
+    .map((line) => {
+      const fields = line.split(" ");
+      return { root: fields[3] ?? "", point: fields[4] ?? "", source: line.split(" - ")[1]?.split(" ")[1] ?? "" };
+    })
+    .filter(({ root, point, source }) => inside(point) || (point.startsWith("/run/agentvm/stage/") && (inside(root) || inside(backing(source)))))
+    .map(({ point }) => point)
     .sort((a, b) => b.length - a.length);
   for (const point of points) await promisify(execFile)("umount", ["-l", point]).catch(() => {});
 }
