@@ -24,6 +24,31 @@ import { clusterRuntimeInstalled } from "../src/cluster/rivetkit.ts";
 import { rejection, unmountUnder, waitFor } from "./helpers.ts";
 import { appDir, assertRan, runClient } from "./seed-support.ts";
 import { AgentvmCommand as Command, freePorts } from "./cluster-support.ts";
+import { request } from "node:http";
+
+/** Opens an upgrade on a preview gateway, sends `text` and resolves with what comes back. */
+function upgradeEcho(port: number, path: string, text: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const req = request({ host: "127.0.0.1", port, path, headers: { connection: "Upgrade", upgrade: "echo" }, timeout: 10_000 });
+    req.once("upgrade", (_response, socket) => {
+      let echoed = "";
+      socket.setEncoding("utf8");
+      socket.on("data", (chunk: string) => {
+        echoed += chunk;
+        if (echoed.length >= text.length) {
+          socket.destroy();
+          resolve(echoed);
+        }
+      });
+      socket.once("error", reject);
+      socket.write(text);
+    });
+    req.once("response", (response) => reject(new Error(`the gateway answered ${response.statusCode} instead of upgrading`)));
+    req.once("timeout", () => req.destroy(new Error("no upgrade within 10 s")));
+    req.once("error", reject);
+    req.end();
+  });
+}
 
 /** The nodes serve setup({ use: { vm: agentOS() } }). */
 const createClient = (endpoint: string) => createAnyClient<Registry<{ vm: VmDefinition }>>(endpoint);
@@ -107,6 +132,10 @@ require("http").createServer((req, res) => {
   let left = ${size / (1 << 20)};
   const more = () => { while (left > 0) { left--; if (!res.write(chunk)) return res.once("drain", more); } res.end(); };
   more();
+}).on("upgrade", (req, socket) => {
+  // A bare upgrade that echoes bytes back: enough to see the relay both ways.
+  socket.write("HTTP/1.1 101 Switching Protocols\\r\\nupgrade: echo\\r\\nconnection: Upgrade\\r\\n\\r\\n");
+  socket.pipe(socket);
 }).listen(3000);`,
       );
       await vm.spawn("node", ["/home/agentos/big.js"]);
@@ -133,6 +162,7 @@ require("http").createServer((req, res) => {
       const otherGateway = `http://127.0.0.1:${other.port + 1}`;
       const viaOther = await fetch(`${otherGateway}${preview.path}other`, { signal: AbortSignal.timeout(10_000) });
       assert.equal(await viaOther.text(), "hello /other");
+      assert.equal(await upgradeEcho(other.port + 1, `${preview.path}socket`, `bytes through node ${name === "a" ? "b" : "a"}`), `bytes through node ${name === "a" ? "b" : "a"}`);
       assert.equal(await vm.expireSignedPreviewUrl(preview.token), true);
       assert.equal((await fetch(`${otherGateway}${preview.path}other`, { signal: AbortSignal.timeout(10_000) })).status, 403);
     }

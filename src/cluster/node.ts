@@ -11,7 +11,7 @@ import type { Registry, RunningServer, ServerInternals } from "../server/registr
 import { startServerWithHooks } from "../server/registry.ts";
 import type { VmDefinition } from "../server/definition.ts";
 import { NODE_ADDRESS_PREFIX, NODE_POOL_PREFIX, type NodeOptions } from "./config.ts";
-import { forwardPreview, NodeDirectory } from "./preview-forwarding.ts";
+import { forwardPreview, forwardPreviewUpgrade, NodeDirectory } from "./preview-forwarding.ts";
 import { loadRivetKit } from "./rivetkit.ts";
 import { TICKET_TTL_SECONDS, vmActorDefinition, type Location } from "./vm-actor-adapter.ts";
 
@@ -46,6 +46,7 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
       ready: (value) => (internals = value),
       previewOwner: options.name,
       forwardPreview: (owner, request, response) => forwardPreview(directory, owner, request, response),
+      forwardPreviewUpgrade: (owner, request, socket, head) => forwardPreviewUpgrade(directory, owner, request, socket, head),
     },
   );
   const locate = (definition: string, key: string): Location => {

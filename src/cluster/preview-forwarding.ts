@@ -7,11 +7,12 @@
  * request, so a crafted token cannot send the gateway anywhere else. The owning
  * node checks the token itself: expiry and revocation stay exact.
  *
- * Plain HTTP requests are forwarded; WebSocket upgrades are not (open the
- * preview's `url`, which is on the owning node).
+ * Plain HTTP requests are forwarded as HTTP; WebSocket (and other) upgrades
+ * as the request head followed by a byte relay, both ways.
  */
 import { request as httpRequest, type IncomingMessage, type ServerResponse } from "node:http";
-import { pipeline } from "node:stream";
+import { connect } from "node:net";
+import { pipeline, type Duplex } from "node:stream";
 import { NODE_ADDRESS_PREFIX } from "./config.ts";
 
 /** How long the engine's list of node addresses is reused. */
@@ -96,5 +97,40 @@ export async function forwardPreview(directory: NodeDirectory, owner: string, re
     response.once("close", () => upstream.destroy());
     pipeline(request, upstream, () => undefined);
   });
+  return true;
+}
+
+/**
+ * Passes one preview upgrade (a WebSocket) to the owning node's preview
+ * origin: its request head as the browser sent it, then bytes both ways until
+ * either side closes. False when that node is unknown.
+ */
+export async function forwardPreviewUpgrade(directory: NodeDirectory, owner: string, request: IncomingMessage, socket: Duplex, head: Buffer): Promise<boolean> {
+  const addresses = await directory.lookup(owner).catch(() => undefined);
+  if (!addresses) return false;
+  const target = new URL(addresses.previewUrl);
+  const upstream = connect({ host: target.hostname, port: Number(target.port) });
+  let connected = false;
+  const finish = () => {
+    upstream.destroy();
+    socket.destroy();
+  };
+  upstream.once("connect", () => {
+    connected = true;
+    // Node's parser refused any header with CR or LF, so the head is rebuilt as sent.
+    const lines = [`${request.method} ${request.url} HTTP/1.1`];
+    for (let i = 0; i < request.rawHeaders.length; i += 2) lines.push(`${request.rawHeaders[i]}: ${request.rawHeaders[i + 1]}`);
+    upstream.write(`${lines.join("\r\n")}\r\n\r\n`);
+    if (head.byteLength > 0) upstream.write(head);
+    upstream.pipe(socket);
+    socket.pipe(upstream);
+  });
+  upstream.on("error", () => {
+    if (connected) return finish();
+    const body = `The node ${owner} that holds this preview's VM did not answer; try again once it is back.\n`;
+    socket.end(`HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+  });
+  upstream.once("close", () => connected && finish());
+  socket.once("close", finish);
   return true;
 }

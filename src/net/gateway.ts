@@ -24,7 +24,11 @@ export interface GatewayOptions {
    * Cluster nodes: tokens that name another node (`<random>-<node>`) are passed to
    * `forward` instead of being looked up here; `self` is this node's name.
    */
-  elsewhere?: { self: string; forward(owner: string, request: IncomingMessage, response: ServerResponse): Promise<boolean> };
+  elsewhere?: {
+    self: string;
+    forward(owner: string, request: IncomingMessage, response: ServerResponse): Promise<boolean>;
+    forwardUpgrade(owner: string, request: IncomingMessage, socket: Duplex, head: Buffer): Promise<boolean>;
+  };
   /** Limits the gateway to some tokens' VMs (an embedded VM serves only its own); others get the 403. */
   owns?(row: PreviewRow): boolean;
   /** Wakes the token's VM and keeps it awake until `release` is called. */
@@ -201,6 +205,12 @@ export class PreviewGateway {
 
   async #relay(request: IncomingMessage, socket: Duplex, head: Buffer, target: Target): Promise<void> {
     socket.on("error", () => {});
+    const owner = tokenOwner(target.token);
+    const elsewhere = this.#options.elsewhere;
+    if (owner !== undefined && elsewhere && owner !== elsewhere.self) {
+      if (await elsewhere.forwardUpgrade(owner, request, socket, head)) return;
+      return this.#rawRefuse(socket, 403, FORBIDDEN_BODY);
+    }
     const row = this.#find(target.token);
     if (!row) return this.#rawRefuse(socket, 403, FORBIDDEN_BODY);
     this.#touch(target.token);

@@ -193,10 +193,11 @@ export interface ServerHooks {
   placement?(definition: string, key: string): void;
   /** Called once the server listens. */
   ready?(internals: ServerInternals): void;
-  /** Preview tokens carry this node name; tokens naming another node are passed to it by `forwardPreview`. */
+  /** Preview tokens carry this node name; tokens naming another node are passed to it by `forwardPreview` (HTTP) or `forwardPreviewUpgrade` (WebSockets). */
   previewOwner?: string;
   /** Passes a preview request for another node's token to that node; false when it knows no such node. */
   forwardPreview?(owner: string, request: IncomingMessage, response: ServerResponse): Promise<boolean>;
+  forwardPreviewUpgrade?(owner: string, request: IncomingMessage, socket: Duplex, head: Buffer): Promise<boolean>;
 }
 
 export interface ServerInternals {
@@ -334,7 +335,9 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   const previewResponseTimeoutMs = Number(previewOptions.responseTimeoutMs ?? 60_000);
   const gateway = new PreviewGateway({
     store: previews,
-    ...(hooks.forwardPreview && hooks.previewOwner !== undefined ? { elsewhere: { self: hooks.previewOwner, forward: hooks.forwardPreview } } : {}),
+    ...(hooks.forwardPreview && hooks.forwardPreviewUpgrade && hooks.previewOwner !== undefined
+      ? { elsewhere: { self: hooks.previewOwner, forward: hooks.forwardPreview, forwardUpgrade: hooks.forwardPreviewUpgrade } }
+      : {}),
     ...(previewOptions.host !== undefined
       ? { previewHost: String(previewOptions.host) }
       : previewPublic.mode === "subdomain" && previewPublic.publicUrl
