@@ -139,10 +139,9 @@ export class PreviewGateway {
       response.end();
       return;
     }
-    const owner = tokenOwner(target.token);
-    const elsewhere = this.#options.elsewhere;
-    if (owner !== undefined && elsewhere && owner !== elsewhere.self) {
-      if (await elsewhere.forward(owner, request, response)) return;
+    const owner = this.#ownerElsewhere(target.token);
+    if (owner !== undefined) {
+      if (await this.#options.elsewhere!.forward(owner, request, response)) return;
       return this.#forbidden(response);
     }
     const row = this.#find(target.token);
@@ -205,10 +204,9 @@ export class PreviewGateway {
 
   async #relay(request: IncomingMessage, socket: Duplex, head: Buffer, target: Target): Promise<void> {
     socket.on("error", () => {});
-    const owner = tokenOwner(target.token);
-    const elsewhere = this.#options.elsewhere;
-    if (owner !== undefined && elsewhere && owner !== elsewhere.self) {
-      if (await elsewhere.forwardUpgrade(owner, request, socket, head)) return;
+    const owner = this.#ownerElsewhere(target.token);
+    if (owner !== undefined) {
+      if (await this.#options.elsewhere!.forwardUpgrade(owner, request, socket, head)) return;
       return this.#rawRefuse(socket, 403, FORBIDDEN_BODY);
     }
     const row = this.#find(target.token);
@@ -329,6 +327,13 @@ export class PreviewGateway {
       .split(";")
       .map((part) => part.replace(/^(\s*path=)(\/.*)$/i, (_all, key: string, path: string) => `${key}${prefix}${path}`))
       .join(";");
+  }
+
+  /** The cluster node a token names when it is not this one (its requests are passed there), else undefined. */
+  #ownerElsewhere(token: string): string | undefined {
+    const owner = tokenOwner(token);
+    const elsewhere = this.#options.elsewhere;
+    return owner !== undefined && elsewhere && owner !== elsewhere.self ? owner : undefined;
   }
 
   #find(token: string): PreviewRow | undefined {
