@@ -29,7 +29,8 @@ import { WebSocketServer, type RawData, type WebSocket } from "ws";
 import { AgentVmError } from "../errors.ts";
 import { AUTH_HEADER } from "../wire.ts";
 import type { VmTerminal } from "../vm-terminal.ts";
-import { httpStatus, resolveRoute, type ApiContext } from "./http-api.ts";
+import { rawErrorResponse } from "./connection-guard.ts";
+import { resolveRoute, type ApiContext } from "./http-api.ts";
 import type { VmActor } from "./vm-actor.ts";
 
 export const TERMINAL_PROTOCOL = "agentvm.terminal.v1";
@@ -71,33 +72,34 @@ export function handleTerminalUpgrade(context: ApiContext, request: IncomingMess
     const route = resolveRoute(context, request, url);
     if (route.kind !== "vm" || route.route !== "terminal") throw new AgentVmError("UNKNOWN_ACTION", `no WebSocket route ${url.pathname}`);
     context.auth.authorize(credential, route.definition, route.key, route.action);
+    context.placement?.(route.definition, route.key);
     const found = context.actor(route.definition, route.key);
     if (!found) throw new AgentVmError("UNKNOWN_ACTION", `no VM definition named ${JSON.stringify(route.definition)} in this registry`);
     actor = found;
   } catch (error) {
-    refuse(socket, error);
+    const shaped = AgentVmError.from(error);
+    socket.end(rawErrorResponse(shaped.code, shaped.message));
     return;
   }
-  sockets.handleUpgrade(request, socket, head, (ws) => void runTerminal(actor, new URL(request.url ?? "/", "http://localhost").searchParams, ws));
+  // Held through the handshake: a handshake ws refuses (it answers 400 and never calls back)
+  // must still let the actor go idle, as every other route does.
+  const release = actor.hold();
+  socket.once("close", release);
+  sockets.handleUpgrade(request, socket, head, (ws) => {
+    socket.off("close", release);
+    // runTerminal takes its own hold before anything else.
+    void runTerminal(actor, new URL(request.url ?? "/", "http://localhost").searchParams, ws);
+    release();
+  });
 }
 
-/** `Authorization`, the client's x-agentvm-authorization, or the subprotocol form, in that order. */
+/** As on every route, x-agentvm-authorization before Authorization; then the subprotocol form browsers can send. */
 function credentialOf(request: IncomingMessage): string | undefined {
-  const header = request.headers.authorization ?? request.headers[AUTH_HEADER];
+  const header = request.headers[AUTH_HEADER] ?? request.headers.authorization;
   if (typeof header === "string") return header;
   const offered = String(request.headers["sec-websocket-protocol"] ?? "").split(",").map((protocol) => protocol.trim());
   const encoded = offered.find((protocol) => protocol.startsWith(AUTH_PROTOCOL_PREFIX));
   return encoded === undefined ? undefined : `Bearer ${Buffer.from(encoded.slice(AUTH_PROTOCOL_PREFIX.length), "base64url").toString("utf8")}`;
-}
-
-/** The usual JSON error response, on the raw socket: no WebSocket is opened. */
-function refuse(socket: Duplex, error: unknown): void {
-  const shaped = AgentVmError.from(error);
-  const body = JSON.stringify({ error: shaped.toJSON() });
-  const status = httpStatus(shaped.code);
-  socket.end(
-    `HTTP/1.1 ${status} ${status < 500 ? "Refused" : "Error"}\r\nconnection: close\r\ncontent-type: application/json\r\nx-agentvm-error: 1\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
-  );
 }
 
 function terminalOptions(query: URLSearchParams): Record<string, unknown> {
