@@ -179,8 +179,12 @@ interface Target {
 function createHandle(transport: Transport, definition: string, key: string): VmHandle {
   const path = `/api/${encodeURIComponent(definition)}/${encodeURIComponent(key)}`;
 
-  async function target(): Promise<Target> {
-    const locator = await transport.locator();
+  /** `unreadable`: what to assume when /health cannot be read at all (a page on another origin: the API sends no CORS). */
+  async function target(unreadable?: "server"): Promise<Target> {
+    const locator = await transport.locator().catch((error: unknown) => {
+      if (unreadable) return undefined;
+      throw error;
+    });
     if (!locator) return { prefix: `${transport.base}${path}` };
     const location = await locator.locate(definition, key);
     return { prefix: `${location.url.replace(/\/$/, "")}${path}`, authorization: location.ticket ? `Bearer ${location.ticket}` : null, location };
@@ -281,7 +285,8 @@ function createHandle(transport: Transport, definition: string, key: string): Vm
       // In a cluster the terminal is opened on the node that holds the VM, with that node's ticket.
       // A page on another origin cannot read /health (the API sends no CORS) but may open
       // WebSockets: then the endpoint is taken as the server, and a refusal is told by diagnose().
-      const to = await target().catch((): Target => ({ prefix: `${transport.base}${path}` }));
+      // Locating errors (a node down, a refused credential) are reported as they are.
+      const to = await target("server");
       const route = `${to.prefix}/terminal`;
       const token = to.authorization === undefined ? transport.token : (to.authorization?.slice("Bearer ".length) ?? undefined);
       return openTerminal({
