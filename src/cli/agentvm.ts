@@ -81,13 +81,18 @@ Next, start nodes (each on its own port and data directory), e.g.:
   agentvm node --engine ${engine.url} --name b --port ${NODE_DEFAULT_PORT + 10}
 Then point clients at the engine: createClient<typeof registry>("${engine.url}").vm.getOrCreate("my-vm")
 Ctrl-C stops the engine.`);
+  let stopping = false;
   const stop = (signal: string) => {
+    if (stopping) return;
+    stopping = true;
     console.log(`agentvm engine: ${signal}, stopping the engine`);
     void engine.stop().then(() => process.exit(0));
   };
   process.once("SIGINT", () => stop("SIGINT"));
   process.once("SIGTERM", () => stop("SIGTERM"));
   const code = await engine.exited;
+  // Asked to stop: stop() exits 0 once the engine is gone. Otherwise the engine ended on its own.
+  if (stopping) return;
   console.error(`agentvm engine: the Rivet Engine exited (${code}); stopping`);
   process.exit(1);
 }
