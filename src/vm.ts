@@ -263,7 +263,7 @@ export class Vm extends EventEmitter<VmEvents> {
   #previews: PreviewTokens | undefined;
   /** Opened here only for an embedded VM's previews; a server passes its own. */
   #ownStore: SqliteStore | undefined;
-  /** One PreviewStore for the tokens and the gateway: it caches lookups, so a revocation must go through the one the gateway reads. */
+  /** One PreviewStore (prepared statements) for the tokens and the gateway of an embedded VM. */
   #ownPreviewStore: PreviewStore | undefined;
   readonly #servedByRegistry: boolean;
   readonly #previewServers = new Set<() => Promise<void>>();

@@ -2,10 +2,6 @@
  * Preview token rows (table `previews`, see sqlite-store.ts). Tokens are never
  * stored: only their SHA-256, plus a short prefix so people can tell them apart
  * in listings. Statements are prepared once.
- *
- * Lookups by hash (one per preview request) are answered from memory after
- * the first: every write to the table goes through this class, which forgets
- * what it changed, so a revocation still takes effect on the next request.
  */
 import type { StatementSync } from "node:sqlite";
 import type { SqliteStore } from "./sqlite-store.ts";
@@ -20,11 +16,7 @@ export interface PreviewRow {
   lastUsedAt: number | null;
 }
 
-/** Remembered lookups (hits and misses) before the memory is cleared and refilled. */
-const LOOKUP_MEMORY = 10_000;
-
 export class PreviewStore {
-  readonly #lookups = new Map<string, PreviewRow | null>();
   readonly #statements: Record<"insert" | "find" | "countActive" | "listActive" | "deleteOne" | "deleteAll" | "deleteAllPort" | "sweep" | "touch" | "deleteOneScoped" | "findByPrefix", StatementSync>;
 
   constructor(store: SqliteStore) {
@@ -50,18 +42,11 @@ export class PreviewStore {
 
   insert(hash: string, row: Omit<PreviewRow, "lastUsedAt">): void {
     this.#statements.insert.run(hash, row.tokenPrefix, row.definition, row.key, row.port, row.createdAt, row.expiresAt);
-    this.#lookups.delete(hash);
   }
 
-  /** The row for a token hash. The returned row's lastUsedAt may lag (touch() does not refresh it); listActive() has it exactly. */
   find(hash: string): PreviewRow | undefined {
-    const known = this.#lookups.get(hash);
-    if (known !== undefined) return known ?? undefined;
-    const record = this.#statements.find.get(hash) as Record<string, unknown> | undefined;
-    const row = record && toRow(record);
-    if (this.#lookups.size >= LOOKUP_MEMORY) this.#lookups.clear();
-    this.#lookups.set(hash, row ?? null);
-    return row;
+    const row = this.#statements.find.get(hash) as Record<string, unknown> | undefined;
+    return row && toRow(row);
   }
 
   countActive(definition: string, key: string, now: number): number {
@@ -75,7 +60,6 @@ export class PreviewStore {
   /** Deletes one token; scoped to a VM unless `definition` is omitted. Returns whether it existed. */
   delete(hash: string, scope?: { definition: string; key: string }): boolean {
     const result = scope ? this.#statements.deleteOneScoped.run(hash, scope.definition, scope.key) : this.#statements.deleteOne.run(hash);
-    this.#lookups.delete(hash);
     return Number(result.changes) > 0;
   }
 
@@ -86,15 +70,11 @@ export class PreviewStore {
 
   deleteAll(definition: string, key: string, port?: number): number {
     const result = port === undefined ? this.#statements.deleteAll.run(definition, key) : this.#statements.deleteAllPort.run(definition, key, port);
-    // Which hashes went is not known here; forgetting everything is rare and cheap.
-    if (Number(result.changes) > 0) this.#lookups.clear();
     return Number(result.changes);
   }
 
   sweep(now: number): number {
-    const removed = Number(this.#statements.sweep.run(now).changes);
-    if (removed > 0) this.#lookups.clear();
-    return removed;
+    return Number(this.#statements.sweep.run(now).changes);
   }
 
   touch(hash: string, now: number): void {
