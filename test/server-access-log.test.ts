@@ -8,7 +8,7 @@ import { after, before, it } from "node:test";
 import { agentOS, generateApiKey, setup, type RunningServer } from "agentvm";
 import { createClient } from "agentvm/client";
 import { parseLogLevel } from "../src/log.ts";
-import { tempDataDir } from "./helpers.ts";
+import { tempDataDir, waitFor } from "./helpers.ts";
 
 delete process.env.AGENTVM_API_KEYS;
 
@@ -48,9 +48,9 @@ it("one JSON line per request: route template, VM, status, duration; no token or
   await fetch(`${server.url}/api/vm/logged/status`).then((response) => response.body?.cancel()); // no credential: 401
   const preview = await vm.createSignedPreviewUrl(3000);
   await fetch(preview.url!).then((response) => response.body?.cancel()); // nothing listens: 502
-  await new Promise((resolve) => setTimeout(resolve, 100)); // lines are written when the response closes
-
   const find = (route: string, status: number) => requestLines().find((line) => line.route === route && line.status === status);
+  // Lines are written when each response closes, which may come after the client has its answer.
+  await waitFor(() => find("/preview/{token}/*", 502), "the last request's log line", 10_000);
   const write = find("/api/{definition}/{key}/actions/writeFile", 200);
   assert.ok(write, JSON.stringify(requestLines()));
   assert.equal(write.listener, "api");

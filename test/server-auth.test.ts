@@ -215,9 +215,10 @@ describe("scoped tokens", () => {
   });
 
   it("an expired token, or one changed or signed elsewhere, is 401", async () => {
-    const short = server.createToken({ key: "delta", expiresInSeconds: 0.2 });
+    // Long enough that the first request is inside it even on a loaded machine; then wait for it to run out.
+    const short = server.createToken({ key: "delta", expiresInSeconds: 2 });
     assert.equal((await raw(server, "/api/vm/delta/status", { headers: bearer(short.token) })).status, 200);
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await new Promise((resolve) => setTimeout(resolve, Math.max(0, short.expiresAt - Date.now() + 50)));
     const expired = await raw(server, "/api/vm/delta/status", { headers: bearer(short.token) });
     assert.equal(expired.status, 401);
     assert.match(expired.json().error!.message, /expired/);
