@@ -9,12 +9,16 @@
  */
 import { cpSync, mkdirSync } from "node:fs";
 import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 
-const modules = new URL("../node_modules/", import.meta.url).pathname;
-const out = new URL("../dist/init/", import.meta.url).pathname;
-cpSync(new URL("../src/init/package.json", import.meta.url).pathname, join(out, "package.json"));
+// fileURLToPath, not .pathname: a checkout under a path with spaces must build too.
+const path = (relative: string) => fileURLToPath(new URL(relative, import.meta.url));
+
+const modules = path("../node_modules/");
+const out = path("../dist/init/");
+cpSync(path("../src/init/package.json"), join(out, "package.json"));
 for (const name of ["dns-packet", "@leichtgewicht/ip-codec", "@lydell/node-pty", `@lydell/node-pty-${process.platform}-${process.arch}`]) {
   mkdirSync(join(out, "node_modules", dirname(name)), { recursive: true });
   cpSync(join(modules, name), join(out, "node_modules", name), { recursive: true });
 }
-cpSync(new URL("../src/dashboard/", import.meta.url).pathname, new URL("../dist/dashboard/", import.meta.url).pathname, { recursive: true });
+cpSync(path("../src/dashboard/"), path("../dist/dashboard/"), { recursive: true });
