@@ -40,6 +40,8 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   INVALID_ARGUMENT: 400,
   MALFORMED_REQUEST: 400,
   EINVAL: 400,
+  // A symlink loop in the VM's own files: the path names nothing a caller can use.
+  ELOOP: 400,
   PREVIEW_TTL_INVALID: 400,
   PREVIEW_TTL_TOO_LONG: 400,
   PREVIEW_TOKEN_LIMIT: 429,
@@ -71,6 +73,8 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   EAGAIN: 429,
   LIMIT_EXCEEDED: 429,
   VM_DISK_FULL: 507,
+  ENOSPC: 507,
+  ENOTSUP: 501,
   EMFILE: 429,
   ECONNREFUSED: 502,
   ECONNRESET: 502,
