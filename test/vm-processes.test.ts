@@ -129,6 +129,11 @@ describe("vm processes", () => {
     // The program is found on the PATH it is given, as with execvp: name node by its path here.
     const relative = await vm.exec("/opt/node/bin/node", ["-e", "console.log(process.cwd(), process.env.PATH)"], { cwd: "sub", env: { PATH: "/custom/bin" } });
     assert.equal(relative.stdout, "/home/agentos/sub /custom/bin\n", relative.stderr);
+    // A program named relative to its cwd (not init's) is found there and keeps its name as argv[0].
+    await vm.mkdir("/srv/tools", { recursive: true });
+    await vm.writeFile("/srv/tools/run.sh", "#!/bin/sh\necho \"$0 in $(pwd)\"\n", { mode: 0o755 });
+    const script = await vm.exec("./run.sh", [], { cwd: "/srv/tools" });
+    assert.equal(script.stdout, "./run.sh in /srv/tools\n", script.stderr);
   });
 
   it("node -e, node -p and ESM programs run", async () => {

@@ -14,6 +14,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { accessSync, constants, statSync } from "node:fs";
 import { constants as osConstants } from "node:os";
+import { resolve as resolvePath } from "node:path";
 import type { IPty } from "@lydell/node-pty";
 import { OUTPUT_WINDOW, SIGNALS, type TerminalSize } from "./protocol.ts";
 import { startOnTerminal } from "./pseudo-terminal.ts";
@@ -58,7 +59,7 @@ export class Supervisor {
 
   /** Starts a program; resolves with its pid once it runs, rejects with ENOENT/EACCES/ENOTDIR naming what is wrong. */
   async spawn(request: SpawnRequest): Promise<number> {
-    const file = this.#findProgram(request.command, request.env.PATH ?? "/usr/bin:/bin");
+    const file = this.#findProgram(request.command, request.env.PATH ?? "/usr/bin:/bin", request.cwd);
     checkDirectory(request.cwd);
     if (request.terminal) return this.#spawnOnTerminal(file, request, request.terminal);
     const child = spawn(this.#options.setpriv, [...DROP_PRIVILEGES, file, ...request.args], {
@@ -183,12 +184,15 @@ export class Supervisor {
   }
 
   /** PATH lookup as execvp does it, so a missing program is ENOENT naming it, not setpriv's exit code. */
-  #findProgram(command: string, path: string): string {
+  #findProgram(command: string, path: string, cwd: string): string {
     const candidates = command.includes("/") ? [command] : path.split(":").filter(Boolean).map((dir) => `${dir}/${command}`);
     for (const candidate of candidates) {
+      // Relative names (./run.sh, node_modules/.bin/x, a relative PATH entry) are checked in the
+      // program's cwd, where it is started (so its argv[0] stays as given), not in init's.
+      const where = resolvePath(cwd, candidate);
       try {
-        accessSync(candidate, constants.X_OK);
-        if (statSync(candidate).isFile()) return candidate;
+        accessSync(where, constants.X_OK);
+        if (statSync(where).isFile()) return candidate;
       } catch {
         // Not here; try the next directory.
       }
