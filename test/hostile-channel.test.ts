@@ -25,6 +25,30 @@ function initPid(vmRoot: string): number {
   return pid;
 }
 
+describe("a guest that stops init", () => {
+  it("(kill -STOP 2 from inside) ends that VM's sandbox at the reply deadline; nothing waits forever, and the VM starts afresh", async () => {
+    const dataDir = await tempDataDir();
+    const vm = await testVm(dataDir, { name: "frozen" });
+    await vm.spawn("/bin/sh", ["-c", "sleep 0.2; kill -STOP 2"]);
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    const warnings: string[] = [];
+    const warn = console.warn;
+    console.warn = (...args: unknown[]) => void warnings.push(args.join(" "));
+    try {
+      const error = await vm.exec("/bin/true").then(
+        () => undefined,
+        (failure: { code?: string }) => failure,
+      );
+      assert.ok(error, "a spawn on a stopped init fails instead of answering");
+      assert.ok(["PROTOCOL_VIOLATION", "SANDBOX_EXITED"].includes(String(error.code)), `code ${error.code}`);
+      assert.ok(warnings.some((line) => /did not answer a spawn request/.test(line)), `logged: ${warnings.join("\n")}`);
+    } finally {
+      console.warn = warn;
+    }
+    assert.equal((await vm.exec("/bin/echo", ["again"])).stdout, "again\n");
+  });
+});
+
 describe("an init that stops reading its channel", () => {
   it("is cut off after a bounded amount of unread requests; the server and other VMs are unaffected", async () => {
     const dataDir = await tempDataDir();

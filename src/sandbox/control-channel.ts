@@ -30,6 +30,15 @@ const MAX_PENDING = 4096;
  * here rather than growing the server's memory.
  */
 export const MAX_UNREAD_BYTES = 64 * 1024 * 1024;
+/**
+ * How long init may take over requests that depend on init alone. A guest runs
+ * as init's uid and can stop it (SIGSTOP); past this the VM's init is taken as
+ * stuck and the sandbox is ended, rather than leaving callers waiting forever.
+ * Requests whose answer waits on guest programs (stdin a program does not
+ * read, a connect to a guest's full backlog) are not timed here.
+ */
+export const REPLY_DEADLINE_MS = 30_000;
+const TIMED_REQUESTS: ReadonlySet<string> = new Set(["spawn", "ps", "ports", "watch"]);
 /** What a message without bulk data counts for; bulk data (stdin) counts by its length. */
 const MESSAGE_OVERHEAD = 256;
 
@@ -60,6 +69,14 @@ export class ControlChannel {
     const { promise, resolve, reject } = Promise.withResolvers<{ reply: Reply; handle: Socket | undefined }>();
     this.#pending.set(id, { resolve, reject });
     this.#send({ ...message, id } as ToInit, handle);
+    if (TIMED_REQUESTS.has(message.t)) {
+      const deadline = setTimeout(() => {
+        // Still waiting: the violation ends the sandbox, and closing the channel rejects this request.
+        if (this.#pending.has(id)) this.#events.onViolation(`did not answer a ${message.t} request within ${REPLY_DEADLINE_MS / 1000} s (stopped or stuck)`);
+      }, REPLY_DEADLINE_MS);
+      deadline.unref();
+      void promise.finally(() => clearTimeout(deadline)).catch(() => {});
+    }
     return promise.then(({ reply, handle: received }) => {
       if (!reply.ok) {
         received?.destroy();
@@ -71,7 +88,8 @@ export class ControlChannel {
 
   /** Sends a message that has no reply. */
   notify(message: ToInit, handle?: Socket): void {
-    if (!this.#closedError) this.#send(message, handle);
+    if (this.#closedError) handle?.destroy(); // an egress connection opened for a VM that has ended
+    else this.#send(message, handle);
   }
 
   close(error: AgentVmError): void {
@@ -83,7 +101,10 @@ export class ControlChannel {
   }
 
   #send(message: ToInit, handle?: Socket): void {
-    if (!this.#child.connected) return;
+    if (!this.#child.connected) {
+      handle?.destroy();
+      return;
+    }
     const bytes = MESSAGE_OVERHEAD + ("data" in message && typeof message.data === "string" ? message.data.length : 0);
     if (this.#unreadBytes + bytes > MAX_UNREAD_BYTES) {
       handle?.destroy();
