@@ -89,11 +89,13 @@ export class VmDisk {
       return new VmDisk(root, limits, true);
     }
     const image = join(vmDir, IMAGE);
+    let earlier: string | undefined;
+    let fresh = false;
     try {
-      const fresh = !(await stat(image).catch(() => undefined));
+      fresh = !(await stat(image).catch(() => undefined));
       if (fresh) await makeImage(image, limits);
       await mkdir(root, { recursive: true });
-      const earlier = fresh ? await movedAside(root) : undefined;
+      earlier = fresh ? await movedAside(root) : undefined;
       await run("mount", ["-t", "ext4", "-o", `${MOUNT_OPTIONS},${FS_OPTIONS}`, image, root], { timeout: 30_000 });
       holders.set(root, 1);
       if (earlier) await copyInto(earlier, root, image, vmDir);
@@ -101,6 +103,14 @@ export class VmDisk {
       return new VmDisk(root, limits, true);
     } catch (error) {
       await rm(`${join(vmDir, IMAGE)}.partial`, { force: true });
+      // A mount that failed after the files were moved aside: they go back, and the
+      // unusable image goes too, so the next start does not find an empty disk.
+      // (copyInto puts them back itself when the copy fails: then `earlier` is gone.)
+      if (earlier && !holders.has(root) && (await stat(earlier).catch(() => undefined))) {
+        await rm(root, { recursive: true, force: true });
+        await rename(earlier, root);
+      }
+      if (fresh && !holders.has(root)) await rm(image, { force: true });
       return uncapped(root, limits, `making or mounting its disk image failed (${(error as Error).message.split("\n")[0]}); is e2fsprogs installed and are loop devices available?`);
     }
   }
