@@ -18,6 +18,7 @@
  * RivetKit package, in Node or in a browser.
  */
 import { AgentVmError } from "../errors.ts";
+import { EngineApi, engineUnreachable, type EngineFetch, type Envoy } from "./engine-api.ts";
 
 /** Pool names of agentvm nodes (src/cluster/config.ts NODE_POOL_PREFIX). */
 const NODE_POOL_PREFIX = "agentvm.";
@@ -25,9 +26,6 @@ const NODE_POOL_PREFIX = "agentvm.";
 const STALE_PING_MS = 8_000;
 /** How long a locate through the engine may take (a node that just came back may first wait for its reschedule). */
 const LOCATE_TIMEOUT_MS = 10_000;
-/** The engine's API answers in milliseconds, but can stall for seconds while it handles a lost node. */
-const ENGINE_CALL_TIMEOUT_MS = 5_000;
-const ENGINE_CALL_ATTEMPTS = 3;
 /** Locate again this long before a ticket expires. */
 const TICKET_MARGIN_MS = 30_000;
 
@@ -44,26 +42,14 @@ export interface Location {
   expiresAt: number;
 }
 
-interface EngineActor {
-  actor_id: string;
-  runner_name_selector: string;
-  destroy_ts: number | null;
-}
-
-interface Envoy {
-  pool_name: string;
-  stop_ts: number | null;
-  last_ping_ts: number;
-}
-
 export class ClusterLocator {
   readonly #engine: string;
-  readonly #fetch: (url: string, init: RequestInit) => Promise<Response>;
+  readonly #api: EngineApi;
   readonly #cache = new Map<string, Promise<Location>>();
 
-  constructor(engine: string, fetchEngine: (url: string, init: RequestInit) => Promise<Response>) {
+  constructor(engine: string, fetchEngine: EngineFetch) {
     this.#engine = engine;
-    this.#fetch = fetchEngine;
+    this.#api = new EngineApi(engine, fetchEngine);
   }
 
   /** Where the VM lives now (cached until it fails or its ticket nears expiry). */
@@ -87,66 +73,31 @@ export class ClusterLocator {
   }
 
   async #locate(definition: string, key: string): Promise<Location> {
-    const actorKey = serializeActorKey(key);
-    const found = await this.#json<{ actors: EngineActor[] }>("GET", `/actors?namespace=default&name=${encodeURIComponent(definition)}&key=${encodeURIComponent(actorKey)}`);
-    let actor = found.actors.find((candidate) => candidate.destroy_ts === null);
+    let actor = await this.#api.findActor(definition, key);
     let envoys: Envoy[] | undefined;
     if (!actor) {
-      envoys = await this.#envoys();
+      envoys = await this.#api.envoys();
       const pools = livePools(envoys);
       if (pools.length === 0) throw new AgentVmError("VM_NODE_UNAVAILABLE", `no agentvm node is connected to the engine at ${this.#engine}; start one with \`agentvm node --engine ${this.#engine} --name <node>\``);
-      const pool = pickPool(key, pools);
-      const created = await this.#json<{ actor: EngineActor }>("PUT", "/actors?namespace=default", { name: definition, key: actorKey, runner_name_selector: pool, crash_policy: "sleep" });
-      actor = created.actor;
+      actor = await this.#api.createActor(definition, key, pickPool(key, pools));
     }
     const node = nodeName(actor.runner_name_selector);
-    envoys ??= await this.#envoys();
+    envoys ??= await this.#api.envoys();
     if (!livePools(envoys).includes(actor.runner_name_selector)) throw nodeUnavailable(node, key, "its runner is not connected to the engine");
-    let response: Response;
+    let answer: { status: number; output?: Location; text: string };
     try {
-      response = await this.#fetch(`${this.#engine}/gateway/${encodeURIComponent(actor.actor_id)}/action/locate`, {
-        method: "POST",
-        headers: { "content-type": "application/json", "x-rivet-encoding": "json" },
-        body: JSON.stringify({ args: [] }),
-        signal: AbortSignal.timeout(LOCATE_TIMEOUT_MS),
-      });
+      answer = await this.#api.action<Location>(actor.actor_id, "locate", [], LOCATE_TIMEOUT_MS);
     } catch (error) {
       if ((error as Error).name === "TimeoutError") throw nodeUnavailable(node, key, `it did not answer through the engine within ${LOCATE_TIMEOUT_MS / 1000} s`);
-      throw unreachable(this.#engine, error);
+      throw engineUnreachable(this.#engine, error);
     }
-    const text = await response.text();
-    if (!response.ok) {
-      const detail = text.slice(0, 300);
-      throw response.status >= 500 ? nodeUnavailable(node, key, `the engine answered ${response.status}: ${detail}`) : new AgentVmError("INTERNAL", `locating VM ${JSON.stringify(key)} on node ${node}: the engine answered ${response.status}: ${detail}`);
+    if (answer.status >= 400) {
+      const detail = answer.text.slice(0, 300);
+      throw answer.status >= 500 ? nodeUnavailable(node, key, `the engine answered ${answer.status}: ${detail}`) : new AgentVmError("INTERNAL", `locating VM ${JSON.stringify(key)} on node ${node}: the engine answered ${answer.status}: ${detail}`);
     }
-    const output = (JSON.parse(text) as { output?: Location }).output;
-    if (!output || typeof output.url !== "string") throw new AgentVmError("INTERNAL", `locating VM ${JSON.stringify(key)}: the engine's answer has no location: ${text.slice(0, 200)}`);
+    const output = answer.output;
+    if (!output || typeof output.url !== "string") throw new AgentVmError("INTERNAL", `locating VM ${JSON.stringify(key)}: the engine's answer has no location: ${answer.text.slice(0, 200)}`);
     return output;
-  }
-
-  async #envoys(): Promise<Envoy[]> {
-    return (await this.#json<{ envoys: Envoy[] }>("GET", "/envoys?namespace=default")).envoys;
-  }
-
-  /** The engine's own API. Every call here is idempotent (lookups, get-or-create), so a call that times out is tried again. */
-  async #json<T>(method: string, path: string, body?: unknown): Promise<T> {
-    let response: Response | undefined;
-    for (let attempt = 1; !response; attempt++) {
-      try {
-        response = await this.#fetch(`${this.#engine}${path}`, {
-          method,
-          headers: body === undefined ? {} : { "content-type": "application/json" },
-          ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-          signal: AbortSignal.timeout(ENGINE_CALL_TIMEOUT_MS),
-        });
-      } catch (error) {
-        if ((error as Error).name !== "TimeoutError" || attempt >= ENGINE_CALL_ATTEMPTS) throw unreachable(this.#engine, error);
-      }
-    }
-    const text = await response.text();
-    if (response.status === 401 || response.status === 403) throw new AgentVmError("UNAUTHENTICATED", `the engine at ${this.#engine} refused the request (${response.status}): pass its token as createClient({ endpoint, token })`);
-    if (!response.ok) throw new AgentVmError("INTERNAL", `${method} ${path} on the engine answered ${response.status}: ${text.slice(0, 300)}`);
-    return JSON.parse(text) as T;
   }
 }
 
@@ -156,11 +107,6 @@ function nodeName(pool: string): string {
 
 export function nodeUnavailable(node: string, key: string, why: string): AgentVmError {
   return new AgentVmError("VM_NODE_UNAVAILABLE", `VM ${JSON.stringify(key)} lives on node ${node}, which is unavailable (${why}); its files are on that node, so the VM answers again once node ${node} is back`, { details: { node } });
-}
-
-function unreachable(engine: string, error: unknown): AgentVmError {
-  const cause = (error as { cause?: { code?: string; message?: string } }).cause;
-  return new AgentVmError("SERVER_UNREACHABLE", `cannot reach the engine at ${engine}: ${cause?.code ?? cause?.message ?? (error as Error).message}`, { cause: error });
 }
 
 function livePools(envoys: readonly Envoy[]): string[] {
@@ -193,9 +139,4 @@ function fnv1a(text: string): number {
   hash = Math.imul(hash, 0x85ebca6b) >>> 0;
   hash ^= hash >>> 13;
   return hash >>> 0;
-}
-
-/** RivetKit's key form: one part per array element, "/" separated, with "\" and "/" escaped. Our canonical key is one part. */
-function serializeActorKey(key: string): string {
-  return key.replace(/\\/g, "\\\\").replace(/\//g, "\\/");
 }

@@ -248,21 +248,21 @@ export class Authenticator {
    */
   revokeToken(tokenOrId: unknown, now = Date.now()): boolean {
     if (!this.#revocations) throw new AgentVmError("INTERNAL", "revokeToken: this authenticator has no revocation store");
+    const { id, expiresAt } = this.revocationOf(tokenOrId, now);
+    return this.#revocations.revoke(id, expiresAt);
+  }
+
+  /** What revoking this token (or id) records: its id, and until when the record matters. */
+  revocationOf(tokenOrId: unknown, now = Date.now()): { id: string; expiresAt: number } {
     if (typeof tokenOrId !== "string") throw invalidArgument(`revokeToken: pass the token or its id (MintedToken.id), got ${describe(tokenOrId)}`);
-    let id: string;
-    let expiresAt: number;
     if (tokenOrId.startsWith(TOKEN_PREFIX)) {
       const claims = this.#claims(tokenOrId);
       if (typeof claims.i !== "string") throw invalidArgument("revokeToken: this token was minted before tokens had ids; it cannot be revoked alone (it expires by itself, or rotate the token secret)");
-      id = claims.i;
-      expiresAt = claims.exp as number;
-    } else {
-      if (!TOKEN_ID.test(tokenOrId)) throw invalidArgument(`revokeToken: ${describe(tokenOrId)} is neither a token (avt_…) nor a token id (22 base64url characters)`);
-      id = tokenOrId;
-      // Its expiry is not known from the id: keep the record as long as any token may live.
-      expiresAt = now + this.#maxTtlSeconds * 1000;
+      return { id: claims.i, expiresAt: claims.exp };
     }
-    return this.#revocations.revoke(id, expiresAt);
+    if (!TOKEN_ID.test(tokenOrId)) throw invalidArgument(`revokeToken: ${describe(tokenOrId)} is neither a token (avt_…) nor a token id (22 base64url characters)`);
+    // Its expiry is not known from the id: keep the record as long as any token may live.
+    return { id: tokenOrId, expiresAt: now + this.#maxTtlSeconds * 1000 };
   }
 
   /** Voids every token for this VM issued until now (a destroyed VM's key may start afresh). */

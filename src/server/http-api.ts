@@ -114,6 +114,8 @@ export interface ApiContext {
   /** A definition's VMs in key order, after `after`, at most `limit`. */
   listVms(definition: string, options: { after?: string; limit?: number }): VmSummary[];
   destroyVm(definition: string, key: string): Promise<DestroyResult>;
+  /** Ends one scoped token (DELETE /api/tokens/{id}); false when it was revoked already. */
+  revokeToken(tokenOrId: unknown): Promise<boolean>;
   /** The OpenAPI document of this server (GET /openapi.json). */
   openApi(): unknown;
   /** A VM's status, read without creating an actor for it or waking it. */
@@ -300,7 +302,7 @@ export async function handleApi(context: ApiContext, request: IncomingMessage, r
     }
     if (route.kind === "revokeToken") {
       context.auth.requireApiKey(credential!, "revoking a token (DELETE /api/tokens/{id})");
-      sendJson(response, { revoked: context.auth.revokeToken(route.id) });
+      sendJson(response, { revoked: await context.revokeToken(route.id) });
       return;
     }
     if (route.kind === "definitions") {

@@ -29,7 +29,9 @@ import { startLifetimeSweep } from "./lifetime-sweep.ts";
 import { buildOpenApi } from "./openapi.ts";
 import { withAccessLog } from "./access-log.ts";
 import { parsePreviewPublicConfig, previewUrlBuilder, type PreviewUrlMode } from "./preview-public-url.ts";
-import { parseLogLevel, setLogLevel, type LogLevel } from "../log.ts";
+import { log, parseLogLevel, setLogLevel, type LogLevel } from "../log.ts";
+import { restoreVmState, type DurableAuthState, type DurableCopy, type VmDurableState } from "../store/vm-durable-state.ts";
+import { vmDirectoryName } from "../vm.ts";
 import { guardConnections } from "./connection-guard.ts";
 
 export interface StartOptions {
@@ -198,12 +200,18 @@ export interface ServerHooks {
   /** Passes a preview request for another node's token to that node; false when it knows no such node. */
   forwardPreview?(owner: string, request: IncomingMessage, response: ServerResponse): Promise<boolean>;
   forwardPreviewUpgrade?(owner: string, request: IncomingMessage, socket: Duplex, head: Buffer): Promise<boolean>;
+  /** Where VM rows, revocations and cutoffs are copied so they outlive this server's disk. */
+  durableCopy?: DurableCopy;
+  /** The token secret and revocations kept beyond this server's disk; used instead of the data directory's secret. */
+  auth?: DurableAuthState;
 }
 
 export interface ServerInternals {
   actor(definition: string, key: string): VmActor | undefined;
   /** True when this server has the VM's row (it holds its files). */
   holds(definition: string, key: string): boolean;
+  /** Gives a VM this server has no row for the rows of a saved state (its disk was lost); its files start empty. */
+  restoreVm(definition: string, key: string, state: VmDurableState): void;
 }
 
 /** registry.start() with cluster hooks; not part of the public API. */
@@ -260,7 +268,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   try {
     auth = new Authenticator({
       apiKeys,
-      secret: loadTokenSecret(dataDir),
+      secret: hooks.auth?.secret ?? loadTokenSecret(dataDir),
       definitions: Object.keys(use),
       ...(authOptions.maxTokenTtlSeconds !== undefined ? { maxTokenTtlSeconds: authOptions.maxTokenTtlSeconds as number } : {}),
       revocations,
@@ -270,6 +278,9 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     throw error;
   }
   const previews = new PreviewStore(store);
+  // Revocations kept beyond the disk are in force before the API takes a request.
+  for (const [id, expiresAt] of hooks.auth?.revoked ?? []) revocations.revoke(id, expiresAt);
+  for (const [definition, key, notBefore] of hooks.auth?.cutoffs ?? []) if ((revocations.cutoff(definition, key) ?? 0) < notBefore) revocations.setCutoff(definition, key, notBefore);
   const actors = new Map<string, VmActor>();
   let closing = false;
   /** Set once the preview listener is bound, before the API takes requests. */
@@ -306,12 +317,21 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       requireDefinition(definitionName, "status");
       return actors.get(`${definitionName}\u0000${key}`)?.status() ?? asleepStatus(store, definitionName, key);
     },
-    destroyVm(definitionName: string, key: string): Promise<DestroyResult> {
+    async destroyVm(definitionName: string, key: string): Promise<DestroyResult> {
       requireDefinition(definitionName, "destroyVm");
       const actor = context.actor(definitionName, key)!;
       // Its tokens end with it: the key may start a fresh VM that they must not reach.
-      auth.revokeTokensOfVm(definitionName, key);
+      const now = Date.now();
+      auth.revokeTokensOfVm(definitionName, key, now);
+      await hooks.durableCopy?.saveCutoff(definitionName, key, now);
       return actor.destroy();
+    },
+    /** Ends one scoped token; on a cluster node the revocation is saved beyond the disk before this returns. */
+    async revokeToken(tokenOrId: unknown): Promise<boolean> {
+      const { id, expiresAt } = auth.revocationOf(tokenOrId);
+      const revoked = revocations.revoke(id, expiresAt);
+      await hooks.durableCopy?.saveRevocation(id, expiresAt);
+      return revoked;
     },
     actor(definitionName: string, key: string): VmActor | undefined {
       const definition = Object.hasOwn(use, definitionName) ? use[definitionName] : undefined;
@@ -325,7 +345,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
         const onIdle = (idle: VmActor) => {
           if (actors.get(id) === idle) actors.delete(id);
         };
-        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewUrl: (token) => previewUrlFor(token), onIdle, maxVms: limits.maxVmsPerDefinition, ...(hooks.previewOwner !== undefined ? { previewOwner: hooks.previewOwner } : {}) });
+        actor = new VmActor({ definitionName, key, definition, dataDir, store, previews, previewUrl: (token) => previewUrlFor(token), onIdle, maxVms: limits.maxVmsPerDefinition, ...(hooks.previewOwner !== undefined ? { previewOwner: hooks.previewOwner } : {}), ...(hooks.durableCopy ? { durableCopy: hooks.durableCopy } : {}) });
         actors.set(id, actor);
       }
       return actor;
@@ -448,7 +468,17 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     );
   }
 
-  hooks.ready?.({ actor: (definition, key) => context.actor(definition, key), holds: (definition, key) => store.getVm(definition, key) !== undefined });
+  hooks.ready?.({
+    actor: (definition, key) => context.actor(definition, key),
+    holds: (definition, key) => store.getVm(definition, key) !== undefined,
+    restoreVm(definition, key, state) {
+      if (store.getVm(definition, key)) return;
+      // A state older than the VM's destroy here is what the destroy is about to drop, not a lost disk's.
+      if ((revocations.cutoff(definition, key) ?? -1) >= state.createdAt) return;
+      restoreVmState(store, previews, definition, key, vmDirectoryName(key), state);
+      log("info", `VM ${JSON.stringify(key)} (${definition}) restored from its saved state: its rows and preview URLs are back, its files start empty`, { definition, key });
+    },
+  });
 
   let closed: Promise<void> | undefined;
   const close = () =>

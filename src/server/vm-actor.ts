@@ -23,6 +23,7 @@ import { createVm, vmDirectoryName, type ProcessExitEvent, type ProcessOutputEve
 import type { SqliteStore } from "../store/sqlite-store.ts";
 import type { PreviewStore } from "../store/preview-store.ts";
 import { PreviewTokens } from "../net/previews.ts";
+import { captureVmState, type DurableCopy } from "../store/vm-durable-state.ts";
 import type { VmDefinition } from "./definition.ts";
 import { removeTree } from "./remove-tree.ts";
 
@@ -105,6 +106,11 @@ export class VmActor {
 
   /** A cluster node's name, carried in its preview tokens. */
   readonly #previewOwner: string | undefined;
+  /** Where a cluster node keeps the VM's rows beyond its disk; undefined on a single server. */
+  readonly #durableCopy: DurableCopy | undefined;
+  /** The state last saved to #durableCopy (JSON), and the save in progress: saves run one at a time, so the last one holds the newest state. */
+  #savedState: string | undefined;
+  #saving: Promise<void> = Promise.resolve();
 
   constructor(init: {
     definitionName: string;
@@ -119,7 +125,9 @@ export class VmActor {
     maxVms?: number;
     /** A cluster node's name, carried in its preview tokens. */
     previewOwner?: string;
+    durableCopy?: DurableCopy;
   }) {
+    this.#durableCopy = init.durableCopy;
     this.#previewOwner = init.previewOwner;
     this.#maxVms = init.maxVms ?? Number.POSITIVE_INFINITY;
     this.#onIdle = init.onIdle;
@@ -141,14 +149,53 @@ export class VmActor {
     return { ...asleepStatus(this.#store, this.definitionName, this.key), awake: this.awake, runningProcesses: this.#vm ? this.#vm.runningProcessCount() : 0 };
   }
 
-  /** Runs `work` against the awake VM, keeping it awake until the work settles. */
+  /**
+   * Runs `work` against the awake VM, keeping it awake until the work settles.
+   * On a cluster node, a change the work made to the VM's durable state is saved
+   * before this returns (a failed save fails the call, though the change is in
+   * effect here); an older change whose save had failed is saved again, without
+   * holding this call up.
+   */
   async use<T>(work: (vm: Vm) => Promise<T> | T): Promise<T> {
     const release = this.hold();
+    const before = this.#durableCopy && this.#capture();
     try {
       return await work(await this.wake());
     } finally {
-      release();
+      try {
+        if (this.#durableCopy) {
+          const saved = this.#saveDurableState();
+          if (this.#capture() !== before) await saved;
+          else saved.catch(() => undefined);
+        }
+      } finally {
+        release();
+      }
     }
+  }
+
+  #capture(): string {
+    return JSON.stringify(captureVmState(this.#store, this.#previews, this.definitionName, this.key));
+  }
+
+  /** Saves the VM's durable state to the cluster's copy when it changed since the last save. */
+  #saveDurableState(): Promise<void> {
+    const copy = this.#durableCopy;
+    if (!copy) return Promise.resolve();
+    const save = this.#saving.catch(() => undefined).then(async () => {
+      const state = captureVmState(this.#store, this.#previews, this.definitionName, this.key);
+      const json = JSON.stringify(state);
+      if (json === this.#savedState) return;
+      try {
+        await copy.saveVm(this.definitionName, this.key, state);
+      } catch (error) {
+        log("warn", `the VM's state was not saved to the engine (${(error as Error).message}); it is tried again with the next call`, { definition: this.definitionName, key: this.key });
+        throw error;
+      }
+      this.#savedState = json;
+    });
+    this.#saving = save;
+    return save;
   }
 
   /** Keeps the VM awake until the returned function is called (streams, connections). */
@@ -317,6 +364,8 @@ export class VmActor {
     }
     this.#store.deleteVm(this.definitionName, this.key);
     this.#lastTouch = 0;
+    // The saved copy goes too, or a node that lost its disk would bring the VM back.
+    await this.#saveDurableState();
     return { key: this.key, existed };
   }
 
@@ -367,6 +416,8 @@ export class VmActor {
     this.#vm = vm;
     this.#wokeAt = Date.now();
     this.#idleTimeoutSeconds = this.#lifecycle().idleTimeoutSeconds;
+    // A VM just made has a row the cluster's copy does not know yet (a stream or preview may be its first use).
+    if (!record) await this.#saveDurableState().catch(() => undefined);
     await this.#startOnWake(vm);
     this.#scheduleSleep();
     return vm;

@@ -17,7 +17,7 @@ export interface PreviewRow {
 }
 
 export class PreviewStore {
-  readonly #statements: Record<"insert" | "find" | "countActive" | "listActive" | "deleteOne" | "deleteAll" | "deleteAllPort" | "sweep" | "touch" | "deleteOneScoped" | "findByPrefix", StatementSync>;
+  readonly #statements: Record<"insert" | "find" | "countActive" | "listActive" | "deleteOne" | "deleteAll" | "deleteAllPort" | "sweep" | "touch" | "deleteOneScoped" | "findByPrefix" | "listActiveHashes", StatementSync>;
 
   constructor(store: SqliteStore) {
     const db = store.db;
@@ -30,6 +30,7 @@ export class PreviewStore {
       find: db.prepare(`SELECT ${columns} FROM previews WHERE token_hash = ?`),
       countActive: db.prepare("SELECT COUNT(*) AS count FROM previews WHERE definition = ? AND key = ? AND expires_at > ?"),
       listActive: db.prepare(`SELECT ${columns} FROM previews WHERE definition = ? AND key = ? AND expires_at > ? ORDER BY created_at`),
+      listActiveHashes: db.prepare(`SELECT token_hash, ${columns} FROM previews WHERE definition = ? AND key = ? AND expires_at > ? ORDER BY created_at`),
       deleteOne: db.prepare("DELETE FROM previews WHERE token_hash = ?"),
       findByPrefix: db.prepare("SELECT token_hash FROM previews WHERE definition = ? AND key = ? AND token_prefix = ? LIMIT 2"),
       deleteOneScoped: db.prepare("DELETE FROM previews WHERE token_hash = ? AND definition = ? AND key = ?"),
@@ -55,6 +56,11 @@ export class PreviewStore {
 
   listActive(definition: string, key: string, now: number): PreviewRow[] {
     return (this.#statements.listActive.all(definition, key, now) as Record<string, unknown>[]).map(toRow);
+  }
+
+  /** Like listActive, with each row's token hash (what a saved VM state keeps, vm-durable-state.ts). */
+  listActiveHashes(definition: string, key: string, now: number): (PreviewRow & { hash: string })[] {
+    return (this.#statements.listActiveHashes.all(definition, key, now) as Record<string, unknown>[]).map((row) => ({ ...toRow(row), hash: String(row.token_hash) }));
   }
 
   /** Deletes one token; scoped to a VM unless `definition` is omitted. Returns whether it existed. */

@@ -97,6 +97,7 @@ export class SqliteStore {
   readonly #statements: {
     getVm: StatementSync;
     insertVm: StatementSync;
+    restoreVm: StatementSync;
     touchVm: StatementSync;
     wokeVm: StatementSync;
     listVms: StatementSync;
@@ -120,6 +121,9 @@ export class SqliteStore {
     this.#statements = {
       getVm: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes, max_lifetime_s, idle_timeout_s FROM vms WHERE definition = ? AND key = ?"),
       insertVm: this.db.prepare("INSERT INTO vms (definition, key, directory, created_at, last_active_at, wake_count) VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING"),
+      restoreVm: this.db.prepare(
+        "INSERT INTO vms (definition, key, directory, created_at, last_active_at, wake_count, max_lifetime_s, idle_timeout_s) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+      ),
       touchVm: this.db.prepare("UPDATE vms SET last_active_at = ? WHERE definition = ? AND key = ?"),
       wokeVm: this.db.prepare("UPDATE vms SET wake_count = wake_count + 1, last_active_at = ? WHERE definition = ? AND key = ?"),
       listVms: this.db.prepare("SELECT definition, key, directory, created_at, last_active_at, wake_count, destroying, disk_bytes, max_lifetime_s, idle_timeout_s FROM vms WHERE definition = ? AND key > ? ORDER BY key LIMIT ?"),
@@ -228,6 +232,11 @@ export class SqliteStore {
     const now = Date.now();
     this.#statements.insertVm.run(definition, key, directory, now, now);
     return this.getVm(definition, key)!;
+  }
+
+  /** Writes a VM's row back from a saved state (vm-durable-state.ts); the VM must have no row. */
+  restoreVm(definition: string, key: string, directory: string, createdAt: number, maxLifetimeSeconds: number | null, idleTimeoutSeconds: number | null): void {
+    this.#statements.restoreVm.run(definition, key, directory, createdAt, Date.now(), maxLifetimeSeconds, idleTimeoutSeconds);
   }
 
   touchVm(definition: string, key: string): void {

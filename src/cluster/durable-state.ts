@@ -1,0 +1,192 @@
+/**
+ * What a node keeps in Rivet Engine so that it outlives the node's disk
+ * (docs/cluster.md, "What fails how"): each VM's rows (src/store/vm-durable-state.ts)
+ * with the VM's own actor, and the node's token secret, revocations and
+ * cutoffs with the node's actor (node-actor.ts). Both live in the actor's KV
+ * storage, which the engine keeps (RocksDB, or PostgreSQL for an HA engine);
+ * a write resolves once the engine has it.
+ *
+ * A VM's actor is awake on this node while its VM is (vm-actor-adapter.ts), so
+ * a save normally writes through the actor's context at once. A VM the node
+ * woke by itself (a client holding a ticket calls the node directly) may have
+ * no awake actor: then the save goes through the engine, which wakes the actor
+ * here and runs its `saveState` action.
+ *
+ * KV values are capped at 128 KiB, so a VM's state (up to 1024 preview tokens)
+ * is written as chunks, all in one batch with the header that counts them.
+ */
+import { createHash } from "node:crypto";
+import { AgentVmError } from "../errors.ts";
+import { EngineApi } from "../client/engine-api.ts";
+import { canonicalKey } from "../client/client.ts";
+import { log } from "../log.ts";
+import { parseVmState, type DurableAuthState, type DurableCopy, type VmDurableState } from "../store/vm-durable-state.ts";
+
+/** The part of a RivetKit actor context used here (rivetkit's types are not a dependency of the main package). */
+export interface ActorContext {
+  key: readonly string[];
+  kv: {
+    get(key: string): Promise<string | null>;
+    get(key: string, options: { type: "binary" }): Promise<Uint8Array | null>;
+    put(key: string, value: string | Uint8Array): Promise<void>;
+    delete(key: string): Promise<void>;
+    batchPut(entries: [Uint8Array, Uint8Array][]): Promise<void>;
+    batchGet(keys: Uint8Array[]): Promise<(Uint8Array | null)[]>;
+    batchDelete(keys: Uint8Array[]): Promise<void>;
+    listPrefix(prefix: string): Promise<[string, string][]>;
+  };
+  keepAwake<T>(promise: Promise<T>): Promise<T>;
+}
+
+/** The node's own actor: one per node, in its pool, holding its token secret and revocations. */
+export const NODE_ACTOR = "agentvmNode";
+
+const VM_STATE = "agentvm.vm.state";
+const VM_STATE_CHUNK = "agentvm.vm.chunk.";
+const CHUNK_BYTES = 120_000;
+const NODE_SECRET = "agentvm.node.secret";
+const NODE_REVOKED = "agentvm.node.revoked.";
+const NODE_CUTOFF = "agentvm.node.cutoff.";
+/** A save through the engine may first wait for the actor to wake. */
+const ENGINE_SAVE_TIMEOUT_MS = 15_000;
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** Writes a VM's state into its actor's KV (null drops it). */
+export async function writeVmState(c: ActorContext, state: VmDurableState | null): Promise<void> {
+  if (state === null) return c.kv.delete(VM_STATE);
+  const bytes = encoder.encode(JSON.stringify(state));
+  const chunks: [Uint8Array, Uint8Array][] = [];
+  for (let offset = 0, index = 0; offset < bytes.length || index === 0; offset += CHUNK_BYTES, index++) {
+    chunks.push([encoder.encode(`${VM_STATE_CHUNK}${index}`), bytes.subarray(offset, offset + CHUNK_BYTES)]);
+  }
+  await c.kv.batchPut([...chunks, [encoder.encode(VM_STATE), encoder.encode(JSON.stringify({ chunks: chunks.length, bytes: bytes.length }))]]);
+}
+
+/** The VM state saved in its actor's KV, or null when there is none. */
+export async function readVmState(c: ActorContext): Promise<VmDurableState | null> {
+  const header = await c.kv.get(VM_STATE);
+  if (header === null) return null;
+  const { chunks, bytes } = JSON.parse(header) as { chunks: number; bytes: number };
+  const parts = await c.kv.batchGet(Array.from({ length: chunks }, (_, index) => encoder.encode(`${VM_STATE_CHUNK}${index}`)));
+  const whole = new Uint8Array(bytes);
+  let offset = 0;
+  for (const part of parts) {
+    if (!part) throw new AgentVmError("INTERNAL", "the VM state saved in the engine is missing a chunk; it was not restored");
+    whole.set(part, offset);
+    offset += part.length;
+  }
+  return parseVmState(decoder.decode(whole));
+}
+
+/** The node actor's part: its secret (the first node to ask sets it), revocations and cutoffs, with expired ones dropped. */
+export async function readNodeAuth(c: ActorContext, proposedSecret: string, maxTokenTtlMs: number, now = Date.now()): Promise<{ secret: string; revoked: [string, number][]; cutoffs: [string, string, number][] }> {
+  let secret = await c.kv.get(NODE_SECRET);
+  if (secret === null) {
+    await c.kv.put(NODE_SECRET, proposedSecret);
+    secret = proposedSecret;
+  }
+  const stale: Uint8Array[] = [];
+  const revoked: [string, number][] = [];
+  for (const [name, value] of await c.kv.listPrefix(NODE_REVOKED)) {
+    const expiresAt = Number(value);
+    if (expiresAt > now) revoked.push([name.slice(NODE_REVOKED.length), expiresAt]);
+    else stale.push(encoder.encode(name));
+  }
+  const cutoffs: [string, string, number][] = [];
+  for (const [name, value] of await c.kv.listPrefix(NODE_CUTOFF)) {
+    const [definition, key, notBefore] = JSON.parse(value) as [string, string, number];
+    if (notBefore > now - maxTokenTtlMs) cutoffs.push([definition, key, notBefore]);
+    else stale.push(encoder.encode(name));
+  }
+  if (stale.length > 0) await c.kv.batchDelete(stale);
+  return { secret, revoked, cutoffs };
+}
+
+/** The node's copy of what must outlive its disk (see the file header). */
+export class NodeDurability implements DurableCopy {
+  readonly #engine: EngineApi;
+  readonly #vms = new Map<string, ActorContext>();
+  #node: ActorContext | undefined;
+  readonly #actorIds = new Map<string, string>();
+
+  constructor(engine: EngineApi) {
+    this.#engine = engine;
+  }
+
+  /** The VM's actor woke here: saves go through its context until it sleeps. */
+  attachVm(definition: string, c: ActorContext): void {
+    this.#vms.set(vmId(definition, canonicalKey([...c.key])), c);
+  }
+
+  detachVm(definition: string, c: ActorContext): void {
+    const id = vmId(definition, canonicalKey([...c.key]));
+    if (this.#vms.get(id) === c) this.#vms.delete(id);
+  }
+
+  attachNode(c: ActorContext): void {
+    this.#node = c;
+  }
+
+  async saveVm(definition: string, key: string, state: VmDurableState | null): Promise<void> {
+    const c = this.#vms.get(vmId(definition, key));
+    if (c) {
+      try {
+        return await writeVmState(c, state);
+      } catch (error) {
+        // The actor went to sleep between its VM's sleep and this save: the engine wakes it again.
+        log("debug", `saving through the awake actor failed (${(error as Error).message}); saving through the engine`, { definition, key });
+        this.detachVm(definition, c);
+      }
+    }
+    await this.#saveThroughEngine(definition, key, state);
+  }
+
+  async saveRevocation(id: string, expiresAt: number): Promise<void> {
+    await this.#nodeContext().kv.put(`${NODE_REVOKED}${id}`, String(expiresAt));
+  }
+
+  async saveCutoff(definition: string, key: string, notBefore: number): Promise<void> {
+    const name = `${NODE_CUTOFF}${createHash("sha256").update(vmId(definition, key)).digest("base64url")}`;
+    await this.#nodeContext().kv.put(name, JSON.stringify([definition, key, notBefore]));
+  }
+
+  #nodeContext(): ActorContext {
+    if (!this.#node) throw new AgentVmError("CLUSTER_UNAVAILABLE", "this node's actor is not awake in the engine, so the change cannot be kept beyond this node's disk; it is in effect here. Retry once the node has rejoined the engine");
+    return this.#node;
+  }
+
+  async #saveThroughEngine(definition: string, key: string, state: VmDurableState | null): Promise<void> {
+    const id = vmId(definition, key);
+    let actorId = this.#actorIds.get(id);
+    if (!actorId) {
+      const actor = await this.#engine.findActor(definition, key);
+      // A VM made on a single server's data directory before it joined a cluster has no actor: nothing to keep it with.
+      if (!actor) return;
+      actorId = actor.actor_id;
+      this.#actorIds.set(id, actorId);
+    }
+    let answer: { status: number; text: string };
+    try {
+      answer = await this.#engine.action(actorId, "saveState", [state === null ? null : JSON.stringify(state)], ENGINE_SAVE_TIMEOUT_MS);
+    } catch (error) {
+      throw new AgentVmError("CLUSTER_UNAVAILABLE", `the VM's state could not be saved in the engine at ${this.#engine.url} (${(error as Error).message}); the change is in effect on this node and is saved with the next call`, { cause: error });
+    }
+    if (answer.status >= 400) {
+      this.#actorIds.delete(id);
+      throw new AgentVmError("CLUSTER_UNAVAILABLE", `the engine refused to save the VM's state (${answer.status}: ${answer.text.slice(0, 200)}); the change is in effect on this node and is saved with the next call`);
+    }
+  }
+}
+
+/** The auth state a node starts its server with, from what its actor answered. */
+export function durableAuth(answer: { secret: string; revoked: [string, number][]; cutoffs: [string, string, number][] }): DurableAuthState {
+  const secret = Buffer.from(answer.secret, "hex");
+  if (secret.length < 32) throw new AgentVmError("INTERNAL", "the token secret kept in the engine is not a 256-bit hex secret");
+  return { secret, revoked: answer.revoked, cutoffs: answer.cutoffs };
+}
+
+function vmId(definition: string, key: string): string {
+  return `${definition}\u0000${key}`;
+}
