@@ -38,8 +38,8 @@ export class AgentvmCommand {
   output = "";
   readonly exited: Promise<void>;
 
-  constructor(args: string[]) {
-    this.child = spawn(NODE, ["--conditions=agentvm-source", CLI, ...args], { env: childEnv({}), stdio: ["ignore", "pipe", "pipe"] });
+  constructor(args: string[], env: Record<string, string> = {}) {
+    this.child = spawn(NODE, ["--conditions=agentvm-source", CLI, ...args], { env: childEnv(env), stdio: ["ignore", "pipe", "pipe"] });
     this.child.stdout!.on("data", (chunk) => (this.output += chunk));
     this.child.stderr!.on("data", (chunk) => (this.output += chunk));
     this.exited = new Promise((done) => this.child.once("exit", () => done()));

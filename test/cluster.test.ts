@@ -6,6 +6,11 @@
  * keep serving, and after its restart its VMs answer again with their files.
  * The seed page's client files run unchanged against the engine.
  *
+ * The nodes require an API key, as in production: clients reach them with the
+ * tickets the engine's locate hands out. A node whose disk is lost gets back
+ * its VMs' rows, preview URLs and restart-on-wake processes, its token secret
+ * and its revocations from the engine; the files start empty.
+ *
  * Every VM is created first, and node loss comes last: Rivet Engine 2.3.19 may
  * stop creating actors after a runner was dropped and came back (docs/cluster.md,
  * "Known engine issue"); existing VMs are not affected.
@@ -52,6 +57,7 @@ function upgradeEcho(port: number, path: string, text: string): Promise<string> 
 
 /** The nodes serve setup({ use: { vm: agentOS() } }). */
 const createClient = (endpoint: string) => createAnyClient<Registry<{ vm: VmDefinition }>>(endpoint);
+const API_KEY = `avk_${"k".repeat(40)}`;
 const skip = clusterRuntimeInstalled() ? false : "the cluster runtime is not installed (npm run cluster:install); cluster tests skipped";
 
 describe("cluster: one engine, two nodes", { skip }, () => {
@@ -63,7 +69,7 @@ describe("cluster: one engine, two nodes", { skip }, () => {
 
   const startNode = async (name: string, port: number) => {
     const dataDir = join(dir, `node-${name}`);
-    const command = new Command(["node", "--engine", engineUrl, "--name", name, "--port", String(port), "--data-dir", dataDir]);
+    const command = new Command(["node", "--engine", engineUrl, "--name", name, "--port", String(port), "--data-dir", dataDir], { AGENTVM_API_KEYS: API_KEY });
     started.push(command);
     nodes[name] = { command, port, dataDir };
     await command.ready(/Joined the engine/);
@@ -221,4 +227,58 @@ require("http").createServer((req, res) => {
     assert.equal(new TextDecoder().decode(await victim.readFile("/home/agentos/spawned.txt")), "started\n");
   });
 
+  it("a node whose disk is lost gets its VMs' rows, preview URLs, restart-on-wake processes, token secret and revocations back from the engine; files start empty", async () => {
+    const a = nodes.a!;
+    const vm = createClient(engineUrl).vm.getOrCreate(onNode.a!.key);
+    const nodeApi = `http://127.0.0.1:${a.port}`;
+    const callNode = (path: string, token: string, init: RequestInit = {}) =>
+      fetch(`${nodeApi}${path}`, { ...init, headers: { authorization: `Bearer ${token}`, ...(init.body ? { "content-type": "application/json" } : {}) }, signal: AbortSignal.timeout(10_000) });
+    const statusPath = `/api/vm/${encodeURIComponent(vm.key)}/status`;
+    // A dev server that comes back with the VM, a preview of it, and the VM's own lifetime.
+    await vm.spawn("node", ["-e", "require('http').createServer((q, s) => s.end('alive ' + q.url)).listen(4000)"], { restartOnWake: true });
+    const lifecycle = await vm.setLifecycle({ maxLifetimeSeconds: 86_400 });
+    const preview = await vm.createSignedPreviewUrl(4000, 600);
+    const alive = await waitFor(async () => {
+      const response = await fetch(`${preview.url}before`, { signal: AbortSignal.timeout(10_000) });
+      return response.status === 200 ? response.text() : undefined;
+    }, "the restart-on-wake server", 20_000, 100);
+    assert.equal(alive, "alive /before");
+    // A token minted on the node and one revoked there.
+    const mint = async () => ((await (await callNode("/api/tokens", API_KEY, { method: "POST", body: JSON.stringify({ key: vm.key, actions: ["status"] }) })).json()) as { value: { token: string; id: string } }).value;
+    const kept = await mint();
+    const revoked = await mint();
+    assert.equal((await callNode(`/api/tokens/${revoked.id}`, API_KEY, { method: "DELETE" })).status, 200);
+    assert.equal((await callNode(statusPath, kept.token)).status, 200);
+    assert.equal((await callNode(statusPath, revoked.token)).status, 401);
+
+    await a.command.stop("SIGKILL");
+    await unmountUnder(a.dataDir);
+    await rm(a.dataDir, { recursive: true, force: true });
+    await startNode("a", a.port);
+
+    // The preview URL minted before the loss serves again: the node restored the VM's rows as it
+    // started, and the first request woke the VM, which started the restart-on-wake server again.
+    const back = await waitFor(async () => {
+      const response = await fetch(`${preview.url}after`, { signal: AbortSignal.timeout(20_000) });
+      return response.status === 200 ? response.text() : undefined;
+    }, "the preview after the disk loss", 30_000, 200).catch((error: Error) => {
+      throw new Error(`${error.message}\nnode a said:\n${nodes.a!.command.output}`);
+    });
+    assert.equal(back, "alive /after");
+    // Tokens the node signed before stay valid (its secret is kept in the engine); revoked ones stay revoked.
+    assert.equal((await callNode(statusPath, kept.token)).status, 200);
+    assert.equal((await callNode(statusPath, revoked.token)).status, 401);
+    // The VM kept its creation time and lifetime; its files did not survive.
+    assert.deepEqual(await vm.setLifecycle({}), lifecycle);
+    assert.equal((await rejection(() => vm.readFile("/home/agentos/who.txt"))).code, "ENOENT");
+    // Destroyed, it stays destroyed: a node that loses its disk again does not bring it back.
+    await vm.destroy({ confirm: vm.key });
+    await nodes.a!.command.stop("SIGKILL");
+    await unmountUnder(a.dataDir);
+    await rm(a.dataDir, { recursive: true, force: true });
+    await startNode("a", a.port);
+    assert.equal((await fetch(`${preview.url}gone`, { signal: AbortSignal.timeout(10_000) })).status, 403);
+    assert.equal((await vm.exists("/home/agentos")), true, "the key starts a fresh VM");
+    assert.notDeepEqual(await vm.setLifecycle({}), lifecycle);
+  });
 });

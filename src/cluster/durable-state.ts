@@ -13,9 +13,13 @@
  * here and runs its `saveState` action.
  *
  * KV values are capped at 128 KiB, so a VM's state (up to 1024 preview tokens)
- * is written as chunks, all in one batch with the header that counts them.
+ * is written as chunks of a new generation first, then a header naming that
+ * generation: one write switches from the old state to the new, and a save cut
+ * off half-way leaves the old one whole. (RivetKit's batch KV calls work on a
+ * different key space from get/put, the one its SQLite uses; only get, put,
+ * delete and listPrefix are used here.)
  */
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { AgentVmError } from "../errors.ts";
 import { EngineApi } from "../client/engine-api.ts";
 import { canonicalKey } from "../client/client.ts";
@@ -30,9 +34,6 @@ export interface ActorContext {
     get(key: string, options: { type: "binary" }): Promise<Uint8Array | null>;
     put(key: string, value: string | Uint8Array): Promise<void>;
     delete(key: string): Promise<void>;
-    batchPut(entries: [Uint8Array, Uint8Array][]): Promise<void>;
-    batchGet(keys: Uint8Array[]): Promise<(Uint8Array | null)[]>;
-    batchDelete(keys: Uint8Array[]): Promise<void>;
     listPrefix(prefix: string): Promise<[string, string][]>;
   };
   keepAwake<T>(promise: Promise<T>): Promise<T>;
@@ -53,26 +54,43 @@ const ENGINE_SAVE_TIMEOUT_MS = 15_000;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
+interface StateHeader {
+  generation: string;
+  chunks: number;
+  bytes: number;
+}
+
 /** Writes a VM's state into its actor's KV (null drops it). */
 export async function writeVmState(c: ActorContext, state: VmDurableState | null): Promise<void> {
-  if (state === null) return c.kv.delete(VM_STATE);
-  const bytes = encoder.encode(JSON.stringify(state));
-  const chunks: [Uint8Array, Uint8Array][] = [];
-  for (let offset = 0, index = 0; offset < bytes.length || index === 0; offset += CHUNK_BYTES, index++) {
-    chunks.push([encoder.encode(`${VM_STATE_CHUNK}${index}`), bytes.subarray(offset, offset + CHUNK_BYTES)]);
+  const previous = await readHeader(c);
+  if (state === null) {
+    await c.kv.delete(VM_STATE);
+  } else {
+    const bytes = encoder.encode(JSON.stringify(state));
+    const generation = randomBytes(6).toString("base64url");
+    let chunks = 0;
+    for (let offset = 0; offset < bytes.length || chunks === 0; offset += CHUNK_BYTES, chunks++) {
+      await c.kv.put(`${VM_STATE_CHUNK}${generation}.${chunks}`, bytes.subarray(offset, offset + CHUNK_BYTES));
+    }
+    await c.kv.put(VM_STATE, JSON.stringify({ generation, chunks, bytes: bytes.length } satisfies StateHeader));
   }
-  await c.kv.batchPut([...chunks, [encoder.encode(VM_STATE), encoder.encode(JSON.stringify({ chunks: chunks.length, bytes: bytes.length }))]]);
+  // The old generation is garbage now; a delete that fails leaves only unreferenced chunks.
+  if (previous) for (let index = 0; index < previous.chunks; index++) await c.kv.delete(`${VM_STATE_CHUNK}${previous.generation}.${index}`).catch(() => undefined);
+}
+
+async function readHeader(c: ActorContext): Promise<StateHeader | null> {
+  const header = await c.kv.get(VM_STATE);
+  return header === null ? null : (JSON.parse(header) as StateHeader);
 }
 
 /** The VM state saved in its actor's KV, or null when there is none. */
 export async function readVmState(c: ActorContext): Promise<VmDurableState | null> {
-  const header = await c.kv.get(VM_STATE);
+  const header = await readHeader(c);
   if (header === null) return null;
-  const { chunks, bytes } = JSON.parse(header) as { chunks: number; bytes: number };
-  const parts = await c.kv.batchGet(Array.from({ length: chunks }, (_, index) => encoder.encode(`${VM_STATE_CHUNK}${index}`)));
-  const whole = new Uint8Array(bytes);
+  const whole = new Uint8Array(header.bytes);
   let offset = 0;
-  for (const part of parts) {
+  for (let index = 0; index < header.chunks; index++) {
+    const part = await c.kv.get(`${VM_STATE_CHUNK}${header.generation}.${index}`, { type: "binary" });
     if (!part) throw new AgentVmError("INTERNAL", "the VM state saved in the engine is missing a chunk; it was not restored");
     whole.set(part, offset);
     offset += part.length;
@@ -87,20 +105,20 @@ export async function readNodeAuth(c: ActorContext, proposedSecret: string, maxT
     await c.kv.put(NODE_SECRET, proposedSecret);
     secret = proposedSecret;
   }
-  const stale: Uint8Array[] = [];
+  const stale: string[] = [];
   const revoked: [string, number][] = [];
   for (const [name, value] of await c.kv.listPrefix(NODE_REVOKED)) {
     const expiresAt = Number(value);
     if (expiresAt > now) revoked.push([name.slice(NODE_REVOKED.length), expiresAt]);
-    else stale.push(encoder.encode(name));
+    else stale.push(name);
   }
   const cutoffs: [string, string, number][] = [];
   for (const [name, value] of await c.kv.listPrefix(NODE_CUTOFF)) {
     const [definition, key, notBefore] = JSON.parse(value) as [string, string, number];
     if (notBefore > now - maxTokenTtlMs) cutoffs.push([definition, key, notBefore]);
-    else stale.push(encoder.encode(name));
+    else stale.push(name);
   }
-  if (stale.length > 0) await c.kv.batchDelete(stale);
+  for (const name of stale) await c.kv.delete(name);
   return { secret, revoked, cutoffs };
 }
 

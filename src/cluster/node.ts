@@ -9,6 +9,7 @@
  * revocations) is kept in the engine with the VMs' actors and the node's own
  * actor (durable-state.ts); a node that starts without it gets it back.
  */
+import { mkdirSync } from "node:fs";
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { DEFAULT_MAX_TOKEN_TTL_SECONDS, loadTokenSecret, TOKEN_ACTIONS } from "../server/auth.ts";
 import { deserializeActorKey, EngineApi } from "../client/engine-api.ts";
@@ -75,6 +76,7 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
     await runner.shutdown?.().catch(() => undefined);
   };
   try {
+    await joined(engine, options, pool);
     const auth = await attachNodeActor(engine, options, pool);
     server = await startServerWithHooks(
       registry,
@@ -117,10 +119,24 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
   };
 }
 
+/**
+ * Resolves once the engine lists this node's runner in its pool. An actor created
+ * in the pool before then can be left unplaced for good ("no_capacity"), so the
+ * node's own actor is created only after.
+ */
+async function joined(engine: EngineApi, options: NodeOptions, pool: string): Promise<void> {
+  const deadline = Date.now() + ATTACH_TIMEOUT_MS;
+  while (!(await engine.envoys()).some((envoy) => envoy.pool_name === pool && envoy.stop_ts === null)) {
+    if (Date.now() > deadline) throw new AgentVmError("CLUSTER_UNAVAILABLE", `node ${options.name}: its runner did not join the engine at ${options.engine} within ${ATTACH_TIMEOUT_MS / 1000} s`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
 /** Finds (or makes) the node's own actor and asks it for the token secret and revocations kept in the engine. */
 async function attachNodeActor(engine: EngineApi, options: NodeOptions, pool: string): Promise<DurableAuthState> {
   const actor = (await engine.findActor(NODE_ACTOR, options.name)) ?? (await engine.createActor(NODE_ACTOR, options.name, pool));
   // The data directory's secret is proposed: a node that ran before keeps its tokens valid.
+  mkdirSync(options.dataDir, { recursive: true, mode: 0o700 });
   const proposed = loadTokenSecret(options.dataDir).toString("hex");
   let answer: Awaited<ReturnType<EngineApi["action"]>>;
   try {
