@@ -12,7 +12,7 @@
 import { pathToFileURL } from "node:url";
 import { resolve } from "node:path";
 import { AgentVmError } from "../errors.ts";
-import { ENGINE_DEFAULT_PORT, NODE_DEFAULT_PORT, parseEngineOptions, parseFlags, parseNodeOptions, parseStartOptions } from "../cluster/config.ts";
+import { ENGINE_DEFAULT_PORT, NODE_DEFAULT_PORT, parseEngineOptions, parseFlags, parseNodeOptions, parseStartOptions, redactedPostgres } from "../cluster/config.ts";
 
 const HELP: Record<string, string> = {
   "": `agentvm: a VM per AI agent inside your backend.
@@ -28,12 +28,18 @@ Run \`agentvm <command> --help\` for its options. Cluster mode is described in d
 The single-node server with a demo VM, as \`npm start\`. PORT, HOST, AGENTVM_DATA_DIR and
 AGENTVM_API_KEYS work as for registry.start().`,
   engine: `agentvm engine [--host 127.0.0.1] [--port ${ENGINE_DEFAULT_PORT}] [--data-dir ./.agentvm-engine] [--token <secret>]
+               [--postgres <url> --nats <url[,url]>] [--public-url <url>]
 
 Runs the Rivet Engine (from npm, \`npm run cluster:install\`) with a configuration written to
 <data-dir>/engine-config.json: it listens on --host only (loopback, or a private address —
 then --token is required), on --port and the next two ports (peer API, metrics), telemetry
 off, and short failover timeouts. The engine stops with this command.
-Environment: AGENTVM_ENGINE_HOST, AGENTVM_ENGINE_PORT, AGENTVM_ENGINE_DATA_DIR, AGENTVM_ENGINE_TOKEN.`,
+State lives in <data-dir>/db, or, with --postgres and --nats, in PostgreSQL and NATS shared
+by several engines (an HA engine): run each with the same --postgres, --nats, --token and
+--public-url (the load balancer in front of them, which forwards its port and the next one
+to every engine's --port and --port + 1); give nodes and clients --public-url.
+Environment: AGENTVM_ENGINE_HOST, AGENTVM_ENGINE_PORT, AGENTVM_ENGINE_DATA_DIR, AGENTVM_ENGINE_TOKEN,
+AGENTVM_ENGINE_POSTGRES, AGENTVM_ENGINE_NATS, AGENTVM_ENGINE_PUBLIC_URL.`,
   node: `agentvm node --engine <url> --name <node> [--advertise <url>] [--port ${NODE_DEFAULT_PORT}] [--preview-port <port+1>]
              [--host 127.0.0.1] [--data-dir ./.agentvm-node-<name>] [--advertise-preview <url>]
              [--token <engine token>] [--registry <module exporting \`registry\`>]
@@ -52,7 +58,7 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (!Object.hasOwn(HELP, command)) throw new AgentVmError("INVALID_ARGUMENT", `unknown command ${JSON.stringify(command)}; run agentvm --help`);
-  const known = { start: ["port", "host", "data-dir"], engine: ["host", "port", "data-dir", "token"], node: ["engine", "name", "advertise", "advertise-preview", "port", "preview-port", "host", "data-dir", "token", "registry"] }[command as "start" | "engine" | "node"];
+  const known = { start: ["port", "host", "data-dir"], engine: ["host", "port", "data-dir", "token", "postgres", "nats", "public-url"], node: ["engine", "name", "advertise", "advertise-preview", "port", "preview-port", "host", "data-dir", "token", "registry"] }[command as "start" | "engine" | "node"];
   const flags = parseFlags(rest, known, command);
   if (flags.has("help")) {
     console.log(HELP[command]);
@@ -74,12 +80,14 @@ async function runEngine(flags: ReturnType<typeof parseFlags>): Promise<void> {
   const { startEngine } = await import("../cluster/engine.ts");
   const options = parseEngineOptions(flags);
   const engine = await startEngine(options);
-  console.log(`agentvm engine: Rivet Engine ${engine.url} (pid ${engine.pid}; config ${engine.configPath}; data in ${options.dataDir})
+  const state = options.shared ? `state in PostgreSQL ${redactedPostgres(options.shared.postgres)}, pub/sub on NATS ${options.shared.nats.join(",")}` : `data in ${options.dataDir}`;
+  const endpoint = options.publicUrl;
+  console.log(`agentvm engine: Rivet Engine ${engine.url} (pid ${engine.pid}; config ${engine.configPath}; ${state})${endpoint === engine.url ? "" : `; nodes and clients reach it at ${endpoint}`}
 
 Next, start nodes (each on its own port and data directory), e.g.:
-  agentvm node --engine ${engine.url} --name a --port ${NODE_DEFAULT_PORT}
-  agentvm node --engine ${engine.url} --name b --port ${NODE_DEFAULT_PORT + 10}
-Then point clients at the engine: createClient<typeof registry>("${engine.url}").vm.getOrCreate("my-vm")
+  agentvm node --engine ${endpoint} --name a --port ${NODE_DEFAULT_PORT}
+  agentvm node --engine ${endpoint} --name b --port ${NODE_DEFAULT_PORT + 10}
+Then point clients at the engine: createClient<typeof registry>("${endpoint}").vm.getOrCreate("my-vm")
 Ctrl-C stops the engine.`);
   let stopping = false;
   const stop = (signal: string) => {
