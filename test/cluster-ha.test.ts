@@ -31,7 +31,7 @@ import type { Registry, VmDefinition } from "agentvm";
 import { createClient as createAnyClient } from "agentvm/client";
 import { clusterRuntimeInstalled } from "../src/cluster/rivetkit.ts";
 import { unmountUnder, waitFor } from "./helpers.ts";
-import { AgentvmCommand as Command, Daemon, freePorts, listening } from "./cluster-support.ts";
+import { AgentvmCommand as Command, Daemon, freePorts, listening, untilAnswered } from "./cluster-support.ts";
 
 const createClient = (endpoint: string) => createAnyClient<Registry<{ vm: VmDefinition }>>(endpoint);
 const decode = (bytes: Uint8Array) => new TextDecoder().decode(bytes);
@@ -63,9 +63,6 @@ const skip = !clusterRuntimeInstalled()
       : !NGINX
         ? "nginx is not installed (apt-get install nginx libnginx-mod-stream); HA engine test skipped"
         : false;
-
-/** What a client meets while an engine is gone and the node's runner reconnects through the balancer. */
-const TRANSIENT = new Set(["SERVER_UNREACHABLE", "VM_NODE_UNAVAILABLE", "ECONNRESET", "ECONNREFUSED", "ETIMEDOUT", "FETCH_FAILED"]);
 
 describe("cluster: two engines on PostgreSQL + NATS behind nginx survive losing one", { skip }, () => {
   let dir: string;
@@ -145,23 +142,6 @@ stream {
       await rm(dir, { recursive: true, force: true });
     }
   });
-
-  /** Retries while the engine is gone or the runner reconnects; any other error fails the test. */
-  const untilAnswered = async <T>(what: string, call: () => Promise<T>): Promise<T> => {
-    const seen = new Set<string>();
-    const value = await waitFor(async () => {
-      try {
-        return { value: await call() };
-      } catch (error) {
-        const code = (error as { code?: string }).code ?? "";
-        if (!TRANSIENT.has(code)) throw error;
-        seen.add(code);
-        return undefined;
-      }
-    }, what, 60_000, 200);
-    if (seen.size > 0) console.log(`# ${what}: retried after ${[...seen].join(", ")}`);
-    return value.value;
-  };
 
   it("a VM created through the balancer answers, a new key is placed and files stay after the node's engine is SIGKILLed", async () => {
     const vm = createClient(balancer).vm.getOrCreate("ha-before");

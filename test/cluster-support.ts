@@ -115,3 +115,23 @@ export function listening(port: number): Promise<boolean> {
     socket.once("error", () => done(false));
   });
 }
+
+/** What a client meets while an engine is gone or restarting and a node's runner reconnects. */
+const TRANSIENT = new Set(["SERVER_UNREACHABLE", "VM_NODE_UNAVAILABLE", "ECONNRESET", "ECONNREFUSED", "ETIMEDOUT", "FETCH_FAILED"]);
+
+/** Calls until it answers, retrying those transient failures (any other error fails at once); bounded by `timeoutMs`. */
+export async function untilAnswered<T>(what: string, call: () => Promise<T>, timeoutMs = 60_000): Promise<T> {
+  const seen = new Set<string>();
+  const value = await waitFor(async () => {
+    try {
+      return { value: await call() };
+    } catch (error) {
+      const code = (error as { code?: string }).code ?? "";
+      if (!TRANSIENT.has(code)) throw error;
+      seen.add(code);
+      return undefined;
+    }
+  }, what, timeoutMs, 200);
+  if (seen.size > 0) console.log(`# ${what}: retried after ${[...seen].join(", ")}`);
+  return value.value;
+}

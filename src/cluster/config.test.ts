@@ -3,7 +3,7 @@ import { describe, it } from "node:test";
 import { isPrivateAddress, parseEngineOptions, parseFlags, parseNodeOptions } from "./config.ts";
 import { engineConfig } from "./engine.ts";
 
-const engineFlags = (...args: string[]) => parseEngineOptions(parseFlags(args, ["host", "port", "data-dir", "token", "postgres", "nats", "public-url"], "engine"), {});
+const engineFlags = (...args: string[]) => parseEngineOptions(parseFlags(args, ["host", "port", "data-dir", "token", "postgres", "nats", "public-url", "watchdog", "watchdog-timeout"], "engine"), {});
 const nodeFlags = (...args: string[]) =>
   parseNodeOptions(parseFlags(args, ["engine", "name", "advertise", "advertise-preview", "port", "preview-port", "host", "data-dir", "token", "registry"], "node"), {});
 
@@ -63,6 +63,15 @@ describe("agentvm command options", () => {
     assert.throws(() => engineFlags("--public-url", "http://lb:6500/path"), { code: "INVALID_ARGUMENT", message: /without a path/ });
     const fromEnv = parseEngineOptions(new Map(), { AGENTVM_ENGINE_POSTGRES: "postgres://h/db", AGENTVM_ENGINE_NATS: "nats://n", AGENTVM_ENGINE_PUBLIC_URL: "http://lb:6500" });
     assert.deepEqual({ shared: fromEnv.shared, publicUrl: fromEnv.publicUrl }, { shared: { postgres: "postgres://h/db", nats: ["n:4222"] }, publicUrl: "http://lb:6500" });
+  });
+
+  it("the engine watchdog probes every 30 s with a 10 s timeout unless told otherwise; 0 turns it off", () => {
+    assert.deepEqual(engineFlags().watchdog, { intervalMs: 30_000, timeoutMs: 10_000 });
+    assert.deepEqual(engineFlags("--watchdog", "5", "--watchdog-timeout", "2").watchdog, { intervalMs: 5_000, timeoutMs: 2_000 });
+    assert.equal(engineFlags("--watchdog", "0").watchdog, undefined);
+    assert.deepEqual(parseEngineOptions(new Map(), { AGENTVM_ENGINE_WATCHDOG: "7", AGENTVM_ENGINE_WATCHDOG_TIMEOUT: "3" }).watchdog, { intervalMs: 7_000, timeoutMs: 3_000 });
+    for (const bad of ["-1", "1.5", "x", "90000"]) assert.throws(() => engineFlags("--watchdog", bad), { code: "INVALID_ARGUMENT", message: /--watchdog must be a whole number of seconds/ }, bad);
+    assert.throws(() => engineFlags("--watchdog-timeout", "0"), { code: "INVALID_ARGUMENT", message: /--watchdog-timeout must be a whole number of seconds from 1/ });
   });
 
   it("a node needs an engine URL and a name, and advertises its API and preview origins", () => {

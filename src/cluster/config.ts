@@ -46,7 +46,20 @@ export interface EngineOptions {
    * every engine on the same shared state must be given the same one.
    */
   publicUrl: string;
+  /** Probes that the engine still creates actors and restarts it when it does not (src/cluster/engine-watchdog.ts); undefined when off. */
+  watchdog: WatchdogOptions | undefined;
 }
+
+export interface WatchdogOptions {
+  /** Time between the end of one probe and the start of the next. */
+  intervalMs: number;
+  /** A probe that takes longer has hung; two in a row restart the engine. */
+  timeoutMs: number;
+}
+
+/** Every 30 s; a probe normally takes milliseconds, so 10 s is a hang even on a loaded machine. */
+export const WATCHDOG_DEFAULT_INTERVAL_SECONDS = 30;
+export const WATCHDOG_DEFAULT_TIMEOUT_SECONDS = 10;
 
 export interface SharedEngineState {
   /** postgres:// or postgresql:// URL of the database the engines share. */
@@ -169,7 +182,24 @@ export function parseEngineOptions(flags: Flags, env: NodeJS.ProcessEnv = proces
     token,
     shared: sharedState(text(flags, "postgres", env.AGENTVM_ENGINE_POSTGRES), text(flags, "nats", env.AGENTVM_ENGINE_NATS)),
     publicUrl,
+    watchdog: watchdogOptions(flags, env),
   };
+}
+
+function seconds(flags: Flags, name: string, env: string | undefined, fallback: number, min: number): number {
+  const raw = text(flags, name, env);
+  if (raw === undefined) return fallback;
+  const value = Number(raw);
+  if (!/^\d+$/.test(raw.trim()) || !Number.isSafeInteger(value) || value > 86_400 || (value !== 0 && value < min) || (value === 0 && min > 0)) {
+    throw invalidArgument(`--${name} must be a whole number of seconds${min === 0 ? "" : ` from ${min}`} up to 86400${name === "watchdog" ? " (0 turns the watchdog off)" : ""}, got ${JSON.stringify(raw)}`);
+  }
+  return value;
+}
+
+function watchdogOptions(flags: Flags, env: NodeJS.ProcessEnv): WatchdogOptions | undefined {
+  const interval = seconds(flags, "watchdog", env.AGENTVM_ENGINE_WATCHDOG, WATCHDOG_DEFAULT_INTERVAL_SECONDS, 0);
+  const timeout = seconds(flags, "watchdog-timeout", env.AGENTVM_ENGINE_WATCHDOG_TIMEOUT, WATCHDOG_DEFAULT_TIMEOUT_SECONDS, 1);
+  return interval === 0 ? undefined : { intervalMs: interval * 1000, timeoutMs: timeout * 1000 };
 }
 
 /**

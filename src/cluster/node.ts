@@ -12,6 +12,7 @@ import { startServerWithHooks } from "../server/registry.ts";
 import type { VmDefinition } from "../server/definition.ts";
 import { NODE_ADDRESS_PREFIX, NODE_POOL_PREFIX, type NodeOptions } from "./config.ts";
 import { forwardPreview, forwardPreviewUpgrade, NodeDirectory } from "./preview-forwarding.ts";
+import { PROBE_ACTOR_NAME, probeActorDefinition } from "./probe-actor.ts";
 import { loadRivetKit } from "./rivetkit.ts";
 import { TICKET_TTL_SECONDS, vmActorDefinition, type Location } from "./vm-actor-adapter.ts";
 
@@ -55,6 +56,8 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
     return { node: options.name, url: options.advertise, previewUrl: options.advertisePreview, ticket: minted?.token ?? null, expiresAt: minted?.expiresAt ?? Date.now() + TICKET_TTL_SECONDS * 1000 };
   };
   const use = Object.fromEntries(Object.keys(registry.use).map((name) => [name, vmActorDefinition(rivet, name, () => internals!, locate)]));
+  // The engine watchdog's probe (agentvm engine --watchdog): a do-nothing actor it creates and destroys.
+  use[PROBE_ACTOR_NAME] = probeActorDefinition(rivet);
   const runner = rivet.setup({
     use,
     endpoint: options.engine,
