@@ -20,7 +20,7 @@
  * them: Debian packages postgresql, nats-server, nginx, libnginx-mod-stream).
  */
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
+import { execFile, spawnSync } from "node:child_process";
 import { chown, mkdtemp, readFile, realpath, rm, writeFile } from "node:fs/promises";
 import { existsSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -51,9 +51,18 @@ function onPath(name: string): string | undefined {
 /** Debian builds nginx's stream (TCP) module as a loadable module; other builds may have it built in. */
 const STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
+/** nginx with its stream module: Debian's loadable one, or built in (`nginx -V` then lists --with-stream without =dynamic). */
+function nginxWithStream(): string | undefined {
+  const nginx = onPath("nginx");
+  if (!nginx) return undefined;
+  if (existsSync(STREAM_MODULE)) return nginx;
+  const built = spawnSync(nginx, ["-V"], { encoding: "utf8", timeout: 5_000 });
+  return /--with-stream(\s|$)/.test(`${built.stdout}${built.stderr}`) ? nginx : undefined;
+}
+
 const PG_BIN = postgresBin();
 const NATS = onPath("nats-server");
-const NGINX = onPath("nginx");
+const NGINX = nginxWithStream();
 const skip = !clusterRuntimeInstalled()
   ? "the cluster runtime is not installed (npm run cluster:install); HA engine test skipped"
   : !PG_BIN
@@ -61,7 +70,7 @@ const skip = !clusterRuntimeInstalled()
     : !NATS
       ? "nats-server is not installed (apt-get install nats-server); HA engine test skipped"
       : !NGINX
-        ? "nginx is not installed (apt-get install nginx libnginx-mod-stream); HA engine test skipped"
+        ? "nginx with its stream module is not installed (apt-get install nginx libnginx-mod-stream); HA engine test skipped"
         : false;
 
 describe("cluster: two engines on PostgreSQL + NATS behind nginx survive losing one", { skip }, () => {
@@ -69,7 +78,7 @@ describe("cluster: two engines on PostgreSQL + NATS behind nginx survive losing 
   let balancer: string;
   let node: Command;
   const daemons: Daemon[] = [];
-  const engines: { command: Command; port: number; args: string[] }[] = [];
+  const engines: { command: Command | undefined; port: number; args: string[] }[] = [];
 
   const startEngine = async (index: number) => {
     const { port, args } = engines[index]!;
@@ -78,7 +87,7 @@ describe("cluster: two engines on PostgreSQL + NATS behind nginx survive losing 
     await command.ready(/Ctrl-C stops the engine/, 40_000);
     assert.ok(await listening(port), `engine ${index} listens on ${port}`);
   };
-  const enginePid = (command: Command) => Number(/\(pid (\d+);/.exec(command.output)?.[1]);
+  const enginePid = (command: Command | undefined) => Number(/\(pid (\d+);/.exec(command?.output ?? "")?.[1]);
 
   before(async () => {
     dir = await realpath(await mkdtemp(join(tmpdir(), "agentvm-cluster-ha-")));
@@ -102,7 +111,7 @@ describe("cluster: two engines on PostgreSQL + NATS behind nginx survive losing 
     const shared = ["--postgres", `postgresql://rivet@127.0.0.1:${pgPort}/rivet`, "--nats", `nats://127.0.0.1:${natsPort}`, "--public-url", balancer];
     for (const index of [0, 1]) {
       const port = await freePorts(3);
-      engines.push({ command: undefined as unknown as Command, port, args: ["engine", "--port", String(port), "--data-dir", join(dir, `engine-${index}`), ...shared] });
+      engines.push({ command: undefined, port, args: ["engine", "--port", String(port), "--data-dir", join(dir, `engine-${index}`), ...shared] });
     }
     // Engine 0 alone first: it creates the database's schema, and the node's runner connects to it.
     await startEngine(0);
@@ -130,6 +139,12 @@ stream {
     const nodePort = await freePorts(2);
     node = new Command(["node", "--engine", balancer, "--name", "a", "--port", String(nodePort), "--data-dir", join(dir, "node-a")]);
     await node.ready(/Joined the engine/);
+    // The runner connects a moment after "Joined": wait for it (on engine 0, the only one up) before engine 1 starts.
+    await waitFor(async () => {
+      const response = await fetch(`${balancer}/envoys?namespace=default`, { signal: AbortSignal.timeout(5_000) });
+      const { envoys } = (await response.json()) as { envoys: { pool_name: string; stop_ts: number | null }[] };
+      return envoys.some((envoy) => envoy.pool_name === "agentvm.a" && envoy.stop_ts === null);
+    }, "node a's runner to connect to engine 0", 20_000, 100);
     await startEngine(1);
   });
 
@@ -145,17 +160,16 @@ stream {
 
   it("a VM created through the balancer answers, a new key is placed and files stay after the node's engine is SIGKILLed", async () => {
     const vm = createClient(balancer).vm.getOrCreate("ha-before");
-    // "Joined the engine" is printed when the pool exists; its runner may connect a moment later.
-    await untilAnswered("the node's runner to connect", () => vm.writeFile("/home/agentos/before.txt", "written before the engine died"));
+    await untilAnswered("the first VM", () => vm.writeFile("/home/agentos/before.txt", "written before the engine died"));
     assert.ok(existsSync(join(dir, "node-a", "vms", "ha-before")), "the VM lives on the node");
 
-    const victim = engines[0]!;
-    const pid = enginePid(victim.command);
-    assert.ok(pid > 0, `engine 0 printed its pid:\n${victim.command.output}`);
+    const victim = engines[0]!.command!;
+    const pid = enginePid(victim);
+    assert.ok(pid > 0, `engine 0 printed its pid:\n${victim.output}`);
     const killedAt = Date.now();
     process.kill(pid, "SIGKILL");
     // `agentvm engine` ends when its engine does.
-    await waitFor(() => victim.command.child.exitCode !== null, "agentvm engine 0 to exit after its engine was killed", 10_000, 50);
+    await waitFor(() => victim.child.exitCode !== null, "agentvm engine 0 to exit after its engine was killed", 10_000, 50);
 
     // Locate + action from a client that never saw the VM.
     const read = await untilAnswered("the VM through the balancer after engine 0 was killed", () => createClient(balancer).vm.getOrCreate("ha-before").readFile("/home/agentos/before.txt"));
