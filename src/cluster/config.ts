@@ -226,18 +226,19 @@ function sharedState(postgresRaw: string | undefined, natsRaw: string | undefine
 
 /**
  * `nats://host:port` or `host:port` (the port defaults to 4222), as `host:port`:
- * the engine's NATS client takes no scheme (it reads `nats://h:p` as a host name).
+ * the engine takes addresses without a scheme (given `nats://h:p`, Rivet Engine
+ * 2.3.19 exits at start-up with a DNS error).
  */
 function natsAddress(raw: string): string {
+  // A value with credentials is not echoed back.
+  const invalid = () => invalidArgument(`--nats takes comma-separated NATS server URLs such as nats://10.0.0.4:4222, got ${raw.includes("@") ? "something else" : JSON.stringify(raw)}`);
   let url: URL;
   try {
     url = new URL(raw.includes("://") ? raw : `nats://${raw}`);
   } catch {
-    throw invalidArgument(`--nats takes comma-separated NATS server URLs such as nats://10.0.0.4:4222, got ${JSON.stringify(raw)}`);
+    throw invalid();
   }
-  if (url.protocol !== "nats:" || !url.hostname || (url.pathname !== "" && url.pathname !== "/") || url.search || url.hash) {
-    throw invalidArgument(`--nats takes comma-separated NATS server URLs such as nats://10.0.0.4:4222, got ${JSON.stringify(raw)}`);
-  }
+  if (url.protocol !== "nats:" || !url.hostname || (url.pathname !== "" && url.pathname !== "/") || url.search || url.hash) throw invalid();
   if (url.username || url.password) throw invalidArgument("--nats: credentials in the URL are not supported; keep NATS on the private network (the engines' only clients are the engines)");
   return `${url.hostname}:${url.port || "4222"}`;
 }
