@@ -3,9 +3,18 @@ import { describe, it } from "node:test";
 import { isPrivateAddress, parseEngineOptions, parseFlags, parseNodeOptions } from "./config.ts";
 import { engineConfig } from "./engine.ts";
 
-const engineFlags = (...args: string[]) => parseEngineOptions(parseFlags(args, ["host", "port", "data-dir", "token"], "engine"), {});
+const engineFlags = (...args: string[]) => parseEngineOptions(parseFlags(args, ["host", "port", "data-dir", "token", "postgres", "nats", "public-url", "watchdog", "watchdog-timeout"], "engine"), {});
 const nodeFlags = (...args: string[]) =>
   parseNodeOptions(parseFlags(args, ["engine", "name", "advertise", "advertise-preview", "port", "preview-port", "host", "data-dir", "token", "registry"], "node"), {});
+
+function rejectionMessage(run: () => unknown): string {
+  try {
+    run();
+  } catch (error) {
+    return (error as Error).message;
+  }
+  throw new Error("expected an error");
+}
 
 describe("agentvm command options", () => {
   it("the engine listens on loopback by default, on its own ports, with telemetry off and short failover timeouts", () => {
@@ -28,6 +37,41 @@ describe("agentvm command options", () => {
     assert.deepEqual((engineConfig(options) as { auth: unknown }).auth, { admin_token: "s3cret" });
     for (const address of ["10.0.0.1", "172.16.0.1", "172.31.255.255", "192.168.1.1", "100.64.0.1", "fd00::1"]) assert.ok(isPrivateAddress(address), address);
     for (const address of ["172.32.0.1", "11.0.0.1", "2001:db8::1", "example.com"]) assert.ok(!isPrivateAddress(address), address);
+  });
+
+  it("several engines share PostgreSQL + NATS with one topology: the balancer's address, not their own", () => {
+    const alone = engineConfig(engineFlags("--data-dir", "/tmp/e", "--port", "7000")) as Record<string, unknown>;
+    assert.deepEqual(alone.file_system, { path: "/tmp/e/db" });
+    assert.deepEqual((alone.topology as { datacenters: unknown }).datacenters, { default: { datacenter_label: 1, is_leader: true, peer_url: "http://127.0.0.1:7001", public_url: "http://127.0.0.1:7000" } });
+    const shared = ["--postgres", "postgresql://rivet:pw@10.0.0.3:5432/rivet", "--nats", "10.0.0.4, nats://10.0.0.5:4300", "--public-url", "http://10.0.0.2:6500"];
+    const configs = ["7000", "7100"].map((port) => engineConfig(engineFlags("--data-dir", `/tmp/e${port}`, "--port", port, ...shared)) as Record<string, unknown>);
+    for (const config of configs) {
+      assert.equal(config.file_system, undefined);
+      assert.deepEqual(config.postgres, { url: "postgresql://rivet:pw@10.0.0.3:5432/rivet" });
+      assert.deepEqual(config.nats, { addresses: ["10.0.0.4:4222", "10.0.0.5:4300"] });
+    }
+    assert.deepEqual(configs[0]!.topology, configs[1]!.topology);
+    assert.deepEqual((configs[0]!.topology as { datacenters: unknown }).datacenters, { default: { datacenter_label: 1, is_leader: true, peer_url: "http://10.0.0.2:6501", public_url: "http://10.0.0.2:6500" } });
+    assert.deepEqual(configs.map((config) => config.guard), [{ host: "127.0.0.1", port: 7000 }, { host: "127.0.0.1", port: 7100 }]);
+    assert.throws(() => engineFlags("--postgres", "postgresql://h/db"), { code: "INVALID_ARGUMENT", message: /--nats/ });
+    assert.throws(() => engineFlags("--nats", "h:4222"), { code: "INVALID_ARGUMENT", message: /--postgres/ });
+    assert.throws(() => engineFlags("--postgres", "mysql://h/db", "--nats", "h"), { code: "INVALID_ARGUMENT", message: /postgres:\/\// });
+    const secret = rejectionMessage(() => engineFlags("--postgres", "not a url :pw", "--nats", "h"));
+    assert.doesNotMatch(secret, /:pw/);
+    assert.throws(() => engineFlags("--postgres", "postgresql://h/db", "--nats", "http://h:4222"), { code: "INVALID_ARGUMENT", message: /NATS server URLs/ });
+    assert.throws(() => engineFlags("--postgres", "postgresql://h/db", "--nats", "nats://u:p@h"), { code: "INVALID_ARGUMENT", message: /credentials/ });
+    assert.throws(() => engineFlags("--public-url", "http://lb:6500/path"), { code: "INVALID_ARGUMENT", message: /without a path/ });
+    const fromEnv = parseEngineOptions(new Map(), { AGENTVM_ENGINE_POSTGRES: "postgres://h/db", AGENTVM_ENGINE_NATS: "nats://n", AGENTVM_ENGINE_PUBLIC_URL: "http://lb:6500" });
+    assert.deepEqual({ shared: fromEnv.shared, publicUrl: fromEnv.publicUrl }, { shared: { postgres: "postgres://h/db", nats: ["n:4222"] }, publicUrl: "http://lb:6500" });
+  });
+
+  it("the engine watchdog probes every 30 s with a 10 s timeout unless told otherwise; 0 turns it off", () => {
+    assert.deepEqual(engineFlags().watchdog, { intervalMs: 30_000, timeoutMs: 10_000 });
+    assert.deepEqual(engineFlags("--watchdog", "5", "--watchdog-timeout", "2").watchdog, { intervalMs: 5_000, timeoutMs: 2_000 });
+    assert.equal(engineFlags("--watchdog", "0").watchdog, undefined);
+    assert.deepEqual(parseEngineOptions(new Map(), { AGENTVM_ENGINE_WATCHDOG: "7", AGENTVM_ENGINE_WATCHDOG_TIMEOUT: "3" }).watchdog, { intervalMs: 7_000, timeoutMs: 3_000 });
+    for (const bad of ["-1", "1.5", "x", "90000"]) assert.throws(() => engineFlags("--watchdog", bad), { code: "INVALID_ARGUMENT", message: /--watchdog must be a whole number of seconds/ }, bad);
+    assert.throws(() => engineFlags("--watchdog-timeout", "0"), { code: "INVALID_ARGUMENT", message: /--watchdog-timeout must be a whole number of seconds from 1/ });
   });
 
   it("a node needs an engine URL and a name, and advertises its API and preview origins", () => {

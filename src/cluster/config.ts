@@ -35,6 +35,37 @@ export interface EngineOptions {
   dataDir: string;
   /** Admin token the engine requires; mandatory off loopback. */
   token: string | undefined;
+  /**
+   * Shared state for several engines (an HA engine): PostgreSQL for storage and
+   * NATS for pub/sub instead of the file-system store in `dataDir`. Both or neither.
+   */
+  shared: SharedEngineState | undefined;
+  /**
+   * The address nodes and clients reach the engine at: the load balancer in
+   * front of several engines. The engine answers it as its datacenter's URL, so
+   * every engine on the same shared state must be given the same one.
+   */
+  publicUrl: string;
+  /** Probes that the engine still creates actors and restarts it when it does not (src/cluster/engine-watchdog.ts); undefined when off. */
+  watchdog: WatchdogOptions | undefined;
+}
+
+export interface WatchdogOptions {
+  /** Time between the end of one probe and the start of the next. */
+  intervalMs: number;
+  /** A probe that takes longer has hung; two in a row restart the engine. */
+  timeoutMs: number;
+}
+
+/** Every 30 s; a probe normally takes milliseconds, so 10 s is a hang even on a loaded machine. */
+export const WATCHDOG_DEFAULT_INTERVAL_SECONDS = 30;
+export const WATCHDOG_DEFAULT_TIMEOUT_SECONDS = 10;
+
+export interface SharedEngineState {
+  /** postgres:// or postgresql:// URL of the database the engines share. */
+  postgres: string;
+  /** NATS servers as `host:port`, one or more. */
+  nats: string[];
 }
 
 export interface NodeOptions {
@@ -140,7 +171,83 @@ export function parseEngineOptions(flags: Flags, env: NodeJS.ProcessEnv = proces
   }
   const enginePort = port(flags, "port", env.AGENTVM_ENGINE_PORT, ENGINE_DEFAULT_PORT);
   if (enginePort === 0 || enginePort > 65533) throw invalidArgument(`--port must be from 1 to 65533 (the engine also takes the next two ports), got ${enginePort}`);
-  return { host, port: enginePort, dataDir: resolve(text(flags, "data-dir", env.AGENTVM_ENGINE_DATA_DIR) ?? ".agentvm-engine"), token };
+  const shown = host.includes(":") ? `[${host}]` : host;
+  const publicRaw = text(flags, "public-url", env.AGENTVM_ENGINE_PUBLIC_URL);
+  const publicUrl = publicRaw === undefined ? `http://${host === "localhost" ? "127.0.0.1" : shown}:${enginePort}` : httpUrl("public-url", publicRaw);
+  if (publicRaw !== undefined && new URL(publicUrl).port === "65535") throw invalidArgument(`--public-url ${publicUrl}: its port + 1 is the peer API's address behind the same balancer, so the port must be below 65535`);
+  return {
+    host,
+    port: enginePort,
+    dataDir: resolve(text(flags, "data-dir", env.AGENTVM_ENGINE_DATA_DIR) ?? ".agentvm-engine"),
+    token,
+    shared: sharedState(text(flags, "postgres", env.AGENTVM_ENGINE_POSTGRES), text(flags, "nats", env.AGENTVM_ENGINE_NATS)),
+    publicUrl,
+    watchdog: watchdogOptions(flags, env),
+  };
+}
+
+function seconds(flags: Flags, name: string, env: string | undefined, fallback: number, min: number): number {
+  const raw = text(flags, name, env);
+  if (raw === undefined) return fallback;
+  const value = Number(raw);
+  if (!/^\d+$/.test(raw.trim()) || !Number.isSafeInteger(value) || value > 86_400 || (value !== 0 && value < min) || (value === 0 && min > 0)) {
+    throw invalidArgument(`--${name} must be a whole number of seconds${min === 0 ? "" : ` from ${min}`} up to 86400${name === "watchdog" ? " (0 turns the watchdog off)" : ""}, got ${JSON.stringify(raw)}`);
+  }
+  return value;
+}
+
+function watchdogOptions(flags: Flags, env: NodeJS.ProcessEnv): WatchdogOptions | undefined {
+  const interval = seconds(flags, "watchdog", env.AGENTVM_ENGINE_WATCHDOG, WATCHDOG_DEFAULT_INTERVAL_SECONDS, 0);
+  const timeout = seconds(flags, "watchdog-timeout", env.AGENTVM_ENGINE_WATCHDOG_TIMEOUT, WATCHDOG_DEFAULT_TIMEOUT_SECONDS, 1);
+  return interval === 0 ? undefined : { intervalMs: interval * 1000, timeoutMs: timeout * 1000 };
+}
+
+/**
+ * `--postgres` and `--nats` go together: engines that share PostgreSQL also
+ * need NATS to reach each other's runners (a request that lands on one engine
+ * for an actor whose node is connected to another travels over it). One without
+ * the other is refused rather than run untested.
+ */
+function sharedState(postgresRaw: string | undefined, natsRaw: string | undefined): SharedEngineState | undefined {
+  if (postgresRaw === undefined && natsRaw === undefined) return undefined;
+  if (postgresRaw === undefined) throw invalidArgument("agentvm engine --nats needs --postgres <url> too: NATS carries messages between engines that share a PostgreSQL database");
+  if (natsRaw === undefined) throw invalidArgument("agentvm engine --postgres needs --nats <url[,url]> too (e.g. --nats nats://127.0.0.1:4222): engines sharing a database reach each other's nodes over NATS");
+  let postgres: URL;
+  try {
+    postgres = new URL(postgresRaw);
+  } catch {
+    throw invalidArgument("--postgres must be a URL such as postgresql://rivet:secret@10.0.0.3:5432/rivet (the value is not shown: it may hold a password)");
+  }
+  if (postgres.protocol !== "postgres:" && postgres.protocol !== "postgresql:") throw invalidArgument(`--postgres must be a postgres:// or postgresql:// URL, got a ${postgres.protocol} URL`);
+  if (!postgres.hostname) throw invalidArgument("--postgres must name the database server's host, e.g. postgresql://rivet@10.0.0.3:5432/rivet");
+  const nats = natsRaw.split(",").map((entry) => natsAddress(entry.trim()));
+  return { postgres: postgresRaw, nats };
+}
+
+/**
+ * `nats://host:port` or `host:port` (the port defaults to 4222), as `host:port`:
+ * the engine takes addresses without a scheme (given `nats://h:p`, Rivet Engine
+ * 2.3.19 exits at start-up with a DNS error).
+ */
+function natsAddress(raw: string): string {
+  // A value with credentials is not echoed back.
+  const invalid = () => invalidArgument(`--nats takes comma-separated NATS server URLs such as nats://10.0.0.4:4222, got ${raw.includes("@") ? "something else" : JSON.stringify(raw)}`);
+  let url: URL;
+  try {
+    url = new URL(raw.includes("://") ? raw : `nats://${raw}`);
+  } catch {
+    throw invalid();
+  }
+  if (url.protocol !== "nats:" || !url.hostname || (url.pathname !== "" && url.pathname !== "/") || url.search || url.hash) throw invalid();
+  if (url.username || url.password) throw invalidArgument("--nats: credentials in the URL are not supported; keep NATS on the private network (the engines' only clients are the engines)");
+  return `${url.hostname}:${url.port || "4222"}`;
+}
+
+/** A PostgreSQL URL without its password, for messages and logs. */
+export function redactedPostgres(url: string): string {
+  const parsed = new URL(url);
+  if (parsed.password) parsed.password = "***";
+  return parsed.href;
 }
 
 export function parseNodeOptions(flags: Flags, env: NodeJS.ProcessEnv = process.env): NodeOptions {

@@ -39,8 +39,8 @@ export interface ActorContext {
   keepAwake<T>(promise: Promise<T>): Promise<T>;
 }
 
-/** The node's own actor: one per node, in its pool, holding its token secret and revocations. */
-export const NODE_ACTOR = "agentvmNode";
+/** The node's own actor: one per node, in its pool, holding its token secret and revocations. Not an identifier, so no VM definition can take the name. */
+export const NODE_ACTOR = "agentvm-node";
 
 const VM_STATE = "agentvm.vm.state";
 const VM_STATE_CHUNK = "agentvm.vm.chunk.";

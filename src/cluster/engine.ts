@@ -20,20 +20,34 @@ export interface RunningEngine {
   stop(): Promise<void>;
 }
 
-/** The engine's configuration: loopback or a private address, its own ports, telemetry off, short failover timeouts. */
+/**
+ * The engine's configuration: loopback or a private address, its own ports,
+ * telemetry off, short failover timeouts; state in RocksDB under the data
+ * directory, or in PostgreSQL + NATS shared with other engines.
+ *
+ * Engines on the same shared state are one datacenter: everything here except
+ * the listen addresses must be the same on each (the topology, the timeouts,
+ * the admin token), which is why the topology is derived from the public URL
+ * (the balancer) and not from the engine's own address. Rivet Engine 2.3.19
+ * needs no per-engine identity: its workers register themselves in the
+ * database.
+ */
 export function engineConfig(options: EngineOptions): Record<string, unknown> {
   const host = options.host === "localhost" ? "127.0.0.1" : options.host;
-  const shown = host.includes(":") ? `[${host}]` : host;
-  const publicUrl = `http://${shown}:${options.port}`;
-  const peerUrl = `http://${shown}:${options.port + 1}`;
+  const publicUrl = new URL(options.publicUrl);
+  // The peer API sits on the port after the gateway, behind the balancer as on each engine.
+  const peerUrl = new URL(publicUrl);
+  peerUrl.port = String(Number(publicUrl.port || (publicUrl.protocol === "https:" ? 443 : 80)) + 1);
   return {
     guard: { host, port: options.port },
     api_peer: { host, port: options.port + 1 },
     metrics: { host, port: options.port + 2 },
-    file_system: { path: join(options.dataDir, "db") },
+    ...(options.shared
+      ? { postgres: { url: options.shared.postgres }, nats: { addresses: options.shared.nats } }
+      : { file_system: { path: join(options.dataDir, "db") } }),
     telemetry: { enabled: false },
     pegboard: { ...PEGBOARD_TIMEOUTS },
-    topology: { datacenter_label: 1, datacenters: { default: { datacenter_label: 1, is_leader: true, peer_url: peerUrl, public_url: publicUrl } } },
+    topology: { datacenter_label: 1, datacenters: { default: { datacenter_label: 1, is_leader: true, peer_url: peerUrl.origin, public_url: publicUrl.origin } } },
     ...(options.token ? { auth: { admin_token: options.token } } : {}),
   };
 }

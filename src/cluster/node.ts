@@ -10,7 +10,7 @@
  * actor (durable-state.ts); a node that starts without it gets it back.
  */
 import { mkdirSync } from "node:fs";
-import { AgentVmError, invalidArgument } from "../errors.ts";
+import { AgentVmError } from "../errors.ts";
 import { DEFAULT_MAX_TOKEN_TTL_SECONDS, loadTokenSecret, TOKEN_ACTIONS } from "../server/auth.ts";
 import { deserializeActorKey, EngineApi } from "../client/engine-api.ts";
 import { log } from "../log.ts";
@@ -22,6 +22,7 @@ import { startServerWithHooks } from "../server/registry.ts";
 import type { VmDefinition } from "../server/definition.ts";
 import { NODE_ADDRESS_PREFIX, NODE_POOL_PREFIX, type NodeOptions } from "./config.ts";
 import { forwardPreview, forwardPreviewUpgrade, NodeDirectory } from "./preview-forwarding.ts";
+import { PROBE_ACTOR_NAME, probeActorDefinition } from "./probe-actor.ts";
 import { loadRivetKit } from "./rivetkit.ts";
 import { TICKET_TTL_SECONDS, vmActorDefinition, type Location } from "./vm-actor-adapter.ts";
 
@@ -35,7 +36,6 @@ export interface RunningNode {
 }
 
 export async function startNode(registry: Registry<Record<string, VmDefinition>>, options: NodeOptions): Promise<RunningNode> {
-  if (Object.hasOwn(registry.use, NODE_ACTOR)) throw invalidArgument(`the registry defines ${JSON.stringify(NODE_ACTOR)}, a name cluster nodes keep for their own actor; rename that definition`);
   // RivetKit's native core logs through RUST_LOG; its warnings are not ours to show.
   process.env.RUST_LOG ??= "error";
   const rivet = await loadRivetKit();
@@ -58,6 +58,8 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
   };
   const use: Record<string, unknown> = Object.fromEntries(Object.keys(registry.use).map((name) => [name, vmActorDefinition(rivet, name, () => serverReady.promise, durability, locate)]));
   use[NODE_ACTOR] = nodeActorDefinition(rivet, durability, nodeClosed.promise);
+  // The engine watchdog's probe (agentvm engine --watchdog): a do-nothing actor it creates and destroys.
+  use[PROBE_ACTOR_NAME] = probeActorDefinition(rivet);
   const runner = rivet.setup({
     use,
     endpoint: options.engine,
