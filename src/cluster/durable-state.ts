@@ -12,10 +12,11 @@
  * no awake actor: then the save goes through the engine, which wakes the actor
  * here and runs its `saveState` action.
  *
- * KV values are capped at 128 KiB, so a VM's state (up to 1024 preview tokens)
- * is written as chunks of a new generation first, then a header naming that
- * generation: one write switches from the old state to the new, and a save cut
- * off half-way leaves the old one whole. (RivetKit's batch KV calls work on a
+ * A VM's state is one KV value when it fits (one write per save). KV values are
+ * capped at 128 KiB, so a larger one (up to 1024 preview tokens) is written as
+ * chunks of a new generation first, then a header naming that generation: one
+ * write switches from the old state to the new, and a save cut off half-way
+ * leaves the old one whole. (RivetKit's batch KV calls work on a
  * different key space from get/put, the one its SQLite uses; only get, put,
  * delete and listPrefix are used here.)
  */
@@ -28,6 +29,7 @@ import { parseVmState, type DurableAuthState, type DurableCopy, type VmDurableSt
 
 /** The part of a RivetKit actor context used here (rivetkit's types are not a dependency of the main package). */
 export interface ActorContext {
+  actorId: string;
   key: readonly string[];
   kv: {
     get(key: string): Promise<string | null>;
@@ -54,39 +56,57 @@ const ENGINE_SAVE_TIMEOUT_MS = 15_000;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
-interface StateHeader {
-  generation: string;
-  chunks: number;
-  bytes: number;
-}
+/** The header names the state: inline when it fits one value (one write), else its chunks' generation. */
+type StateHeader = { inline: string } | { generation: string; chunks: number; bytes: number };
+
+/** Each awake actor's header as last written or read here, so a save need not read it first. */
+const headers = new Map<string, StateHeader | null>();
 
 /** Writes a VM's state into its actor's KV (null drops it). */
 export async function writeVmState(c: ActorContext, state: VmDurableState | null): Promise<void> {
-  const previous = await readHeader(c);
+  const previous = headers.has(c.actorId) ? headers.get(c.actorId)! : await readHeader(c);
+  let next: StateHeader | null = null;
   if (state === null) {
     await c.kv.delete(VM_STATE);
   } else {
-    const bytes = encoder.encode(JSON.stringify(state));
-    const generation = randomBytes(6).toString("base64url");
-    let chunks = 0;
-    for (let offset = 0; offset < bytes.length || chunks === 0; offset += CHUNK_BYTES, chunks++) {
-      await c.kv.put(`${VM_STATE_CHUNK}${generation}.${chunks}`, bytes.subarray(offset, offset + CHUNK_BYTES));
+    const json = JSON.stringify(state);
+    const bytes = encoder.encode(json);
+    if (bytes.length <= CHUNK_BYTES) {
+      next = { inline: json };
+    } else {
+      const generation = randomBytes(6).toString("base64url");
+      let chunks = 0;
+      for (let offset = 0; offset < bytes.length; offset += CHUNK_BYTES, chunks++) {
+        await c.kv.put(`${VM_STATE_CHUNK}${generation}.${chunks}`, bytes.subarray(offset, offset + CHUNK_BYTES));
+      }
+      next = { generation, chunks, bytes: bytes.length };
     }
-    await c.kv.put(VM_STATE, JSON.stringify({ generation, chunks, bytes: bytes.length } satisfies StateHeader));
+    await c.kv.put(VM_STATE, JSON.stringify(next));
   }
-  // The old generation is garbage now; a delete that fails leaves only unreferenced chunks.
-  if (previous) for (let index = 0; index < previous.chunks; index++) await c.kv.delete(`${VM_STATE_CHUNK}${previous.generation}.${index}`).catch(() => undefined);
+  headers.set(c.actorId, next);
+  // An older generation's chunks are garbage now; a delete that fails leaves only unreferenced chunks.
+  if (previous && "generation" in previous) {
+    for (let index = 0; index < previous.chunks; index++) await c.kv.delete(`${VM_STATE_CHUNK}${previous.generation}.${index}`).catch(() => undefined);
+  }
 }
 
 async function readHeader(c: ActorContext): Promise<StateHeader | null> {
-  const header = await c.kv.get(VM_STATE);
-  return header === null ? null : (JSON.parse(header) as StateHeader);
+  const text = await c.kv.get(VM_STATE);
+  const header = text === null ? null : (JSON.parse(text) as StateHeader);
+  headers.set(c.actorId, header);
+  return header;
+}
+
+/** The actor went to sleep: its header is read again on its next wake. */
+export function forgetVmState(c: ActorContext): void {
+  headers.delete(c.actorId);
 }
 
 /** The VM state saved in its actor's KV, or null when there is none. */
 export async function readVmState(c: ActorContext): Promise<VmDurableState | null> {
   const header = await readHeader(c);
   if (header === null) return null;
+  if ("inline" in header) return parseVmState(header.inline);
   const whole = new Uint8Array(header.bytes);
   let offset = 0;
   for (let index = 0; index < header.chunks; index++) {
@@ -141,6 +161,7 @@ export class NodeDurability implements DurableCopy {
   detachVm(definition: string, c: ActorContext): void {
     const id = vmId(definition, canonicalKey([...c.key]));
     if (this.#vms.get(id) === c) this.#vms.delete(id);
+    forgetVmState(c);
   }
 
   attachNode(c: ActorContext): void {
