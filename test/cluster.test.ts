@@ -236,6 +236,9 @@ require("http").createServer((req, res) => {
     const statusPath = `/api/vm/${encodeURIComponent(vm.key)}/status`;
     // A dev server that comes back with the VM, a preview of it, and the VM's own lifetime.
     await vm.spawn("node", ["-e", "require('http').createServer((q, s) => s.end('alive ' + q.url)).listen(4000)"], { restartOnWake: true });
+    // A second one with a large environment makes the saved state larger than one KV value (128 KiB): it is saved in chunks.
+    const big = { A: "a".repeat(60_000), B: "b".repeat(60_000), C: "c".repeat(60_000) };
+    await vm.spawn("sh", ["-c", 'printf %s "${#A}/${#C}" > /home/agentos/env-size; exec sleep 1000'], { restartOnWake: true, env: big });
     const lifecycle = await vm.setLifecycle({ maxLifetimeSeconds: 86_400 });
     const preview = await vm.createSignedPreviewUrl(4000, 600);
     const alive = await waitFor(async () => {
@@ -265,6 +268,14 @@ require("http").createServer((req, res) => {
       throw new Error(`${error.message}\nnode a said:\n${nodes.a!.command.output}`);
     });
     assert.equal(back, "alive /after");
+    const envSize = await waitFor(async () => {
+      try {
+        return new TextDecoder().decode(await vm.readFile("/home/agentos/env-size"));
+      } catch {
+        return undefined;
+      }
+    }, "the restart-on-wake process with the large environment", 10_000, 100);
+    assert.equal(envSize, "60000/60000");
     // Tokens the node signed before stay valid (its secret is kept in the engine); revoked ones stay revoked.
     assert.equal((await callNode(statusPath, kept.token)).status, 200);
     assert.equal((await callNode(statusPath, revoked.token)).status, 401);

@@ -91,8 +91,13 @@ export function parseVmState(text: string): VmDurableState {
   } catch (error) {
     throw bad((error as Error).message);
   }
-  const state = expectObject("saved VM state", value);
-  expectKnownKeys("saved VM state", state, ["v", "createdAt", "maxLifetimeSeconds", "idleTimeoutSeconds", "wakeProcesses", "previews"]);
+  let state: Record<string, unknown>;
+  try {
+    state = expectObject("saved VM state", value);
+    expectKnownKeys("saved VM state", state, ["v", "createdAt", "maxLifetimeSeconds", "idleTimeoutSeconds", "wakeProcesses", "previews"]);
+  } catch (error) {
+    throw bad((error as Error).message);
+  }
   const nullableNumber = (field: unknown) => field === null || (typeof field === "number" && Number.isFinite(field));
   if (state.v !== 1) throw bad(`version ${String(state.v)}`);
   if (typeof state.createdAt !== "number" || !nullableNumber(state.maxLifetimeSeconds) || !nullableNumber(state.idleTimeoutSeconds)) throw bad("times");
