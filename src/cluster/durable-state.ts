@@ -118,6 +118,14 @@ export async function readVmState(c: ActorContext): Promise<VmDurableState | nul
   return parseVmState(decoder.decode(whole));
 }
 
+export function writeRevocation(c: ActorContext, id: string, expiresAt: number): Promise<void> {
+  return c.kv.put(`${NODE_REVOKED}${id}`, String(expiresAt));
+}
+
+export function writeCutoff(c: ActorContext, definition: string, key: string, notBefore: number): Promise<void> {
+  return c.kv.put(`${NODE_CUTOFF}${createHash("sha256").update(vmId(definition, key)).digest("base64url")}`, JSON.stringify([definition, key, notBefore]));
+}
+
 /** The node actor's part: its secret (the first node to ask sets it), revocations and cutoffs, with expired ones dropped. */
 export async function readNodeAuth(c: ActorContext, proposedSecret: string, maxTokenTtlMs: number, now = Date.now()): Promise<{ secret: string; revoked: [string, number][]; cutoffs: [string, string, number][] }> {
   let secret = await c.kv.get(NODE_SECRET);
@@ -147,6 +155,7 @@ export class NodeDurability implements DurableCopy {
   readonly #engine: EngineApi;
   readonly #vms = new Map<string, ActorContext>();
   #node: ActorContext | undefined;
+  #nodeActorId: string | undefined;
   readonly #actorIds = new Map<string, string>();
 
   constructor(engine: EngineApi) {
@@ -182,18 +191,39 @@ export class NodeDurability implements DurableCopy {
     await this.#saveThroughEngine(definition, key, state);
   }
 
-  async saveRevocation(id: string, expiresAt: number): Promise<void> {
-    await this.#nodeContext().kv.put(`${NODE_REVOKED}${id}`, String(expiresAt));
+  saveRevocation(id: string, expiresAt: number): Promise<void> {
+    return this.#saveNode("revoke", [id, expiresAt], (c) => writeRevocation(c, id, expiresAt));
   }
 
-  async saveCutoff(definition: string, key: string, notBefore: number): Promise<void> {
-    const name = `${NODE_CUTOFF}${createHash("sha256").update(vmId(definition, key)).digest("base64url")}`;
-    await this.#nodeContext().kv.put(name, JSON.stringify([definition, key, notBefore]));
+  saveCutoff(definition: string, key: string, notBefore: number): Promise<void> {
+    return this.#saveNode("cutoff", [definition, key, notBefore], (c) => writeCutoff(c, definition, key, notBefore));
   }
 
-  #nodeContext(): ActorContext {
-    if (!this.#node) throw new AgentVmError("CLUSTER_UNAVAILABLE", "this node's actor is not awake in the engine, so the change cannot be kept beyond this node's disk; it is in effect here. Retry once the node has rejoined the engine");
-    return this.#node;
+  /** The node's actor, once `attach` found it: saves go through the engine when its context is gone (it was restarted). */
+  set nodeActorId(id: string) {
+    this.#nodeActorId = id;
+  }
+
+  async #saveNode(action: string, args: unknown[], write: (c: ActorContext) => Promise<void>): Promise<void> {
+    const c = this.#node;
+    if (c) {
+      try {
+        return await write(c);
+      } catch (error) {
+        log("debug", `saving through the node's actor failed (${(error as Error).message}); saving through the engine`);
+        if (this.#node === c) this.#node = undefined;
+      }
+    }
+    const unavailable = (why: string, cause?: unknown) =>
+      new AgentVmError("CLUSTER_UNAVAILABLE", `the change is in effect on this node but could not be kept in the engine at ${this.#engine.url} (${why}), so a loss of this node's disk would undo it; retry`, cause === undefined ? {} : { cause });
+    if (!this.#nodeActorId) throw unavailable("the node has not attached to its actor yet");
+    let answer: { status: number; text: string };
+    try {
+      answer = await this.#engine.action(this.#nodeActorId, action, args, ENGINE_SAVE_TIMEOUT_MS);
+    } catch (error) {
+      throw unavailable((error as Error).message, error);
+    }
+    if (answer.status >= 400) throw unavailable(`${answer.status}: ${answer.text.slice(0, 200)}`);
   }
 
   async #saveThroughEngine(definition: string, key: string, state: VmDurableState | null): Promise<void> {

@@ -9,7 +9,9 @@
  * revocations) is kept in the engine with the VMs' actors and the node's own
  * actor (durable-state.ts); a node that starts without it gets it back.
  */
-import { mkdirSync } from "node:fs";
+import { existsSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { SQLITE_FILE } from "../store/sqlite-store.ts";
 import { AgentVmError } from "../errors.ts";
 import { DEFAULT_MAX_TOKEN_TTL_SECONDS, loadTokenSecret, TOKEN_ACTIONS } from "../server/auth.ts";
 import { deserializeActorKey, EngineApi } from "../client/engine-api.ts";
@@ -77,9 +79,12 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
     nodeClosed.resolve();
     await runner.shutdown?.().catch(() => undefined);
   };
+  // A data directory without a database is a new node, or one whose disk was lost: only then can
+  // the engine hold VMs this node has no rows for.
+  const freshDisk = !existsSync(join(options.dataDir, SQLITE_FILE));
   try {
     await joined(engine, options, pool);
-    const auth = await attachNodeActor(engine, options, pool);
+    const auth = await attachNodeActor(engine, options, pool, durability);
     server = await startServerWithHooks(
       registry,
       {
@@ -109,7 +114,7 @@ export async function startNode(registry: Registry<Record<string, VmDefinition>>
     await stopRunner();
     throw error;
   }
-  await restoreLostVms(engine, registry, pool, await serverReady.promise);
+  if (freshDisk) await restoreLostVms(engine, registry, pool, await serverReady.promise);
   const running = server;
   return {
     server: running,
@@ -135,8 +140,9 @@ async function joined(engine: EngineApi, options: NodeOptions, pool: string): Pr
 }
 
 /** Finds (or makes) the node's own actor and asks it for the token secret and revocations kept in the engine. */
-async function attachNodeActor(engine: EngineApi, options: NodeOptions, pool: string): Promise<DurableAuthState> {
+async function attachNodeActor(engine: EngineApi, options: NodeOptions, pool: string, durability: NodeDurability): Promise<DurableAuthState> {
   const actor = (await engine.findActor(NODE_ACTOR, options.name)) ?? (await engine.createActor(NODE_ACTOR, options.name, pool));
+  durability.nodeActorId = actor.actor_id;
   // The data directory's secret is proposed: a node that ran before keeps its tokens valid.
   mkdirSync(options.dataDir, { recursive: true, mode: 0o700 });
   const proposed = loadTokenSecret(options.dataDir).toString("hex");
@@ -153,8 +159,8 @@ async function attachNodeActor(engine: EngineApi, options: NodeOptions, pool: st
 /**
  * A node that lost its disk holds none of its VMs' rows, so until each VM's actor
  * wakes, its preview URLs would be unknown here. Every actor of this node's pool
- * whose VM has no row is woken once (its wake restores the rows); a node whose
- * disk is intact wakes none.
+ * whose VM has no row is woken once (its wake restores the rows). Run only when
+ * the node starts on a data directory without a database.
  */
 async function restoreLostVms(engine: EngineApi, registry: Registry<Record<string, VmDefinition>>, pool: string, internals: ServerInternals): Promise<void> {
   let restored = 0;

@@ -86,8 +86,11 @@ export function vmActorDefinition(
       stayAwhile(c, await vmActor(c));
     },
     onSleep: async (c: ActorContext) => {
-      await (await vmActor(c)).sleep();
       durability.detachVm(definitionName, c);
+      const actor = await vmActor(c);
+      // A request that reached the node directly (with a ticket) may have woken the VM again in
+      // the second before this sleep: it keeps the VM, whose own idle rule ends it later.
+      if (!actor.inUse) await actor.sleep();
     },
     actions,
   });

@@ -144,6 +144,11 @@ export class VmActor {
     return this.#vm !== undefined;
   }
 
+  /** True while a request, stream or connection holds the VM (hold()). */
+  get inUse(): boolean {
+    return this.#holds > 0;
+  }
+
   /** For operators: the actor's state, read without waking it. */
   status(): VmStatus {
     return { ...asleepStatus(this.#store, this.definitionName, this.key), awake: this.awake, runningProcesses: this.#vm ? this.#vm.runningProcessCount() : 0 };

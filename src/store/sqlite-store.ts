@@ -25,6 +25,9 @@ import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { DatabaseSync, type StatementSync } from "node:sqlite";
 
+/** The database's file name in the data directory. */
+export const SQLITE_FILE = "agentvm.sqlite";
+
 /** Migration n takes the schema from version n to n + 1. */
 const MIGRATIONS: string[] = [
   `CREATE TABLE vms (
@@ -115,7 +118,7 @@ export class SqliteStore {
 
   constructor(dataDir: string) {
     mkdirSync(dataDir, { recursive: true });
-    this.db = new DatabaseSync(join(dataDir, "agentvm.sqlite"));
+    this.db = new DatabaseSync(join(dataDir, SQLITE_FILE));
     this.db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;");
     this.#migrate();
     this.#statements = {
