@@ -109,7 +109,8 @@ export function nodeUnavailable(node: string, key: string, why: string): AgentVm
   return new AgentVmError("VM_NODE_UNAVAILABLE", `VM ${JSON.stringify(key)} lives on node ${node}, which is unavailable (${why}); its files are on that node, so the VM answers again once node ${node} is back`, { details: { node } });
 }
 
-function livePools(envoys: readonly Envoy[]): string[] {
+/** The agentvm pools with a runner that pinged lately, sorted. */
+export function livePools(envoys: readonly Envoy[]): string[] {
   const now = Date.now();
   return [...new Set(envoys.filter((envoy) => envoy.pool_name.startsWith(NODE_POOL_PREFIX) && envoy.stop_ts === null && now - envoy.last_ping_ts < STALE_PING_MS).map((envoy) => envoy.pool_name))].sort();
 }

@@ -42,8 +42,12 @@ export class EngineApi {
   }
 
   /** Creates an actor in `pool`; it stays in that pool (crash_policy "sleep": a lost node's actors wait for it). */
-  async createActor(name: string, key: string, pool: string): Promise<EngineActor> {
-    return (await this.json<{ actor: EngineActor }>("PUT", "/actors?namespace=default", { name, key: serializeActorKey(key), runner_name_selector: pool, crash_policy: "sleep" })).actor;
+  async createActor(name: string, key: string, pool: string, crashPolicy: "sleep" | "destroy" = "sleep"): Promise<EngineActor> {
+    return (await this.json<{ actor: EngineActor }>("PUT", "/actors?namespace=default", { name, key: serializeActorKey(key), runner_name_selector: pool, crash_policy: crashPolicy })).actor;
+  }
+
+  async destroyActor(actorId: string): Promise<void> {
+    await this.json("DELETE", `/actors/${encodeURIComponent(actorId)}?namespace=default`);
   }
 
   /** One page of the actors of this name (every pool), and the cursor of the next page. */
@@ -95,7 +99,7 @@ export class EngineApi {
     const text = await response.text();
     if (response.status === 401 || response.status === 403) throw new AgentVmError("UNAUTHENTICATED", `the engine at ${this.url} refused the request (${response.status}): pass its token as createClient({ endpoint, token })`);
     if (!response.ok) throw new AgentVmError("INTERNAL", `${method} ${path} on the engine answered ${response.status}: ${text.slice(0, 300)}`);
-    return JSON.parse(text) as T;
+    return (text ? JSON.parse(text) : {}) as T;
   }
 }
 

@@ -14,11 +14,9 @@
  * nothing a client could be creating either.
  */
 import { setTimeout as sleep } from "node:timers/promises";
-import { NODE_POOL_PREFIX } from "./config.ts";
+import { EngineApi } from "../client/engine-api.ts";
+import { livePools } from "../client/cluster-locator.ts";
 import { PROBE_ACTOR_NAME } from "./probe-actor.ts";
-
-/** A node whose runner has not pinged for this long is not probed (the client's own rule, src/client/cluster-locator.ts). */
-const STALE_PING_MS = 8_000;
 
 export type ProbeResult =
   | { outcome: "created"; pool: string; ms: number }
@@ -26,56 +24,32 @@ export type ProbeResult =
   | { outcome: "hung"; step: string }
   | { outcome: "failed"; message: string };
 
-interface Envoy {
-  pool_name: string;
-  stop_ts: number | null;
-  last_ping_ts: number;
-}
-
 /** One probe: find a live agentvm pool, create a probe actor in it within `timeoutMs`, then destroy it. */
 export async function probeActorCreation(engineUrl: string, token: string | undefined, timeoutMs: number): Promise<ProbeResult> {
-  const headers: Record<string, string> = { "content-type": "application/json", ...(token ? { authorization: `Bearer ${token}` } : {}) };
   const deadline = AbortSignal.timeout(timeoutMs);
+  const authorization: Record<string, string> = token ? { authorization: `Bearer ${token}` } : {};
+  // Every call of this probe shares one deadline (on top of the API's own per-call timeout).
+  const engine = new EngineApi(engineUrl, (url, init) =>
+    fetch(url, { ...init, headers: { ...(init.headers as Record<string, string>), ...authorization }, signal: init.signal ? AbortSignal.any([init.signal, deadline]) : deadline }),
+  );
   const started = Date.now();
   let step = "GET /envoys";
   try {
-    const envoys = await call<{ envoys: Envoy[] }>(`${engineUrl}/envoys?namespace=default`, { headers, signal: deadline });
-    const now = Date.now();
-    const pools = [...new Set(envoys.envoys.filter((envoy) => envoy.pool_name.startsWith(NODE_POOL_PREFIX) && envoy.stop_ts === null && now - envoy.last_ping_ts < STALE_PING_MS).map((envoy) => envoy.pool_name))];
+    const pools = livePools(await engine.envoys());
     if (pools.length === 0) return { outcome: "no-node" };
     // Any live node will do; a random one spreads probes over all of them.
     const pool = pools[Math.floor(Math.random() * pools.length)]!;
     step = `PUT /actors in pool ${pool}`;
     const key = `probe-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
-    const created = await call<{ actor: { actor_id: string } }>(`${engineUrl}/actors?namespace=default`, {
-      method: "PUT",
-      headers,
-      body: JSON.stringify({ name: PROBE_ACTOR_NAME, key, runner_name_selector: pool, crash_policy: "destroy" }),
-      signal: deadline,
-    });
+    const created = await engine.createActor(PROBE_ACTOR_NAME, key, pool, "destroy");
     const ms = Date.now() - started;
     // Creation is what stalls; the destroy only tidies up, with its own bound.
-    await call(`${engineUrl}/actors/${encodeURIComponent(created.actor.actor_id)}?namespace=default`, { method: "DELETE", headers, signal: AbortSignal.timeout(timeoutMs) }).catch(() => undefined);
+    await engine.destroyActor(created.actor_id).catch(() => undefined);
     return { outcome: "created", pool, ms };
   } catch (error) {
-    if ((error as Error).name === "TimeoutError") return { outcome: "hung", step };
+    if (deadline.aborted) return { outcome: "hung", step };
     return { outcome: "failed", message: `${step}: ${(error as Error).message}` };
   }
-}
-
-async function call<T>(url: string, init: RequestInit): Promise<T> {
-  let response: Response;
-  try {
-    response = await fetch(url, init);
-  } catch (error) {
-    // fetch reports an aborted signal as the signal's reason (a TimeoutError); anything else is the network.
-    if ((error as Error).name === "TimeoutError") throw error;
-    const cause = (error as { cause?: { code?: string; message?: string } }).cause;
-    throw new Error(cause?.code ?? cause?.message ?? (error as Error).message);
-  }
-  const text = await response.text();
-  if (!response.ok) throw new Error(`${response.status} ${text.slice(0, 200)}`);
-  return (text ? JSON.parse(text) : {}) as T;
 }
 
 export interface WatchdogSettings {
