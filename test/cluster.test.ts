@@ -19,7 +19,8 @@
  */
 import assert from "node:assert/strict";
 import { existsSync, readdirSync } from "node:fs";
-import { mkdtemp, realpath, rm } from "node:fs/promises";
+import { mkdtemp, realpath, rm, writeFile } from "node:fs/promises";
+import { pathToFileURL } from "node:url";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -27,7 +28,7 @@ import type { Registry, VmDefinition } from "agentvm";
 import { createClient as createAnyClient, type VmHandle } from "agentvm/client";
 import { clusterRuntimeInstalled } from "../src/cluster/rivetkit.ts";
 import { rejection, unmountUnder, waitFor } from "./helpers.ts";
-import { appDir, assertRan, runClient } from "./seed-support.ts";
+import { appDir, assertRan, REPO, runClient } from "./seed-support.ts";
 import { AgentvmCommand as Command, freePorts } from "./cluster-support.ts";
 import { request } from "node:http";
 
@@ -67,9 +68,9 @@ describe("cluster: one engine, two nodes", { skip }, () => {
   const nodes: Record<string, { command: Command; port: number; dataDir: string }> = {};
   const started: Command[] = [];
 
-  const startNode = async (name: string, port: number) => {
+  const startNode = async (name: string, port: number, extra: string[] = []) => {
     const dataDir = join(dir, `node-${name}`);
-    const command = new Command(["node", "--engine", engineUrl, "--name", name, "--port", String(port), "--data-dir", dataDir], { AGENTVM_API_KEYS: API_KEY });
+    const command = new Command(["node", "--engine", engineUrl, "--name", name, "--port", String(port), "--data-dir", dataDir, ...extra], { AGENTVM_API_KEYS: API_KEY });
     started.push(command);
     nodes[name] = { command, port, dataDir };
     await command.ready(/Joined the engine/);
@@ -200,6 +201,38 @@ require("http").createServer((req, res) => {
       await rm(app, { recursive: true, force: true });
     }
   });
+  it("a change made on the node while the VM's actor sleeps (a client with a cached ticket woke the VM) is kept in the engine too", async () => {
+    // Node c serves VMs that sleep 200 ms after their last use, so the actor sleeps while the client keeps its ticket.
+    const registryFile = join(dir, "sleepy-registry.ts");
+    await writeFile(registryFile, `import { agentOS, setup } from ${JSON.stringify(pathToFileURL(join(REPO, "src/index.ts")).href)};\nexport const registry = setup({ use: { vm: agentOS({ sleepAfterMs: 200 }) } });\n`);
+    await startNode("c", await freePorts(2), ["--registry", registryFile]);
+    let vm: VmHandle | undefined;
+    for (let index = 0; index < 24 && !vm; index++) {
+      const candidate = client().vm.getOrCreate(`sleepy-${index}`);
+      await candidate.writeFile("/home/agentos/x.txt", "x");
+      if (nodeOf(candidate.key) === "c") vm = candidate;
+    }
+    assert.ok(vm, "a key placed on node c");
+    const c = nodes.c!;
+    const actorAsleep = async () => {
+      const found = (await (await fetch(`${engineUrl}/actors?namespace=default&name=vm&key=${encodeURIComponent(vm!.key)}`)).json()) as { actors: { sleep_ts: number | null }[] };
+      return found.actors[0]?.sleep_ts != null;
+    };
+    await waitFor(actorAsleep, "the VM's actor to sleep", 20_000, 100);
+    // Straight to node c with the cached ticket: the node wakes the VM without the engine, and must
+    // save the new preview token through the engine (which wakes the actor for it).
+    const preview = await vm.createSignedPreviewUrl(4000, 600);
+    await c.command.stop("SIGKILL");
+    await unmountUnder(c.dataDir);
+    await rm(c.dataDir, { recursive: true, force: true });
+    await startNode("c", c.port, ["--registry", registryFile]);
+    const response = await fetch(`${preview.url}`, { signal: AbortSignal.timeout(20_000) });
+    // Known after the disk loss: the gateway woke the VM and found nothing listening (an unknown token is 403).
+    assert.equal(response.status, 502, await response.text());
+    await nodes.c!.command.stop();
+    delete nodes.c;
+  });
+
   it("a killed node's VMs fail with VM_NODE_UNAVAILABLE while the other node serves; after its restart they answer with their files", async () => {
     const victim = onNode.a!;
     const survivor = onNode.b!;
