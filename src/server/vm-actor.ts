@@ -108,8 +108,8 @@ export class VmActor {
   readonly #previewOwner: string | undefined;
   /** Where a cluster node keeps the VM's rows beyond its disk; undefined on a single server. */
   readonly #durableCopy: DurableCopy | undefined;
-  /** The state last saved to #durableCopy (JSON), and the save in progress: saves run one at a time, so the last one holds the newest state. */
-  #savedState: string | undefined;
+  /** The store's change count (SqliteStore.vmChangeCount) of the state last saved to #durableCopy, and the save in progress: saves run one at a time, so the last one holds the newest state. */
+  #savedChanges = -1;
   #saving: Promise<void> = Promise.resolve();
 
   constructor(init: {
@@ -163,24 +163,17 @@ export class VmActor {
    */
   async use<T>(work: (vm: Vm) => Promise<T> | T): Promise<T> {
     const release = this.hold();
-    const before = this.#durableCopy && this.#capture();
+    const before = this.#store.vmChangeCount(this.definitionName, this.key);
     try {
       return await work(await this.wake());
     } finally {
       try {
-        if (this.#durableCopy) {
-          const saved = this.#saveDurableState();
-          if (this.#capture() !== before) await saved;
-          else saved.catch(() => undefined);
-        }
+        if (this.#durableCopy && this.#store.vmChangeCount(this.definitionName, this.key) !== before) await this.#saveDurableState();
+        else if (this.#durableCopy && this.#savedChanges !== before) this.#saveDurableState().catch(() => undefined);
       } finally {
         release();
       }
     }
-  }
-
-  #capture(): string {
-    return JSON.stringify(captureVmState(this.#store, this.#previews, this.definitionName, this.key));
   }
 
   /** Saves the VM's durable state to the cluster's copy when it changed since the last save. */
@@ -188,16 +181,16 @@ export class VmActor {
     const copy = this.#durableCopy;
     if (!copy) return Promise.resolve();
     const save = this.#saving.catch(() => undefined).then(async () => {
+      const changes = this.#store.vmChangeCount(this.definitionName, this.key);
+      if (changes === this.#savedChanges) return;
       const state = captureVmState(this.#store, this.#previews, this.definitionName, this.key);
-      const json = JSON.stringify(state);
-      if (json === this.#savedState) return;
       try {
         await copy.saveVm(this.definitionName, this.key, state);
       } catch (error) {
         log("warn", `the VM's state was not saved to the engine (${(error as Error).message}); it is tried again with the next call`, { definition: this.definitionName, key: this.key });
         throw error;
       }
-      this.#savedState = json;
+      this.#savedChanges = changes;
     });
     this.#saving = save;
     return save;

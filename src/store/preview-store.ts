@@ -17,9 +17,11 @@ export interface PreviewRow {
 }
 
 export class PreviewStore {
+  readonly #store: SqliteStore;
   readonly #statements: Record<"insert" | "find" | "countActive" | "listActive" | "deleteOne" | "deleteAll" | "deleteAllPort" | "sweep" | "touch" | "deleteOneScoped" | "findByPrefix" | "listActiveHashes", StatementSync>;
 
   constructor(store: SqliteStore) {
+    this.#store = store;
     const db = store.db;
     // expires_at is read clamped: a row written before TTLs were capped may hold a number past
     // 2^53, which node:sqlite refuses to read (every listing of that VM would fail).
@@ -43,6 +45,7 @@ export class PreviewStore {
 
   insert(hash: string, row: Omit<PreviewRow, "lastUsedAt">): void {
     this.#statements.insert.run(hash, row.tokenPrefix, row.definition, row.key, row.port, row.createdAt, row.expiresAt);
+    this.#store.noteVmChange(row.definition, row.key);
   }
 
   find(hash: string): PreviewRow | undefined {
@@ -65,7 +68,9 @@ export class PreviewStore {
 
   /** Deletes one token; scoped to a VM unless `definition` is omitted. Returns whether it existed. */
   delete(hash: string, scope?: { definition: string; key: string }): boolean {
+    // An unscoped delete is an expired token's: a saved state drops expired tokens by itself.
     const result = scope ? this.#statements.deleteOneScoped.run(hash, scope.definition, scope.key) : this.#statements.deleteOne.run(hash);
+    if (scope && Number(result.changes) > 0) this.#store.noteVmChange(scope.definition, scope.key);
     return Number(result.changes) > 0;
   }
 
@@ -76,6 +81,7 @@ export class PreviewStore {
 
   deleteAll(definition: string, key: string, port?: number): number {
     const result = port === undefined ? this.#statements.deleteAll.run(definition, key) : this.#statements.deleteAllPort.run(definition, key, port);
+    if (Number(result.changes) > 0) this.#store.noteVmChange(definition, key);
     return Number(result.changes);
   }
 

@@ -97,6 +97,14 @@ export interface VmRecord {
 
 export class SqliteStore {
   readonly db: DatabaseSync;
+  /**
+   * A number per VM that changes whenever its durable state (vm-durable-state.ts)
+   * may have: its row, lifecycle, restart-on-wake processes or preview tokens.
+   * Lets a cluster node tell a call that changed nothing from one that must be
+   * saved, without reading the state twice per call.
+   */
+  readonly #changes = new Map<string, number>();
+  #changeCounter = 0;
   readonly #statements: {
     getVm: StatementSync;
     insertVm: StatementSync;
@@ -162,6 +170,16 @@ export class SqliteStore {
     }
   }
 
+  /** See #changes; 0 for a VM nothing changed in this process. */
+  vmChangeCount(definition: string, key: string): number {
+    return this.#changes.get(`${definition}\u0000${key}`) ?? 0;
+  }
+
+  /** Records that a VM's durable state changed (preview-store.ts calls it too). */
+  noteVmChange(definition: string, key: string): void {
+    this.#changes.set(`${definition}\u0000${key}`, ++this.#changeCounter);
+  }
+
   getVm(definition: string, key: string): VmRecord | undefined {
     const row = this.#statements.getVm.get(definition, key) as Record<string, unknown> | undefined;
     return row && toVmRecord(row);
@@ -182,6 +200,7 @@ export class SqliteStore {
 
   setLifecycle(definition: string, key: string, maxLifetimeSeconds: number | null, idleTimeoutSeconds: number | null): void {
     this.#statements.setLifecycle.run(maxLifetimeSeconds, idleTimeoutSeconds, definition, key);
+    this.noteVmChange(definition, key);
   }
 
   setDiskBytes(definition: string, key: string, bytes: number): void {
@@ -189,6 +208,7 @@ export class SqliteStore {
   }
 
   addWakeProcess(definition: string, key: string, process: Omit<WakeProcess, "id">): number {
+    this.noteVmChange(definition, key);
     const result = this.#statements.insertWake.run(
       definition,
       key,
@@ -213,6 +233,7 @@ export class SqliteStore {
 
   removeWakeProcess(definition: string, key: string, id: number): void {
     this.#statements.deleteWake.run(id, definition, key);
+    this.noteVmChange(definition, key);
   }
 
   countVms(definition: string): number {
@@ -222,10 +243,12 @@ export class SqliteStore {
   /** Records that a destroy of this VM has begun (survives a crash until deleteVm). */
   markDestroying(definition: string, key: string): void {
     this.#statements.markDestroying.run(definition, key);
+    this.noteVmChange(definition, key);
   }
 
   /** Forgets a VM (and its restart-on-wake processes); true when it had a row. */
   deleteVm(definition: string, key: string): boolean {
+    this.noteVmChange(definition, key);
     this.#statements.deleteWakeAll.run(definition, key);
     return Number(this.#statements.deleteVm.run(definition, key).changes) > 0;
   }
@@ -233,13 +256,14 @@ export class SqliteStore {
   /** Records a VM (idempotent) and returns its row. */
   ensureVm(definition: string, key: string, directory: string): VmRecord {
     const now = Date.now();
-    this.#statements.insertVm.run(definition, key, directory, now, now);
+    if (Number(this.#statements.insertVm.run(definition, key, directory, now, now).changes) > 0) this.noteVmChange(definition, key);
     return this.getVm(definition, key)!;
   }
 
   /** Writes a VM's row back from a saved state (vm-durable-state.ts); the VM must have no row. */
   restoreVm(definition: string, key: string, directory: string, createdAt: number, maxLifetimeSeconds: number | null, idleTimeoutSeconds: number | null): void {
     this.#statements.restoreVm.run(definition, key, directory, createdAt, Date.now(), maxLifetimeSeconds, idleTimeoutSeconds);
+    this.noteVmChange(definition, key);
   }
 
   touchVm(definition: string, key: string): void {
