@@ -563,7 +563,7 @@ async function listenAll(
   for (const [index, address] of hosts.entries()) {
     const server = createServer({ keepAliveTimeout: 65_000, maxHeaderSize: limits.maxHeaderBytes }, handler);
     server.maxHeadersCount = limits.maxHeadersCount;
-    guardConnections(server, { maxConnectionsPerClient: limits.maxConnectionsPerClient, maxHeaderBytes: limits.maxHeaderBytes, what });
+    guardConnections(server, { maxConnectionsPerClient: limits.maxConnectionsPerClient, maxHeaderBytes: limits.maxHeaderBytes, what, trustedProxies: limits.trustedProxies });
     try {
       await new Promise<void>((done, fail) => {
         server.once("error", fail);
