@@ -248,10 +248,11 @@ describe("egress work in flight per VM", () => {
         setTimeout(() => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 120000), 10);
       });
     `], { stdio: ["ignore", "pipe", "inherit"] });
+    const listenerPort = await firstLine(listener);
     const capped = await testVm(await tempDataDir("agentvm-egress-cap-"), {
       name: "egress-cap",
       limits: { maxEgressInFlight: 4 },
-      permissions: { network: { rules: [{ mode: "allow", operations: ["connect"], patterns: [`host.agentvm.internal:${await firstLine(listener)}`] }] } },
+      permissions: { network: { rules: [{ mode: "allow", operations: ["connect"], patterns: [`host.agentvm.internal:${listenerPort}`] }] } },
     });
     try {
       const result = await guestResult(capped, EGRESS_FLOOD_GUEST, [String(listenerPort), "12", "4"]);
@@ -270,11 +271,10 @@ describe("egress work in flight per VM", () => {
   });
 });
 
-let listenerPort = 0;
+/** The port the listener child prints first. */
 async function firstLine(child: ReturnType<typeof spawn>): Promise<number> {
   const [data] = (await once(child.stdout!, "data")) as [Buffer];
-  listenerPort = Number(String(data).trim());
-  return listenerPort;
+  return Number(String(data).trim());
 }
 
 /** Opens argv[3] connections at once; reports once all but argv[4] (the cap: those may hang) have settled. */
