@@ -108,6 +108,8 @@ export const AGENTVM_CODES = [
   "CLUSTER_UNAVAILABLE",
   /** The cluster node that holds this VM's files is down or unreachable; the VM answers again when that node returns. */
   "VM_NODE_UNAVAILABLE",
+  /** A preview belongs to another cluster node that cannot be reached now (the engine's node list unreadable, or the node not answering). */
+  "PREVIEW_NODE_UNAVAILABLE",
   /** This node does not hold the VM (it was placed on another node): locate it again through the engine. */
   "VM_MOVED",
   /** A download's Range header names no bytes of the file. */

@@ -60,6 +60,13 @@ export interface VmLimits {
   diskBytes?: number;
   /** Files, directories and links the VM may hold (default 1000000; fixed when the VM's disk is first made). */
   diskInodes?: number;
+  /**
+   * Outbound connections the server opens for the VM at once: from the guest's connect until
+   * the connection is handed into the VM (default 64). Past it a connect is refused EACCES.
+   */
+  maxEgressInFlight?: number;
+  /** DNS lookups the server runs for the VM at once (default 64). Past it a lookup is refused EACCES. */
+  maxDnsInFlight?: number;
 }
 
 /** What a VM uses now; `caps` is false where the host gives no per-VM control groups (then only processes is known). */
@@ -203,7 +210,7 @@ const MAX_NAME = 256;
 const RECENT_DENIALS = 100;
 const EXEC_TIMEOUT_MS = 600_000;
 const EXEC_MAX_OUTPUT = 64 * 1024 * 1024;
-const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096, totalMemoryMb: 2048, maxTasks: 2048, cpuShares: 1024, logBytes: 256 * 1024, diskBytes: 10 * 1024 ** 3, diskInodes: 1_000_000 };
+const DEFAULT_LIMITS: Required<VmLimits> = { maxProcesses: 32, memoryMb: 256, openFiles: 4096, totalMemoryMb: 2048, maxTasks: 2048, cpuShares: 1024, logBytes: 256 * 1024, diskBytes: 10 * 1024 ** 3, diskInodes: 1_000_000, maxEgressInFlight: 64, maxDnsInFlight: 64 };
 /**
  * RLIMIT_DATA above the heap cap, per process. Node 26 needs a fixed ~565 MiB
  * of it to boot whatever the heap cap (~590 MiB once WebAssembly loads), and
@@ -317,7 +324,14 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#disk = init.disk;
     this.#fs = new VmFilesystem(this.root, { readOnly: READ_ONLY, mounts: imageMounts(init.image, init.vmDir), ...(init.identity ? { owner: init.identity } : {}) });
     this.#egress = new EgressBroker(
-      new Egress({ vmName: init.name, policy: init.network, hosts: init.hosts, onDenied: (denial) => this.#recordDenial(denial) }),
+      new Egress({
+        vmName: init.name,
+        policy: init.network,
+        hosts: init.hosts,
+        onDenied: (denial) => this.#recordDenial(denial),
+        maxConnectsInFlight: init.limits.maxEgressInFlight,
+        maxLookupsInFlight: init.limits.maxDnsInFlight,
+      }),
     );
     const env = {
       HOME: GUEST_HOME,
@@ -963,7 +977,7 @@ export function parseLimits(value: unknown): Required<VmLimits> {
   const limits = expectObject("limits", value);
   expectKnownKeys("limits", limits, Object.keys(DEFAULT_LIMITS));
   const out = { ...DEFAULT_LIMITS };
-  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, memoryMb: 32, openFiles: 64, totalMemoryMb: 64, maxTasks: 16, cpuShares: 2, logBytes: 0, diskBytes: 16 * 1024 * 1024, diskInodes: 1024 };
+  const minimum: Record<keyof VmLimits, number> = { maxProcesses: 1, memoryMb: 32, openFiles: 64, totalMemoryMb: 64, maxTasks: 16, cpuShares: 2, logBytes: 0, diskBytes: 16 * 1024 * 1024, diskInodes: 1024, maxEgressInFlight: 1, maxDnsInFlight: 1 };
   for (const key of Object.keys(DEFAULT_LIMITS) as (keyof VmLimits)[]) {
     const raw = limits[key];
     if (raw === undefined) continue;

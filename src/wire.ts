@@ -40,6 +40,35 @@ export const AUTH_HEADER = "x-agentvm-authorization";
 /** On the vmFetch route: the request's `timeoutMs` (not forwarded to the guest). */
 export const FETCH_TIMEOUT = "x-agentvm-timeout-ms";
 
+/*
+ * The terminal route (server: src/server/terminal-route.ts, client: src/client/terminal.ts):
+ * a WebSocket whose binary frames are the terminal's bytes and whose text frames are
+ * the JSON control messages below.
+ */
+/** The WebSocket subprotocol both sides name. */
+export const TERMINAL_PROTOCOL = "agentvm.terminal.v1";
+/** A second subprotocol `agentvm.auth.<base64url credential>`: browsers cannot set headers on a WebSocket. */
+export const AUTH_PROTOCOL_PREFIX = "agentvm.auth.";
+/** The close code after an `error` message. */
+export const TERMINAL_ERROR_CLOSE = 4000;
+/** Client → server text frames. */
+export type TerminalClientMessage = { type: "resize"; cols: number; rows: number } | { type: "kill"; signal?: string } | { type: "close" };
+/** Server → client text frames: `ready` first, then `exit` (close 1000) or `error` (close TERMINAL_ERROR_CLOSE). */
+export type TerminalServerMessage =
+  | { type: "ready"; pid: number; cols: number; rows: number }
+  | { type: "exit"; exitCode: number; signal: string | null }
+  | { type: "error"; error: unknown };
+
+/*
+ * The streamed exec (server: src/server/exec-stream.ts, client: src/client/exec-stream.ts):
+ * the exec action asked with this Accept type answers one JSON line per ExecStreamLine.
+ */
+export const EXEC_STREAM_TYPE = "application/x-ndjson";
+export type ExecStreamLine =
+  | { type: "output"; stream: "stdout" | "stderr"; /** base64 */ data: string }
+  | { type: "result"; value: { pid: number; exitCode: number } }
+  | { type: "error"; error: unknown };
+
 type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 
 function isBytes(value: unknown): value is Uint8Array {

@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
-import { mkdir, writeFile } from "node:fs/promises";
+import { mkdir, rename, writeFile } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -14,6 +14,9 @@ import { agentOS, setup, type RunningServer } from "agentvm";
 import { createClient, type VmHandle } from "agentvm/client";
 import { openFilesUnder, rejection, tempDataDir, text, waitFor } from "./helpers.ts";
 import { archive, type Entry } from "./tar-fixtures.ts";
+import * as tar from "tar-stream";
+import { VmFilesystem } from "../src/sandbox/filesystem.ts";
+import { packDirectory } from "../src/sandbox/vm-tar.ts";
 
 
 
@@ -192,5 +195,40 @@ describe("directories as tar streams", () => {
     assert.equal((await rejection(vm.downloadTar("/home/agentos/none"))).code, "ENOENT");
     assert.equal((await rejection(vm.uploadTar("/home/agentos/z", new TextEncoder().encode("this is not a tar archive at all ".repeat(40))))).code, "MALFORMED_REQUEST");
     assert.equal((await rejection(vm.uploadTar("/usr/lib", await archive([{ name: "a", content: "x" }])))).code, "EROFS");
+  });
+});
+
+describe("packing walks the directories it opened", () => {
+  it("a directory renamed away (and another put in its place) while it is packed is packed whole, from the one opened", async () => {
+    const root = await tempDataDir("agentvm-tar-walk-");
+    const dir = join(root, "home/agentos/walk");
+    await mkdir(dir, { recursive: true });
+    // 20 × 64 KiB: far more than the pack buffers before its reader asks for more.
+    const content = (i: number) => `${String(i).padStart(4, "0")}`.repeat(16 * 1024);
+    for (let i = 0; i < 20; i++) await writeFile(join(dir, `f${String(i).padStart(2, "0")}`), content(i));
+    const stream = await packDirectory(new VmFilesystem(root), "/home/agentos/walk");
+    const extract = tar.extract();
+    const names: string[] = [];
+    const bodies = new Map<string, string>();
+    const reading = (async () => {
+      for await (const entry of extract) {
+        const chunks: Buffer[] = [];
+        for await (const chunk of entry as AsyncIterable<Buffer>) chunks.push(chunk);
+        names.push(entry.header.name);
+        bodies.set(entry.header.name, Buffer.concat(chunks).toString());
+      }
+    })();
+    const iterator = stream[Symbol.asyncIterator]();
+    // The first chunk is out, and the pack waits for its reader: now the directory moves.
+    const first = await iterator.next();
+    extract.write(first.value as Buffer);
+    await rename(dir, join(root, "home/agentos/moved"));
+    await mkdir(dir);
+    await writeFile(join(dir, "f05"), "a stranger");
+    for (let next = await iterator.next(); !next.done; next = await iterator.next()) extract.write(next.value as Buffer);
+    (extract as unknown as { end(): void }).end();
+    await reading;
+    assert.deepEqual(names, Array.from({ length: 20 }, (_, i) => `f${String(i).padStart(2, "0")}`));
+    for (let i = 0; i < 20; i++) assert.equal(bodies.get(`f${String(i).padStart(2, "0")}`), content(i), `f${i} is the original`);
   });
 });

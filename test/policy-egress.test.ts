@@ -10,6 +10,8 @@
 import { before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, X509Certificate } from "node:crypto";
+import { spawn } from "node:child_process";
+import { once } from "node:events";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { after } from "node:test";
@@ -236,3 +238,60 @@ function pattern(size, seed) {
   }
   return out;
 }`;
+
+describe("egress work in flight per VM", () => {
+  test("a guest opening more connections than limits.maxEgressInFlight gets EACCES for the extra ones, logged as denials", async () => {
+    // A host listener that never accepts: once its queue is full, further connects hang (the kernel drops their SYNs).
+    const listener = spawn(process.execPath, ["-e", `
+      const server = require("node:net").createServer().listen({ port: 0, host: "127.0.0.1", backlog: 1 }, () => {
+        console.log(server.address().port);
+        setTimeout(() => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 120000), 10);
+      });
+    `], { stdio: ["ignore", "pipe", "inherit"] });
+    const listenerPort = await firstLine(listener);
+    const capped = await testVm(await tempDataDir("agentvm-egress-cap-"), {
+      name: "egress-cap",
+      limits: { maxEgressInFlight: 4 },
+      permissions: { network: { rules: [{ mode: "allow", operations: ["connect"], patterns: [`host.agentvm.internal:${listenerPort}`] }] } },
+    });
+    try {
+      const result = await guestResult(capped, EGRESS_FLOOD_GUEST, [String(listenerPort), "12", "4"]);
+      const denied = result.outcomes.filter((o: { code?: string }) => o.code !== undefined);
+      assert.ok(denied.length >= 1, JSON.stringify(result));
+      for (const outcome of denied) {
+        assert.equal(outcome.code, "EACCES", JSON.stringify(outcome));
+        assert.match(outcome.message, /limits\.maxEgressInFlight/);
+      }
+      const recorded = capped.networkDenials().recent.filter((denial) => denial.rule === "limits.maxEgressInFlight");
+      assert.equal(recorded.length, denied.length, "each refusal is a recorded (and logged) denial");
+    } finally {
+      listener.kill("SIGKILL");
+      await capped.dispose();
+    }
+  });
+});
+
+/** The port the listener child prints first. */
+async function firstLine(child: ReturnType<typeof spawn>): Promise<number> {
+  const [data] = (await once(child.stdout!, "data")) as [Buffer];
+  return Number(String(data).trim());
+}
+
+/** Opens argv[3] connections at once; reports once all but argv[4] (the cap: those may hang) have settled. */
+const EGRESS_FLOOD_GUEST = `
+const net = require("node:net");
+const [port, count, cap] = process.argv.slice(2).map(Number);
+const outcomes = [];
+for (let i = 0; i < count; i++) {
+  const socket = net.connect(port, "host.agentvm.internal");
+  socket.on("connect", () => settle({ connected: true }));
+  socket.on("error", (error) => settle({ code: error.code, message: error.message }));
+}
+function settle(outcome) {
+  outcomes.push(outcome);
+  if (outcomes.length === count - cap) {
+    console.log("RESULT " + JSON.stringify({ outcomes }));
+    process.exit(0);
+  }
+}
+`;

@@ -88,3 +88,12 @@ it('a "*" token does not cover setLifecycle (nor destroy): a token must list it'
   assert.equal(set.status, 200);
   assert.equal((set.body.value as { maxLifetimeSeconds: number }).maxLifetimeSeconds, 100000);
 });
+
+it("a definition cannot be named `tokens`: its destroy route would be DELETE /api/tokens/{key}, the token revocation route", () => {
+  assert.throws(
+    () => setup({ use: { tokens: agentOS() } }),
+    (error: Error & { code?: string }) => error.code === "INVALID_ARGUMENT" && /use\.tokens: the name is reserved/.test(error.message),
+  );
+  // Other names are unaffected, including ones that merely start with it.
+  assert.doesNotThrow(() => setup({ use: { tokensVm: agentOS() } }));
+});

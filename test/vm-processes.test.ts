@@ -232,6 +232,39 @@ describe("vm processes", () => {
     assert.equal(after?.exitCode, 137);
   });
 
+  it("listProcesses cuts the command lines of processes the guest started (4 KiB each, 256 KiB in all) and marks them", async () => {
+    // The guest starts 80 children with a 100,000-character argument each (MAX_ARG_STRLEN is 128 KiB);
+    // each waits on a pipe from the parent, so they end with it.
+    const parent = await vm.spawn("node", ["-e", `
+      const { spawn } = require("node:child_process");
+      const big = "x".repeat(100000);
+      for (let i = 0; i < 80; i++) spawn("sh", ["-c", "read line", big + i], { stdio: ["pipe", "ignore", "ignore"] });
+      console.log("started");
+      setTimeout(() => {}, 60000);
+    `]);
+    await waitForOutput(vm, parent.pid, /started/);
+    try {
+      const children = await waitFor(async () => {
+        const list = (await vm.listProcesses()).filter((process) => process.ppid === parent.pid && process.command === "sh");
+        return list.length === 80 ? list : undefined;
+      }, "the guest's 80 children listed");
+      const size = (process: { command: string; args: string[] }) => process.command.length + process.args.reduce((sum, arg) => sum + arg.length, 0);
+      for (const child of children) {
+        assert.equal(child.truncated, true, `pid ${child.pid} is marked as cut`);
+        assert.ok(size(child) <= 4096, `pid ${child.pid}: ${size(child)} characters`);
+        assert.equal(child.command, "sh");
+      }
+      assert.ok(children.some((child) => size(child) === 4096), "the first ones keep their full 4 KiB");
+      const argChars = children.reduce((sum, child) => sum + size(child) - child.command.length, 0);
+      assert.ok(argChars <= 256 * 1024, `the list's args stay within their total: ${argChars}`);
+      assert.ok(children.some((child) => child.args.length === 0), "past the total, only the command is left");
+      // An API-started process is not cut (its args came through the API), nor marked.
+      assert.equal((await vm.listProcesses()).find((process) => process.pid === parent.pid)?.truncated, undefined);
+    } finally {
+      await vm.killProcess(parent.pid, "SIGKILL");
+    }
+  });
+
   it("a program missing from the image is ENOENT naming it and how to add software; node flags are the program's own", async () => {
     await assertRejects(vm.spawn("python", ["-c", "print(1)"]), "ENOENT", "python", /software/);
     await assertRejects(vm.spawn("/usr/local/bin/tool"), "ENOENT", "/usr/local/bin/tool");

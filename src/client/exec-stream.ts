@@ -4,10 +4,8 @@
  * output as the program prints it and resolving with the same ExecResult.
  */
 import { AgentVmError, invalidArgument } from "../errors.ts";
-import { fromBase64 } from "../wire.ts";
+import { EXEC_STREAM_TYPE, fromBase64 } from "../wire.ts";
 import type { ExecOptions, ExecResult } from "../vm.ts";
-
-const EXEC_STREAM_TYPE = "application/x-ndjson";
 
 export function wantsStream(options: unknown): options is ExecOptions {
   return typeof options === "object" && options !== null && ("onStdout" in options || "onStderr" in options);

@@ -7,6 +7,7 @@
  */
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import type { OpenTerminalOptions, TerminalExit } from "../vm-terminal.ts";
+import { AUTH_PROTOCOL_PREFIX, TERMINAL_PROTOCOL, type TerminalClientMessage } from "../wire.ts";
 
 export type { OpenTerminalOptions, TerminalExit };
 
@@ -44,8 +45,6 @@ export interface TerminalConnection {
   diagnose(): Promise<AgentVmError>;
 }
 
-const TERMINAL_PROTOCOL = "agentvm.terminal.v1";
-const AUTH_PROTOCOL_PREFIX = "agentvm.auth.";
 const EARLY_OUTPUT_BYTES = 1 << 20;
 /** How long close() waits for the program to exit on SIGHUP before closing the connection anyway. */
 const CLOSE_GRACE_MS = 10_000;
@@ -120,12 +119,12 @@ export function openTerminal(connection: TerminalConnection): Promise<ClientTerm
       for (const [name, value] of [["cols", cols], ["rows", rows]] as const) {
         if (!Number.isInteger(value) || value < 1 || value > 1000) throw invalidArgument(`resize: ${name} must be an integer from 1 to 1000, got ${String(value)}`);
       }
-      send(JSON.stringify({ type: "resize", cols, rows }));
+      send(controlText({ type: "resize", cols, rows }));
       size = { cols, rows };
     },
     kill(signal) {
       if (signal !== undefined && (typeof signal !== "string" || !/^SIG[A-Z0-9]+$/.test(signal))) throw invalidArgument(`kill: signal must be a name like "SIGINT", got ${String(signal)}`);
-      send(JSON.stringify(signal === undefined ? { type: "kill" } : { type: "kill", signal }));
+      send(controlText(signal === undefined ? { type: "kill" } : { type: "kill", signal }));
     },
     onData(listener) {
       dataListeners.add(listener);
@@ -145,7 +144,7 @@ export function openTerminal(connection: TerminalConnection): Promise<ClientTerm
       // Hang up and wait for the exit, so that when close() resolves the program is gone.
       if (ws.readyState === Socket.OPEN && !settled) {
         // The server hangs up (SIGHUP, SIGKILL after its grace) and then sends the exit.
-        ws.send(JSON.stringify({ type: "close" }));
+        ws.send(controlText({ type: "close" }));
         let timer: ReturnType<typeof setTimeout> | undefined;
         await Promise.race([exited.promise.catch(() => {}), new Promise((resolve) => (timer = setTimeout(resolve, CLOSE_GRACE_MS)))]);
         clearTimeout(timer);
@@ -194,6 +193,10 @@ export function openTerminal(connection: TerminalConnection): Promise<ClientTerm
     finish(new AgentVmError("ECONNRESET", `terminal ${pid}: the connection closed before the program exited`));
   });
   return opened.promise;
+}
+
+function controlText(message: TerminalClientMessage): string {
+  return JSON.stringify(message);
 }
 
 function base64url(text: string): string {

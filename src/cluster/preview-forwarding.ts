@@ -7,13 +7,20 @@
  * request, so a crafted token cannot send the gateway anywhere else. The owning
  * node checks the token itself: expiry and revocation stay exact.
  *
- * Plain HTTP requests are forwarded as HTTP; WebSocket (and other) upgrades
- * as the request head followed by a byte relay, both ways.
+ * Plain HTTP requests are forwarded as HTTP(S); WebSocket (and other) upgrades
+ * as the request head followed by a byte relay, both ways. Where the owner is
+ * reached, and what an engine failure means, is decided in preview-target.ts.
  */
 import { request as httpRequest, type IncomingMessage, type ServerResponse } from "node:http";
-import { connect } from "node:net";
+import { request as httpsRequest } from "node:https";
+import { connect, isIP } from "node:net";
 import { pipeline, type Duplex } from "node:stream";
+import { connect as tlsConnect } from "node:tls";
+import { AgentVmError } from "../errors.ts";
+import { rawErrorResponse } from "../server/connection-guard.ts";
+import { sendError } from "../server/http-api.ts";
 import { NODE_ADDRESS_PREFIX } from "./config.ts";
+import { locateOwner, type PreviewTarget } from "./preview-target.ts";
 
 /** How long the engine's list of node addresses is reused. */
 const DIRECTORY_TTL_MS = 5_000;
@@ -51,9 +58,12 @@ export class NodeDirectory {
       headers: this.#token ? { authorization: `Bearer ${this.#token}` } : {},
       signal: AbortSignal.timeout(5_000),
     });
+    // An error status is the engine failing, not an empty list: it must not read as "no such node".
+    if (!response.ok) throw new Error(`GET /runner-configs answered ${response.status}`);
     const body = (await response.json()) as RunnerConfigs;
     const nodes = new Map<string, NodeAddresses>();
-    for (const [pool, config] of Object.entries(body.runner_configs ?? {})) {
+    if (typeof body?.runner_configs !== "object" || body.runner_configs === null) throw new Error("GET /runner-configs answered without runner_configs");
+    for (const [pool, config] of Object.entries(body.runner_configs)) {
       if (!pool.startsWith(NODE_ADDRESS_PREFIX)) continue;
       for (const datacenter of Object.values(config.datacenters)) {
         const addresses = datacenter.metadata?.agentvm;
@@ -66,32 +76,34 @@ export class NodeDirectory {
   }
 }
 
-/** Passes one preview request to the owning node's preview origin; false when that node is unknown. */
+/** Passes one preview request to the owning node's preview origin; false when the engine lists no such node. */
 export async function forwardPreview(directory: NodeDirectory, owner: string, request: IncomingMessage, response: ServerResponse): Promise<boolean> {
-  const addresses = await directory.lookup(owner).catch(() => undefined);
-  if (!addresses) return false;
-  const target = new URL(addresses.previewUrl);
+  const located = await locateOwner(owner, (name) => directory.lookup(name));
+  if (located.kind === "unknown") return false;
+  if (located.kind === "unavailable") {
+    sendError(response, located.error);
+    return true;
+  }
+  const target = located.target;
   await new Promise<void>((done) => {
-    const upstream = httpRequest(
-      {
-        host: target.hostname,
-        port: target.port,
-        method: request.method,
-        path: request.url,
-        // The Host the browser used is kept: the owner's gateway reads the token from it in
-        // subdomain mode, and builds redirects on it.
-        headers: request.headers,
-      },
-      (answer) => {
-        response.writeHead(answer.statusCode ?? 502, answer.statusMessage, answer.headers);
-        pipeline(answer, response, () => done());
-      },
-    );
-    upstream.once("error", () => {
-      if (!response.headersSent) {
-        response.writeHead(502, { "content-type": "text/plain; charset=utf-8" });
-        response.end(`The node ${owner} that holds this preview's VM did not answer; try again once it is back.\n`);
-      } else response.destroy();
+    const options = {
+      host: target.host,
+      port: target.port,
+      method: request.method,
+      path: request.url,
+      // The Host the browser used is kept: the owner's gateway reads the token from it in
+      // subdomain mode, and builds redirects on it. TLS names the owner's own address.
+      headers: request.headers,
+      ...(target.tls ? { servername: tlsServerName(target) } : {}),
+    };
+    const onAnswer = (answer: IncomingMessage) => {
+      response.writeHead(answer.statusCode ?? 502, answer.statusMessage, answer.headers);
+      pipeline(answer, response, () => done());
+    };
+    const upstream = target.tls ? httpsRequest(options, onAnswer) : httpRequest(options, onAnswer);
+    upstream.once("error", (error) => {
+      if (!response.headersSent) sendError(response, notAnswering(owner, target, error));
+      else response.destroy();
       done();
     });
     response.once("close", () => upstream.destroy());
@@ -103,19 +115,23 @@ export async function forwardPreview(directory: NodeDirectory, owner: string, re
 /**
  * Passes one preview upgrade (a WebSocket) to the owning node's preview
  * origin: its request head as the browser sent it, then bytes both ways until
- * either side closes. False when that node is unknown.
+ * either side closes. False when the engine lists no such node.
  */
 export async function forwardPreviewUpgrade(directory: NodeDirectory, owner: string, request: IncomingMessage, socket: Duplex, head: Buffer): Promise<boolean> {
-  const addresses = await directory.lookup(owner).catch(() => undefined);
-  if (!addresses) return false;
-  const target = new URL(addresses.previewUrl);
-  const upstream = connect({ host: target.hostname, port: Number(target.port) });
+  const located = await locateOwner(owner, (name) => directory.lookup(name));
+  if (located.kind === "unknown") return false;
+  if (located.kind === "unavailable") {
+    socket.end(rawErrorResponse(located.error.code, located.error.message));
+    return true;
+  }
+  const target = located.target;
+  const upstream = target.tls ? tlsConnect({ host: target.host, port: target.port, servername: tlsServerName(target) }) : connect({ host: target.host, port: target.port });
   let connected = false;
   const finish = () => {
     upstream.destroy();
     socket.destroy();
   };
-  upstream.once("connect", () => {
+  upstream.once(target.tls ? "secureConnect" : "connect", () => {
     connected = true;
     // Node's parser refused any header with CR or LF, so the head is rebuilt as sent.
     const lines = [`${request.method} ${request.url} HTTP/1.1`];
@@ -125,12 +141,25 @@ export async function forwardPreviewUpgrade(directory: NodeDirectory, owner: str
     upstream.pipe(socket);
     socket.pipe(upstream);
   });
-  upstream.on("error", () => {
+  upstream.on("error", (error) => {
     if (connected) return finish();
-    const body = `The node ${owner} that holds this preview's VM did not answer; try again once it is back.\n`;
-    socket.end(`HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+    const shaped = notAnswering(owner, target, error);
+    socket.end(rawErrorResponse(shaped.code, shaped.message));
   });
   upstream.once("close", () => connected && finish());
   socket.once("close", finish);
   return true;
+}
+
+function notAnswering(owner: string, target: PreviewTarget, error: Error): AgentVmError {
+  return new AgentVmError("PREVIEW_NODE_UNAVAILABLE", `this preview belongs to cluster node ${owner}, whose preview origin ${target.origin} did not answer (${(error as NodeJS.ErrnoException).code ?? error.message}); try again once it is back`, { cause: error });
+}
+
+/**
+ * SNI names the owner's advertised host, not the Host header the browser sent (which names this
+ * node or a shared preview domain). SNI carries names only: "" sends none for an IP address
+ * (undefined would make node:https fall back to the Host header).
+ */
+function tlsServerName(target: PreviewTarget): string {
+  return isIP(target.host) === 0 ? target.host : "";
 }

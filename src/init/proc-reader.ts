@@ -2,7 +2,7 @@
  * What init reads of the VM from its own /proc: the namespace is the VM's, so
  * these are the VM's sockets and processes, nothing of the host's.
  */
-import { readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, readSync } from "node:fs";
 import { EGRESS_PORTS, type VmProcess } from "./protocol.ts";
 
 const INIT_PORTS = new Set<number>(Object.values(EGRESS_PORTS));
@@ -39,7 +39,7 @@ export function vmProcesses(): VmProcess[] {
       // Fields after the command name, which may itself hold spaces and parentheses.
       const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
       if (fields[0] === "Z") continue;
-      const argv = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").slice(0, -1);
+      const argv = commandLine(pid);
       let cwd = "";
       try {
         cwd = readlinkSync(`/proc/${pid}/cwd`);
@@ -47,10 +47,34 @@ export function vmProcesses(): VmProcess[] {
         // Exited meanwhile, or a kernel thread: no working directory to show.
       }
       // Clock ticks are 100 per second on Linux.
-      out.push({ pid, ppid: Number(fields[1]), argv: argv.map((arg) => arg.slice(0, 4096)).slice(0, 256), cwd, startedAt: bootMs + Number(fields[19]) * 10 });
+      out.push({ pid, ppid: Number(fields[1]), argv, cwd, startedAt: bootMs + Number(fields[19]) * 10 });
     } catch {
       // Exited while we looked.
     }
   }
   return out;
+}
+
+/**
+ * The server keeps 4 KiB of a command line (src/sandbox/command-line-bounds.ts): init reads
+ * twice that, so a command line of megabytes costs a fixed read, and the server still sees
+ * that it was cut (and marks it).
+ */
+const COMMAND_LINE_READ_BYTES = 8192;
+/** The control protocol's bound on one word (src/sandbox/control-channel.ts); a longer one arrives cut to it. */
+const MAX_WORD_CHARS = 4096;
+
+function commandLine(pid: number): string[] {
+  const buffer = Buffer.alloc(COMMAND_LINE_READ_BYTES);
+  const fd = openSync(`/proc/${pid}/cmdline`, "r");
+  let size = 0;
+  try {
+    for (let read = -1; read !== 0 && size < buffer.length; size += read) read = readSync(fd, buffer, size, buffer.length - size, null);
+  } finally {
+    closeSync(fd);
+  }
+  const words = buffer.subarray(0, size).toString("utf8").split("\0");
+  // A complete command line ends in NUL (an empty last word); a cut one keeps its partial last word.
+  if (words.at(-1) === "") words.pop();
+  return words.map((word) => word.slice(0, MAX_WORD_CHARS));
 }

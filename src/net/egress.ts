@@ -98,10 +98,22 @@ export interface EgressOptions {
   hosts: ReadonlyMap<string, string>;
   onDenied(denial: Denial): void;
   connectTimeoutMs?: number;
+  /**
+   * Connects (resolution included) in flight at once; each holds a host socket for up to
+   * connectTimeoutMs, so a guest opening thousands towards a black hole would hold thousands.
+   */
+  maxConnectsInFlight?: number;
+  /** Lookups in flight at once: each holds one of the host resolver's few threads. */
+  maxLookupsInFlight?: number;
 }
+
+/** Defaults when the options leave them out (a VM's come from limits, src/vm.ts). */
+const DEFAULT_IN_FLIGHT = 64;
 
 export class Egress {
   readonly #options: EgressOptions;
+  #connecting = 0;
+  #lookingUp = 0;
 
   constructor(options: EgressOptions) {
     this.#options = options;
@@ -110,6 +122,19 @@ export class Egress {
   /** Answers a guest's dns.lookup for a name outside the VM. */
   async lookup(hostname: string, pid: number): Promise<{ address: string; family: 4 | 6 }[]> {
     const host = normalizeHostname(hostname);
+    const limit = this.#options.maxLookupsInFlight ?? DEFAULT_IN_FLIGHT;
+    if (this.#lookingUp >= limit) {
+      this.#deny({ host }, pid, "dns", "limits.maxDnsInFlight", `the VM has ${limit} DNS lookups in flight already; retry once some answer, or raise limits.maxDnsInFlight`);
+    }
+    this.#lookingUp++;
+    try {
+      return await this.#lookup(hostname, host, pid);
+    } finally {
+      this.#lookingUp--;
+    }
+  }
+
+  async #lookup(hostname: string, host: string, pid: number): Promise<{ address: string; family: 4 | 6 }[]> {
     if (host === HOST_ALIAS) {
       // Resolving the alias reveals nothing; it is answered when some rule names the alias with a port.
       if (!namesHostAndPort(this.#options.policy, HOST_ALIAS)) {
@@ -131,6 +156,19 @@ export class Egress {
   /** Opens a real TCP connection for a guest, after policy, resolution and floor checks. */
   async connect(hostname: string, port: number, pid: number): Promise<net.Socket> {
     const host = normalizeHostname(hostname);
+    const limit = this.#options.maxConnectsInFlight ?? DEFAULT_IN_FLIGHT;
+    if (this.#connecting >= limit) {
+      this.#deny({ host, port }, pid, "connect", "limits.maxEgressInFlight", `the VM has ${limit} outbound connections being opened already; retry once some connect, or raise limits.maxEgressInFlight`);
+    }
+    this.#connecting++;
+    try {
+      return await this.#connect(host, port, pid);
+    } finally {
+      this.#connecting--;
+    }
+  }
+
+  async #connect(host: string, port: number, pid: number): Promise<net.Socket> {
     const where = `${host}:${port}`;
     if (host === HOST_ALIAS || host === HOST_ALIAS_ADDRESS) {
       this.#check({ operation: "connect", host: HOST_ALIAS, port }, pid, "connect", () => namesHostAndPort(this.#options.policy, HOST_ALIAS, port), `${HOST_ALIAS} is reachable only on ports a rule names, e.g. patterns: ["${HOST_ALIAS}:${port}"]`);

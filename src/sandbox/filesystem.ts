@@ -339,6 +339,32 @@ export class VmFilesystem {
     }
   }
 
+  /**
+   * An open directory to walk a tree from (tar packing): its entries are listed,
+   * lstat'ed and opened relative to its descriptor, so a walk costs one open per
+   * directory rather than a walk from the VM's root per entry. Symlinks in it are
+   * reported, never followed. The caller closes it.
+   */
+  async openDirectory(dir: string): Promise<VmDirectory> {
+    const op = "readdir";
+    const guest = normalise("path", dir);
+    const r = await this.#resolve(op, guest, true);
+    try {
+      if (!r.stats) throw fail("ENOENT", op, guest, r, "no such directory", "create it with mkdir first");
+      if (!r.stats.isDirectory()) throw fail("ENOTDIR", op, guest, r, "is not a directory", "use readFile or stat on it instead");
+      let handle: fs.FileHandle;
+      try {
+        // The root has no final component to open relative to a parent: it is opened again where it is.
+        handle = await fs.open(r.final ? this.#pathOf(r) : await this.#rootPath(op, guest), DIRECTORY);
+      } catch (err) {
+        throw fsError(err, op, guest, r);
+      }
+      return new VmDirectory(this, handle, r.guest, (child) => this.#mountAt(splitGuest(child)) !== undefined);
+    } finally {
+      await release(r);
+    }
+  }
+
   /** The target of a symlink, as the guest wrote it. */
   async readlink(file: string): Promise<string> {
     const op = "readlink";
@@ -903,7 +929,7 @@ function fail(code: ErrorCode, op: Op, guest: string, r: Resolved | undefined, w
   return new AgentVmError(code, `${op} ${subject(guest, r)}: ${what}; ${hint}`);
 }
 
-function hardLink(op: Op, guest: string, r: Resolved): AgentVmError {
+function hardLink(op: Op, guest: string, r?: Resolved): AgentVmError {
   return fail(
     "EPERM",
     op,
@@ -936,6 +962,107 @@ const HINTS: Partial<Record<string, [what: string, hint: string]>> = {
   EROFS: ["the host filesystem is read-only", "the VM's disk cannot be written at the moment"],
   EAGAIN: ["resource temporarily unavailable", "retry"],
 };
+
+/**
+ * A directory of the VM held open (VmFilesystem.openDirectory). Every name is one
+ * entry of it (no "/"), acted on as `/proc/self/fd/<dir>/<name>` with O_NOFOLLOW:
+ * an entry the guest swaps for a symlink fails (ELOOP) instead of being followed.
+ * A mount point (the image's directories) is reached through the path resolver,
+ * which knows where it is mounted from.
+ */
+export class VmDirectory {
+  readonly guest: string;
+  readonly #files: VmFilesystem;
+  readonly #handle: fs.FileHandle;
+  readonly #isMountPoint: (guest: string) => boolean;
+
+  constructor(files: VmFilesystem, handle: fs.FileHandle, guest: string, isMountPoint: (guest: string) => boolean) {
+    this.#files = files;
+    this.#handle = handle;
+    this.guest = guest;
+    this.#isMountPoint = isMountPoint;
+  }
+
+  /** The guest path of an entry. */
+  child(name: string): string {
+    return this.guest === "/" ? `/${name}` : `${this.guest}/${name}`;
+  }
+
+  /** The entries' names, sorted, without writes in flight (as readdir). */
+  async entries(): Promise<string[]> {
+    try {
+      return (await fs.readdir(at(this.#handle))).filter((name) => !TEMP_FILE_PATTERN.test(name)).sort();
+    } catch (err) {
+      throw fsError(err, "readdir", this.guest);
+    }
+  }
+
+  async lstat(name: string): Promise<VmStat> {
+    const guest = this.#entry(name);
+    if (this.#isMountPoint(guest)) return this.#files.lstat(guest);
+    try {
+      return toVmStat(await fs.lstat(at(this.#handle, name)));
+    } catch (err) {
+      throw fsError(err, "lstat", guest);
+    }
+  }
+
+  async readlink(name: string): Promise<string> {
+    const guest = this.#entry(name);
+    if (this.#isMountPoint(guest)) return this.#files.readlink(guest);
+    try {
+      return await fs.readlink(at(this.#handle, name));
+    } catch (err) {
+      throw fsError(err, "readlink", guest);
+    }
+  }
+
+  /** A regular file of this directory, opened for reading, with the checks openRead makes. */
+  async openFile(name: string): Promise<OpenedFile> {
+    const op = "readFile";
+    const guest = this.#entry(name);
+    if (this.#isMountPoint(guest)) return this.#files.openRead(guest);
+    let handle: fs.FileHandle;
+    try {
+      handle = await fs.open(at(this.#handle, name), constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+    } catch (err) {
+      throw fsError(err, op, guest);
+    }
+    try {
+      const st = await handle.stat();
+      if (st.isDirectory()) throw fail("EISDIR", op, guest, undefined, "is a directory", "use readdir to list it");
+      if (!st.isFile()) throw fail("EINVAL", op, guest, undefined, "is not a regular file (a FIFO, socket or device)", "only regular files can be read from the host");
+      if (st.nlink > 1) throw hardLink(op, guest);
+      return { handle, size: st.size, mode: st.mode & 0o7777 };
+    } catch (err) {
+      await handle.close();
+      throw fsError(err, op, guest);
+    }
+  }
+
+  /** A subdirectory, held open in turn; the caller closes it. */
+  async openDirectory(name: string): Promise<VmDirectory> {
+    const guest = this.#entry(name);
+    if (this.#isMountPoint(guest)) return this.#files.openDirectory(guest);
+    try {
+      return new VmDirectory(this.#files, await fs.open(at(this.#handle, name), DIRECTORY), guest, this.#isMountPoint);
+    } catch (err) {
+      throw fsError(err, "readdir", guest);
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.#handle.close();
+  }
+
+  /** Names come from entries(); anything else (a path, "..") is refused rather than walked. */
+  #entry(name: string): string {
+    if (name === "" || name === "." || name === ".." || name.includes("/") || name.includes("\0")) {
+      throw invalidArgument(`${JSON.stringify(name)} is not an entry name of ${this.guest}`);
+    }
+    return this.child(name);
+  }
+}
 
 /** Maps a Node fs error to the same POSIX code, never letting its host path through. */
 function fsError(err: unknown, op: Op, guest: string, r?: Resolved): AgentVmError {

@@ -13,6 +13,7 @@ import { SIGNALS, type TerminalSize } from "../init/protocol.ts";
 import { expectKnownKeys, expectObject, expectString, expectStringArray, expectStringRecord } from "../validate.ts";
 import { GUEST_HOME } from "./bubblewrap.ts";
 import { SpawnPacer } from "./spawn-pacer.ts";
+import { CommandLineBudget } from "./command-line-bounds.ts";
 import type { VmSandbox } from "./vm-sandbox.ts";
 
 /** 50 spawns at once, then 50 a second: far above what agents do, far below what would starve other VMs. */
@@ -39,6 +40,8 @@ export interface ProcessInfo {
   logDropped?: boolean;
   /** Set for a program started with openTerminal: it runs on a pseudo-terminal, its output is all "stdout". */
   terminal?: true;
+  /** Set when the command line (or cwd) was cut to the listing's bounds (command-line-bounds.ts). */
+  truncated?: true;
 }
 
 /** One chunk of a process's output, as kept in its log and sent to subscribers. */
@@ -189,19 +192,14 @@ export class ProcessTable {
     const started = [...this.#entries.values()].map(({ info }) => ({ ...info, args: [...info.args] }));
     const sandbox = await this.#sandbox?.catch(() => undefined);
     const running = sandbox?.running ? await sandbox.processes().catch(() => []) : [];
+    // What the guest started has command lines of the guest's choosing: cut to bounds.
+    const budget = new CommandLineBudget();
     const others: ProcessInfo[] = running
       .filter((process) => !this.#entries.has(process.pid))
-      .map(({ pid, ppid, argv, cwd, startedAt }) => ({
-        pid,
-        ppid,
-        command: argv[0] ?? "",
-        args: argv.slice(1),
-        cwd,
-        running: true,
-        exitCode: null,
-        signal: null,
-        startedAt,
-      }));
+      .map(({ pid, ppid, argv, cwd, startedAt }) => {
+        const { truncated, ...commandLine } = budget.bound(argv, cwd);
+        return { pid, ppid, ...commandLine, running: true, exitCode: null, signal: null, startedAt, ...(truncated ? { truncated } : {}) };
+      });
     return [...started, ...others].sort((a, b) => a.pid - b.pid);
   }
 

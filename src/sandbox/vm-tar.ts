@@ -23,7 +23,7 @@ import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import * as tar from "tar-stream";
 import { AgentVmError } from "../errors.ts";
-import { MAX_WRITE_MODE, normaliseGuestPath, type VmFilesystem } from "./filesystem.ts";
+import { MAX_WRITE_MODE, normaliseGuestPath, type OpenedFile, type VmDirectory, type VmFilesystem } from "./filesystem.ts";
 
 export interface TarExtractResult {
   files: number;
@@ -33,8 +33,11 @@ export interface TarExtractResult {
   skipped: number;
 }
 
-/** Errors that skip one entry when packing (it vanished, is a hard link or special file) rather than end the archive. */
-const SKIPPABLE = new Set(["ENOENT", "EPERM", "EINVAL", "EACCES"]);
+/**
+ * Errors that skip one entry when packing rather than end the archive: it vanished, is a hard
+ * link or special file, or changed type while packing (a directory swapped for a symlink or a file).
+ */
+const SKIPPABLE = new Set(["ENOENT", "EPERM", "EINVAL", "EACCES", "ELOOP", "ENOTDIR"]);
 
 /** Streams `dir` as a tar archive (names relative to it). Fails before streaming when `dir` is not a directory. */
 export async function packDirectory(files: VmFilesystem, dir: string): Promise<Readable> {
@@ -48,7 +51,13 @@ export async function packDirectory(files: VmFilesystem, dir: string): Promise<R
   const writer: Packer = { pack, closed };
   void (async () => {
     try {
-      await packTree(files, writer, root, "");
+      // The walk goes relative to open directories: one resolution from the VM's root, for `dir`.
+      const top = await files.openDirectory(root);
+      try {
+        await packTree(top, writer, "");
+      } finally {
+        await top.close();
+      }
       pack.finalize();
     } catch (error) {
       pack.destroy(error as Error);
@@ -82,21 +91,25 @@ interface Packer {
   closed: Promise<never>;
 }
 
-async function packTree(files: VmFilesystem, pack: Packer, dir: string, prefix: string): Promise<void> {
-  for (const name of await files.readdir(dir)) {
-    const guest = dir === "/" ? `/${name}` : `${dir}/${name}`;
+async function packTree(dir: VmDirectory, pack: Packer, prefix: string): Promise<void> {
+  for (const name of await dir.entries()) {
     const entryName = `${prefix}${name}`;
     try {
-      const st = await files.lstat(guest);
+      const st = await dir.lstat(name);
       const mode = st.mode & MAX_WRITE_MODE;
       const mtime = new Date(st.mtimeMs);
       if (st.isDirectory) {
-        await addEntry(pack, { name: `${entryName}/`, type: "directory", mode, mtime });
-        await packTree(files, pack, guest, `${entryName}/`);
+        const child = await dir.openDirectory(name);
+        try {
+          await addEntry(pack, { name: `${entryName}/`, type: "directory", mode, mtime });
+          await packTree(child, pack, `${entryName}/`);
+        } finally {
+          await child.close();
+        }
       } else if (st.isSymbolicLink) {
-        await addEntry(pack, { name: entryName, type: "symlink", linkname: await files.readlink(guest), mode, mtime });
+        await addEntry(pack, { name: entryName, type: "symlink", linkname: await dir.readlink(name), mode, mtime });
       } else if (st.isFile) {
-        await packFile(files, pack, guest, entryName, mtime);
+        await packFile(await dir.openFile(name), pack, entryName, mtime);
       }
     } catch (error) {
       if (!(error instanceof AgentVmError && SKIPPABLE.has(error.code))) throw error;
@@ -104,8 +117,7 @@ async function packTree(files: VmFilesystem, pack: Packer, dir: string, prefix: 
   }
 }
 
-async function packFile(files: VmFilesystem, { pack, closed }: Packer, guest: string, name: string, mtime: Date): Promise<void> {
-  const { handle, size, mode } = await files.openRead(guest);
+async function packFile({ handle, size, mode }: OpenedFile, { pack, closed }: Packer, name: string, mtime: Date): Promise<void> {
   try {
     const { promise, resolve, reject } = Promise.withResolvers<void>();
     // Settles after the race below may have moved on (a closed pack rejects every entry).

@@ -16,9 +16,9 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { AgentVmError } from "../errors.ts";
 import type { ExecOptions } from "../vm.ts";
+import { EXEC_STREAM_TYPE, type ExecStreamLine } from "../wire.ts";
 import type { VmActor } from "./vm-actor.ts";
 
-export const EXEC_STREAM_TYPE = "application/x-ndjson";
 const EXEC_STREAM_BUFFER_BYTES = 8 * 1024 * 1024;
 /** How long the last line may wait to be read before the connection is let go. */
 const DRAIN_MS = 5_000;
@@ -35,7 +35,7 @@ export async function streamExec(actor: VmActor, args: unknown[], response: Serv
   let started = false;
   let gone = false;
   response.once("close", () => (gone = true));
-  const line = (value: unknown) => response.write(`${JSON.stringify(value)}\n`);
+  const line = (value: ExecStreamLine) => response.write(`${JSON.stringify(value)}\n`);
   const forward = (stream: "stdout" | "stderr") => (data: Uint8Array) => {
     if (gone) throw new AgentVmError("ECONNRESET", "exec: the client closed the stream; the program was killed");
     if (response.writableLength > EXEC_STREAM_BUFFER_BYTES) {
@@ -49,7 +49,7 @@ export async function streamExec(actor: VmActor, args: unknown[], response: Serv
     response.writeHead(200, { "content-type": EXEC_STREAM_TYPE, "cache-control": "no-store", "x-accel-buffering": "no" });
   };
   const options: ExecOptions = { ...(rawOptions as ExecOptions | undefined), onStdout: forward("stdout"), onStderr: forward("stderr") };
-  let last: unknown;
+  let last: ExecStreamLine;
   try {
     const result = await actor.use((vm) => vm.exec(command as string, commandArgs as string[], options));
     last = { type: "result", value: { pid: result.pid, exitCode: result.exitCode } };

@@ -87,6 +87,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   GUEST_RUNTIME_MISSING: 503,
   SERVER_CLOSING: 503,
   VM_NODE_UNAVAILABLE: 503,
+  PREVIEW_NODE_UNAVAILABLE: 503,
   VM_MOVED: 409,
   ETIMEDOUT: 504,
   RANGE_NOT_SATISFIABLE: 416,
@@ -215,6 +216,17 @@ type Route =
       rest: string | undefined;
     };
 
+/**
+ * Definition names setup() refuses because a route of their own would collide with a
+ * server route. `DELETE /api/tokens/{id}` revokes a token, and a definition named
+ * `tokens` would own the same path as its destroy route (`DELETE /api/{definition}/{key}`):
+ * one of the two would have to lose. A clear error at start-up, with a one-word rename,
+ * beats a route that silently means something else (and keeps the URL scheme the same
+ * for every client, curl included). Other server paths (`/api/definitions`) are one
+ * segment long and no VM route is, so they need no reservation.
+ */
+export const RESERVED_DEFINITION_NAMES: ReadonlySet<string> = new Set(["tokens"]);
+
 /** `/api/tokens/{id}`: DELETE revokes a scoped token. */
 const TOKEN_ITEM = /^\/api\/tokens\/([^/]+)$/;
 const VM_ROUTE = new RegExp(`^/api/([^/]+)/([^/]+)/(actions/[^/]+|fetch/[^/]+|events|status|terminal|${TRANSFER_ROUTES.join("|")})(/.*)?$`);
@@ -243,7 +255,8 @@ export function resolveRoute(context: ApiContext, request: IncomingMessage, url:
     return { kind: "tokens" };
   }
   const revoke = TOKEN_ITEM.exec(url.pathname);
-  if (revoke && !context.hasDefinition("tokens")) {
+  // Unconditional: no definition may be named `tokens` (RESERVED_DEFINITION_NAMES).
+  if (revoke) {
     if (request.method !== "DELETE") throw new AgentVmError("UNKNOWN_ACTION", `a token is revoked with DELETE, not ${request.method}`);
     return { kind: "revokeToken", id: decodeKey(revoke[1]!) };
   }

@@ -13,7 +13,7 @@ import { findBubblewrap } from "../sandbox/bubblewrap.ts";
 import { ensureImage } from "../image/index.ts";
 import { describe, expectKnownKeys, expectObject, expectString } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
-import { handleApi, MAX_LIST_LIMIT, sendError } from "./http-api.ts";
+import { handleApi, MAX_LIST_LIMIT, RESERVED_DEFINITION_NAMES, sendError } from "./http-api.ts";
 import { handleTerminalUpgrade, isTerminalUpgrade } from "./terminal-route.ts";
 import { TokenRevocations } from "../store/token-revocations.ts";
 import { apiKeysFromEnv, Authenticator, DEFAULT_MAX_TOKEN_TTL_SECONDS, loadTokenSecret, type AuthOptions, type MintedToken, type TokenRequest } from "./auth.ts";
@@ -181,6 +181,7 @@ export function setup<Use extends Record<string, VmDefinition>>(input: { use: Us
   for (const [name, definition] of Object.entries(use)) {
     if (!isVmDefinition(definition)) throw invalidArgument(`use.${name} must be a VM definition from agentOS(), got ${describe(definition)}`);
     if (!/^[A-Za-z_$][\w$]*$/.test(name)) throw invalidArgument(`use.${name}: definition names must be identifiers`);
+    if (RESERVED_DEFINITION_NAMES.has(name)) throw invalidArgument(`use.${name}: the name is reserved (/api/${name}/{id} is a server route); name the definition otherwise, e.g. use: { ${name}Vm: agentOS() }`);
   }
   return new Registry(use as Use);
 }
@@ -562,7 +563,7 @@ async function listenAll(
   for (const [index, address] of hosts.entries()) {
     const server = createServer({ keepAliveTimeout: 65_000, maxHeaderSize: limits.maxHeaderBytes }, handler);
     server.maxHeadersCount = limits.maxHeadersCount;
-    guardConnections(server, { maxConnectionsPerClient: limits.maxConnectionsPerClient, maxHeaderBytes: limits.maxHeaderBytes, what });
+    guardConnections(server, { maxConnectionsPerClient: limits.maxConnectionsPerClient, maxHeaderBytes: limits.maxHeaderBytes, what, trustedProxies: limits.trustedProxies });
     try {
       await new Promise<void>((done, fail) => {
         server.once("error", fail);

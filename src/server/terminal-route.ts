@@ -27,16 +27,12 @@ import type { IncomingMessage } from "node:http";
 import type { Duplex } from "node:stream";
 import { WebSocketServer, type RawData, type WebSocket } from "ws";
 import { AgentVmError } from "../errors.ts";
-import { AUTH_HEADER } from "../wire.ts";
+import { AUTH_HEADER, AUTH_PROTOCOL_PREFIX, TERMINAL_ERROR_CLOSE, TERMINAL_PROTOCOL, type TerminalServerMessage } from "../wire.ts";
 import type { VmTerminal } from "../vm-terminal.ts";
 import { rawErrorResponse } from "./connection-guard.ts";
 import { resolveRoute, type ApiContext } from "./http-api.ts";
 import type { VmActor } from "./vm-actor.ts";
 
-export const TERMINAL_PROTOCOL = "agentvm.terminal.v1";
-export const AUTH_PROTOCOL_PREFIX = "agentvm.auth.";
-/** Close code after an error message. */
-export const TERMINAL_ERROR_CLOSE = 4000;
 const TERMINAL_BUFFER_BYTES = 4 * 1024 * 1024;
 /** Input sent to the VM and not yet taken by the terminal, before reading from the socket pauses. */
 const MAX_PENDING_WRITES = 64;
@@ -126,7 +122,7 @@ async function runTerminal(actor: VmActor, query: URLSearchParams, ws: WebSocket
   const release = actor.hold();
   let terminal: VmTerminal | undefined;
   let closed = false;
-  const control = (message: object) => {
+  const control = (message: TerminalServerMessage) => {
     if (ws.readyState === ws.OPEN) ws.send(JSON.stringify(message));
   };
   const fail = (error: unknown) => {
