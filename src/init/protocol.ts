@@ -17,8 +17,13 @@ export type ToInit =
   | { t: "signal"; pid: number; signal: string }
   | { t: "stdin"; id: number; pid: number; data: string }
   | { t: "stdin-end"; pid: number }
-  /** Connect to a port on the VM's loopback; the reply carries the connected socket as its handle. */
-  | { t: "connect"; id: number; port: number }
+  /**
+   * Connect to a port on the VM's loopback; the reply carries the connected socket as its handle.
+   * While nothing listens yet, init waits for a listener as long as one of `wait`'s programs
+   * still runs and its `ms` (from when init got the request) have not passed: programs that
+   * may still be starting up. ECONNREFUSED once none is left.
+   */
+  | { t: "connect"; id: number; port: number; wait?: ListenWait[] }
   /** TCP ports in LISTEN state on the VM's loopback (both families). */
   | { t: "ports"; id: number }
   /** Every process of the VM but bubblewrap's reaper and init, as `ps` sees them. */
@@ -57,6 +62,15 @@ export interface WatchEvent {
   path: string;
   oldPath?: string;
 }
+
+/** A program of the VM that may still open a port: requests to a closed port wait up to `ms` for it (see connect). */
+export interface ListenWait {
+  pid: number;
+  ms: number;
+}
+
+/** The longest a connect waits for a listener, and the most programs one names (more than a VM's process cap). */
+export const MAX_LISTEN_WAIT = { ms: 60_000, programs: 4096 } as const;
 
 /** A pseudo-terminal's window, in character cells. */
 export interface TerminalSize {
