@@ -141,7 +141,7 @@ function notes(spawns: SpawnSummary[], processes: string): string {
     `  per path first); RSS of the serving process sampled every 100 ms: the server child for client vmFetchStream (client →`,
     `  server's fetch route → VM) and preview, this process for embedded vm.vmFetchReadable; baseline = the stream server in plain Node.`,
     `spawn: spawn("node", ["first.js"]) then vmFetch until 200 (during a start-up grace after a spawn, vmFetch's one connect`,
-    `  request waits in init, which re-reads the VM's listening ports every 2 ms; the bench retries ECONNREFUSED after that every ~1 ms); SIGKILL + waitProcess after each.`,
+    `  request waits in init, which probes the port every 2 ms; the bench retries ECONNREFUSED after that every ~1 ms); SIGKILL + waitProcess after each.`,
     `  warm = the VM's sandbox already runs (its first spawn is not counted); cold = a new VM, whose first spawn starts the sandbox.`,
     `  baseline = the same script started by child_process.spawn of the pinned Node on the host, polled with plain HTTP.`,
     `  guest milestones come from the server's own wall-clock stamps (node started = its performance.timeOrigin).`,

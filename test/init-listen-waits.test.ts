@@ -1,6 +1,6 @@
 /**
  * init's wait for a listener (src/init/listen-waits.ts), on the host's own
- * loopback and /proc/net/tcp: a connection to a port that a program still
+ * loopback: a connection to a port that a program still
  * starting will open is answered once it listens, in one request, and refused
  * (ECONNREFUSED) when no such program is left.
  */
@@ -104,7 +104,7 @@ describe("init waits for a just-started program to listen", () => {
     server?.close();
   });
 
-  test("many waiting connections share one poll and each gets its own socket", async () => {
+  test("many waiting connections share one probe per port and each gets its own socket", async () => {
     const ports = await Promise.all([freePort(), freePort(), freePort()]);
     const waits = new ListenWaits(() => true);
     const connecting = ports.flatMap((port) => [1, 2, 3].map(() => waits.connect(port, [{ pid: 1, ms: 30_000 }])));
