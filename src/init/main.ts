@@ -12,7 +12,7 @@ import { startEgressServers } from "./egress-servers.ts";
 import { closeInheritedDescriptors } from "./inherited-descriptors.ts";
 import { ListenWaits } from "./listen-waits.ts";
 import { PathWatcher } from "./path-watcher.ts";
-import { listeningPorts, vmProcesses } from "./proc-reader.ts";
+import { fitProcesses, listeningPorts, vmProcesses } from "./proc-reader.ts";
 import { MAX_WATCHES, type FromInit, type ToInit } from "./protocol.ts";
 import { ServerRequests } from "./server-requests.ts";
 import { SpawnError, Supervisor } from "./supervisor.ts";
@@ -78,7 +78,7 @@ process.on("message", (message: ToInit, handle: Socket | undefined) => {
       send({ t: "reply", id: message.id, ok: true, ports: listeningPorts() });
       return;
     case "ps":
-      send({ t: "reply", id: message.id, ok: true, processes: vmProcesses() });
+      send({ t: "reply", id: message.id, ok: true, processes: fitProcesses(vmProcesses()) });
       return;
     case "watch":
       try {

@@ -113,6 +113,15 @@ export const MAX_WATCHES = 64;
 export const OUTPUT_WINDOW = 1 << 20;
 /** The largest base64 `data` the server accepts in one message (chunks are 64 KiB raw). */
 export const MAX_DATA_CHARS = 1 << 20;
+/**
+ * The longest message the server reads from init (JSON text before its newline): past it the
+ * VM's channel is cut off (see sandbox/ipc-reader-guard.ts). Above every message init sends:
+ * a watch batch at most (1024 events, two 4096-character paths each, JSON-escaped) stays
+ * below it, and init fits a ps reply into MAX_PS_REPLY_CHARS.
+ */
+export const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+/** How much of a ps reply init fills with processes' details (argv, cwd); past it they are shortened. */
+export const MAX_PS_REPLY_CHARS = 32 * 1024 * 1024;
 
 /**
  * init's servers on the VM's loopback. Below 1024, so no program of a VM with

@@ -43,6 +43,9 @@ export function guardIpcReader(child: ChildProcess, maxSize: number, onViolation
   if (json === undefined && (size === undefined || chunks === undefined)) return false;
   const buffered = (): number => (json !== undefined ? (handle[json] as string).length : (handle[size!] as number));
   const forget = (): void => {
+    // Node's disconnect() waits for a message being read to complete before it closes the channel:
+    // this one never will.
+    handle.buffering = false;
     if (json !== undefined) handle[json] = "";
     else {
       handle[chunks!] = [];
