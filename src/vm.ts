@@ -29,7 +29,8 @@ import { PreviewStore } from "./store/preview-store.ts";
 import { SqliteStore } from "./store/sqlite-store.ts";
 import { VmFetcher, type VmFetchInit, type VmFetchResponse, type VmFetchStreamResponse } from "./net/vm-fetch.ts";
 import { PreviewGateway } from "./net/gateway.ts";
-import { findBubblewrap, GUEST_HOME, INIT_DIR, initFiles } from "./sandbox/bubblewrap.ts";
+import { findBubblewrap, GUEST_HOME, INIT_DIR } from "./sandbox/bubblewrap.ts";
+import { initCode } from "./sandbox/init-code.ts";
 import { EgressBroker } from "./sandbox/egress-broker.ts";
 import { EGRESS_PORTS, MAX_LISTEN_WAIT, type ListenWait } from "./init/protocol.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./sandbox/process-table.ts";
@@ -351,8 +352,7 @@ export class Vm extends EventEmitter<VmEvents> {
             ...(await this.#stagedPaths(init.image, init.identity)),
             etc: { hosts: join(init.vmDir, "etc/hosts"), resolvConf: join(init.vmDir, "etc/resolv.conf") },
             guestConfig: await writeGuestConfig(init.vmDir, init.listen, init.network),
-            initDir: INIT_CODE,
-            initFiles: await initFiles(INIT_CODE),
+            initCode: await initCode(INIT_CODE, init.image.root, init.identity !== undefined),
           },
           identity: init.identity,
           env: { PATH: init.image.path, HOME: GUEST_HOME, TZ: "UTC" },

@@ -89,9 +89,6 @@ export class VmSandbox {
 
   /** Starts the sandbox and resolves once init is ready for requests. */
   static async start(options: SandboxStart): Promise<VmSandbox> {
-    if (!existsSync(`${options.layout.initDir}/main.js`)) {
-      throw new AgentVmError("SANDBOX_UNAVAILABLE", `init's built code is missing at ${options.layout.initDir}; run \`npm run build\``);
-    }
     await prepareMountPoints(options.layout);
     const initEnv = {
       ...options.env,
