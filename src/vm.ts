@@ -29,9 +29,10 @@ import { PreviewStore } from "./store/preview-store.ts";
 import { SqliteStore } from "./store/sqlite-store.ts";
 import { VmFetcher, type VmFetchInit, type VmFetchResponse, type VmFetchStreamResponse } from "./net/vm-fetch.ts";
 import { PreviewGateway } from "./net/gateway.ts";
-import { findBubblewrap, GUEST_HOME, INIT_DIR, initFiles } from "./sandbox/bubblewrap.ts";
+import { findBubblewrap, GUEST_HOME, INIT_DIR } from "./sandbox/bubblewrap.ts";
+import { initCode } from "./sandbox/init-code.ts";
 import { EgressBroker } from "./sandbox/egress-broker.ts";
-import { EGRESS_PORTS } from "./init/protocol.ts";
+import { EGRESS_PORTS, MAX_LISTEN_WAIT, type ListenWait } from "./init/protocol.ts";
 import { ProcessTable, type OutputStream, type ProcessInfo } from "./sandbox/process-table.ts";
 import { VmSandbox } from "./sandbox/vm-sandbox.ts";
 import { VmCgroup } from "./sandbox/cgroup.ts";
@@ -365,8 +366,7 @@ export class Vm extends EventEmitter<VmEvents> {
             ...(await this.#stagedPaths(init.image, init.identity)),
             etc: { hosts: join(init.vmDir, "etc/hosts"), resolvConf: join(init.vmDir, "etc/resolv.conf") },
             guestConfig: await writeGuestConfig(init.vmDir, init.listen, init.network),
-            initDir: INIT_CODE,
-            initFiles: await initFiles(INIT_CODE),
+            initCode: await initCode(INIT_CODE, init.image.root, init.identity !== undefined),
           },
           identity: init.identity,
           env: { PATH: init.image.path, HOME: GUEST_HOME, TZ: "UTC" },
@@ -405,7 +405,7 @@ export class Vm extends EventEmitter<VmEvents> {
       logBytes: init.limits.logBytes,
       onExit: (pid, exitCode, signal) => this.emit("processExit", { pid, exitCode, signal }),
     });
-    this.#fetcher = new VmFetcher((port) => this.#connect(port), init.name, () => this.#processes.startupGraceMs());
+    this.#fetcher = new VmFetcher((port, wait) => this.#connect(port, wait), init.name, () => this.#processes.listenWaits());
   }
 
   // Files. Methods that return a promise are async so that every failure, VM_DISPOSED
@@ -584,6 +584,15 @@ export class Vm extends EventEmitter<VmEvents> {
     const { pid } = await this.#processes.spawn(process.command, process.args, { ...(process.cwd ? { cwd: process.cwd } : {}), ...(process.env ? { env: process.env } : {}) });
     this.#wakeProcessIds.set(pid, process.id);
     return { pid };
+  }
+  /**
+   * Lets requests to a port nothing listens on yet wait up to `ms` for this running program
+   * to open it (instead of the few seconds after any spawn): the server calls this for
+   * programs it restarts as the VM wakes, whose dev servers may take a while.
+   */
+  expectListener(pid: number, ms: number): void {
+    this.#alive();
+    this.#processes.extendGrace(expectInteger("pid", pid, 1, 2 ** 22), expectInteger("ms", ms, 0, MAX_LISTEN_WAIT.ms));
   }
   /**
    * Runs a program to completion and returns its exit code and output. Bounded:
@@ -901,10 +910,10 @@ export class Vm extends EventEmitter<VmEvents> {
     this.#denialLog.report(denial);
   }
 
-  async #connect(port: number): Promise<Socket> {
+  async #connect(port: number, wait: ListenWait[]): Promise<Socket> {
     const sandbox = await this.#processes.sandbox?.catch(() => undefined);
     if (!sandbox?.running) throw Object.assign(new Error(`nothing listens on port ${port}: the VM runs no programs`), { code: "ECONNREFUSED" });
-    const socket = await sandbox.connect(port);
+    const socket = await sandbox.connect(port, wait);
     this.#openConnections++;
     socket.once("close", () => this.#openConnections--);
     return socket;

@@ -134,6 +134,27 @@ describe("a VM directory from before ids and disks", { skip: !asRoot && "ids and
 });
 
 describe("nothing of the host is visible", () => {
+  it("init's code is one read-only mount shared by every VM, not copied into each", async () => {
+    const dataDir = await tempDataDir("agentvm-init-code-");
+    const [first, second] = await Promise.all([testVm(dataDir, { name: "init-code-a" }), testVm(dataDir, { name: "init-code-b" })]);
+    const mounts = await Promise.all(
+      [first, second].map(async (vm) => {
+        const { stdout } = await vm.exec("/bin/sh", ["-c", "grep ' /run/agentvm ' /proc/self/mountinfo; touch /run/agentvm/main.js /run/agentvm/new 2>&1; true"]);
+        return stdout;
+      }),
+    );
+    for (const seen of mounts) {
+      const line = seen.split("\n").find((each) => each.split(" ")[4] === "/run/agentvm");
+      assert.ok(line, `init's code is a mount of its own:\n${seen}`);
+      assert.match(line, / ro[ ,]/, "mounted read-only");
+      assert.match(seen, /Read-only file system/);
+      assert.ok(!seen.includes(REPO), "no repository path in it");
+    }
+    // The same file system (device numbers, field 3) in both VMs.
+    const device = (seen: string) => seen.split("\n").find((each) => each.split(" ")[4] === "/run/agentvm")?.split(" ")[2];
+    assert.equal(device(mounts[0]!), device(mounts[1]!));
+  });
+
   it("no host path (data directory, VM directory, repository) in mountinfo, cmdline or environ of any process in the VM", async () => {
     const dataDir = await tempDataDir("agentvm-visible-");
     const vm = await testVm(dataDir, { name: "visible" });

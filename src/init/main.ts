@@ -10,9 +10,9 @@ import { writeFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import { startEgressServers } from "./egress-servers.ts";
 import { closeInheritedDescriptors } from "./inherited-descriptors.ts";
-import { connectToPort } from "./port-connector.ts";
+import { ListenWaits } from "./listen-waits.ts";
 import { PathWatcher } from "./path-watcher.ts";
-import { listeningPorts, vmProcesses } from "./proc-reader.ts";
+import { fitProcesses, listeningPorts, vmProcesses } from "./proc-reader.ts";
 import { MAX_WATCHES, type FromInit, type ToInit } from "./protocol.ts";
 import { ServerRequests } from "./server-requests.ts";
 import { SpawnError, Supervisor } from "./supervisor.ts";
@@ -45,6 +45,7 @@ const resolveName = requests.resolveName.bind(requests);
 const egressReady = startEgressServers(openEgress, resolveName);
 const watches = new Map<number, PathWatcher>();
 const supervisor = new Supervisor({ setpriv: config.setpriv, send: (message, done) => send(message as FromInit, undefined, done) });
+const listenWaits = new ListenWaits((pid) => supervisor.isRunning(pid));
 
 process.on("message", (message: ToInit, handle: Socket | undefined) => {
   switch (message.t) {
@@ -77,7 +78,7 @@ process.on("message", (message: ToInit, handle: Socket | undefined) => {
       send({ t: "reply", id: message.id, ok: true, ports: listeningPorts() });
       return;
     case "ps":
-      send({ t: "reply", id: message.id, ok: true, processes: vmProcesses() });
+      send({ t: "reply", id: message.id, ok: true, processes: fitProcesses(vmProcesses()) });
       return;
     case "watch":
       try {
@@ -103,7 +104,7 @@ process.on("message", (message: ToInit, handle: Socket | undefined) => {
       watches.delete(message.watch);
       return;
     case "connect":
-      connectToPort(message.port).then(
+      listenWaits.connect(message.port, Array.isArray(message.wait) ? message.wait : []).then(
         (socket) => send({ t: "reply", id: message.id, ok: true }, socket),
         (error: NodeJS.ErrnoException) => send({ t: "reply", id: message.id, ok: false, code: error.code ?? "ECONNREFUSED", message: error.message }),
       );

@@ -22,6 +22,12 @@ function connectTo(port: number, host: string): Promise<Socket> {
     socket.pause();
     socket.once("connect", () => {
       socket.removeAllListeners("error");
+      // A port inside the VM's ephemeral range can be connected to itself (TCP simultaneous open:
+      // the kernel picked the very port as the source while nothing listened): that is no listener.
+      if (socket.localPort === socket.remotePort && socket.localAddress === socket.remoteAddress) {
+        socket.destroy();
+        return reject(Object.assign(new Error(`connect ECONNREFUSED ${host}:${port}`), { code: "ECONNREFUSED" }));
+      }
       resolve(socket);
     });
     socket.once("error", reject);

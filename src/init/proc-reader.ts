@@ -3,7 +3,7 @@
  * these are the VM's sockets and processes, nothing of the host's.
  */
 import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, readSync } from "node:fs";
-import { EGRESS_PORTS, type VmProcess } from "./protocol.ts";
+import { EGRESS_PORTS, MAX_PS_REPLY_CHARS, type VmProcess } from "./protocol.ts";
 
 const INIT_PORTS = new Set<number>(Object.values(EGRESS_PORTS));
 
@@ -77,4 +77,21 @@ function commandLine(pid: number): string[] {
   // A complete command line ends in NUL (an empty last word); a cut one keeps its partial last word.
   if (words.at(-1) === "") words.pop();
   return words.map((word) => word.slice(0, MAX_WORD_CHARS));
+}
+
+/**
+ * The processes as they fit in one reply: the server cuts off a VM whose init sends a message
+ * past its cap, and guests choose their own argv (a 2 MiB command line each is theirs to have).
+ * Past `budget` characters of JSON, processes keep their pid and the start of their argv[0].
+ */
+export function fitProcesses(processes: VmProcess[], budget = MAX_PS_REPLY_CHARS): VmProcess[] {
+  let used = 0;
+  return processes.map((process) => {
+    const size = JSON.stringify(process).length;
+    if (used + size <= budget) {
+      used += size;
+      return process;
+    }
+    return { ...process, argv: process.argv.slice(0, 1).map((arg) => arg.slice(0, 64)), cwd: "" };
+  });
 }

@@ -17,8 +17,13 @@ export type ToInit =
   | { t: "signal"; pid: number; signal: string }
   | { t: "stdin"; id: number; pid: number; data: string }
   | { t: "stdin-end"; pid: number }
-  /** Connect to a port on the VM's loopback; the reply carries the connected socket as its handle. */
-  | { t: "connect"; id: number; port: number }
+  /**
+   * Connect to a port on the VM's loopback; the reply carries the connected socket as its handle.
+   * While nothing listens yet, init waits for a listener as long as one of `wait`'s programs
+   * still runs and its `ms` (from when init got the request) have not passed: programs that
+   * may still be starting up. ECONNREFUSED once none is left.
+   */
+  | { t: "connect"; id: number; port: number; wait?: ListenWait[] }
   /** TCP ports in LISTEN state on the VM's loopback (both families). */
   | { t: "ports"; id: number }
   /** Every process of the VM but bubblewrap's reaper and init, as `ps` sees them. */
@@ -57,6 +62,15 @@ export interface WatchEvent {
   path: string;
   oldPath?: string;
 }
+
+/** A program of the VM that may still open a port: requests to a closed port wait up to `ms` for it (see connect). */
+export interface ListenWait {
+  pid: number;
+  ms: number;
+}
+
+/** The longest a connect waits for a listener, and the most programs one names (more than a VM's process cap). */
+export const MAX_LISTEN_WAIT = { ms: 60_000, programs: 4096 } as const;
 
 /** A pseudo-terminal's window, in character cells. */
 export interface TerminalSize {
@@ -99,6 +113,15 @@ export const MAX_WATCHES = 64;
 export const OUTPUT_WINDOW = 1 << 20;
 /** The largest base64 `data` the server accepts in one message (chunks are 64 KiB raw). */
 export const MAX_DATA_CHARS = 1 << 20;
+/**
+ * The longest message the server reads from init (JSON text before its newline): past it the
+ * VM's channel is cut off (see sandbox/ipc-reader-guard.ts). Above every message init sends:
+ * a watch batch at most (1024 events, two 4096-character paths each, JSON-escaped) stays
+ * below it, and init fits a ps reply into MAX_PS_REPLY_CHARS.
+ */
+export const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+/** How much of a ps reply init fills with processes' details (argv, cwd); past it they are shortened. */
+export const MAX_PS_REPLY_CHARS = 32 * 1024 * 1024;
 
 /**
  * init's servers on the VM's loopback. Below 1024, so no program of a VM with

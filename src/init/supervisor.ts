@@ -79,6 +79,11 @@ export class Supervisor {
     });
   }
 
+  /** Whether a program this supervisor started still runs (its exit not yet reported). */
+  isRunning(pid: number): boolean {
+    return this.#children.has(pid) || this.#terminals.has(pid);
+  }
+
   signal(pid: number, signal: string): void {
     if (!(signal in SIGNALS) || !(this.#children.has(pid) || this.#terminals.has(pid))) return;
     try {

@@ -6,9 +6,9 @@
  */
 import { Agent, request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders } from "node:http";
 import type { Socket } from "node:net";
-import { setTimeout as sleep } from "node:timers/promises";
 import { Readable } from "node:stream";
 import { AgentVmError } from "../errors.ts";
+import type { ListenWait } from "../init/protocol.ts";
 import { describe, expectObject, expectPort, expectString, expectKnownKeys } from "../validate.ts";
 
 export type VmFetchBody = string | Uint8Array | ArrayBuffer | ReadableStream<Uint8Array> | AsyncIterable<Uint8Array> | null;
@@ -36,12 +36,13 @@ export interface VmFetchStreamResponse {
   body: ReadableStream<Uint8Array>;
 }
 
-/** Opens a connection to a port on the VM's loopback; rejects with ECONNREFUSED when nothing listens. */
-export type PortConnector = (port: number) => Promise<Socket>;
+/**
+ * Opens a connection to a port on the VM's loopback; while nothing listens, init waits for the
+ * programs in `wait` to open it; rejects with ECONNREFUSED when nothing listens (any more).
+ */
+export type PortConnector = (port: number, wait: ListenWait[]) => Promise<Socket>;
 
 const METHOD = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
-/** How often a connection to a closed port is retried while a just-started program may still be starting. */
-const RETRY_MS = 3;
 
 export class VmFetcher {
   readonly #connectToPort: PortConnector;
@@ -49,16 +50,16 @@ export class VmFetcher {
   readonly #agent: Agent;
 
   /**
-   * How long a request to a closed port may wait for it to open: programs that
-   * were just started get a moment to reach listen(), so `spawn` followed at
-   * once by `vmFetch` (as the docs' examples do) does not race.
+   * The programs a request to a closed port may wait for: those that were just
+   * started get a moment to reach listen(), so `spawn` followed at once by
+   * `vmFetch` (as the docs' examples do) does not race. init waits (one request).
    */
-  readonly #startupGraceMs: () => number;
+  readonly #listenWaits: () => ListenWait[];
 
-  constructor(connectToPort: PortConnector, vmName: string, startupGraceMs: () => number = () => 0) {
+  constructor(connectToPort: PortConnector, vmName: string, listenWaits: () => ListenWait[] = () => []) {
     this.#connectToPort = connectToPort;
     this.#vmName = vmName;
-    this.#startupGraceMs = startupGraceMs;
+    this.#listenWaits = listenWaits;
     this.#agent = new Agent({ keepAlive: true, keepAliveMsecs: 1000, maxFreeSockets: 64 });
     // http.Agent calls this for each new connection. Every request into the VM (vmFetch,
     // the client's fetch route, the preview gateway) connects here, so the start-up
@@ -77,15 +78,10 @@ export class VmFetcher {
 
   /** A connection to a port in the VM (WebSocket relays), waiting out the start-up grace; ECONNREFUSED when nothing listens. */
   async connect(port: number): Promise<Socket> {
-    for (;;) {
-      try {
-        return await this.#connectToPort(port);
-      } catch (error) {
-        const code = (error as { code?: string }).code;
-        if (code !== "ECONNREFUSED") throw error;
-        if (this.#startupGraceMs() <= 0) throw this.#refused(port, error);
-        await sleep(RETRY_MS);
-      }
+    try {
+      return await this.#connectToPort(port, this.#listenWaits());
+    } catch (error) {
+      throw (error as { code?: string }).code === "ECONNREFUSED" ? this.#refused(port, error) : error;
     }
   }
 

@@ -8,7 +8,7 @@
  */
 import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
-import { lstat, readdir, rename, unlink } from "node:fs/promises";
+import { lstat, rename, unlink } from "node:fs/promises";
 import { promisify } from "node:util";
 import { AgentVmError } from "../errors.ts";
 
@@ -61,9 +61,8 @@ export interface SandboxLayout {
   etc: { hosts: string; resolvConf: string };
   /** The VM's settings for the Node preload, at /run/agentvm-guest.json. */
   guestConfig: string;
-  /** Host directory with init's code, and its files (relative paths) copied to INIT_DIR. */
-  initDir: string;
-  initFiles: readonly string[];
+  /** Host directory with init's code (read-only, see init-code.ts), bound read-only at INIT_DIR. */
+  initCode: string;
 }
 
 /**
@@ -75,8 +74,8 @@ const MASKED_PROC_FILES = ["kcore", "keys", "kallsyms", "kmsg", "timer_list", "t
 const MASKED_PROC_DIRS = ["acpi", "asound", "scsi", "bus", "fs", "irq", "driver", "tty", "sysvipc"];
 
 /**
- * bubblewrap's arguments. Directories are bound from paths the VM's host id
- * may walk (staging.ts); files (init's code, /etc/hosts, the guest settings)
+ * bubblewrap's arguments. Directories (the image, init's code) are bound from
+ * paths the VM's host id may walk (staging.ts); files (/etc/hosts, the guest settings)
  * are handed over as open descriptors (`fd(path)` gives the number in
  * bubblewrap) and copied into the sandbox rather than bound, so no path of
  * theirs shows in the VM's /proc/self/mountinfo and none is read by bubblewrap.
@@ -89,7 +88,6 @@ export function bubblewrapArgs(layout: SandboxLayout, fd: (hostPath: string) => 
     else image.push("--ro-bind", `${layout.image.root}/${entry.name}`, `/${entry.name}`);
   }
   for (const layer of layout.image.layers) image.push("--ro-bind", layer.dir, layer.mountAt);
-  const initDirs = [...new Set(layout.initFiles.flatMap((file) => ancestors(file)))].sort();
   return [
     "--unshare-all",
     "--unshare-user",
@@ -120,10 +118,10 @@ export function bubblewrapArgs(layout: SandboxLayout, fd: (hostPath: string) => 
     "/etc/resolv.conf",
     "--tmpfs",
     "/run",
-    ...initDirs.flatMap((dir) => ["--dir", `${INIT_DIR}/${dir}`]),
-    "--dir",
+    // One read-only mount shared by every VM, not a copy per sandbox (see init-code.ts).
+    "--ro-bind",
+    layout.initCode,
     INIT_DIR,
-    ...layout.initFiles.flatMap((file) => ["--perms", "0444", "--file", String(fd(`${layout.initDir}/${file}`)), `${INIT_DIR}/${file}`]),
     "--perms",
     "0444",
     "--file",
@@ -140,29 +138,6 @@ export function bubblewrapArgs(layout: SandboxLayout, fd: (hostPath: string) => 
     GUEST_HOME,
     "--clearenv",
   ];
-}
-
-const listed = new Map<string, Promise<string[]>>();
-
-/** init's files to copy into the VM (relative paths), listed once per directory; type declarations stay out. */
-export function initFiles(initDir: string): Promise<string[]> {
-  let files = listed.get(initDir);
-  if (!files) {
-    files = readdir(initDir, { recursive: true, withFileTypes: true }).then((entries) =>
-      entries
-        .filter((entry) => entry.isFile() && !entry.name.endsWith(".d.ts") && !entry.name.endsWith(".map"))
-        .map((entry) => `${entry.parentPath}/${entry.name}`.slice(initDir.replace(/\/$/, "").length + 1))
-        .sort(),
-    );
-    files.catch(() => listed.delete(initDir));
-    listed.set(initDir, files);
-  }
-  return files;
-}
-
-function ancestors(file: string): string[] {
-  const parts = file.split("/").slice(0, -1);
-  return parts.map((_, i) => parts.slice(0, i + 1).join("/"));
 }
 
 let masked: string[] | undefined;

@@ -10,7 +10,8 @@
 import type { ChildProcess } from "node:child_process";
 import { Socket } from "node:net";
 import { AgentVmError } from "../errors.ts";
-import { MAX_DATA_CHARS, MAX_WATCH_BATCH, WATCH_EVENT_TYPES, type FromInit, type ToInit } from "../init/protocol.ts";
+import { MAX_DATA_CHARS, MAX_MESSAGE_BYTES, MAX_WATCH_BATCH, WATCH_EVENT_TYPES, type FromInit, type ToInit } from "../init/protocol.ts";
+import { guardIpcReader } from "./ipc-reader-guard.ts";
 
 type Reply = Extract<FromInit, { t: "reply" }>;
 type Request = ToInit extends infer M ? (M extends { id: number } ? Omit<M, "id"> : never) : never;
@@ -41,6 +42,7 @@ export const REPLY_DEADLINE_MS = 30_000;
 const TIMED_REQUESTS: ReadonlySet<string> = new Set(["spawn", "ps", "ports", "watch"]);
 /** What a message without bulk data counts for; bulk data (stdin) counts by its length. */
 const MESSAGE_OVERHEAD = 256;
+let warnedUnguarded = false;
 
 export class ControlChannel {
   readonly #child: ChildProcess;
@@ -53,6 +55,16 @@ export class ControlChannel {
   constructor(child: ChildProcess, events: ChannelEvents) {
     this.#child = child;
     this.#events = events;
+    // Node's IPC reader alone would buffer one endless line whole, and throw out of the event loop
+    // (ending the server) on a line that is not JSON: both become this VM's violation instead.
+    const guarded = guardIpcReader(child, MAX_MESSAGE_BYTES, (reason) => {
+      // Reported outside Node's read callback, which is still on the stack.
+      process.nextTick(() => this.#events.onViolation(`sent ${reason}`));
+    });
+    if (!guarded && !warnedUnguarded) {
+      warnedUnguarded = true;
+      console.warn(`agentvm: this Node's IPC reader is not the one agentvm knows (${process.version}); messages from VMs' init are not size-capped`);
+    }
     child.on("message", (message: unknown, handle: unknown) => this.#receive(message, handle));
     child.on("disconnect", () => this.close(new AgentVmError("SANDBOX_EXITED", "the VM's init closed its control channel")));
   }

@@ -9,7 +9,7 @@
  */
 import { constants as osConstants } from "node:os";
 import { AgentVmError } from "../errors.ts";
-import { SIGNALS, type TerminalSize } from "../init/protocol.ts";
+import { SIGNALS, type ListenWait, type TerminalSize } from "../init/protocol.ts";
 import { expectKnownKeys, expectObject, expectString, expectStringArray, expectStringRecord } from "../validate.ts";
 import { GUEST_HOME } from "./bubblewrap.ts";
 import { SpawnPacer } from "./spawn-pacer.ts";
@@ -75,6 +75,8 @@ const STARTUP_GRACE_MS = 3000;
 
 interface Entry {
   info: ProcessInfo;
+  /** Until when (epoch ms) a connection to a closed port waits for this program to open it. */
+  graceUntil: number;
   exited: PromiseWithResolvers<number>;
   /** Output that arrived before spawn() returned, delivered right after its caller resumed. */
   early: [OutputStream, Uint8Array][] | undefined;
@@ -118,13 +120,23 @@ export class ProcessTable {
     return this.#sandbox;
   }
 
-  /** Milliseconds until the newest running process is STARTUP_GRACE_MS old (0 when none is that young). */
-  startupGraceMs(now = Date.now()): number {
-    let grace = 0;
+  /**
+   * The running programs that may still be starting up, each with how long a connection to a
+   * closed port may wait for it: STARTUP_GRACE_MS after its spawn, or longer (extendGrace).
+   * init does the waiting (see ListenWait), and stops waiting for one once it exits.
+   */
+  listenWaits(now = Date.now()): ListenWait[] {
+    const waits: ListenWait[] = [];
     for (const entry of this.#entries.values()) {
-      if (entry.info.running) grace = Math.max(grace, entry.info.startedAt + STARTUP_GRACE_MS - now);
+      if (entry.info.running && entry.graceUntil > now) waits.push({ pid: entry.info.pid, ms: entry.graceUntil - now });
     }
-    return grace;
+    return waits;
+  }
+
+  /** Lets connections wait up to `ms` from now for this running program to listen (restarted dev servers); never shortens. */
+  extendGrace(pid: number, ms: number): void {
+    const entry = this.#running(pid);
+    if (entry) entry.graceUntil = Math.max(entry.graceUntil, Date.now() + ms);
   }
 
   /** Starts a program (validating what the API passed); `terminal` (already validated) runs it on a pseudo-terminal. */
@@ -161,7 +173,7 @@ export class ProcessTable {
     const info: ProcessInfo = { pid, ppid: 0, command: name, args: argv, cwd, running: true, exitCode: null, signal: null, startedAt: Date.now(), ...(terminal ? { terminal: true as const } : {}) };
     const unclaimed = this.#unclaimed.get(pid);
     this.#unclaimed.delete(pid);
-    const entry: Entry = { info: { ...info, logDropped: false }, exited: Promise.withResolvers<number>(), early: unclaimed?.output ?? [], log: [], logSize: 0 };
+    const entry: Entry = { info: { ...info, logDropped: false }, graceUntil: info.startedAt + STARTUP_GRACE_MS, exited: Promise.withResolvers<number>(), early: unclaimed?.output ?? [], log: [], logSize: 0 };
     this.#entries.set(pid, entry);
     if (unclaimed?.exit) this.exited(pid, ...unclaimed.exit);
     // The caller subscribes to output when spawn() resolves; setImmediate runs after its continuation.

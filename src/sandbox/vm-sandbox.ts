@@ -14,7 +14,7 @@ import { open, type FileHandle } from "node:fs/promises";
 import type { Socket } from "node:net";
 import type { Readable } from "node:stream";
 import { AgentVmError, isErrorCode } from "../errors.ts";
-import type { FromInit, TerminalSize, VmProcess, WatchEvent } from "../init/protocol.ts";
+import type { FromInit, ListenWait, TerminalSize, VmProcess, WatchEvent } from "../init/protocol.ts";
 import { bubblewrapArgs, INIT_DIR, prepareMountPoints, type SandboxLayout } from "./bubblewrap.ts";
 import type { VmCgroup } from "./cgroup.ts";
 import type { GuestIdentity } from "./guest-identity.ts";
@@ -89,9 +89,6 @@ export class VmSandbox {
 
   /** Starts the sandbox and resolves once init is ready for requests. */
   static async start(options: SandboxStart): Promise<VmSandbox> {
-    if (!existsSync(`${options.layout.initDir}/main.js`)) {
-      throw new AgentVmError("SANDBOX_UNAVAILABLE", `init's built code is missing at ${options.layout.initDir}; run \`npm run build\``);
-    }
     await prepareMountPoints(options.layout);
     const initEnv = {
       ...options.env,
@@ -173,9 +170,12 @@ export class VmSandbox {
     this.#channel.notify({ t: "stdin-end", pid });
   }
 
-  /** A TCP connection to a port on the VM's loopback, opened by init and handed over. */
-  async connect(port: number): Promise<Socket> {
-    const { handle } = await this.#channel.request({ t: "connect", port });
+  /**
+   * A TCP connection to a port on the VM's loopback, opened by init and handed over. While
+   * nothing listens, init waits for the programs in `wait` (see ListenWait) to open it.
+   */
+  async connect(port: number, wait: ListenWait[] = []): Promise<Socket> {
+    const { handle } = await this.#channel.request({ t: "connect", port, ...(wait.length > 0 ? { wait } : {}) });
     if (!handle) throw new AgentVmError("PROTOCOL_VIOLATION", `the VM's init answered a connection to port ${port} without a socket`);
     return handle;
   }

@@ -457,16 +457,15 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   const release = actor.hold();
   response.once("close", release);
   try {
-    const upstream = await actor.use(async (vm) => {
-      // Right after a wake, a restarted dev server may not listen yet: give it the time a preview gets.
-      await actor.waitForRestartedPort(vm, port, RESTART_WAIT_MS);
-      return vm.vmFetchReadable(port, path, {
+    // Right after a wake, a restarted dev server may not listen yet: the connection waits for it (see VmActor).
+    const upstream = await actor.use((vm) =>
+      vm.vmFetchReadable(port, path, {
         method: request.method ?? "GET",
         headers,
         body: hasBody ? (request as AsyncIterable<Uint8Array>) : null,
         ...(typeof timeoutMs === "string" ? { timeoutMs: Number(timeoutMs) } : {}),
-      });
-    });
+      }),
+    );
     const outHeaders: Record<string, string | string[]> = {};
     for (const [name, value] of Object.entries(upstream.headers)) {
       if (HOP_BY_HOP.has(name)) continue;
@@ -487,8 +486,6 @@ async function proxyFetch(actor: VmActor, portText: string, path: string, reques
   }
 }
 
-/** How long a vmFetch right after a wake waits for a restarted process's port. */
-const RESTART_WAIT_MS = 30_000;
 
 async function streamEvents(actor: VmActor, request: IncomingMessage, response: ServerResponse): Promise<void> {
   if (request.method !== "GET") throw new AgentVmError("UNKNOWN_ACTION", `events are read with GET, not ${request.method}`);

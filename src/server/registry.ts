@@ -353,7 +353,6 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     },
   };
 
-  const previewResponseTimeoutMs = Number(previewOptions.responseTimeoutMs ?? 60_000);
   const gateway = new PreviewGateway({
     store: previews,
     ...(hooks.forwardPreview && hooks.forwardPreviewUpgrade && hooks.previewOwner !== undefined
@@ -371,9 +370,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
       if (!actor) throw new AgentVmError("UNKNOWN_ACTION", `this server no longer defines ${row.definition}`);
       const release = actor.hold();
       try {
+        // A dev server that restarts on wake needs a moment before its port answers: the connection waits for it (see VmActor).
         const vm = await actor.wake();
-        // A dev server that restarts on wake needs a moment before its port answers.
-        await actor.waitForRestartedPort(vm, row.port, previewResponseTimeoutMs);
         return { vm, release };
       } catch (error) {
         release();

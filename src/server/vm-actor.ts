@@ -68,7 +68,7 @@ export function asleepStatus(store: SqliteStore, definitionName: string, key: st
   return { awake: false, runningProcesses: 0, createdAt: record?.createdAt ?? null, lastActiveAt: record?.lastActiveAt ?? null, wakeCount: record?.wakeCount ?? 0 };
 }
 
-/** How long after a wake requests wait for restarted processes' ports (see waitForRestartedPort). */
+/** How long after a wake requests wait for restarted processes' ports (see #startOnWake). */
 const RESTART_GRACE_MS = 15_000;
 
 /** SQLite's last_active_at is advisory: write it at most this often per VM. */
@@ -89,8 +89,6 @@ export class VmActor {
   #wokeAt = 0;
   /** The idle timeout in force while awake (read as it wakes and on setLifecycle). */
   #idleTimeoutSeconds: number | null = null;
-  /** Processes started by this wake (services, restartOnWake) that are still running. */
-  readonly #restarted = new Set<number>();
   #sleepTimer: NodeJS.Timeout | undefined;
   #lastTouch = 0;
   #closed = false;
@@ -284,7 +282,6 @@ export class VmActor {
     this.#cancelSleep();
     const vm = this.#vm;
     this.#vm = undefined;
-    this.#restarted.clear();
     await vm?.dispose();
     if (vm && !this.#destroying) await this.#recordDiskUse();
     this.#checkIdle();
@@ -306,22 +303,6 @@ export class VmActor {
     if (!record) return;
     const bytes = await diskUsage(join(this.#dataDir, "vms", record.directory)).catch(() => undefined);
     if (bytes !== undefined && this.#store.db.isOpen) this.#store.setDiskBytes(this.definitionName, this.key, bytes);
-  }
-
-  /**
-   * After a wake that restarted processes, waits until `port` listens in the VM (or
-   * those processes all ended, or `timeoutMs` passed), so a preview of a dev server
-   * that was asleep is served by it rather than refused while it starts. Only in
-   * the first RESTART_GRACE_MS after the wake: which ports a restarted process will
-   * open is not known, so a port none of them opens must not make every request wait.
-   */
-  async waitForRestartedPort(vm: Vm, port: number, timeoutMs: number): Promise<void> {
-    if (!Number.isInteger(port) || port < 1 || port > 65535) return;
-    const deadline = Math.min(Date.now() + timeoutMs, this.#wokeAt + RESTART_GRACE_MS);
-    while (this.#restarted.size > 0 && this.#vm === vm && Date.now() < deadline) {
-      if ((await vm.listeningPorts()).includes(port)) return;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
   }
 
   async close(): Promise<void> {
@@ -407,7 +388,6 @@ export class VmActor {
       for (const listener of this.#listeners) listener.processOutput(event);
     });
     vm.on("processExit", (event) => {
-      this.#restarted.delete(event.pid);
       for (const listener of this.#listeners) listener.processExit(event);
       this.#scheduleSleep();
     });
@@ -432,7 +412,10 @@ export class VmActor {
     ];
     for (const [what, start] of starts) {
       try {
-        this.#restarted.add((await start()).pid);
+        // A preview of a dev server that was asleep is then served by it rather than refused while it
+        // starts: requests to a closed port wait (in init) for it, in the first RESTART_GRACE_MS after
+        // the wake only — which ports it will open is not known, so a port none opens must not wait long.
+        vm.expectListener((await start()).pid, Math.max(0, this.#wokeAt + RESTART_GRACE_MS - Date.now()));
       } catch (error) {
         // One that cannot start does not keep the VM from waking; it is tried again on the next wake.
         log("warn", `could not start ${JSON.stringify(what)} on wake: ${(error as Error).message}`, { definition: this.definitionName, key: this.key });
