@@ -23,6 +23,8 @@ import { archive } from "./tar-fixtures.ts";
 const MARKER = "host-only-marker.txt";
 const SECRET = "host secret: must never be read through a VM";
 const ROUNDS = 600;
+/** Streamed and tar actions whose race must have gone both ways (besides readFile's). */
+const BOTH_WAYS = ["readFile", "openReadStream", "openWriteStream", "writeTar", "readTar"];
 
 async function collect(stream: Readable): Promise<Buffer> {
   const chunks: Buffer[] = [];
@@ -103,33 +105,40 @@ describe("file actions against a guest flipping a directory and a symlink to a h
     const d = "/home/agentos/race/d";
     const outcomes = new Map<string, number>();
     try {
-      for (let round = 0; round < ROUNDS; round++) {
-        const actions: [string, () => Promise<unknown>][] = [
-          ["readFile", async () => assert.notEqual(new TextDecoder().decode(await vm.readFile(`${d}/secret.txt`)), SECRET, "read the host's file")],
-          ["readFile marker", async () => assert.fail(`read ${new TextDecoder().decode(await vm.readFile(`${d}/${MARKER}`))}`)],
-          ["readdir", async () => assert.ok(!(await vm.readdir(d)).includes(MARKER), "listed the host directory")],
-          ["stat marker", async () => assert.fail(`stat saw ${JSON.stringify(await vm.stat(`${d}/${MARKER}`))}`)],
-          ["writeFile", () => vm.writeFile(`${d}/written-${round}.txt`, "guest data")],
-          ["mkdir", () => vm.mkdir(`${d}/made-${round}/deeper`, { recursive: true })],
-          ["move", () => vm.writeFile(`${d}/to-move-${round}`, "m").then(() => vm.move(`${d}/to-move-${round}`, `${d}/moved-${round}`))],
-          ["move marker", () => vm.move(`${d}/${MARKER}`, `/home/agentos/stolen-${round}`)],
-          ["deleteFile", () => vm.deleteFile(`${d}/written-${round}.txt`)],
-          ["deleteFile marker", () => vm.deleteFile(`${d}/${MARKER}`)],
-          ["deleteFile tree", () => vm.deleteFile(`${d}/made-${round}`, { recursive: true })],
-          ["openReadStream", async () => assert.notEqual((await collect((await vm.openReadStream(`${d}/secret.txt`)).stream)).toString(), SECRET, "streamed the host's file")],
-          ["openReadStream marker", async () => assert.fail(`opened a stream of ${(await vm.openReadStream(`${d}/${MARKER}`)).size} bytes`)],
-          ["openWriteStream", async () => pipeline(Readable.from([Buffer.from("streamed")]), await vm.openWriteStream(`${d}/streamed-${round}.txt`, { mode: 0o600 }))],
-          ["openWriteStream append", async () => pipeline(Readable.from([Buffer.from("+")]), await vm.openWriteStream(`${d}/secret.txt`, { append: true }))],
-          [
-            "readTar",
-            async () => {
-              const packed = await collect(await vm.readTar(d));
-              assert.ok(!packed.includes(SECRET) && !packed.includes(MARKER), "packed the host's directory");
-            },
-          ],
-          ["writeTar", () => vm.writeTar("/home/agentos/race", Readable.from([tarball]))],
-        ];
-        await race(actions, outcomes);
+      const actionsFor = (round: number): [string, () => Promise<unknown>][] => [
+        ["readFile", async () => assert.notEqual(new TextDecoder().decode(await vm.readFile(`${d}/secret.txt`)), SECRET, "read the host's file")],
+        ["readFile marker", async () => assert.fail(`read ${new TextDecoder().decode(await vm.readFile(`${d}/${MARKER}`))}`)],
+        ["readdir", async () => assert.ok(!(await vm.readdir(d)).includes(MARKER), "listed the host directory")],
+        ["stat marker", async () => assert.fail(`stat saw ${JSON.stringify(await vm.stat(`${d}/${MARKER}`))}`)],
+        ["writeFile", () => vm.writeFile(`${d}/written-${round}.txt`, "guest data")],
+        ["mkdir", () => vm.mkdir(`${d}/made-${round}/deeper`, { recursive: true })],
+        ["move", () => vm.writeFile(`${d}/to-move-${round}`, "m").then(() => vm.move(`${d}/to-move-${round}`, `${d}/moved-${round}`))],
+        ["move marker", () => vm.move(`${d}/${MARKER}`, `/home/agentos/stolen-${round}`)],
+        ["deleteFile", () => vm.deleteFile(`${d}/written-${round}.txt`)],
+        ["deleteFile marker", () => vm.deleteFile(`${d}/${MARKER}`)],
+        ["deleteFile tree", () => vm.deleteFile(`${d}/made-${round}`, { recursive: true })],
+        ["openReadStream", async () => assert.notEqual((await collect((await vm.openReadStream(`${d}/secret.txt`)).stream)).toString(), SECRET, "streamed the host's file")],
+        ["openReadStream marker", async () => assert.fail(`opened a stream of ${(await vm.openReadStream(`${d}/${MARKER}`)).size} bytes`)],
+        ["openWriteStream", async () => pipeline(Readable.from([Buffer.from("streamed")]), await vm.openWriteStream(`${d}/streamed-${round}.txt`, { mode: 0o600 }))],
+        ["openWriteStream append", async () => pipeline(Readable.from([Buffer.from("+")]), await vm.openWriteStream(`${d}/secret.txt`, { append: true }))],
+        [
+          "readTar",
+          async () => {
+            const packed = await collect(await vm.readTar(d));
+            assert.ok(!packed.includes(SECRET) && !packed.includes(MARKER), "packed the host's directory");
+          },
+        ],
+        ["writeTar", () => vm.writeTar("/home/agentos/race", Readable.from([tarball]))],
+      ];
+      for (let round = 0; round < ROUNDS; round++) await race(actionsFor(round), outcomes);
+      // On a loaded machine a slow action (a whole tar extraction) may meet the flipped directory in
+      // every round: it gets more rounds of its own, so the check below that the race was real for it
+      // is about the race, not the load. Every one of them is held to the same assertions.
+      const met = (name: string) => (outcomes.get(`${name} ok`) ?? 0) > 0 && [...outcomes.keys()].some((key) => key.startsWith(`${name} `) && key !== `${name} ok`);
+      for (let round = ROUNDS; round < ROUNDS * 5; round++) {
+        const unmet = actionsFor(round).filter(([name]) => BOTH_WAYS.includes(name) && !met(name));
+        if (unmet.length === 0) break;
+        await race(unmet, outcomes);
       }
       const flips = Number(new TextDecoder().decode(await vm.readFile("/tmp/flips")));
       assert.ok(flips >= 1000, `the guest flipped ${flips} times`);
@@ -145,11 +154,8 @@ describe("file actions against a guest flipping a directory and a symlink to a h
     assert.deepEqual((await readdir(outside)).sort(), [MARKER, "secret.txt"]);
     assert.equal(await readFile(join(outside, MARKER), "utf8"), SECRET);
     assert.equal(await readFile(join(outside, "secret.txt"), "utf8"), SECRET);
-    // The race was real: actions met the directory both ways.
-    assert.ok((outcomes.get("readFile ok") ?? 0) > 0, JSON.stringify(Object.fromEntries(outcomes)));
-    assert.ok([...outcomes.keys()].some((key) => key.startsWith("readFile ") && key !== "readFile ok"), JSON.stringify(Object.fromEntries(outcomes)));
-    // …and so did the streamed and tar actions.
-    metBothWays(outcomes, ["openReadStream", "openWriteStream", "writeTar", "readTar"]);
+    // The race was real: these actions met the directory both ways.
+    metBothWays(outcomes, BOTH_WAYS);
   });
 
   // Tar extraction's own operations (not in the API by themselves), many more times than a VM
