@@ -96,7 +96,7 @@ export class DiskPool {
     this.#dir = join(dataDir, POOL_DIR);
     this.#vmsDir = join(dataDir, "vms");
     this.#size = size;
-    this.#cleaned = this.#discardAll().then(
+    this.#cleaned = this.#discardAll(true).then(
       () => void (this.#clean = true),
       (error: Error) => this.#fail("could not clear what an earlier server left", error),
     );
@@ -135,7 +135,7 @@ export class DiskPool {
     await Promise.all(this.#taking);
     await this.settled();
     this.#maker.stop();
-    await this.#discardAll().catch((error: Error) => console.warn(`agentvm: could not remove the VM disk pool: ${error.message.split("\n")[0]}`));
+    await this.#discardAll(false).catch((error: Error) => console.warn(`agentvm: could not remove the VM disk pool: ${error.message.split("\n")[0]}`));
     await rmdir(this.#dir).catch(() => {});
   }
 
@@ -239,6 +239,8 @@ export class DiskPool {
       return ready;
     } catch (error) {
       for (const left of [entry, ready]) await this.#discard(left).catch(() => {});
+      // The data directory deleted under a running server: nothing to say, nothing more to make.
+      if (!(await lstat(this.#dir).catch(() => undefined))) this.#broken = true;
       this.#fail("could not make a disk ahead of time", error as Error);
       return undefined;
     }
@@ -251,11 +253,14 @@ export class DiskPool {
     await rm(entry, { recursive: true, force: true });
   }
 
-  async #discardAll(): Promise<void> {
-    await mkdir(this.#dir, { recursive: true });
-    await chmod(this.#dir, 0o700);
+  /** Every entry, ready or left by an earlier server; `create` makes the pool's directory (at open, not at close: the data directory may be gone). */
+  async #discardAll(create: boolean): Promise<void> {
+    if (create) {
+      await mkdir(this.#dir, { recursive: true });
+      await chmod(this.#dir, 0o700);
+    }
     const entries = [...this.#configurations.values()].flatMap((config) => config.ready.splice(0));
-    for (const name of await readdir(this.#dir)) entries.push(join(this.#dir, name));
+    for (const name of await readdir(this.#dir).catch(() => [] as string[])) entries.push(join(this.#dir, name));
     for (const entry of new Set(entries)) await this.#discard(entry);
   }
 
