@@ -65,8 +65,8 @@ interface Configuration {
   limits: DiskLimits;
   /** Entries ready to take (paths under the pool directory). */
   ready: string[];
-  /** The entry being made for it; a VM that finds none ready may claim it. */
-  making: { claimed: boolean; entry: Promise<string | undefined> } | undefined;
+  /** Whether an entry is being made for it. */
+  making: boolean;
   usedAt: number;
 }
 
@@ -159,12 +159,9 @@ export class DiskPool {
       return false;
     }
     if (!(await holdsNothing(vmDir))) return false;
-    let entry = config.ready.pop();
-    if (!entry && config.making && !config.making.claimed) {
-      // Sooner than making another beside it, on a machine the refill already keeps busy.
-      config.making.claimed = true;
-      entry = await config.making.entry;
-    }
+    // None ready (a burst past the pool): this VM makes its own disk as without a pool, while the
+    // refill makes the next beside it, rather than waiting for that one: two at once, not one.
+    const entry = config.ready.pop();
     if (entry) this.#tookAt = performance.now();
     this.#fill();
     if (!entry) return false;
@@ -185,7 +182,7 @@ export class DiskPool {
     const key = `${limits.bytes}/${limits.inodes}`;
     let config = this.#configurations.get(key);
     if (!config) {
-      config = { limits: { ...limits }, ready: [], making: undefined, usedAt: 0 };
+      config = { limits: { ...limits }, ready: [], making: false, usedAt: 0 };
       this.#configurations.set(key, config);
       if (this.#configurations.size > MAX_CONFIGURATIONS) {
         const [oldKey, old] = [...this.#configurations].sort(([, a], [, b]) => a.usedAt - b.usedAt)[0]!;
@@ -207,21 +204,19 @@ export class DiskPool {
         if (!config) return;
         // Not while a VM that just took an entry is still being prepared: making one competes with it for
         // the machine, and that request is what the pool is for. An empty configuration is refilled at
-        // once: the next VM of it waits for that entry rather than making its own beside it.
+        // once: its VMs are making their own disks meanwhile.
         const wait = config.ready.length > 0 ? this.#tookAt + QUIET_MS - performance.now() : 0;
         if (wait > 0) {
           await sleep(wait);
           continue;
         }
-        const making = { claimed: false, entry: this.#make(config.limits) };
-        config.making = making;
-        const entry = await making.entry;
-        config.making = undefined;
-        // A claimed entry is the claimer's; an unclaimed one waits, unless its configuration was evicted or the pool closed.
-        if (entry && !making.claimed) {
-          if (this.#closed || this.#configurations.get(`${config.limits.bytes}/${config.limits.inodes}`) !== config) await this.#discard(entry).catch(() => {});
-          else config.ready.push(entry);
-        }
+        config.making = true;
+        const entry = await this.#make(config.limits);
+        config.making = false;
+        if (!entry) continue;
+        // Unless its configuration was evicted or the pool closed meanwhile.
+        if (this.#closed || this.#configurations.get(`${config.limits.bytes}/${config.limits.inodes}`) !== config) await this.#discard(entry).catch(() => {});
+        else config.ready.push(entry);
       }
     })().finally(() => (this.#filling = undefined));
   }
