@@ -5,7 +5,7 @@
  */
 import { createHash } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { chmod, mkdir, stat, writeFile } from "node:fs/promises";
+import { chmod, chown, mkdir, readdir, stat, writeFile } from "node:fs/promises";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import { createServer as createHttpServer, type ClientRequest, type OutgoingHttpHeaders } from "node:http";
@@ -1023,13 +1023,16 @@ async function prepareVmDirectory(bwrap: string, dataDir: string, vmDir: string,
     const identity = await guestIdentity(bwrap, dataDir, root);
     if (identity && (await stat(root)).uid !== identity.uid) {
       // Not the guests' yet (new, or from before ids): all of it becomes theirs. -R -P: links are changed themselves, never followed.
-      await promisify(execFile)("chown", ["-R", "-P", `${identity.uid}:${identity.gid}`, "--", root], { timeout: 600_000 });
+      // A new VM's root is empty: one chown of it does the same without starting a process.
+      if ((await readdir(root)).length === 0) await chown(root, identity.uid, identity.gid);
+      else await promisify(execFile)("chown", ["-R", "-P", `${identity.uid}:${identity.gid}`, "--", root], { timeout: 600_000 });
     }
     // The guests' `/`: nobody else on the host walks into it.
     await chmod(root, 0o700);
     // Through the VM's own resolution: a guest's symlink at /home or /tmp leads into the VM, never to a host path.
     const files = new VmFilesystem(root, { readOnly: [], ...(identity ? { owner: identity } : {}) });
-    for (const dir of [GUEST_HOME, "/tmp", "/var/tmp"]) await files.mkdir(dir, { recursive: true });
+    // Side by side: three separate trees, each walked on its own.
+    await Promise.all([GUEST_HOME, "/tmp", "/var/tmp"].map((dir) => files.mkdir(dir, { recursive: true })));
     await writeFile(join(vmDir, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
     // init's resolver on the VM's loopback answers every name by the network policy.
     await writeFile(join(vmDir, "etc/resolv.conf"), "nameserver 127.0.0.1\noptions ndots:0\n");

@@ -19,8 +19,17 @@ const dirs: string[] = [];
 after(async () => {
   await Promise.all(vms.splice(0).map((vm) => vm.dispose()));
   await Promise.all(dirs.splice(0).map(async (dir) => {
-    await unmountUnder(dir);
-    await rm(dir, { recursive: true, force: true });
+    // A server still open may mount a disk its pool was making (src/sandbox/disk-pool.ts) while
+    // the directory goes: then unmount again and retry (its next one fails: the directory is gone).
+    for (let attempt = 1; ; attempt++) {
+      await unmountUnder(dir);
+      try {
+        return await rm(dir, { recursive: true, force: true });
+      } catch (error) {
+        if (attempt === 5) throw error;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
   }));
 });
 

@@ -100,10 +100,9 @@ const pending = new Set<number>();
 async function allocate(dataDir: string, rootDir: string, low: number, high: number): Promise<GuestIdentity> {
   const taken = new Set(pending);
   const vms = join(dataDir, "vms");
-  for (const name of await readdir(vms).catch(() => [] as string[])) {
-    const found = await lstat(join(vms, name, "root")).catch(() => undefined);
-    if (found) taken.add(found.uid);
-  }
+  // All at once: one VM directory after another would make every new VM wait once per VM of the data directory.
+  const owners = await Promise.all((await readdir(vms).catch(() => [] as string[])).map((name) => lstat(join(vms, name, "root")).then((found) => found.uid, () => undefined)));
+  for (const uid of owners) if (uid !== undefined) taken.add(uid);
   const size = high - low + 1;
   const start = createHash("sha256").update(rootDir).digest().readUInt32BE(0) % size;
   for (let step = 0; step < size; step++) {

@@ -23,23 +23,18 @@
  * detached (lazily) when the last holder lets go.
  */
 import { execFile } from "node:child_process";
-import { mkdir, readdir, rename, rm, stat, statfs, truncate, writeFile } from "node:fs/promises";
+import { mkdir, readdir, rename, rm, stat, statfs } from "node:fs/promises";
 import { AgentVmError } from "../errors.ts";
 import { join } from "node:path";
 import { promisify } from "node:util";
+import { IMAGE, makeImage, mountImage, unmount, type DiskLimits } from "./disk-image.ts";
+import { takePooledDisk } from "./disk-pool.ts";
 import { runsAsRoot } from "./guest-identity.ts";
 import { isMountPoint, oneAtATime } from "./staging.ts";
 
-const run = promisify(execFile);
-const IMAGE = "disk.ext4";
-const MOUNT_OPTIONS = "loop,nosuid,nodev,noatime";
-/** ext4 options: discard gives freed blocks back to the sparse image; noinit_itable skips zeroing inode tables the sparse file already reads as zeros. */
-const FS_OPTIONS = "discard,noinit_itable";
+export type { DiskLimits } from "./disk-image.ts";
 
-export interface DiskLimits {
-  bytes: number;
-  inodes: number;
-}
+const run = promisify(execFile);
 
 export interface DiskUsage {
   bytes: number;
@@ -93,10 +88,15 @@ export class VmDisk {
     let fresh = false;
     try {
       fresh = !(await stat(image).catch(() => undefined));
+      // A new VM's disk, made and mounted ahead of time by the server's pool: nothing left to do but own it.
+      if (fresh && (await takePooledDisk(vmDir, limits))) {
+        holders.set(root, 1);
+        return new VmDisk(root, limits, true);
+      }
       if (fresh) await makeImage(image, limits);
       await mkdir(root, { recursive: true });
       earlier = fresh ? await movedAside(root) : undefined;
-      await run("mount", ["-t", "ext4", "-o", `${MOUNT_OPTIONS},${FS_OPTIONS}`, image, root], { timeout: 30_000 });
+      await mountImage(image, root);
       holders.set(root, 1);
       if (earlier) await copyInto(earlier, root, image, vmDir);
       if (fresh) await rm(join(root, "lost+found"), { recursive: true, force: true });
@@ -176,7 +176,7 @@ export class VmDisk {
     const count = (holders.get(this.#root) ?? 1) - 1;
     if (count > 0) return void holders.set(this.#root, count);
     holders.delete(this.#root);
-    await run("umount", ["-l", this.#root], { timeout: 30_000 }).catch((error: Error) => console.warn(`agentvm: could not unmount a VM disk: ${error.message.split("\n")[0]}`));
+    await unmount(this.#root).catch((error: Error) => console.warn(`agentvm: could not unmount a VM disk: ${error.message.split("\n")[0]}`));
   }
 }
 
@@ -185,20 +185,6 @@ async function uncapped(root: string, limits: DiskLimits, why: string): Promise<
   if (!warned) console.warn(`agentvm: VM disks are plain directories whose caps the server measures and holds (a guest may overshoot between measurements): ${why} (see docs/security.md)`);
   warned = true;
   return VmDisk.uncapped(root, limits);
-}
-
-async function makeImage(image: string, limits: DiskLimits): Promise<void> {
-  const partial = `${image}.partial`;
-  await writeFile(partial, "");
-  await truncate(partial, limits.bytes);
-  // -m 0: no blocks kept for root, so the server's own writes meet the same cap. ext4 needs
-  // at least a block per inode; the kernel rounds the count up to whole block groups.
-  const inodes = Math.min(limits.inodes, Math.floor(limits.bytes / 4096));
-  await run("mkfs.ext4", ["-q", "-F", "-m", "0", "-N", String(inodes), "-E", `lazy_itable_init=1,lazy_journal_init=1,nodiscard`, partial], {
-    timeout: 60_000,
-    env: { PATH: "/usr/sbin:/sbin:/usr/bin:/bin" },
-  });
-  await rename(partial, image);
 }
 
 /** A non-empty root directory from before the VM had a disk image: moved aside to be copied in. */
@@ -216,7 +202,7 @@ async function copyInto(from: string, root: string, image: string, vmDir: string
     await run("cp", ["-a", "--", `${from}/.`, `${root}/`], { timeout: 600_000 });
     await rm(from, { recursive: true, force: true });
   } catch (error) {
-    await run("umount", ["-l", root]).catch(() => {});
+    await unmount(root).catch(() => {});
     holders.delete(root);
     await rm(root, { recursive: true, force: true });
     await rename(from, root);

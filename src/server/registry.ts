@@ -10,6 +10,7 @@ import { resolve } from "node:path";
 import { AgentVmError, invalidArgument } from "../errors.ts";
 import { SqliteStore } from "../store/sqlite-store.ts";
 import { findBubblewrap } from "../sandbox/bubblewrap.ts";
+import { DiskPool, diskPoolSize } from "../sandbox/disk-pool.ts";
 import { ensureImage } from "../image/index.ts";
 import { describe, expectKnownKeys, expectObject, expectString } from "../validate.ts";
 import { isVmDefinition, type VmDefinition } from "./definition.ts";
@@ -243,6 +244,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
   }
   if (port !== 0 && previewPort === port && previewHost === host) throw invalidArgument(`preview.port must differ from the API port ${port}: previews are served on their own origin`);
   const dataDir = resolve(options.dataDir ?? process.env.AGENTVM_DATA_DIR ?? ".agentvm");
+  const diskPoolEntries = diskPoolSize();
   const origins = new OriginPolicy({
     host,
     ...(options.allowedHosts !== undefined ? { allowedHosts: options.allowedHosts } : {}),
@@ -422,6 +424,8 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
     store.close();
     throw error;
   }
+  // New VMs' disks, made ahead of time (nothing to close if start-up failed before here).
+  const diskPool = DiskPool.open(dataDir, diskPoolEntries);
   const boundPort = (servers[0]!.address() as { port: number }).port;
   const url = `http://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
   const boundPreviewPort = (previewServers[0]!.address() as { port: number }).port;
@@ -498,6 +502,7 @@ async function startServer(use: Record<string, VmDefinition>, options: StartOpti
         ),
       );
       await Promise.all([...actors.values()].map((actor) => actor.close()));
+      await diskPool?.close();
       store.close();
     })());
 
