@@ -71,8 +71,14 @@ async function bind(dir: string, path: string, readOnly: boolean): Promise<void>
   await chmod("/run/agentvm", 0o711);
   await chmod(STAGE, 0o711);
   await mkdir(path, { recursive: true, mode: 0o700 });
-  // A server that was killed leaves its staging mounted: still the same directory (the name is its hash), reused.
-  if (await isMountPoint(path)) return;
+  // A server that was killed leaves its staging mounted. A read-only tree is staged from a
+  // content-addressed image and is reused as it is. A writable one (a VM's root) is reused only
+  // while it still shows that directory: a VM disk deleted and made anew under the same path
+  // (its data directory was removed, or the node's disk replaced) must not show the old one.
+  if (await isMountPoint(path)) {
+    if (readOnly || (await sameDirectory(dir, path))) return;
+    await run("umount", ["-l", path], { timeout: 30_000 });
+  }
   if (readOnly) {
     try {
       await run("mount", ["-t", "ext4", "-o", "loop,ro,nosuid,nodev,noatime", await treeImage(dir), path], { timeout: 60_000 });
@@ -105,6 +111,12 @@ async function treeImage(dir: string): Promise<string> {
     await rm(partial, { force: true });
   }
   return image;
+}
+
+/** Whether two paths are the same directory (a bind mount's root is its source's inode on its source's device). */
+async function sameDirectory(a: string, b: string): Promise<boolean> {
+  const [x, y] = await Promise.all([stat(a), stat(b)]);
+  return x.dev === y.dev && x.ino === y.ino;
 }
 
 /** Whether something is mounted at `dir` in the server's mount namespace (its mountinfo lists it). */
